@@ -1,0 +1,282 @@
+"""The parent <-> child link: one bidirectional QUIC stream plus QUIC datagrams.
+
+`ChildLink` and `ParentLink` are sans-I/O: feed them stream bytes (`receive_data`) and
+datagrams (`receive_datagram`), take `LinkEvent`s from `next_event`, send what
+`data_to_send` / `datagrams_to_send` return, and drive `get_timer` / `handle_timer(now)`.
+The allowed messages per state are the tables in docs/spec.md §6, mirrored below.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from enum import Enum
+
+from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from protocol.events import (
+    ChunkReceived,
+    HeartbeatReceived,
+    InfoReceived,
+    LinkClosed,
+    LinkEvent,
+    ParentSilent,
+    Redirected,
+    RepairRequested,
+    RepairUnavailable,
+    SubscribeRequested,
+)
+from protocol.framing import MessageReader, frame, frame_bytes
+from protocol.media import StreamVerifier, VerifiedChunk
+from protocol.messages import (
+    Chunk,
+    Goodbye,
+    Heartbeat,
+    Message,
+    Missing,
+    Peer,
+    Redirect,
+    Repair,
+    StreamInfo,
+    Subscribe,
+)
+
+
+class LinkState(Enum):
+    SUBSCRIBING = "subscribing"  # child sent / parent awaits SUBSCRIBE
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+# Messages each side may receive in each state, and the state that follows.
+CHILD_RECEIVES: dict[LinkState, dict[type[Message], LinkState]] = {
+    LinkState.SUBSCRIBING: {StreamInfo: LinkState.STREAMING, Goodbye: LinkState.CLOSED},
+    LinkState.STREAMING: {
+        Chunk: LinkState.STREAMING,
+        Heartbeat: LinkState.STREAMING,
+        Missing: LinkState.STREAMING,
+        Redirect: LinkState.STREAMING,
+        Goodbye: LinkState.CLOSED,
+    },
+    LinkState.CLOSED: {},
+}
+PARENT_RECEIVES: dict[LinkState, dict[type[Message], LinkState]] = {
+    LinkState.SUBSCRIBING: {Subscribe: LinkState.SUBSCRIBING, Goodbye: LinkState.CLOSED},
+    LinkState.STREAMING: {Repair: LinkState.STREAMING, Goodbye: LinkState.CLOSED},
+    LinkState.CLOSED: {},
+}
+
+
+class _Link:
+    """What both ends share: framing, the event queue, the state table, GOODBYE."""
+
+    _table: dict[LinkState, dict[type[Message], LinkState]]
+
+    def __init__(self) -> None:
+        self.state = LinkState.SUBSCRIBING
+        self._reader = MessageReader()
+        self._outgoing = bytearray()
+        self._events: deque[LinkEvent] = deque()
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Stream bytes from the peer (b"" when it ended the stream). Raises ProtocolError."""
+        self._reader.receive_data(data)
+        while self.state is not LinkState.CLOSED:
+            msg = self._reader.next_message()
+            if msg is None:
+                break
+            self._receive(msg, self._reader.last_raw, now)
+        if self._reader.at_eof and self.state is not LinkState.CLOSED:
+            self.state = LinkState.CLOSED
+            self._events.append(LinkClosed(ErrorCode.GOING_AWAY, "stream ended without GOODBYE"))
+
+    def _receive(self, msg: Message, raw: bytes, now: float) -> None:
+        allowed = self._table[self.state]
+        next_state = allowed.get(type(msg))
+        if next_state is None:
+            raise RemoteProtocolError(
+                f"{type(msg).__name__} is not allowed while {self.state.value}",
+                ErrorCode.UNEXPECTED_MESSAGE,
+            )
+        self._handle(msg, raw, now)
+        if self.state is not LinkState.CLOSED:  # the handler may have closed it (a refusal)
+            self.state = next_state
+        if isinstance(msg, Goodbye):
+            self._events.append(LinkClosed(msg.code, msg.reason))
+
+    def _handle(self, msg: Message, raw: bytes, now: float) -> None:
+        raise NotImplementedError
+
+    def next_event(self) -> LinkEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def _send(self, msg: Message) -> None:
+        if self.state is LinkState.CLOSED:
+            raise LocalProtocolError(f"cannot send {type(msg).__name__} on a closed link")
+        self._outgoing += frame(msg)
+
+    def goodbye(self, code: int, reason: str) -> None:
+        """Queue our last message and close the link (no-op if already closed)."""
+        if self.state is LinkState.CLOSED:
+            return
+        self._outgoing += frame(Goodbye(int(code), reason[:200]))
+        self.state = LinkState.CLOSED
+
+
+class ChildLink(_Link):
+    """The child's end: subscribes, verifies everything, notices a silent parent."""
+
+    _table = CHILD_RECEIVES
+
+    def __init__(
+        self,
+        stream: bytes,
+        node: bytes,
+        from_seq: int | None,
+        *,
+        now: float,
+        silence_timeout: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self._verifier = StreamVerifier(stream)
+        self._silence_timeout = silence_timeout
+        self._last_heard = now
+        self._silence_reported = False
+        self._send(Subscribe(stream, from_seq, node))
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """A datagram from the parent: one CHUNK, only once streaming. Raises ProtocolError."""
+        if self.state is not LinkState.STREAMING:
+            return  # a datagram may overtake STREAM_INFO or trail GOODBYE; nothing is lost
+        self._last_heard = now
+        self._events.append(ChunkReceived(self._verifier.verify_datagram(data)))
+
+    def _handle(self, msg: Message, raw: bytes, now: float) -> None:
+        self._last_heard = now
+        if isinstance(msg, StreamInfo):
+            self._verifier.verify_info(msg)
+            self._events.append(InfoReceived(msg))
+        elif isinstance(msg, Chunk):
+            self._events.append(ChunkReceived(self._verifier.verify_chunk(msg, raw)))
+        elif isinstance(msg, Heartbeat):
+            self._events.append(HeartbeatReceived(msg.latest_seq))
+        elif isinstance(msg, Missing):
+            self._events.append(RepairUnavailable(msg.seqs))
+        elif isinstance(msg, Redirect):
+            self._events.append(Redirected(msg.parent, msg.backups))
+
+    def request_repair(self, seqs: Iterable[int]) -> None:
+        """Ask the parent for chunks again (at most 64 per REPAIR)."""
+        wanted = tuple(seqs)
+        if self.state is not LinkState.STREAMING or not wanted:
+            return
+        for start in range(0, len(wanted), 64):
+            self._send(Repair(wanted[start : start + 64]))
+
+    def get_timer(self) -> float | None:
+        if self.state is LinkState.CLOSED or self._silence_reported:
+            return None
+        return self._last_heard + self._silence_timeout
+
+    def handle_timer(self, now: float) -> None:
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            self._silence_reported = True
+            self._events.append(ParentSilent())
+
+
+class ParentLink(_Link):
+    """The parent's end: accepts or refuses, streams chunks, repairs, heartbeats, redirects."""
+
+    _table = PARENT_RECEIVES
+
+    def __init__(
+        self,
+        stream: bytes,
+        *,
+        now: float,
+        max_datagram: int = 0,
+        heartbeat_interval: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self._stream = stream
+        self._max_datagram = max_datagram
+        self._heartbeat_interval = heartbeat_interval
+        self._last_sent = now
+        self._datagrams: list[bytes] = []
+        self.latest_seq: int | None = None
+        self.child: bytes | None = None
+
+    def _handle(self, msg: Message, raw: bytes, now: float) -> None:
+        if isinstance(msg, Subscribe):
+            if self.child is not None:
+                raise RemoteProtocolError("SUBSCRIBE sent twice", ErrorCode.UNEXPECTED_MESSAGE)
+            self.child = msg.node
+            if msg.stream != self._stream:
+                self.goodbye(ErrorCode.UNKNOWN_STREAM, "this node does not carry that stream")
+                self._events.append(LinkClosed(ErrorCode.UNKNOWN_STREAM, "wrong stream"))
+                return
+            self._events.append(SubscribeRequested(msg.from_seq, msg.node))
+        elif isinstance(msg, Repair):
+            self._events.append(RepairRequested(msg.seqs))
+
+    def accept(self, info: StreamInfo, backlog: Iterable[VerifiedChunk], now: float) -> None:
+        """Start streaming: the header, then the backlog on the stream (reliable, in order)."""
+        if self.state is not LinkState.SUBSCRIBING or self.child is None:
+            raise LocalProtocolError("accept() needs a pending SUBSCRIBE")
+        self._send(info)
+        self.state = LinkState.STREAMING
+        for item in backlog:
+            self._send_on_stream(item)
+        self._last_sent = now
+
+    def _send_on_stream(self, item: VerifiedChunk) -> None:
+        self._outgoing += frame_bytes(item.raw)
+        if self.latest_seq is None or item.seq > self.latest_seq:
+            self.latest_seq = item.seq
+
+    def send_chunk(self, item: VerifiedChunk, now: float) -> None:
+        """A live chunk: a datagram when it fits (no head-of-line blocking), else the stream."""
+        if self.state is not LinkState.STREAMING:
+            return
+        if len(item.raw) <= self._max_datagram:
+            self._datagrams.append(item.raw)
+            if self.latest_seq is None or item.seq > self.latest_seq:
+                self.latest_seq = item.seq
+        else:
+            self._send_on_stream(item)
+        self._last_sent = now
+
+    def answer_repair(self, found: Iterable[VerifiedChunk], missing: Iterable[int]) -> None:
+        """Resend what we hold on the stream; say MISSING for the rest."""
+        if self.state is not LinkState.STREAMING:
+            return
+        for item in found:
+            self._send_on_stream(item)
+        lost = tuple(missing)
+        for start in range(0, len(lost), 64):
+            self._send(Missing(lost[start : start + 64]))
+
+    def redirect(self, parent: Peer, backups: tuple[Peer, ...]) -> None:
+        """Graceful leave: tell the child where to go; keep streaming until it says GOODBYE."""
+        if self.state is LinkState.STREAMING:
+            self._send(Redirect(parent, backups))
+
+    def datagrams_to_send(self) -> list[bytes]:
+        datagrams, self._datagrams = self._datagrams, []
+        return datagrams
+
+    def get_timer(self) -> float | None:
+        if self.state is not LinkState.STREAMING:
+            return None
+        return self._last_sent + self._heartbeat_interval
+
+    def handle_timer(self, now: float) -> None:
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            self._send(Heartbeat(self.latest_seq))
+            self._last_sent = now

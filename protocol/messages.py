@@ -1,0 +1,286 @@
+"""Every meshd message as a frozen dataclass; docs/spec.md §5 is the catalogue.
+
+Field order is wire order: a message travels as the msgpack array `[type, *fields]`.
+Signed messages end with a `sig` field that is empty (b"") until signed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A node the receiver may connect to: its id (pinned in the QUIC handshake) and address."""
+
+    node: bytes
+    address: str
+
+
+# -- parent <-> child link -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Child -> parent, first message on a link: send me `stream` from `from_seq` (None: live)."""
+
+    TYPE: ClassVar[int] = 0x01
+    stream: bytes
+    from_seq: int | None
+    node: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """Parent -> child, accepts a SUBSCRIBE: the codec header, signed by the origin."""
+
+    TYPE: ClassVar[int] = 0x02
+    codec: str
+    head: bytes
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A run of consecutive Opus packets with one origin signature over all of them."""
+
+    TYPE: ClassVar[int] = 0x03
+    FLAG_END: ClassVar[int] = 0x01
+    seq: int
+    granule: int
+    flags: int
+    packets: tuple[bytes, ...]
+    sig: bytes = b""
+
+    @property
+    def is_end(self) -> bool:
+        return bool(self.flags & Chunk.FLAG_END)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Parent -> child when nothing else was sent for a while: I am alive, my newest is ..."""
+
+    TYPE: ClassVar[int] = 0x04
+    latest_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """Child -> parent: resend these chunks (on the control stream)."""
+
+    TYPE: ClassVar[int] = 0x05
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """Parent -> child: I do not have these chunks (any more)."""
+
+    TYPE: ClassVar[int] = 0x06
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Parent -> child during a graceful leave: move to `parent` (then say GOODBYE to me)."""
+
+    TYPE: ClassVar[int] = 0x07
+    parent: Peer
+    backups: tuple[Peer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """Either side, last message on a channel: why it ends (ErrorCode) and a readable reason."""
+
+    TYPE: ClassVar[int] = 0x08
+    code: int
+    reason: str
+
+
+# -- node -> tracker requests (all signed) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """Origin -> tracker: I serve `stream` at `address`; signed with the stream key."""
+
+    TYPE: ClassVar[int] = 0x10
+    stream: bytes
+    address: str
+    capacity: int
+    time_ms: int
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Node -> tracker: give me a parent for `stream`; signed with the node key."""
+
+    TYPE: ClassVar[int] = 0x11
+    stream: bytes
+    node: bytes
+    capacity: int
+    address: str
+    token: bytes | None
+    time_ms: int
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejoin:
+    """Node -> tracker: my parent `dead` failed; I am now under `attached` (or need a parent)."""
+
+    TYPE: ClassVar[int] = 0x12
+    stream: bytes
+    node: bytes
+    dead: bytes
+    attached: bytes | None
+    capacity: int
+    address: str
+    token: bytes | None
+    time_ms: int
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Node -> tracker: I am leaving gracefully; where do my children go?"""
+
+    TYPE: ClassVar[int] = 0x13
+    stream: bytes
+    node: bytes
+    time_ms: int
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """Node -> tracker, every `refresh_s`: I am alive under `parent` (soft state)."""
+
+    TYPE: ClassVar[int] = 0x14
+    stream: bytes
+    node: bytes
+    parent: bytes | None
+    capacity: int
+    address: str
+    time_ms: int
+    sig: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Anyone -> tracker: a snapshot of a stream's tree."""
+
+    TYPE: ClassVar[int] = 0x15
+    stream: bytes
+
+
+# -- tracker -> node responses ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    """Answer to JOIN/REJOIN: connect to `parent`; fall back to `backups` without asking."""
+
+    TYPE: ClassVar[int] = 0x18
+    parent: Peer
+    backups: tuple[Peer, ...]
+    depth: int
+    refresh_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One child of a leaving node and its new place."""
+
+    child: bytes
+    parent: Peer
+    backups: tuple[Peer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """Answer to LEAVE: redirect each child as listed, then go."""
+
+    TYPE: ClassVar[int] = 0x19
+    moves: tuple[Move, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Answer to REGISTER/REFRESH: accepted; refresh again within `refresh_s`."""
+
+    TYPE: ClassVar[int] = 0x1A
+    refresh_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """The tracker is overloaded: try again after `delay_ms` plus jitter."""
+
+    TYPE: ClassVar[int] = 0x1B
+    delay_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """Answer to STATUS: the tree's shape and the tracker's recent activity for one stream."""
+
+    TYPE: ClassVar[int] = 0x1C
+    stream: bytes
+    audience: int
+    origin_children: int
+    origin_capacity: int
+    depth_histogram: tuple[int, ...]
+    joins_per_s: float
+    rejoins_per_s: float
+    total_joins: int
+    total_rejoins: int
+    total_leaves: int
+    total_failures: int
+    total_shed: int
+
+
+# -- admission token (carried inside JOIN/REJOIN as bytes) -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """Host-signed admission: `node` may join `stream` until `expires_ms` (Unix ms)."""
+
+    TYPE: ClassVar[int] = 0x20
+    stream: bytes
+    node: bytes
+    expires_ms: int
+    sig: bytes = b""
+
+
+Message = (
+    Subscribe
+    | StreamInfo
+    | Chunk
+    | Heartbeat
+    | Repair
+    | Missing
+    | Redirect
+    | Goodbye
+    | Register
+    | Join
+    | Rejoin
+    | Leave
+    | Refresh
+    | StatusRequest
+    | Assigned
+    | Moved
+    | Ack
+    | RetryAfter
+    | StatusReport
+    | Token
+)
+SignedMessage = StreamInfo | Chunk | Register | Join | Rejoin | Leave | Refresh | Token
+TrackerRequest = Register | Join | Rejoin | Leave | Refresh | StatusRequest
+TrackerResponse = Assigned | Moved | Ack | RetryAfter | StatusReport | Goodbye

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from enum import IntEnum
 from typing import Any
 
 import msgpack
@@ -200,6 +201,8 @@ def _dump(value: Any) -> Any:
         return [value.child, _dump(value.parent), [_dump(p) for p in value.backups]]
     if isinstance(value, tuple):
         return [_dump(item) for item in value]
+    if isinstance(value, IntEnum):
+        return int(value)
     return value
 
 

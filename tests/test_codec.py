@@ -1,0 +1,136 @@
+"""The codec: every message round-trips; untrusted bytes only ever raise ProtocolError."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    Chunk,
+    ErrorCode,
+    Goodbye,
+    Heartbeat,
+    LocalProtocolError,
+    Peer,
+    ProtocolError,
+    Redirect,
+    Subscribe,
+    decode_message,
+    encode_message,
+)
+from protocol.codec import SCHEMA, TYPES
+from protocol.limits import MAX_MESSAGE_SIZE
+from tests.strategies import MESSAGES, any_message
+
+KEY = bytes(range(32))
+
+
+def test_every_message_type_has_a_strategy() -> None:
+    assert set(MESSAGES) == set(SCHEMA)
+
+
+@pytest.mark.parametrize("cls", list(SCHEMA), ids=lambda c: c.__name__)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_round_trip(cls: type[Any], data: st.DataObject) -> None:
+    msg = data.draw(MESSAGES[cls])
+    encoded = encode_message(msg)
+    assert decode_message(encoded) == msg
+    assert encode_message(decode_message(encoded)) == encoded  # canonical: one encoding only
+
+
+def test_known_encodings() -> None:
+    """The hex examples in docs/spec.md §5."""
+    assert encode_message(Heartbeat(7)).hex() == "920407"
+    assert encode_message(Goodbye(0x0F, "bye")).hex() == "93080fa3627965"
+    assert encode_message(Subscribe(KEY, None, KEY)).hex() == (
+        "9401c420" + KEY.hex() + "c0c420" + KEY.hex()
+    )
+    chunk = Chunk(5, 960, 0, (b"\xfc\x01",), bytes(64))
+    assert encode_message(chunk).hex() == ("960305cd03c00091c402fc01c440" + "00" * 64)
+
+
+@pytest.mark.parametrize(
+    "items, code",
+    [
+        ([], ErrorCode.MALFORMED_MESSAGE),
+        ([0x7F], ErrorCode.UNKNOWN_MESSAGE),
+        ([0x04], ErrorCode.MALFORMED_MESSAGE),  # a field missing
+        ([0x04, 1, 2], ErrorCode.MALFORMED_MESSAGE),  # a field too many
+        ([0x04, -1], ErrorCode.MALFORMED_MESSAGE),
+        ([0x04, True], ErrorCode.MALFORMED_MESSAGE),  # bool is not an int
+        ([0x04, 1.5], ErrorCode.MALFORMED_MESSAGE),
+        ([0x01, b"short", None, KEY], ErrorCode.MALFORMED_MESSAGE),
+        ([0x08, 0, b"bytes-not-str"], ErrorCode.MALFORMED_MESSAGE),
+        ([0x08, 0, "x" * 300], ErrorCode.MALFORMED_MESSAGE),
+        ([0x05, []], ErrorCode.MALFORMED_MESSAGE),  # REPAIR needs at least one seq
+        ([0x05, list(range(65))], ErrorCode.MALFORMED_MESSAGE),
+        ([0x03, 1, 1, 0, [b"x" * 4001], bytes(64)], ErrorCode.MALFORMED_MESSAGE),
+        ([0x03, 1, 1, 0, [b"x" * 4000] * 5, bytes(64)], ErrorCode.MALFORMED_MESSAGE),
+        ([0x03, 1, 1, 0, [], bytes(63)], ErrorCode.MALFORMED_MESSAGE),
+        ([0x07, [KEY], []], ErrorCode.MALFORMED_MESSAGE),
+        ("not an array", ErrorCode.MALFORMED_MESSAGE),
+        ({"a": 1}, ErrorCode.MALFORMED_MESSAGE),
+    ],
+)
+def test_invalid_messages_are_rejected_with_a_code(items: Any, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_message(msgpack.packb(items, use_bin_type=True))
+    assert caught.value.code == code
+
+
+def test_trailing_bytes_are_rejected() -> None:
+    with pytest.raises(ProtocolError):
+        decode_message(encode_message(Heartbeat(1)) + b"\x00")
+
+
+def test_oversized_input_is_rejected_before_decoding() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_message(b"\x00" * (MAX_MESSAGE_SIZE + 1))
+    assert caught.value.code == ErrorCode.MESSAGE_TOO_LARGE
+
+
+def test_huge_declared_lengths_are_refused_without_allocation() -> None:
+    # bin32 / array32 headers claiming 4 GiB: msgpack's limits refuse them up front.
+    for header in (b"\xc6\xff\xff\xff\xff", b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff"):
+        with pytest.raises(ProtocolError):
+            decode_message(header)
+
+
+def test_encoding_an_invalid_message_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_message(Redirect(Peer(b"short", "x"), ()))
+    with pytest.raises(LocalProtocolError):
+        encode_message(Heartbeat(-1))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_error(data: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_message(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(any_message, st.data())
+def test_mutated_messages_only_raise_protocol_error(msg: Any, data: st.DataObject) -> None:
+    encoded = bytearray(encode_message(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        action = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        position = data.draw(st.integers(0, max(0, len(encoded) - 1)))
+        if action == "flip" and encoded:
+            encoded[position] ^= 1 << data.draw(st.integers(0, 7))
+        elif action == "cut":
+            del encoded[position:]
+        else:
+            encoded[position:position] = data.draw(st.binary(min_size=1, max_size=8))
+    try:
+        decoded = decode_message(bytes(encoded))
+    except ProtocolError:
+        return
+    assert type(decoded) in TYPES.values()

@@ -1,0 +1,115 @@
+"""Every use of aioquic internals lives here, so an aioquic upgrade breaks one file.
+
+aioquic's public sans-I/O API has no way to ask how much of a stream is still
+unacknowledged, whether the peer has already closed (it reports that only after
+the draining period), which certificate the peer presented, or to grant flow
+control credit as the application reads rather than as bytes arrive.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic.quic.events import ConnectionTerminated
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.stream import QuicStream as _AioStream
+from cryptography import x509
+
+# Short header byte + packet number (aioquic may use up to 4 bytes) + AEAD tag,
+# then the DATAGRAM frame's type byte and a 2-byte length varint.
+_ONE_RTT_OVERHEAD = 1 + 4 + 16
+_DATAGRAM_FRAME_OVERHEAD = 1 + 2
+
+
+class MeshQuicConnection(QuicConnection):
+    """A QuicConnection whose per-stream receive credit follows what was consumed.
+
+    Stock aioquic doubles a stream's credit as soon as data arrives, whether or
+    not anyone reads it, so a peer can fill our memory through a stream nobody
+    reads. Here the credit is ``consumed + window``, refreshed once half the
+    window has been read.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._consumed: dict[int, int] = {}
+
+    def stream_consumed(self, stream_id: int, size: int) -> bool:
+        """Record that the application read ``size`` bytes; True if credit is due."""
+        consumed = self._consumed.get(stream_id, 0) + size
+        self._consumed[stream_id] = consumed
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return False
+        window = self._configuration.max_stream_data
+        return consumed + window - stream.max_stream_data_local >= window // 2
+
+    def forget_stream(self, stream_id: int) -> None:
+        """Drop the consumption record of a stream the application has finished with."""
+        self._consumed.pop(stream_id, None)
+
+    def _write_stream_limits(
+        self, builder: QuicPacketBuilder, space: QuicPacketSpace, stream: _AioStream
+    ) -> None:
+        if stream.max_stream_data_local and stream.stream_id is not None:
+            window = self._configuration.max_stream_data
+            target = self._consumed.get(stream.stream_id, 0) + window
+            if target - stream.max_stream_data_local >= window // 2:
+                stream.max_stream_data_local = target
+        # aioquic doubles the credit when highest_offset passes half of it; hide
+        # the offset for the duration of the call so that only our rule applies.
+        highest = stream.receiver.highest_offset
+        stream.receiver.highest_offset = 0
+        try:
+            super()._write_stream_limits(builder, space, stream)
+        finally:
+            stream.receiver.highest_offset = highest
+
+
+def unacked_send_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream and not yet acknowledged (0 once aioquic dropped it)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None or stream.sender._reset_error_code is not None:
+        return 0
+    return len(stream.sender._buffer)
+
+
+def stream_is_discarded(quic: QuicConnection, stream_id: int) -> bool:
+    """Whether aioquic has finished with a stream and will report nothing more on it."""
+    return stream_id not in quic._streams
+
+
+def pending_datagrams(quic: QuicConnection) -> deque[bytes]:
+    """aioquic's outgoing DATAGRAM queue, which it never trims on its own."""
+    return quic._datagrams_pending
+
+
+def peer_certificate(quic: QuicConnection) -> x509.Certificate | None:
+    """The leaf certificate the peer presented; aioquic keeps it on its TLS context."""
+    tls = getattr(quic, "tls", None)
+    return None if tls is None else tls._peer_certificate
+
+
+def close_state(quic: QuicConnection) -> tuple[ConnectionTerminated, bool] | None:
+    """(close event, closed by peer) as soon as a close is known, before draining ends."""
+    event = quic._close_event
+    if event is None:
+        return None
+    return event, quic._state is QuicConnectionState.DRAINING
+
+
+def max_datagram_payload(quic: QuicConnection) -> int:
+    """The largest DATAGRAM payload that fits one packet and the peer's limit."""
+    in_packet = (
+        quic._max_datagram_size
+        - _ONE_RTT_OVERHEAD
+        - len(quic._peer_cid.cid)
+        - _DATAGRAM_FRAME_OVERHEAD
+    )
+    remote = quic._remote_max_datagram_frame_size
+    if remote is None:
+        return 0
+    return max(0, min(in_packet, remote - _DATAGRAM_FRAME_OVERHEAD))

@@ -1,0 +1,75 @@
+"""Endpoint settings, and the aioquic configurations derived from them."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+DEFAULT_ALPN = "meshd/1"
+# Large enough that the packet size, not the peer's limit, bounds a datagram.
+MAX_DATAGRAM_FRAME_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """Tunables of one endpoint; the defaults suit a relay with a handful of peers.
+
+    ``stream_send_buffer`` bounds the unacknowledged bytes per stream before
+    ``send_all`` waits; ``stream_receive_window`` is the credit granted to a
+    peer beyond what the application has read, so a reader that stalls stalls
+    its sender instead of growing our memory.
+    """
+
+    alpn: str = DEFAULT_ALPN
+    max_connections: int = 1024
+    max_pending_handshakes: int = 128
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 10.0
+    keepalive_interval: float | None = 3.0
+    retry: bool = False
+    stream_send_buffer: int = 256 * 1024
+    stream_receive_window: int = 1024 * 1024
+    connection_receive_window: int = 4 * 1024 * 1024
+    datagram_send_queue: int = 64
+    datagram_receive_queue: int = 256
+
+    def __post_init__(self) -> None:
+        if self.keepalive_interval is not None and not (
+            0 < self.keepalive_interval < self.idle_timeout
+        ):
+            raise ValueError("keepalive_interval must be positive and below idle_timeout")
+        for name in (
+            "max_connections",
+            "max_pending_handshakes",
+            "stream_send_buffer",
+            "stream_receive_window",
+            "connection_receive_window",
+            "datagram_send_queue",
+            "datagram_receive_queue",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def quic_configuration(
+        self,
+        *,
+        is_client: bool,
+        certificate: x509.Certificate,
+        private_key: Ed25519PrivateKey,
+    ) -> QuicConfiguration:
+        """Both sides present a certificate; nobody verifies chains (keys are pinned)."""
+        return QuicConfiguration(
+            alpn_protocols=[self.alpn],
+            is_client=is_client,
+            idle_timeout=self.idle_timeout,
+            max_data=self.connection_receive_window,
+            max_stream_data=self.stream_receive_window,
+            max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
+            certificate=certificate,
+            private_key=private_key,
+            verify_mode=ssl.CERT_NONE,
+        )

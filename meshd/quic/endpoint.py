@@ -1,0 +1,390 @@
+"""The QUIC endpoint: one datagram socket that is both client and server.
+
+Datagrams are demultiplexed by destination connection id. Unknown ids create
+server connections only for well-formed Initials of at least 1200 bytes, and
+only within the pending-handshake and connection caps; with ``retry`` the
+client's address is validated first, statelessly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+import trio
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from _buffer
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.quic import admission
+from meshd.quic._aioquic import MeshQuicConnection
+from meshd.quic.config import EndpointConfig
+from meshd.quic.connection import QuicConn
+from meshd.quic.identity import RAW_KEY_SIZE, self_signed_certificate
+from meshd.quic.transport import Address, DatagramTransport, UdpTransport
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[QuicConn], Awaitable[None]]
+
+
+class TaskStatus(Protocol):
+    """``trio.TaskStatus`` structurally, so the code types under trio and trio-typing alike."""
+
+    def started(self) -> None: ...
+
+
+@dataclass
+class EndpointStats:
+    """Counters for what the endpoint refused or threw away, and why."""
+
+    datagrams_received: int = 0
+    datagrams_sent: int = 0
+    unroutable_dropped: int = 0
+    """Unparseable, unknown connection id, or an Initial below 1200 bytes."""
+    bogus_initials: int = 0
+    """Initials that parsed but that aioquic could not make sense of."""
+    initials_over_pending_cap: int = 0
+    connections_refused: int = 0
+    retries_sent: int = 0
+    connection_errors: int = 0
+    """Connections torn down because processing their packets raised."""
+
+
+class QuicEndpoint:
+    """A UDP socket serving and opening QUIC connections; see ``open_quic_endpoint``."""
+
+    def __init__(
+        self,
+        transport: DatagramTransport,
+        private_key: Ed25519PrivateKey,
+        config: EndpointConfig,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.config = config
+        self.stats = EndpointStats()
+        self._transport = transport
+        self._nursery = nursery
+        certificate = self_signed_certificate(private_key)
+        self._server_config = config.quic_configuration(
+            is_client=False, certificate=certificate, private_key=private_key
+        )
+        self._client_config = config.quic_configuration(
+            is_client=True, certificate=certificate, private_key=private_key
+        )
+        self._cid_length = self._server_config.connection_id_length
+        self._retry = admission.RetryGate() if config.retry else None
+        self._by_cid: dict[bytes, QuicConn] = {}
+        self._conns: set[QuicConn] = set()
+        self._server_conns = 0
+        self._pending: set[QuicConn] = set()
+        self._accept_queue: deque[QuicConn] = deque()
+        self._accepted = trio.lowlevel.ParkingLot()
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port), useful after binding port 0."""
+        return self._transport.local_address
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._pending)
+
+    def connect(
+        self, address: tuple[str, int], expected_peer_key: bytes | None = None
+    ) -> _Connecting:
+        """Open a connection; await it, or use it as an async context manager.
+
+        With ``expected_peer_key`` (32 raw Ed25519 bytes) the handshake fails
+        with PeerKeyMismatch unless the server's certificate carries that key.
+        """
+        if expected_peer_key is not None and len(expected_peer_key) != RAW_KEY_SIZE:
+            raise ValueError(f"expected_peer_key must be {RAW_KEY_SIZE} raw bytes")
+        return _Connecting(self, address, expected_peer_key)
+
+    async def accept(self) -> QuicConn:
+        """The next incoming connection whose handshake completed."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the endpoint was closed")
+            while self._accept_queue:
+                conn = self._accept_queue.popleft()
+                if not conn.is_closed:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return conn
+            await self._accepted.park()
+
+    async def serve(
+        self, handler: Handler, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run ``handler(conn)`` for each incoming connection, closing it afterwards.
+
+        A handler ending with trio.BrokenResourceError or ClosedResourceError
+        (the peer went away, the endpoint closed) is normal and only logged;
+        any other exception propagates, as bugs should. Returns once the
+        endpoint is closed and every handler has finished.
+        """
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    conn = await self.accept()
+                except trio.ClosedResourceError:
+                    return
+                nursery.start_soon(_run_handler, handler, conn)
+
+    async def aclose(self) -> None:
+        """Close every connection (peers see code 0), stop receiving."""
+        if not self._closed:
+            self._closed = True
+            for conn in list(self._conns):
+                conn._abandon(0, "endpoint closing")
+            self._accepted.unpark_all()
+            self._nursery.cancel_scope.cancel()
+        await trio.lowlevel.checkpoint()
+
+    # ConnectionOwner
+
+    def send_datagram(self, data: bytes, address: Address) -> None:
+        self.stats.datagrams_sent += 1
+        self._transport.send(data, address)
+
+    def register_cid(self, cid: bytes, conn: QuicConn) -> None:
+        self._by_cid[cid] = conn
+
+    def unregister_cid(self, cid: bytes) -> None:
+        self._by_cid.pop(cid, None)
+
+    def connection_established(self, conn: QuicConn) -> None:
+        if not conn.is_client:
+            self._pending.discard(conn)
+            self._accept_queue.append(conn)
+            self._accepted.unpark_all()
+
+    def connection_finished(self, conn: QuicConn) -> None:
+        if conn not in self._conns:
+            return
+        self._conns.discard(conn)
+        if not conn.is_client:
+            self._server_conns -= 1
+            self._pending.discard(conn)
+            if conn in self._accept_queue:
+                self._accept_queue.remove(conn)
+
+    # Internals
+
+    async def _open(self, address: tuple[str, int], expected_peer_key: bytes | None) -> QuicConn:
+        if self._closed:
+            raise trio.ClosedResourceError("the endpoint was closed")
+        local_host = self.address[0]
+        family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
+        # aioquic drops packets from any address but the one we dialled, so
+        # dial the numeric address recvfrom() will report.
+        infos = await trio.socket.getaddrinfo(
+            address[0], address[1], family=family, type=socket.SOCK_DGRAM
+        )
+        remote: Address = tuple(infos[0][4])
+        quic = MeshQuicConnection(configuration=self._client_config)
+        conn = QuicConn(self, quic, is_client=True, expected_peer_key=expected_peer_key)
+        self._conns.add(conn)
+        conn._register_cid(quic.host_cid)
+        quic.connect(remote, now=trio.current_time())
+        conn._pump()
+        self._nursery.start_soon(conn._run_timer)
+        await conn._wait_established()
+        return conn
+
+    async def _receive_loop(self) -> None:
+        while True:
+            batch = await self._transport.receive_batch()
+            now = trio.current_time()
+            touched: dict[QuicConn, None] = {}
+            for data, address in batch:
+                self.stats.datagrams_received += 1
+                conn = self._route(data, address, now)
+                if conn is not None:
+                    touched[conn] = None
+            for conn in touched:
+                self._guarded(conn, conn._pump)
+
+    def _guarded(self, conn: QuicConn, action: Callable[[], object]) -> bool:
+        """Run ``action``; a failure tears down that one connection, not the endpoint."""
+        try:
+            action()
+        except Exception:
+            logger.exception("QUIC connection %r failed; closing it", conn)
+            self.stats.connection_errors += 1
+            conn._abandon(QuicErrorCode.INTERNAL_ERROR, "internal error")
+            return False
+        return True
+
+    def _route(self, data: bytes, address: Address, now: float) -> QuicConn | None:
+        """The known connection the datagram belongs to (fed, not yet pumped), if any."""
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self._cid_length)
+        except ValueError:
+            self.stats.unroutable_dropped += 1
+            return None
+        conn = self._by_cid.get(header.destination_cid)
+        if conn is not None:
+            ok = self._guarded(conn, lambda: conn._receive(data, address, now))
+            return conn if ok else None
+        if header.version is None or header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+            self.stats.unroutable_dropped += 1
+            return None
+        if header.version not in self._server_config.supported_versions:
+            if len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
+                supported = self._server_config.supported_versions
+                self.send_datagram(admission.version_negotiation(header, supported), address)
+            return None
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE:
+            self.stats.unroutable_dropped += 1
+            return None
+        self._accept_initial(header, data, address, now)
+        return None
+
+    def _accept_initial(self, header: Any, data: bytes, address: Address, now: float) -> None:
+        if self._closed:
+            return
+        if len(self._pending) >= self.config.max_pending_handshakes:
+            self.stats.initials_over_pending_cap += 1
+            return
+        if self._server_conns >= self.config.max_connections:
+            self.stats.connections_refused += 1
+            self.send_datagram(admission.refusal(header), address)
+            return
+        original_dcid: bytes | None = header.destination_cid
+        retry_scid: bytes | None = None
+        if self._retry is not None:
+            if not header.token:
+                self.stats.retries_sent += 1
+                self.send_datagram(self._retry.challenge(header, address, now), address)
+                return
+            original_dcid = self._retry.validate(header, address, now)
+            if original_dcid is None:
+                reply = admission.initial_close(header, QuicErrorCode.INVALID_TOKEN)
+                self.send_datagram(reply, address)
+                return
+            retry_scid = header.destination_cid
+        quic = MeshQuicConnection(
+            configuration=self._server_config,
+            original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
+        )
+        conn = QuicConn(self, quic, is_client=False)
+        conn._receive(data, address, now)
+        if conn._pump() == 0:
+            # aioquic found nothing to answer (undecryptable): keep no state.
+            self.stats.bogus_initials += 1
+            return
+        self._conns.add(conn)
+        self._server_conns += 1
+        self._pending.add(conn)
+        conn._register_cid(header.destination_cid)
+        conn._register_cid(quic.host_cid)
+        self._nursery.start_soon(conn._run_timer)
+
+
+class _Connecting:
+    """``await ep.connect(...)`` or ``async with ep.connect(...) as conn``."""
+
+    def __init__(
+        self, endpoint: QuicEndpoint, address: tuple[str, int], expected_peer_key: bytes | None
+    ) -> None:
+        self._endpoint = endpoint
+        self._address = address
+        self._expected_peer_key = expected_peer_key
+        self._conn: QuicConn | None = None
+
+    def __await__(self) -> Generator[Any, None, QuicConn]:
+        return self._endpoint._open(self._address, self._expected_peer_key).__await__()
+
+    async def __aenter__(self) -> QuicConn:
+        self._conn = await self._endpoint._open(self._address, self._expected_peer_key)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._conn is not None
+        await self._conn.aclose()
+
+
+async def _run_handler(handler: Handler, conn: QuicConn) -> None:
+    async with conn:
+        try:
+            await handler(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.debug("handler for %r ended: %s", conn, exc)
+
+
+async def serve_quic(
+    endpoint: QuicEndpoint,
+    handler: Handler,
+    *,
+    task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``endpoint.serve`` as a function, for ``nursery.start(serve_quic, ep, handler)``."""
+    await endpoint.serve(handler, task_status=task_status)
+
+
+@asynccontextmanager
+async def open_quic_endpoint(
+    private_key: Ed25519PrivateKey,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    alpn: str | None = None,
+    max_connections: int | None = None,
+    max_pending_handshakes: int | None = None,
+    idle_timeout: float | None = None,
+    keepalive_interval: float | None = None,
+    retry: bool | None = None,
+    config: EndpointConfig | None = None,
+    transport: DatagramTransport | None = None,
+) -> AsyncIterator[QuicEndpoint]:
+    """Bind ``host:port`` (port 0 picks one) and run an endpoint until the block exits.
+
+    Keyword settings left as None keep ``config``'s value (EndpointConfig
+    defaults if no config). ``transport`` replaces the UDP socket, for tests.
+    """
+    overrides: dict[str, Any] = {
+        "alpn": alpn,
+        "max_connections": max_connections,
+        "max_pending_handshakes": max_pending_handshakes,
+        "idle_timeout": idle_timeout,
+        "keepalive_interval": keepalive_interval,
+        "retry": retry,
+    }
+    settings = dataclasses.replace(
+        config or EndpointConfig(), **{k: v for k, v in overrides.items() if v is not None}
+    )
+    if transport is None:
+        transport = await UdpTransport.bind(host, port)
+    try:
+        async with trio.open_nursery() as nursery:
+            endpoint = QuicEndpoint(transport, private_key, settings, nursery)
+            nursery.start_soon(endpoint._receive_loop)
+            try:
+                yield endpoint
+            finally:
+                await endpoint.aclose()
+    finally:
+        transport.close()

@@ -1,0 +1,742 @@
+"""Sans-I/O relay tree of one stream: who feeds whom, decided by the tracker.
+
+Pure data structure: no I/O, no clock reads (every operation takes `now`, in seconds).
+
+Placement rule (docs/spec.md §7.3): a node with capacity > 0 goes under the *shallowest*
+node with a free slot; a node with capacity 0 goes under the *deepest* one. Leaves thus
+never take the shallow slots that keep the tree short, and relays end up above leaves.
+With a uniform capacity k and joins only, this fills the tree level by level, so the
+depth is at most ceil(log_k N) + 1.
+
+Repairs move only the nodes the protocol lets us tell (the reporter of a failure, the
+children of a leaver); each moved node keeps its subtree and goes to the shallowest free
+slot outside its own subtree (and outside the failed node's subtree).
+
+Failure reports are hearsay until confirmed: a node reported dead is evicted only after
+`report_quorum` distinct children reported it within `report_window`, when its soft state
+has expired, or when the host's probe says it is unreachable. An evicted node's remaining
+children keep their subtrees; the tracker re-homes each one at once (flagged *orphaned*:
+the node itself does not know yet) so that every peer always reaches the origin in the
+tracker's view. When the orphan later reports the failure, it is simply handed that
+placement.
+
+Complexity: join is O(depth) (amortised O(1) bucket work); a move is O(depth + size of
+the moved subtree), because the depths of the subtree are kept exact; expiry is
+amortised O(1) per refresh.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+__all__ = [
+    "Assignment",
+    "InvalidRequest",
+    "NoCapacity",
+    "PeerRef",
+    "StreamTree",
+    "TreeError",
+    "TreeErrorCode",
+    "TreeSnapshot",
+    "UnknownParent",
+    "UnknownPeer",
+]
+
+# Backups are searched shallow-first; after this many eligible candidates we stop looking
+# for ones outside the parent's subtree and settle for what we have (keeps join O(1)).
+_BACKUP_SCAN = 32
+
+
+class TreeErrorCode(StrEnum):
+    """Why the tree refused a request; the server maps these to wire error codes."""
+
+    NO_CAPACITY = "no_capacity"  # no free slot anywhere suitable
+    UNKNOWN_PEER = "unknown_peer"  # the peer is not in the tree: it must JOIN
+    UNKNOWN_PARENT = "unknown_parent"  # refresh names a parent we do not know (yet)
+    INVALID_REQUEST = "invalid_request"  # nonsensical arguments (negative capacity, ...)
+
+
+class TreeError(Exception):
+    """Base of every refusal by `StreamTree`; the tree is unchanged when one is raised."""
+
+    code: ClassVar[TreeErrorCode]
+
+
+class NoCapacity(TreeError):
+    code = TreeErrorCode.NO_CAPACITY
+
+
+class UnknownPeer(TreeError):
+    code = TreeErrorCode.UNKNOWN_PEER
+
+
+class UnknownParent(UnknownPeer):
+    """A refresh from an unknown peer names an unknown parent.
+
+    A subclass of `UnknownPeer` (the spec answers UNKNOWN_PEER); after a tracker restart
+    the parent's own refresh is probably just late, so a server may prefer "retry later".
+    """
+
+    code = TreeErrorCode.UNKNOWN_PARENT
+
+
+class InvalidRequest(TreeError):
+    code = TreeErrorCode.INVALID_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRef:
+    """How to reach a peer: its key and its "host:port" ("" if it accepts no connections)."""
+
+    peer_id: bytes
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Where a node attaches: its parent, backups to fail over to, and its own depth."""
+
+    parent: PeerRef
+    backups: tuple[PeerRef, ...]
+    depth: int  # the node's depth; the origin's children have depth 1
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSnapshot:
+    """Figures for STATUS and monitoring; `depth_histogram[d]` counts nodes at depth d."""
+
+    audience: int  # peers, not counting the origin
+    max_depth: int
+    depth_histogram: tuple[int, ...]  # index 0 is the origin
+    origin_children: int
+    origin_capacity: int
+    free_slots: int
+    orphans: int
+    suspects: int
+
+
+class _Node:
+    """Per-peer record; kept small (the budget is 1 KB per peer, including the id)."""
+
+    __slots__ = (
+        "capacity",
+        "children",
+        "depth",
+        "last_seen",
+        "orphaned",
+        "parent",
+        "pos",
+        "ref",
+        "slot_depth",
+    )
+
+    def __init__(
+        self, ref: PeerRef, capacity: int, parent: _Node | None, depth: int, now: float
+    ) -> None:
+        self.ref = ref
+        self.capacity = capacity
+        self.parent = parent
+        self.children: list[_Node] = []
+        self.depth = depth
+        self.last_seen = now
+        self.orphaned = False  # re-homed by the tracker; the node has not confirmed yet
+        self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
+        self.pos = 0  # index inside that bucket, for O(1) removal
+
+
+def _within(node: _Node, ancestor: _Node) -> bool:
+    """True if `node` is `ancestor` or below it.
+
+    Walks parent pointers up to the ancestor's depth, so it costs the depth difference;
+    depths are exact within every connected piece of the tree, attached or not.
+    """
+    for _ in range(node.depth - ancestor.depth):
+        parent = node.parent
+        if parent is None:
+            return False
+        node = parent
+    return node is ancestor
+
+
+class StreamTree:
+    """The relay tree of one stream, rooted at its origin."""
+
+    def __init__(
+        self,
+        origin_id: bytes,
+        origin_address: str,
+        origin_capacity: int,
+        *,
+        backups: int = 2,
+        peer_ttl: float = 600.0,
+        report_quorum: int = 2,
+        report_window: float = 60.0,
+    ) -> None:
+        if origin_capacity < 0 or backups < 0 or report_quorum < 1:
+            raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
+        if peer_ttl <= 0 or report_window <= 0:
+            raise InvalidRequest("peer_ttl and report_window must be > 0")
+        self._backup_count = backups
+        self._ttl = peer_ttl
+        self._quorum = report_quorum
+        self._window = report_window
+        origin = _Node(PeerRef(origin_id, origin_address), origin_capacity, None, 0, 0.0)
+        self._origin = origin
+        self._peers: dict[bytes, _Node] = {origin_id: origin}
+        # Nodes with a free slot, bucketed by depth (a list per depth, swap-removal).
+        # All buckets below `_shallowest` and above `_deepest` are empty (lazy hints).
+        self._free: list[list[_Node]] = []
+        self._shallowest = 0
+        self._deepest = 0
+        self._depth_count: list[int] = [1]
+        self._free_slots = origin_capacity
+        self._orphans = 0
+        # (time, node) per join/refresh, in time order; an entry is stale if the node
+        # refreshed since (its last_seen differs) or is gone. Popped lazily by expire().
+        self._expiry: deque[tuple[float, _Node]] = deque()
+        # Suspects: reporter id -> time of its report, per reported node.
+        self._reports: dict[_Node, dict[bytes, float]] = {}
+        self._index(origin)
+
+    # ------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        """Number of peers, the origin included."""
+        return len(self._peers)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._peers
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every peer id, the origin included."""
+        return iter(self._peers)
+
+    @property
+    def origin(self) -> PeerRef:
+        return self._origin.ref
+
+    def parent_of(self, peer_id: bytes) -> bytes | None:
+        parent = self._get(peer_id).parent
+        return None if parent is None else parent.ref.peer_id
+
+    def children_of(self, peer_id: bytes) -> tuple[bytes, ...]:
+        return tuple(child.ref.peer_id for child in self._get(peer_id).children)
+
+    def depth_of(self, peer_id: bytes) -> int:
+        return self._get(peer_id).depth
+
+    def capacity_of(self, peer_id: bytes) -> int:
+        return self._get(peer_id).capacity
+
+    def is_orphaned(self, peer_id: bytes) -> bool:
+        """True if the tracker re-homed this peer and the peer has not confirmed it yet."""
+        return self._get(peer_id).orphaned
+
+    def assignment_of(self, peer_id: bytes) -> Assignment:
+        """The peer's current placement, with fresh backups."""
+        node = self._get(peer_id)
+        if node is self._origin:
+            raise InvalidRequest("the origin has no parent")
+        return self._assignment(node)
+
+    def suspects(self, now: float) -> list[bytes]:
+        """Peers reported dead but not (yet) confirmed: worth a probe by the host."""
+        for node, reports in list(self._reports.items()):
+            self._prune_reports(reports, now)
+            if not reports:
+                del self._reports[node]
+        return [node.ref.peer_id for node in self._reports]
+
+    def snapshot(self) -> TreeSnapshot:
+        counts = self._depth_count
+        max_depth = len(counts) - 1
+        while counts[max_depth] == 0:
+            max_depth -= 1
+        return TreeSnapshot(
+            audience=len(self._peers) - 1,
+            max_depth=max_depth,
+            depth_histogram=tuple(counts[: max_depth + 1]),
+            origin_children=len(self._origin.children),
+            origin_capacity=self._origin.capacity,
+            free_slots=self._free_slots,
+            orphans=self._orphans,
+            suspects=len(self._reports),
+        )
+
+    # --------------------------------------------------------------- operations
+
+    def join(self, peer_id: bytes, capacity: int, address: str, now: float) -> Assignment:
+        """Place a new peer; a known peer gets its current placement back (idempotent).
+
+        A peer whose parent failed must use `report_failure`, not join: join of a known
+        peer only refreshes it (address, capacity, soft state) and clears suspicion.
+        """
+        if capacity < 0:
+            raise InvalidRequest("negative capacity")
+        node = self._peers.get(peer_id)
+        if node is self._origin:
+            raise InvalidRequest("the origin cannot join its own stream")
+        if node is not None:
+            self._reports.pop(node, None)  # it speaks for itself: it is alive
+            self._update(node, now, capacity, address)
+            self._set_orphaned(node, False)
+            return self._assignment(node)
+        parent = self._pick_parent(None, capacity)
+        if parent is None:
+            raise NoCapacity("no free slot in the tree")
+        return self._assignment(self._insert(peer_id, capacity, address, parent, now))
+
+    def report_failure(
+        self,
+        reporter: bytes,
+        dead: bytes,
+        now: float,
+        *,
+        attached_to: bytes | None = None,
+        capacity: int | None = None,
+        address: str | None = None,
+    ) -> Assignment:
+        """REJOIN: `reporter` lost its parent `dead`; move it (with its subtree).
+
+        The report counts towards evicting `dead` only if `dead` is the reporter's parent
+        in our view. `attached_to` (the backup the reporter already switched to) is kept
+        if it has a free slot and lies outside the reporter's and `dead`'s subtrees;
+        otherwise the reporter gets the shallowest suitable slot. A reporter whose parent
+        in our view is not `dead` (an orphan we re-homed, or a repeated report) keeps its
+        placement unless `attached_to` is valid. An unknown reporter that gives its
+        `capacity` is placed like a join (e.g. after a tracker restart).
+        """
+        if reporter == dead:
+            raise InvalidRequest("a peer cannot report itself")
+        node = self._peers.get(reporter)
+        if node is None:
+            if capacity is None:
+                raise UnknownPeer("unknown reporter")
+            return self._place_unknown(reporter, capacity, address or "", dead, attached_to, now)
+        if node is self._origin:
+            raise InvalidRequest("the origin has no parent")
+        self._update(node, now, capacity, address)
+        suspect = self._peers.get(dead)
+        banned = None if suspect is None or suspect is self._origin else suspect
+        if banned is not None and node.parent is banned:
+            self._record_report(banned, reporter, now)  # may evict it and re-home us
+            if self._peers.get(reporter) is not node:
+                raise NoCapacity("no free slot left for the reporter")
+        claim = self._valid_parent(node, attached_to, banned)
+        if node.parent is suspect:
+            target = claim or self._pick_parent(node, node.capacity, banned=banned, avoid=suspect)
+            if target is None:
+                raise NoCapacity("no free slot outside the reporter's subtree")
+            self._move(node, target)
+        elif claim is not None and claim is not node.parent:
+            self._move(node, claim)
+        self._set_orphaned(node, False)
+        return self._assignment(node)
+
+    def probe_result(self, peer_id: bytes, alive: bool, now: float) -> list[bytes]:
+        """The host probed a suspect: clear the suspicion, or evict it.
+
+        Returns the peers removed (the suspect, plus any subtree with nowhere to go).
+        """
+        node = self._peers.get(peer_id)
+        if node is None:
+            return []  # already gone: probes race with reports and expiry
+        if node is self._origin:
+            raise InvalidRequest("the origin is never evicted")
+        if alive:
+            self._reports.pop(node, None)
+            self._touch(node, now)
+            return []
+        return self._evict(node)
+
+    def leave(self, peer_id: bytes, now: float) -> dict[bytes, Assignment]:
+        """Graceful leave: re-home the leaver's children, then remove it.
+
+        Returns child id -> new placement, for the leaver to REDIRECT each child. The
+        children avoid the leaver's own parent if they can: it is still feeding the leaver
+        during the make-before-break handover. A child with nowhere to go is dropped
+        from the view (with its subtree) and absent from the result; it will rejoin.
+        """
+        node = self._get(peer_id)
+        if node is self._origin:
+            raise InvalidRequest("the origin does not leave its stream")
+        placed, _ = self._remove(node, avoid=node.parent)
+        return {child.ref.peer_id: self._assignment(child) for child in placed}
+
+    def refresh(
+        self,
+        peer_id: bytes,
+        now: float,
+        *,
+        parent: bytes | None = None,
+        capacity: int | None = None,
+        address: str | None = None,
+    ) -> None:
+        """Soft-state keep-alive; also updates capacity/address and follows the peer.
+
+        `parent` is the peer's actual parent. If it differs from our view and is a valid
+        place (free slot, not in the peer's subtree) the view follows the peer; otherwise
+        our view stands (the peer will learn it when it next REJOINs). An unknown peer is
+        re-inserted under `parent` if that parent is known and has room (rebuilding the
+        view after a tracker restart); else UnknownParent / UnknownPeer (it must JOIN).
+        The origin refreshes like this too (REGISTER), with `parent` None.
+        """
+        if capacity is not None and capacity < 0:
+            raise InvalidRequest("negative capacity")
+        node = self._peers.get(peer_id)
+        if node is None:
+            self._reinsert(peer_id, now, parent, capacity, address)
+            return
+        if node is self._origin and parent is not None:
+            raise InvalidRequest("the origin has no parent")
+        self._update(node, now, capacity, address)
+        if parent is None or node.parent is None:
+            return
+        if parent != node.parent.ref.peer_id:
+            claim = self._valid_parent(node, parent, None)
+            if claim is None:
+                return
+            self._move(node, claim)
+        self._set_orphaned(node, False)
+
+    def expire(self, now: float) -> list[bytes]:
+        """Remove peers not heard from for more than `peer_ttl`; returns the removed ids.
+
+        Their children are re-homed as orphans (and dropped only if no slot is left).
+        Amortised O(1) per refresh: stale queue entries are skipped as they come up.
+        """
+        removed: list[bytes] = []
+        horizon = now - self._ttl
+        queue = self._expiry
+        while queue and queue[0][0] < horizon:
+            seen, node = queue.popleft()
+            if node.last_seen == seen and self._peers.get(node.ref.peer_id) is node:
+                removed += self._evict(node)
+        return removed
+
+    # ----------------------------------------------------------------- internals
+
+    def _get(self, peer_id: bytes) -> _Node:
+        node = self._peers.get(peer_id)
+        if node is None:
+            raise UnknownPeer("unknown peer")
+        return node
+
+    def _live(self, node: _Node) -> bool:
+        return self._peers.get(node.ref.peer_id) is node
+
+    def _assignment(self, node: _Node) -> Assignment:
+        parent = node.parent
+        assert parent is not None, "only attached non-origin nodes have assignments"
+        return Assignment(parent.ref, self._backups(node), node.depth)
+
+    def _touch(self, node: _Node, now: float) -> None:
+        node.last_seen = now
+        if node is not self._origin:  # the origin lives as long as the stream
+            self._expiry.append((now, node))
+
+    def _update(self, node: _Node, now: float, capacity: int | None, address: str | None) -> None:
+        """Apply what a request from the peer itself tells us."""
+        self._touch(node, now)
+        if address is not None and address != node.ref.address:
+            node.ref = PeerRef(node.ref.peer_id, address)
+        if capacity is not None and capacity != node.capacity:
+            self._set_capacity(node, capacity)
+
+    def _set_orphaned(self, node: _Node, orphaned: bool) -> None:
+        if node.orphaned != orphaned:
+            node.orphaned = orphaned
+            self._orphans += 1 if orphaned else -1
+
+    # --- free-slot buckets
+
+    def _index(self, node: _Node) -> None:
+        """Put the node in the bucket of its depth if it has a free slot, else in none."""
+        want = node.depth if len(node.children) < node.capacity else -1
+        if node.slot_depth == want:
+            return
+        if node.slot_depth >= 0:
+            self._unindex(node)
+        if want >= 0:
+            free = self._free
+            while len(free) <= want:
+                free.append([])
+            bucket = free[want]
+            node.slot_depth = want
+            node.pos = len(bucket)
+            bucket.append(node)
+            self._shallowest = min(self._shallowest, want)
+            self._deepest = max(self._deepest, want)
+
+    def _unindex(self, node: _Node) -> None:
+        bucket = self._free[node.slot_depth]
+        last = bucket.pop()
+        if last is not node:  # swap-remove: the last entry fills the hole
+            bucket[node.pos] = last
+            last.pos = node.pos
+        node.slot_depth = -1
+
+    def _free_nodes(self, shallow_first: bool) -> Iterator[_Node]:
+        """Nodes with a free slot, by depth; within a depth, the latest indexed first."""
+        free = self._free
+        if shallow_first:
+            depth = self._shallowest
+            while depth < len(free) and not free[depth]:
+                depth += 1
+            self._shallowest = depth
+            depths = range(depth, len(free))
+        else:
+            depth = min(self._deepest, len(free) - 1)
+            while depth > 0 and not free[depth]:
+                depth -= 1
+            self._deepest = max(depth, 0)
+            depths = range(depth, -1, -1)
+        for d in depths:
+            yield from reversed(free[d])
+
+    def _pick_parent(
+        self,
+        mover: _Node | None,
+        capacity: int,
+        *,
+        banned: _Node | None = None,
+        avoid: _Node | None = None,
+    ) -> _Node | None:
+        """The placement rule: shallowest free slot for relays, deepest for leaves.
+
+        Skips the mover's own subtree (a cycle), `banned`'s subtree (cut off from the
+        stream) and the single node `avoid`.
+        """
+        for candidate in self._free_nodes(shallow_first=capacity > 0):
+            if candidate is avoid:
+                continue
+            if mover is not None and _within(candidate, mover):
+                continue
+            if banned is not None and _within(candidate, banned):
+                continue
+            return candidate
+        return None
+
+    def _valid_parent(
+        self, node: _Node, parent_id: bytes | None, banned: _Node | None
+    ) -> _Node | None:
+        """The named peer if `node` may attach there now (a free slot, no cycle), else None."""
+        if parent_id is None:
+            return None
+        parent = self._peers.get(parent_id)
+        if parent is None or len(parent.children) >= parent.capacity or _within(parent, node):
+            return None
+        if banned is not None and _within(parent, banned):
+            return None
+        return parent
+
+    def _backups(self, node: _Node) -> tuple[PeerRef, ...]:
+        """Up to `backups` nodes with a free slot, shallow first.
+
+        Never the node, its parent or its subtree; nodes outside the parent's subtree
+        come first, so one relay failure does not take out the parent and the backups.
+        """
+        wanted = self._backup_count
+        parent = node.parent
+        shared = None if parent is self._origin else parent  # sharing the origin is moot
+        preferred: list[PeerRef] = []
+        fallback: list[PeerRef] = []
+        examined = 0
+        for candidate in self._free_nodes(shallow_first=True):
+            if len(preferred) == wanted:
+                break
+            if candidate is parent or _within(candidate, node):
+                continue
+            if shared is not None and _within(candidate, shared):
+                if len(fallback) < wanted:
+                    fallback.append(candidate.ref)
+            else:
+                preferred.append(candidate.ref)
+            examined += 1
+            if examined >= _BACKUP_SCAN and len(preferred) + len(fallback) >= wanted:
+                break
+        return tuple((preferred + fallback)[:wanted])
+
+    # --- structure changes
+
+    def _count_depth(self, depth: int, delta: int) -> None:
+        counts = self._depth_count
+        while len(counts) <= depth:
+            counts.append(0)
+        counts[depth] += delta
+
+    def _insert(
+        self, peer_id: bytes, capacity: int, address: str, parent: _Node, now: float
+    ) -> _Node:
+        node = _Node(PeerRef(peer_id, address), capacity, parent, parent.depth + 1, now)
+        self._peers[peer_id] = node
+        parent.children.append(node)
+        self._free_slots += capacity - 1
+        self._index(parent)
+        self._count_depth(node.depth, 1)
+        self._index(node)
+        self._expiry.append((now, node))
+        return node
+
+    def _detach(self, node: _Node) -> None:
+        """Cut the node (and its subtree) from its parent; its depths stay as they were."""
+        parent = node.parent
+        assert parent is not None, "the origin is never detached"
+        parent.children.remove(node)
+        node.parent = None
+        if self._live(parent):  # a removed parent no longer counts its slots
+            self._free_slots += 1
+            self._index(parent)
+
+    def _move(self, node: _Node, parent: _Node) -> None:
+        """Re-attach the node with its whole subtree under `parent` (a free slot)."""
+        self._detach(node)
+        node.parent = parent
+        parent.children.append(node)
+        self._free_slots -= 1
+        self._index(parent)
+        self._set_depth(node, parent.depth + 1)
+
+    def _set_depth(self, root: _Node, depth: int) -> None:
+        """Shift the depths of a moved subtree, keeping counts and buckets exact."""
+        shift = depth - root.depth
+        if shift == 0:
+            return
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            self._count_depth(node.depth, -1)
+            node.depth += shift
+            self._count_depth(node.depth, 1)
+            self._index(node)
+            stack.extend(node.children)
+
+    def _set_capacity(self, node: _Node, capacity: int) -> None:
+        """Children beyond a reduced capacity are re-homed as orphans (newest first)."""
+        for child in node.children[capacity:][::-1]:
+            target = self._pick_parent(child, child.capacity, avoid=node)
+            if target is None:
+                self._drop_subtree(child)
+            else:
+                self._move(child, target)
+                self._set_orphaned(child, True)
+        self._free_slots += capacity - node.capacity
+        node.capacity = capacity
+        self._index(node)
+
+    def _forget(self, node: _Node) -> None:
+        """Drop the node's own bookkeeping (its links are handled by the caller)."""
+        del self._peers[node.ref.peer_id]
+        if node.slot_depth >= 0:
+            self._unindex(node)
+        self._count_depth(node.depth, -1)
+        self._free_slots -= node.capacity - len(node.children)
+        self._reports.pop(node, None)
+        self._set_orphaned(node, False)
+
+    def _drop_subtree(self, root: _Node) -> list[bytes]:
+        """Forget a whole subtree that has nowhere to go; its peers will rejoin."""
+        self._detach(root)
+        dropped: list[bytes] = []
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            self._forget(node)
+            dropped.append(node.ref.peer_id)
+            stack.extend(node.children)
+        return dropped
+
+    def _remove(self, gone: _Node, *, avoid: _Node | None) -> tuple[list[_Node], list[bytes]]:
+        """Remove `gone`; each child keeps its subtree and gets a new parent.
+
+        `gone` is cut off first, so its whole piece (itself, the children not yet
+        re-homed and their subtrees) is excluded from placement by one ancestry check;
+        its vacated slot is available. Returns (re-homed children, removed peer ids).
+        """
+        removed = [gone.ref.peer_id]
+        self._detach(gone)
+        self._forget(gone)
+        placed: list[_Node] = []
+        # Relays first, so they get the shallow slots.
+        for child in sorted(gone.children, key=lambda c: -c.capacity):
+            target = self._pick_parent(child, child.capacity, banned=gone, avoid=avoid)
+            if target is None and avoid is not None:
+                target = self._pick_parent(child, child.capacity, banned=gone)
+            if target is None:
+                removed += self._drop_subtree(child)
+            else:
+                self._move(child, target)
+                placed.append(child)
+        return placed, removed
+
+    def _evict(self, node: _Node) -> list[bytes]:
+        """Remove a node confirmed dead; its children become orphans (they do not know)."""
+        placed, removed = self._remove(node, avoid=None)
+        for child in placed:
+            self._set_orphaned(child, True)
+        return removed
+
+    # --- reports and re-insertion
+
+    def _prune_reports(self, reports: dict[bytes, float], now: float) -> None:
+        horizon = now - self._window
+        for reporter, when in list(reports.items()):
+            if when < horizon:
+                del reports[reporter]
+
+    def _record_report(self, suspect: _Node, reporter: bytes, now: float) -> None:
+        """Count a first-hand report; evict once confirmed (quorum or expired state)."""
+        reports = self._reports.setdefault(suspect, {})
+        reports[reporter] = now
+        self._prune_reports(reports, now)
+        if len(reports) >= self._quorum or now - suspect.last_seen > self._ttl:
+            self._evict(suspect)
+
+    def _place_unknown(
+        self,
+        peer_id: bytes,
+        capacity: int,
+        address: str,
+        dead: bytes,
+        attached_to: bytes | None,
+        now: float,
+    ) -> Assignment:
+        """A REJOIN from a peer we do not know: keep its backup if valid, else join it."""
+        if capacity < 0:
+            raise InvalidRequest("negative capacity")
+        banned = self._peers.get(dead)
+        if banned is self._origin:
+            banned = None
+        parent = self._peers.get(attached_to) if attached_to is not None else None
+        if (
+            parent is None
+            or len(parent.children) >= parent.capacity
+            or (banned is not None and _within(parent, banned))
+        ):
+            parent = self._pick_parent(None, capacity, banned=banned)
+        if parent is None:
+            raise NoCapacity("no free slot in the tree")
+        return self._assignment(self._insert(peer_id, capacity, address, parent, now))
+
+    def _reinsert(
+        self,
+        peer_id: bytes,
+        now: float,
+        parent_id: bytes | None,
+        capacity: int | None,
+        address: str | None,
+    ) -> None:
+        """Rebuild the view from a refresh: the peer has no children in our view yet,
+        so attaching it as a leaf under a known parent with room cannot form a cycle."""
+        if parent_id is None or capacity is None:
+            raise UnknownPeer("unknown peer: join")
+        parent = self._peers.get(parent_id)
+        if parent is None:
+            raise UnknownParent("unknown parent: retry later or join")
+        if len(parent.children) >= parent.capacity:
+            raise UnknownPeer("the claimed parent is full in our view: join")
+        self._insert(peer_id, capacity, address or "", parent, now)

@@ -276,7 +276,7 @@ class OggOpusParser:
         self._serial: int | None = None
         self._next_seq = 0
         self._partial: bytearray | None = None
-        self._granule: int | None = None
+        self._granule = 0  # end granule of the last audio packet
 
     @property
     def done(self) -> bool:
@@ -419,7 +419,7 @@ class OggOpusParser:
         in the source, or a stream that starts late) is accepted; going backwards is an
         error except on the last page, where it trims the end (RFC 7845 §4.5).
         """
-        previous = self._granule if self._granule is not None else 0
+        previous = self._granule
         total = sum(samples for _, samples in audio)
         if granule == -1:
             base, cap = previous, None

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from _buffer
@@ -31,15 +31,14 @@ from meshd.quic.connection import QuicConn
 from meshd.quic.identity import RAW_KEY_SIZE, self_signed_certificate
 from meshd.quic.transport import Address, DatagramTransport, UdpTransport
 
+if TYPE_CHECKING:
+    # trio-typing's stubs (a dev dependency) shadow trio's own types and lack
+    # trio.TaskStatus; this is the same class under its stub name.
+    from trio_typing import TaskStatus
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[QuicConn], Awaitable[None]]
-
-
-class TaskStatus(Protocol):
-    """``trio.TaskStatus`` structurally, so the code types under trio and trio-typing alike."""
-
-    def started(self) -> None: ...
 
 
 @dataclass
@@ -89,6 +88,7 @@ class QuicEndpoint:
         self._accept_queue: deque[QuicConn] = deque()
         self._accepted = trio.lowlevel.ParkingLot()
         self._closed = False
+        self._receive_scope = trio.CancelScope()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -129,7 +129,7 @@ class QuicEndpoint:
             await self._accepted.park()
 
     async def serve(
-        self, handler: Handler, *, task_status: TaskStatus = trio.TASK_STATUS_IGNORED
+        self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run ``handler(conn)`` for each incoming connection, closing it afterwards.
 
@@ -148,14 +148,21 @@ class QuicEndpoint:
                 nursery.start_soon(_run_handler, handler, conn)
 
     async def aclose(self) -> None:
-        """Close every connection (peers see code 0), stop receiving."""
-        if not self._closed:
-            self._closed = True
-            for conn in list(self._conns):
-                conn._abandon(0, "endpoint closing")
-            self._accepted.unpark_all()
-            self._nursery.cancel_scope.cancel()
+        """Close every connection (peers see code 0) and stop receiving."""
+        self._shutdown()
         await trio.lowlevel.checkpoint()
+
+    def _shutdown(self) -> None:
+        # Background tasks are stopped one by one rather than by cancelling the
+        # nursery: the nursery also encloses the body of open_quic_endpoint,
+        # and cancelling it would swallow whatever that body was raising.
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns):
+            conn._abandon(0, "endpoint closing")
+        self._accepted.unpark_all()
+        self._receive_scope.cancel()
 
     # ConnectionOwner
 
@@ -209,17 +216,18 @@ class QuicEndpoint:
         return conn
 
     async def _receive_loop(self) -> None:
-        while True:
-            batch = await self._transport.receive_batch()
-            now = trio.current_time()
-            touched: dict[QuicConn, None] = {}
-            for data, address in batch:
-                self.stats.datagrams_received += 1
-                conn = self._route(data, address, now)
-                if conn is not None:
-                    touched[conn] = None
-            for conn in touched:
-                self._guarded(conn, conn._pump)
+        with self._receive_scope:
+            while True:
+                batch = await self._transport.receive_batch()
+                now = trio.current_time()
+                touched: dict[QuicConn, None] = {}
+                for data, address in batch:
+                    self.stats.datagrams_received += 1
+                    conn = self._route(data, address, now)
+                    if conn is not None:
+                        touched[conn] = None
+                for conn in touched:
+                    self._guarded(conn, conn._pump)
 
     def _guarded(self, conn: QuicConn, action: Callable[[], object]) -> bool:
         """Run ``action``; a failure tears down that one connection, not the endpoint."""
@@ -331,15 +339,15 @@ async def _run_handler(handler: Handler, conn: QuicConn) -> None:
     async with conn:
         try:
             await handler(conn)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            logger.debug("handler for %r ended: %s", conn, exc)
+        except* (trio.BrokenResourceError, trio.ClosedResourceError) as group:
+            logger.debug("handler for %r ended: %r", conn, group.exceptions)
 
 
 async def serve_quic(
     endpoint: QuicEndpoint,
     handler: Handler,
     *,
-    task_status: TaskStatus = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``endpoint.serve`` as a function, for ``nursery.start(serve_quic, ep, handler)``."""
     await endpoint.serve(handler, task_status=task_status)
@@ -385,6 +393,6 @@ async def open_quic_endpoint(
             try:
                 yield endpoint
             finally:
-                await endpoint.aclose()
+                endpoint._shutdown()
     finally:
         transport.close()

@@ -1,0 +1,402 @@
+"""Real QUIC over UDP on 127.0.0.1: handshake, streams, datagrams, closing, pinning."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+from aioquic.quic.packet import QuicErrorCode
+
+from meshd.quic import (
+    ConnectionLost,
+    DatagramTooLarge,
+    EndpointConfig,
+    HandshakeFailed,
+    PeerKeyMismatch,
+    QuicConn,
+    StreamReset,
+    open_quic_endpoint,
+    raw_public_key,
+    serve_quic,
+)
+from tests.quic_helpers import echo_server, new_key, read_all
+
+
+async def test_handshake_exposes_addresses_and_peer_key() -> None:
+    server_key = new_key()
+    with trio.fail_after(10):
+        async with (
+            open_quic_endpoint(server_key) as server,
+            open_quic_endpoint(new_key()) as client,
+        ):
+            assert server.address[0] == "127.0.0.1"
+            assert server.address[1] != 0
+            async with client.connect(server.address) as conn:
+                assert conn.peer_key == raw_public_key(server_key.public_key())
+                assert conn.remote_address[:2] == server.address
+                accepted = await server.accept()
+                assert accepted.peer_key is None  # servers do not ask for a certificate
+                assert accepted.remote_address[:2] == client.address
+
+
+async def test_streams_in_both_directions_and_unidirectional() -> None:
+    async def handler(conn: QuicConn) -> None:
+        request = await conn.accept_stream()
+        assert await read_all(request) == b"ping"
+        await request.send_all(b"pong")
+        await request.send_eof()
+        # The server opens streams towards the client too.
+        push = await conn.open_stream()
+        await push.send_all(b"from server")
+        await push.send_eof()
+        uni = await conn.accept_stream()
+        assert uni.is_unidirectional
+        with pytest.raises(trio.ClosedResourceError):
+            await uni.send_all(b"wrong way")
+        back = await conn.open_stream(unidirectional=True)
+        await back.send_all(await read_all(uni))
+        await back.send_eof()
+        await conn.wait_closed()
+
+    with trio.fail_after(10):
+        async with open_quic_endpoint(new_key()) as server, open_quic_endpoint(new_key()) as client:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_quic, server, handler)
+                async with client.connect(server.address) as conn:
+                    stream = await conn.open_stream()
+                    await stream.send_all(b"ping")
+                    await stream.send_eof()
+                    assert await read_all(stream) == b"pong"
+                    pushed = await conn.accept_stream()
+                    assert pushed.stream_id % 4 == 1  # server-initiated bidirectional
+                    assert await read_all(pushed) == b"from server"
+                    uni = await conn.open_stream(unidirectional=True)
+                    with pytest.raises(trio.ClosedResourceError):
+                        await uni.receive_some()
+                    await uni.send_all(b"one way")
+                    await uni.send_eof()
+                    back = await conn.accept_stream()
+                    assert back.stream_id % 4 == 3
+                    assert await read_all(back) == b"one way"
+                nursery.cancel_scope.cancel()
+
+
+async def test_multi_megabyte_transfer_is_intact() -> None:
+    payload = os.urandom(6 * 1024 * 1024)
+    with trio.fail_after(20):
+        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
+            async with client.connect(server.address) as conn:
+                stream = await conn.open_stream()
+                async with trio.open_nursery() as nursery:
+
+                    async def send() -> None:
+                        for offset in range(0, len(payload), 100_000):
+                            await stream.send_all(payload[offset : offset + 100_000])
+                        await stream.send_eof()
+
+                    nursery.start_soon(send)
+                    echoed = await read_all(stream)
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+
+
+async def test_datagrams_round_trip_and_oversize_is_refused() -> None:
+    with trio.fail_after(10):
+        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
+            async with client.connect(server.address) as conn:
+                limit = conn.max_datagram_payload
+                assert 1000 < limit < 1200
+                with pytest.raises(DatagramTooLarge, match=str(limit)) as info:
+                    conn.send_datagram(b"x" * (limit + 1))
+                assert info.value.limit == limit
+                # The largest allowed payload goes through, and nothing behind it stalls.
+                conn.send_datagram(b"y" * limit)
+                assert await conn.receive_datagram() == b"y" * limit
+                for i in range(5):
+                    conn.send_datagram(b"%d" % i)
+                    assert await conn.receive_datagram() == b"%d" % i
+
+
+async def test_datagram_queues_are_bounded_and_drop_oldest() -> None:
+    config = EndpointConfig(datagram_send_queue=16, datagram_receive_queue=8)
+    with trio.fail_after(10):
+        async with (
+            open_quic_endpoint(new_key(), config=config) as server,
+            open_quic_endpoint(new_key(), config=config) as client,
+        ):
+            async with trio.open_nursery() as nursery:
+                client_conn = await client.connect(server.address)
+                server_conn = await server.accept()
+                # Far more than the congestion window lets out at once.
+                for i in range(2000):
+                    client_conn.send_datagram(i.to_bytes(4, "big") + bytes(150))
+                assert client_conn.datagrams_dropped_outgoing > 0
+                while server_conn.datagrams_dropped == 0:
+                    await trio.sleep(0.01)
+                assert len(server_conn._datagrams) <= 8
+                first = int.from_bytes((await server_conn.receive_datagram())[:4], "big")
+                assert first > 8  # the oldest ones were the ones dropped
+                await client_conn.aclose()
+
+
+async def test_close_code_and_reason_reach_the_peer() -> None:
+    seen: list[ConnectionLost] = []
+
+    async def handler(conn: QuicConn) -> None:
+        stream = await conn.accept_stream()
+        await read_all(stream)
+        with pytest.raises(ConnectionLost) as info:
+            await conn.receive_datagram()
+        seen.append(info.value)
+        assert conn.close_code == 42
+        assert conn.close_reason == "bye now"
+        assert conn.closed_by_peer
+
+    with trio.fail_after(10):
+        async with open_quic_endpoint(new_key()) as server, open_quic_endpoint(new_key()) as client:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_quic, server, handler)
+                conn = await client.connect(server.address)
+                stream = await conn.open_stream()
+                await stream.send_eof()
+                await conn.aclose(42, "bye now")
+                assert conn.close_code == 42 and not conn.closed_by_peer
+                # Closed by us: ClosedResourceError, not BrokenResourceError.
+                with pytest.raises(trio.ClosedResourceError):
+                    conn.send_datagram(b"late")
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.receive_some()
+                while not seen:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    assert seen[0].error_code == 42
+    assert seen[0].reason == "bye now"
+    assert seen[0].by_peer
+    assert isinstance(seen[0], trio.BrokenResourceError)
+
+
+async def test_peer_key_pinning() -> None:
+    server_key = new_key()
+    with trio.fail_after(10):
+        async with (
+            echo_server() as wrong_server,
+            open_quic_endpoint(server_key) as right_server,
+            open_quic_endpoint(new_key()) as client,
+        ):
+            expected = raw_public_key(server_key.public_key())
+            async with client.connect(right_server.address, expected_peer_key=expected) as conn:
+                assert conn.peer_key == expected
+            with pytest.raises(PeerKeyMismatch) as info:
+                await client.connect(wrong_server.address, expected_peer_key=expected)
+            assert info.value.expected == expected
+            assert info.value.actual is not None and info.value.actual != expected
+            assert isinstance(info.value, trio.BrokenResourceError)
+            with pytest.raises(ValueError, match="32"):
+                client.connect(right_server.address, expected_peer_key=b"short")
+            await trio.sleep(0.5)  # both closed connections finish draining
+            assert client.connection_count == 0
+
+
+async def test_idle_timeout_closes_both_sides() -> None:
+    quiet = EndpointConfig(idle_timeout=0.5, keepalive_interval=None)
+    with trio.fail_after(10):
+        async with (
+            open_quic_endpoint(new_key(), config=quiet) as server,
+            open_quic_endpoint(new_key(), config=quiet) as client,
+        ):
+            async with await client.connect(server.address):
+                server_conn = await server.accept()
+                start = trio.current_time()
+                await server_conn.wait_closed()
+                assert 0.4 < trio.current_time() - start < 3
+                assert server_conn.close_reason == "idle timeout"
+                assert server_conn.close_code is None
+                assert not server_conn.closed_by_peer
+                with pytest.raises(ConnectionLost, match="idle timeout"):
+                    await server_conn.open_stream()
+            await trio.sleep(0.5)
+            assert client.connection_count == 0
+            assert server.connection_count == 0
+
+
+async def test_keepalive_holds_an_idle_connection_open() -> None:
+    lively = EndpointConfig(idle_timeout=0.6, keepalive_interval=0.15)
+    with trio.fail_after(10):
+        async with (
+            echo_server(config=lively) as server,
+            open_quic_endpoint(new_key(), config=lively) as client,
+        ):
+            async with client.connect(server.address) as conn:
+                await trio.sleep(2)
+                conn.send_datagram(b"still here")
+                assert await conn.receive_datagram() == b"still here"
+
+
+async def test_stream_reset_is_reported_with_code() -> None:
+    async def handler(conn: QuicConn) -> None:
+        stream = await conn.accept_stream()
+        await stream.receive_some()
+        stream.reset(7)
+        await conn.wait_closed()
+
+    with trio.fail_after(10):
+        async with open_quic_endpoint(new_key()) as server, open_quic_endpoint(new_key()) as client:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_quic, server, handler)
+                async with client.connect(server.address) as conn:
+                    stream = await conn.open_stream()
+                    await stream.send_all(b"hello")
+                    with pytest.raises(StreamReset) as info:
+                        await stream.receive_some()
+                    assert info.value.error_code == 7
+                    with pytest.raises(StreamReset):  # the reset also stops our sending
+                        for _ in range(100):
+                            await stream.send_all(b"more")
+                            await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+
+
+async def test_reader_that_does_not_read_stalls_the_sender() -> None:
+    config = EndpointConfig(stream_send_buffer=64 * 1024, stream_receive_window=128 * 1024)
+    accepted: list[QuicConn] = []
+
+    async def handler(conn: QuicConn) -> None:
+        accepted.append(conn)
+        await conn.accept_stream()  # ... and never read it
+        await conn.wait_closed()
+
+    with trio.fail_after(10):
+        async with (
+            open_quic_endpoint(new_key(), config=config) as server,
+            open_quic_endpoint(new_key(), config=config) as client,
+        ):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve_quic, server, handler)
+                async with client.connect(server.address) as conn:
+                    stream = await conn.open_stream()
+                    sent = 0
+                    with trio.move_on_after(1):
+                        while True:
+                            await stream.send_all(bytes(16 * 1024))
+                            sent += 16 * 1024
+                    # Receive credit (128 KiB) + send buffer (64 KiB) + one chunk.
+                    assert 128 * 1024 <= sent <= (128 + 64 + 16) * 1024
+                    # Cancelling a blocked send_all leaves the connection usable.
+                    other = await conn.open_stream()
+                    await other.send_all(b"x")
+                nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_receive_leaves_stream_and_connection_usable() -> None:
+    with trio.fail_after(10):
+        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
+            async with client.connect(server.address) as conn:
+                stream = await conn.open_stream()
+                with trio.move_on_after(0.1) as scope:
+                    await stream.receive_some()
+                assert scope.cancelled_caught
+                with trio.move_on_after(0.1) as scope:
+                    await conn.receive_datagram()
+                assert scope.cancelled_caught
+                await stream.send_all(b"after cancel")
+                assert await stream.receive_some() == b"after cancel"
+                conn.send_datagram(b"dgram")
+                assert await conn.receive_datagram() == b"dgram"
+
+
+async def test_cancelled_connect_leaves_nothing_behind() -> None:
+    with trio.fail_after(10):
+        async with open_quic_endpoint(new_key()) as client:
+            silent = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            await silent.bind(("127.0.0.1", 0))
+            with silent, trio.move_on_after(0.3) as scope:
+                await client.connect(silent.getsockname())
+            assert scope.cancelled_caught
+            assert client.connection_count == 0
+
+
+async def test_handshake_timeout() -> None:
+    config = EndpointConfig(handshake_timeout=0.5)
+    with trio.fail_after(10):
+        async with open_quic_endpoint(new_key(), config=config) as client:
+            silent = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            await silent.bind(("127.0.0.1", 0))
+            with silent, pytest.raises(HandshakeFailed, match="timed out"):
+                await client.connect(silent.getsockname())
+            assert client.connection_count == 0
+
+
+async def test_no_tasks_or_sockets_leak() -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with trio.fail_after(10):
+        tasks_before = trio.lowlevel.current_statistics().tasks_living
+        fds_before = open_fds()
+        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
+            conns = [await client.connect(server.address) for _ in range(5)]
+            for conn in conns[:2]:
+                await conn.aclose()
+            stream = await conns[3].open_stream()
+            await stream.send_all(b"open when the endpoint closes")
+            assert client.connection_count >= 3
+        assert trio.lowlevel.current_statistics().tasks_living == tasks_before
+        assert open_fds() == fds_before
+        # Using a connection after its endpoint closed is a ClosedResourceError.
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            await client.accept()
+
+
+async def test_server_full_refuses_quickly() -> None:
+    with trio.fail_after(10):
+        async with (
+            echo_server(max_connections=2) as server,
+            open_quic_endpoint(new_key()) as client,
+        ):
+            first = await client.connect(server.address)
+            second = await client.connect(server.address)
+            start = trio.current_time()
+            with pytest.raises(HandshakeFailed) as info:
+                await client.connect(server.address)
+            assert trio.current_time() - start < 1
+            assert info.value.by_peer
+            assert info.value.error_code == QuicErrorCode.CONNECTION_REFUSED
+            assert server.stats.connections_refused == 1
+            await first.aclose()
+            await second.aclose()
+
+
+async def test_stateless_retry() -> None:
+    with trio.fail_after(10):
+        async with echo_server(retry=True) as server, open_quic_endpoint(new_key()) as client:
+            async with client.connect(server.address) as conn:
+                stream = await conn.open_stream()
+                await stream.send_all(b"validated")
+                assert await stream.receive_some() == b"validated"
+            assert server.stats.retries_sent == 1
+
+
+async def test_many_concurrent_connections() -> None:
+    count = 200
+    with trio.fail_after(30):
+        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
+            results: list[bytes] = []
+
+            async def one(i: int) -> None:
+                async with client.connect(server.address) as conn:
+                    stream = await conn.open_stream()
+                    await stream.send_all(b"conn %d" % i)
+                    await stream.send_eof()
+                    results.append(await read_all(stream))
+                    if len(results) == count:
+                        assert server.connection_count == count
+                    while len(results) < count:
+                        await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(one, i)
+    assert sorted(results) == sorted(b"conn %d" % i for i in range(count))

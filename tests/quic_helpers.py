@@ -6,11 +6,13 @@ import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshd.quic import QuicConn, QuicEndpoint, open_quic_endpoint, serve_quic
+from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint, open_quic_endpoint, serve_quic
+from meshd.quic.endpoint import Handler
 from meshd.quic.transport import Address
 
 
@@ -46,13 +48,26 @@ async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
 
 
 @asynccontextmanager
-async def echo_server(**settings: object) -> AsyncIterator[QuicEndpoint]:
-    """A loopback endpoint serving echo_handler."""
-    async with open_quic_endpoint(new_key(), **settings) as server:  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_quic, server, echo_handler)
-            yield server
-            nursery.cancel_scope.cancel()
+async def endpoints(
+    handler: Handler | None = echo_handler,
+    *,
+    server_key: Ed25519PrivateKey | None = None,
+    server_config: EndpointConfig | None = None,
+    client_config: EndpointConfig | None = None,
+    **server_settings: Any,
+) -> AsyncIterator[tuple[QuicEndpoint, QuicEndpoint]]:
+    """A loopback (server, client) pair; the server runs ``handler`` unless it is None."""
+    async with (
+        open_quic_endpoint(
+            server_key or new_key(), config=server_config, **server_settings
+        ) as server,
+        open_quic_endpoint(new_key(), config=client_config) as client,
+        trio.open_nursery() as nursery,
+    ):
+        if handler is not None:
+            await nursery.start(serve_quic, server, handler)
+        yield server, client
+        nursery.cancel_scope.cancel()
 
 
 class FakeNetwork:

@@ -19,26 +19,31 @@ from meshd.quic import (
     StreamReset,
     open_quic_endpoint,
     raw_public_key,
-    serve_quic,
 )
-from tests.quic_helpers import echo_server, new_key, read_all
+from tests.quic_helpers import endpoints, new_key, read_all
+
+
+async def silent_address() -> tuple[trio.socket.SocketType, tuple[str, int]]:
+    """A bound UDP socket that never answers: a peer that is down."""
+    sock = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    return sock, sock.getsockname()
 
 
 async def test_handshake_exposes_addresses_and_peer_key() -> None:
     server_key = new_key()
     with trio.fail_after(10):
         async with (
-            open_quic_endpoint(server_key) as server,
-            open_quic_endpoint(new_key()) as client,
+            endpoints(None, server_key=server_key) as (server, client),
+            client.connect(server.address) as conn,
         ):
             assert server.address[0] == "127.0.0.1"
             assert server.address[1] != 0
-            async with client.connect(server.address) as conn:
-                assert conn.peer_key == raw_public_key(server_key.public_key())
-                assert conn.remote_address[:2] == server.address
-                accepted = await server.accept()
-                assert accepted.peer_key is None  # servers do not ask for a certificate
-                assert accepted.remote_address[:2] == client.address
+            assert conn.peer_key == raw_public_key(server_key.public_key())
+            assert conn.remote_address[:2] == server.address
+            accepted = await server.accept()
+            assert accepted.peer_key is None  # servers do not ask for a certificate
+            assert accepted.remote_address[:2] == client.address
 
 
 async def test_streams_in_both_directions_and_unidirectional() -> None:
@@ -61,87 +66,85 @@ async def test_streams_in_both_directions_and_unidirectional() -> None:
         await conn.wait_closed()
 
     with trio.fail_after(10):
-        async with open_quic_endpoint(new_key()) as server, open_quic_endpoint(new_key()) as client:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_quic, server, handler)
-                async with client.connect(server.address) as conn:
-                    stream = await conn.open_stream()
-                    await stream.send_all(b"ping")
-                    await stream.send_eof()
-                    assert await read_all(stream) == b"pong"
-                    pushed = await conn.accept_stream()
-                    assert pushed.stream_id % 4 == 1  # server-initiated bidirectional
-                    assert await read_all(pushed) == b"from server"
-                    uni = await conn.open_stream(unidirectional=True)
-                    with pytest.raises(trio.ClosedResourceError):
-                        await uni.receive_some()
-                    await uni.send_all(b"one way")
-                    await uni.send_eof()
-                    back = await conn.accept_stream()
-                    assert back.stream_id % 4 == 3
-                    assert await read_all(back) == b"one way"
-                nursery.cancel_scope.cancel()
+        async with (
+            endpoints(handler) as (server, client),
+            client.connect(server.address) as conn,
+        ):
+            stream = await conn.open_stream()
+            await stream.send_all(b"ping")
+            await stream.send_eof()
+            assert await read_all(stream) == b"pong"
+            pushed = await conn.accept_stream()
+            assert pushed.stream_id % 4 == 1  # server-initiated bidirectional
+            assert await read_all(pushed) == b"from server"
+            uni = await conn.open_stream(unidirectional=True)
+            with pytest.raises(trio.ClosedResourceError):
+                await uni.receive_some()
+            await uni.send_all(b"one way")
+            await uni.send_eof()
+            back = await conn.accept_stream()
+            assert back.stream_id % 4 == 3  # server-initiated unidirectional
+            assert await read_all(back) == b"one way"
 
 
 async def test_multi_megabyte_transfer_is_intact() -> None:
     payload = os.urandom(6 * 1024 * 1024)
     with trio.fail_after(20):
-        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
-            async with client.connect(server.address) as conn:
-                stream = await conn.open_stream()
-                async with trio.open_nursery() as nursery:
+        async with (
+            endpoints() as (server, client),
+            client.connect(server.address) as conn,
+            trio.open_nursery() as nursery,
+        ):
+            stream = await conn.open_stream()
 
-                    async def send() -> None:
-                        for offset in range(0, len(payload), 100_000):
-                            await stream.send_all(payload[offset : offset + 100_000])
-                        await stream.send_eof()
+            async def send() -> None:
+                for offset in range(0, len(payload), 100_000):
+                    await stream.send_all(payload[offset : offset + 100_000])
+                await stream.send_eof()
 
-                    nursery.start_soon(send)
-                    echoed = await read_all(stream)
+            nursery.start_soon(send)
+            echoed = await read_all(stream)
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
 
 
 async def test_datagrams_round_trip_and_oversize_is_refused() -> None:
     with trio.fail_after(10):
-        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
-            async with client.connect(server.address) as conn:
-                limit = conn.max_datagram_payload
-                assert 1000 < limit < 1200
-                with pytest.raises(DatagramTooLarge, match=str(limit)) as info:
-                    conn.send_datagram(b"x" * (limit + 1))
-                assert info.value.limit == limit
-                # The largest allowed payload goes through, and nothing behind it stalls.
-                conn.send_datagram(b"y" * limit)
-                assert await conn.receive_datagram() == b"y" * limit
-                for i in range(5):
-                    conn.send_datagram(b"%d" % i)
-                    assert await conn.receive_datagram() == b"%d" % i
+        async with endpoints() as (server, client), client.connect(server.address) as conn:
+            limit = conn.max_datagram_payload
+            assert 1000 < limit < 1200
+            with pytest.raises(DatagramTooLarge, match=str(limit)) as info:
+                conn.send_datagram(b"x" * (limit + 1))
+            assert info.value.limit == limit
+            # The largest allowed payload goes through, and nothing behind it stalls.
+            conn.send_datagram(b"y" * limit)
+            assert await conn.receive_datagram() == b"y" * limit
+            for i in range(5):
+                conn.send_datagram(b"%d" % i)
+                assert await conn.receive_datagram() == b"%d" % i
 
 
 async def test_datagram_queues_are_bounded_and_drop_oldest() -> None:
     config = EndpointConfig(datagram_send_queue=16, datagram_receive_queue=8)
     with trio.fail_after(10):
         async with (
-            open_quic_endpoint(new_key(), config=config) as server,
-            open_quic_endpoint(new_key(), config=config) as client,
+            endpoints(None, server_config=config, client_config=config) as (server, client),
+            client.connect(server.address) as client_conn,
         ):
-            async with trio.open_nursery() as nursery:
-                client_conn = await client.connect(server.address)
-                server_conn = await server.accept()
-                # Far more than the congestion window lets out at once.
-                for i in range(2000):
-                    client_conn.send_datagram(i.to_bytes(4, "big") + bytes(150))
-                assert client_conn.datagrams_dropped_outgoing > 0
-                while server_conn.datagrams_dropped == 0:
-                    await trio.sleep(0.01)
-                assert len(server_conn._datagrams) <= 8
-                first = int.from_bytes((await server_conn.receive_datagram())[:4], "big")
-                assert first > 8  # the oldest ones were the ones dropped
-                await client_conn.aclose()
+            server_conn = await server.accept()
+            # Far more than the congestion window lets out at once.
+            for i in range(2000):
+                client_conn.send_datagram(i.to_bytes(4, "big") + bytes(150))
+            assert client_conn.datagrams_dropped_outgoing > 0
+            await trio.sleep(0.3)  # let what was sent arrive, unread
+            assert server_conn.datagrams_dropped > 0
+            assert len(server_conn._datagrams) == 8
+            first = int.from_bytes((await server_conn.receive_datagram())[:4], "big")
+            assert first > 8  # the oldest ones were the ones dropped
 
 
 async def test_close_code_and_reason_reach_the_peer() -> None:
     seen: list[ConnectionLost] = []
+    server_done = trio.Event()
 
     async def handler(conn: QuicConn) -> None:
         stream = await conn.accept_stream()
@@ -152,24 +155,21 @@ async def test_close_code_and_reason_reach_the_peer() -> None:
         assert conn.close_code == 42
         assert conn.close_reason == "bye now"
         assert conn.closed_by_peer
+        server_done.set()
 
     with trio.fail_after(10):
-        async with open_quic_endpoint(new_key()) as server, open_quic_endpoint(new_key()) as client:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_quic, server, handler)
-                conn = await client.connect(server.address)
-                stream = await conn.open_stream()
-                await stream.send_eof()
-                await conn.aclose(42, "bye now")
-                assert conn.close_code == 42 and not conn.closed_by_peer
-                # Closed by us: ClosedResourceError, not BrokenResourceError.
-                with pytest.raises(trio.ClosedResourceError):
-                    conn.send_datagram(b"late")
-                with pytest.raises(trio.ClosedResourceError):
-                    await stream.receive_some()
-                while not seen:
-                    await trio.sleep(0.01)
-                nursery.cancel_scope.cancel()
+        async with endpoints(handler) as (server, client):
+            conn = await client.connect(server.address)
+            stream = await conn.open_stream()
+            await stream.send_eof()
+            await conn.aclose(42, "bye now")
+            assert conn.close_code == 42 and not conn.closed_by_peer
+            # Closed by us: ClosedResourceError, not BrokenResourceError.
+            with pytest.raises(trio.ClosedResourceError):
+                conn.send_datagram(b"late")
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.receive_some()
+            await server_done.wait()
     assert seen[0].error_code == 42
     assert seen[0].reason == "bye now"
     assert seen[0].by_peer
@@ -178,13 +178,12 @@ async def test_close_code_and_reason_reach_the_peer() -> None:
 
 async def test_peer_key_pinning() -> None:
     server_key = new_key()
+    expected = raw_public_key(server_key.public_key())
     with trio.fail_after(10):
         async with (
-            echo_server() as wrong_server,
-            open_quic_endpoint(server_key) as right_server,
-            open_quic_endpoint(new_key()) as client,
+            endpoints(server_key=server_key) as (right_server, client),
+            endpoints() as (wrong_server, _),
         ):
-            expected = raw_public_key(server_key.public_key())
             async with client.connect(right_server.address, expected_peer_key=expected) as conn:
                 assert conn.peer_key == expected
             with pytest.raises(PeerKeyMismatch) as info:
@@ -201,10 +200,7 @@ async def test_peer_key_pinning() -> None:
 async def test_idle_timeout_closes_both_sides() -> None:
     quiet = EndpointConfig(idle_timeout=0.5, keepalive_interval=None)
     with trio.fail_after(10):
-        async with (
-            open_quic_endpoint(new_key(), config=quiet) as server,
-            open_quic_endpoint(new_key(), config=quiet) as client,
-        ):
+        async with endpoints(None, server_config=quiet, client_config=quiet) as (server, client):
             async with await client.connect(server.address):
                 server_conn = await server.accept()
                 start = trio.current_time()
@@ -224,13 +220,12 @@ async def test_keepalive_holds_an_idle_connection_open() -> None:
     lively = EndpointConfig(idle_timeout=0.6, keepalive_interval=0.15)
     with trio.fail_after(10):
         async with (
-            echo_server(config=lively) as server,
-            open_quic_endpoint(new_key(), config=lively) as client,
+            endpoints(server_config=lively, client_config=lively) as (server, client),
+            client.connect(server.address) as conn,
         ):
-            async with client.connect(server.address) as conn:
-                await trio.sleep(2)
-                conn.send_datagram(b"still here")
-                assert await conn.receive_datagram() == b"still here"
+            await trio.sleep(2)
+            conn.send_datagram(b"still here")
+            assert await conn.receive_datagram() == b"still here"
 
 
 async def test_stream_reset_is_reported_with_code() -> None:
@@ -241,77 +236,68 @@ async def test_stream_reset_is_reported_with_code() -> None:
         await conn.wait_closed()
 
     with trio.fail_after(10):
-        async with open_quic_endpoint(new_key()) as server, open_quic_endpoint(new_key()) as client:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_quic, server, handler)
-                async with client.connect(server.address) as conn:
-                    stream = await conn.open_stream()
-                    await stream.send_all(b"hello")
-                    with pytest.raises(StreamReset) as info:
-                        await stream.receive_some()
-                    assert info.value.error_code == 7
-                    with pytest.raises(StreamReset):  # the reset also stops our sending
-                        for _ in range(100):
-                            await stream.send_all(b"more")
-                            await trio.sleep(0.01)
-                nursery.cancel_scope.cancel()
+        async with (
+            endpoints(handler) as (server, client),
+            client.connect(server.address) as conn,
+        ):
+            stream = await conn.open_stream()
+            await stream.send_all(b"hello")
+            with pytest.raises(StreamReset) as info:
+                await stream.receive_some()
+            assert info.value.error_code == 7
+            with pytest.raises(StreamReset):  # the reset also stops our sending
+                for _ in range(100):
+                    await stream.send_all(b"more")
+                    await trio.sleep(0.01)
 
 
 async def test_reader_that_does_not_read_stalls_the_sender() -> None:
     config = EndpointConfig(stream_send_buffer=64 * 1024, stream_receive_window=128 * 1024)
-    accepted: list[QuicConn] = []
 
     async def handler(conn: QuicConn) -> None:
-        accepted.append(conn)
         await conn.accept_stream()  # ... and never read it
         await conn.wait_closed()
 
     with trio.fail_after(10):
         async with (
-            open_quic_endpoint(new_key(), config=config) as server,
-            open_quic_endpoint(new_key(), config=config) as client,
+            endpoints(handler, server_config=config, client_config=config) as (server, client),
+            client.connect(server.address) as conn,
         ):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve_quic, server, handler)
-                async with client.connect(server.address) as conn:
-                    stream = await conn.open_stream()
-                    sent = 0
-                    with trio.move_on_after(1):
-                        while True:
-                            await stream.send_all(bytes(16 * 1024))
-                            sent += 16 * 1024
-                    # Receive credit (128 KiB) + send buffer (64 KiB) + one chunk.
-                    assert 128 * 1024 <= sent <= (128 + 64 + 16) * 1024
-                    # Cancelling a blocked send_all leaves the connection usable.
-                    other = await conn.open_stream()
-                    await other.send_all(b"x")
-                nursery.cancel_scope.cancel()
+            stream = await conn.open_stream()
+            sent = 0
+            with trio.move_on_after(1):
+                while True:
+                    await stream.send_all(bytes(16 * 1024))
+                    sent += 16 * 1024
+            # Receive credit (128 KiB) + send buffer (64 KiB) + one chunk.
+            assert 128 * 1024 <= sent <= (128 + 64 + 16) * 1024
+            # Cancelling a blocked send_all leaves the connection usable.
+            other = await conn.open_stream()
+            await other.send_all(b"x")
 
 
 async def test_cancelled_receive_leaves_stream_and_connection_usable() -> None:
     with trio.fail_after(10):
-        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
-            async with client.connect(server.address) as conn:
-                stream = await conn.open_stream()
-                with trio.move_on_after(0.1) as scope:
-                    await stream.receive_some()
-                assert scope.cancelled_caught
-                with trio.move_on_after(0.1) as scope:
-                    await conn.receive_datagram()
-                assert scope.cancelled_caught
-                await stream.send_all(b"after cancel")
-                assert await stream.receive_some() == b"after cancel"
-                conn.send_datagram(b"dgram")
-                assert await conn.receive_datagram() == b"dgram"
+        async with endpoints() as (server, client), client.connect(server.address) as conn:
+            stream = await conn.open_stream()
+            with trio.move_on_after(0.1) as scope:
+                await stream.receive_some()
+            assert scope.cancelled_caught
+            with trio.move_on_after(0.1) as scope:
+                await conn.receive_datagram()
+            assert scope.cancelled_caught
+            await stream.send_all(b"after cancel")
+            assert await stream.receive_some() == b"after cancel"
+            conn.send_datagram(b"dgram")
+            assert await conn.receive_datagram() == b"dgram"
 
 
 async def test_cancelled_connect_leaves_nothing_behind() -> None:
     with trio.fail_after(10):
         async with open_quic_endpoint(new_key()) as client:
-            silent = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-            await silent.bind(("127.0.0.1", 0))
-            with silent, trio.move_on_after(0.3) as scope:
-                await client.connect(silent.getsockname())
+            sock, address = await silent_address()
+            with sock, trio.move_on_after(0.3) as scope:
+                await client.connect(address)
             assert scope.cancelled_caught
             assert client.connection_count == 0
 
@@ -320,10 +306,9 @@ async def test_handshake_timeout() -> None:
     config = EndpointConfig(handshake_timeout=0.5)
     with trio.fail_after(10):
         async with open_quic_endpoint(new_key(), config=config) as client:
-            silent = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-            await silent.bind(("127.0.0.1", 0))
-            with silent, pytest.raises(HandshakeFailed, match="timed out"):
-                await client.connect(silent.getsockname())
+            sock, address = await silent_address()
+            with sock, pytest.raises(HandshakeFailed, match="timed out"):
+                await client.connect(address)
             assert client.connection_count == 0
 
 
@@ -334,30 +319,32 @@ async def test_no_tasks_or_sockets_leak() -> None:
     with trio.fail_after(10):
         tasks_before = trio.lowlevel.current_statistics().tasks_living
         fds_before = open_fds()
-        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
-            conns = [await client.connect(server.address) for _ in range(5)]
-            for conn in conns[:2]:
-                await conn.aclose()
-            stream = await conns[3].open_stream()
-            await stream.send_all(b"open when the endpoint closes")
-            assert client.connection_count >= 3
+        async with endpoints() as (server, _):
+            async with open_quic_endpoint(new_key()) as client:
+                conns = [await client.connect(server.address) for _ in range(5)]
+                for conn in conns[:2]:
+                    await conn.aclose()
+                stream = await conns[3].open_stream()
+                await stream.send_all(b"open when the endpoint closes")
+                assert client.connection_count >= 3
+            # Using a connection after its endpoint closed is a ClosedResourceError.
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"x")
+            with pytest.raises(trio.ClosedResourceError):
+                await client.accept()
+            with pytest.raises(trio.ClosedResourceError):
+                await client.connect(server.address)
         assert trio.lowlevel.current_statistics().tasks_living == tasks_before
         assert open_fds() == fds_before
-        # Using a connection after its endpoint closed is a ClosedResourceError.
-        with pytest.raises(trio.ClosedResourceError):
-            await stream.send_all(b"x")
-        with pytest.raises(trio.ClosedResourceError):
-            await client.accept()
 
 
 async def test_server_full_refuses_quickly() -> None:
     with trio.fail_after(10):
         async with (
-            echo_server(max_connections=2) as server,
-            open_quic_endpoint(new_key()) as client,
+            endpoints(max_connections=2) as (server, client),
+            client.connect(server.address),
+            client.connect(server.address),
         ):
-            first = await client.connect(server.address)
-            second = await client.connect(server.address)
             start = trio.current_time()
             with pytest.raises(HandshakeFailed) as info:
                 await client.connect(server.address)
@@ -365,13 +352,11 @@ async def test_server_full_refuses_quickly() -> None:
             assert info.value.by_peer
             assert info.value.error_code == QuicErrorCode.CONNECTION_REFUSED
             assert server.stats.connections_refused == 1
-            await first.aclose()
-            await second.aclose()
 
 
 async def test_stateless_retry() -> None:
     with trio.fail_after(10):
-        async with echo_server(retry=True) as server, open_quic_endpoint(new_key()) as client:
+        async with endpoints(retry=True) as (server, client):
             async with client.connect(server.address) as conn:
                 stream = await conn.open_stream()
                 await stream.send_all(b"validated")
@@ -381,9 +366,10 @@ async def test_stateless_retry() -> None:
 
 async def test_many_concurrent_connections() -> None:
     count = 200
+    results: list[bytes] = []
+    all_open = trio.Event()
     with trio.fail_after(30):
-        async with echo_server() as server, open_quic_endpoint(new_key()) as client:
-            results: list[bytes] = []
+        async with endpoints() as (server, client):
 
             async def one(i: int) -> None:
                 async with client.connect(server.address) as conn:
@@ -393,8 +379,8 @@ async def test_many_concurrent_connections() -> None:
                     results.append(await read_all(stream))
                     if len(results) == count:
                         assert server.connection_count == count
-                    while len(results) < count:
-                        await trio.sleep(0.01)
+                        all_open.set()
+                    await all_open.wait()
 
             async with trio.open_nursery() as nursery:
                 for i in range(count):

@@ -76,6 +76,8 @@ class _Link:
         self._reader = MessageReader()
         self._outgoing = bytearray()
         self._events: deque[LinkEvent] = deque()
+        self.goodbye_code: int | None = None
+        """The code of the GOODBYE we sent, if any: the connection closes with it too."""
 
     def receive_data(self, data: bytes, now: float) -> None:
         """Stream bytes from the peer (b"" when it ended the stream). Raises ProtocolError."""
@@ -109,6 +111,11 @@ class _Link:
     def next_event(self) -> LinkEvent | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes queued for the stream and not yet taken by `data_to_send` (a slow peer)."""
+        return len(self._outgoing)
+
     def data_to_send(self) -> bytes:
         data = bytes(self._outgoing)
         self._outgoing.clear()
@@ -124,6 +131,7 @@ class _Link:
         if self.state is LinkState.CLOSED:
             return
         self._outgoing += frame(Goodbye(int(code), reason[:200]))
+        self.goodbye_code = int(code)
         self.state = LinkState.CLOSED
 
 

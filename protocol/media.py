@@ -41,6 +41,7 @@ class ChunkSigner:
         self._key = key
         self.stream_id = key_id(key)
         self.next_seq = 0
+        self.last_granule = 0
 
     def stream_info(self, head: bytes, codec: str = "opus") -> StreamInfo:
         return sign_message(StreamInfo(codec, head), self._key, self.stream_id)
@@ -49,6 +50,7 @@ class ChunkSigner:
         chunk = Chunk(self.next_seq, granule, Chunk.FLAG_END if end else 0, tuple(packets))
         chunk = sign_message(chunk, self._key, self.stream_id)
         self.next_seq += 1
+        self.last_granule = granule
         return VerifiedChunk(chunk, encode_message(chunk))
 
 
@@ -146,6 +148,7 @@ class ReorderBuffer:
         self._pending: dict[int, VerifiedChunk] = {}
         self._gaps: dict[int, float] = {}  # seq -> when to ask for it (again)
         self._lost: set[int] = set()
+        self._misses: dict[int, int] = {}  # seq -> MISSING answers so far
         self.highest_seen: int | None = None
         self.lost_count = 0
 
@@ -158,6 +161,7 @@ class ReorderBuffer:
             return False
         self._pending[seq] = item
         self._gaps.pop(seq, None)
+        self._misses.pop(seq, None)
         self._lost.discard(seq)
         self.note_latest(seq, now)
         return True
@@ -200,11 +204,15 @@ class ReorderBuffer:
         for seq in self._gaps:
             self._gaps[seq] = now
 
-    def give_up(self, seqs: Sequence[int]) -> None:
-        """Nobody has these chunks any more: skip them instead of waiting forever."""
+    def unavailable(self, seqs: Sequence[int], max_misses: int = 4) -> None:
+        """The parent said MISSING. A new parent may simply not have them *yet*, so a gap
+        is only given up (skipped, counted lost) after `max_misses` such answers."""
         for seq in seqs:
-            if seq in self._gaps:
-                del self._gaps[seq]
+            if seq not in self._gaps:
+                continue
+            self._misses[seq] = self._misses.get(seq, 0) + 1
+            if self._misses[seq] >= max_misses:
+                del self._gaps[seq], self._misses[seq]
                 self._lost.add(seq)
                 self.lost_count += 1
 

@@ -1,0 +1,1 @@
+"""The meshd daemon's node roles: the origin, and the relay/listener."""

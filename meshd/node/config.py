@@ -1,0 +1,29 @@
+"""Tunables shared by origin and relay nodes, with the defaults docs/spec.md names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    heartbeat_interval: float = 0.25
+    """A parent says HEARTBEAT after this long without sending anything."""
+    silence_timeout: float = 1.0
+    """A child presumes its parent dead after this long without hearing from it."""
+    buffer_seconds: float = 10.0
+    """Audio kept in the ring buffer, for resuming children and repairs."""
+    connect_timeout: float = 3.0
+    """How long to wait for a parent to accept (handshake + STREAM_INFO)."""
+    leave_grace: float = 5.0
+    """How long a leaving or finished node waits for its children to move or finish."""
+    stats_interval: float = 5.0
+    """How often a node logs its stats line (and rewrites its stats file)."""
+    max_child_backlog: int = 4 * 1024 * 1024
+    """Bytes queued for one child's stream before it is dropped as too slow."""
+
+    def __post_init__(self) -> None:
+        if self.silence_timeout < 3 * self.heartbeat_interval:
+            raise ValueError("the silence timeout must be at least 3 heartbeat intervals")
+        if self.buffer_seconds < 1:
+            raise ValueError("the buffer must hold at least 1 s of audio")

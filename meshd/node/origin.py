@@ -1,0 +1,229 @@
+"""The origin: reads Ogg Opus, cuts it into signed chunks, paces them, feeds its children.
+
+Whatever the audience, the origin only ever sends to its `capacity` children: everyone
+else gets the stream from other listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.addresses import format_address
+from meshd.node.config import NodeConfig
+from meshd.node.fanout import Fanout
+from meshd.node.relay import NodeError
+from meshd.node.stats import NodeStats, report_periodically
+from meshd.ogg import AudioError, OggOpusParser, OpusPacket
+from meshd.quic import QuicEndpoint, open_quic_endpoint
+from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
+from protocol import (
+    Ack,
+    ChunkRing,
+    ChunkSigner,
+    Leave,
+    Register,
+    key_to_text,
+    sign_message,
+)
+from protocol.backoff import Backoff
+from protocol.media import OPUS_RATE
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SAMPLES = OPUS_RATE // 5  # 200 ms of audio per chunk
+CHUNK_PACKET_BYTES = 1000  # packet bytes (with their bin headers) so a chunk fits a datagram
+READ_SIZE = 16384
+
+
+@dataclass(frozen=True)
+class OriginSettings:
+    tracker: tuple[str, int]
+    input: str  # a path, or "-" for stdin
+    capacity: int = 4
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    advertise: str | None = None
+    tracker_key: bytes | None = None
+    pace: bool = True
+
+
+class Origin:
+    def __init__(
+        self,
+        key: Ed25519PrivateKey,
+        settings: OriginSettings,
+        config: NodeConfig | None = None,
+        rng: random.Random | None = None,
+        stats_file: Path | None = None,
+    ) -> None:
+        self.key = key
+        self.settings = settings
+        self.config = config or NodeConfig()
+        self.rng = rng or random.Random()
+        self.stats_file = stats_file
+        self.signer = ChunkSigner(key)
+        self.stream_id = self.signer.stream_id
+        text_id = key_to_text(self.stream_id)
+        self.stats = NodeStats("origin", text_id, text_id, depth=0)
+        self.ring = ChunkRing(int(self.config.buffer_seconds * OPUS_RATE))
+        self.fanout = Fanout(
+            self.stream_id, self.ring, settings.capacity, self.config, self.stats
+        )
+        self.address = ""
+        self.registered = trio.Event()
+        self._endpoint: QuicEndpoint | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stream the whole input, then wait for the children to get the end, then exit."""
+        host, port = self.settings.listen
+        async with open_quic_endpoint(self.key, host, port) as endpoint:
+            self._endpoint = endpoint
+            self.address = self.settings.advertise or format_address(endpoint.address)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(endpoint.serve, self.fanout.handle_connection)
+                nursery.start_soon(self._register_loop)
+                nursery.start_soon(
+                    report_periodically, self.stats, self.config.stats_interval, self.stats_file
+                )
+                task_status.started()
+                try:
+                    await self._stream(self._read_packets())
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.fanout.wait_until_empty(self.config.leave_grace)
+                        await self._unregister()
+                        nursery.cancel_scope.cancel()
+        logger.info("%s", self.stats.line())
+        if self.stats_file is not None:
+            self.stats.write_json(self.stats_file)
+
+    async def _stream(self, packets: AsyncIterator[OpusPacket]) -> None:
+        """Group packets into chunks of <= 200 ms, sign, pace in real time, send; then END."""
+        pending: list[OpusPacket] = []
+        start: tuple[float, int] | None = None  # (clock, granule) at the first packet
+        try:
+            async for packet in packets:
+                if start is None:
+                    start = (trio.current_time(), packet.granule - packet.samples)
+                if pending and not _fits(pending, packet):
+                    await self._send(pending, start, end=False)
+                    pending = []
+                pending.append(packet)
+        except AudioError as exc:
+            raise NodeError(f"bad input: {exc}") from None
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._send(pending, start, end=True)
+
+    async def _send(
+        self, packets: list[OpusPacket], start: tuple[float, int] | None, *, end: bool
+    ) -> None:
+        granule = packets[-1].granule if packets else self.signer.last_granule
+        if self.settings.pace and start is not None and not end:
+            await trio.sleep_until(start[0] + (granule - start[1]) / OPUS_RATE)
+        item = self.signer.sign([p.data for p in packets], granule, end=end)
+        self.ring.add(item)
+        self.fanout.forward(item)
+        self.stats.chunks_in += 1
+        self.stats.packets_played += len(packets)
+        self.stats.last_seq = item.seq
+        self.stats.ended = end
+
+    async def _read_packets(self) -> AsyncIterator[OpusPacket]:
+        parser = OggOpusParser()
+        source = await _open_input(self.settings.input)
+        try:
+            while not parser.done:
+                data = await source.receive_some(READ_SIZE)
+                parser.feed(data)
+                while (packet := parser.next_packet()) is not None:
+                    if self.fanout.info is None and parser.head is not None:
+                        self.fanout.set_info(self.signer.stream_info(parser.head.raw))
+                    yield packet
+                if not data:
+                    break
+        finally:
+            await source.aclose()
+        if parser.head is None:
+            raise NodeError(f"{self.settings.input}: no Ogg Opus stream found")
+
+    async def _register_loop(self) -> None:
+        """REGISTER now and every `refresh_s`; the stream plays meanwhile regardless."""
+        retry = Backoff(self.rng, base=0.5, cap=30.0)
+        while True:
+            assert self._endpoint is not None
+            request = Register(
+                self.stream_id, self.address, self.settings.capacity, now_ms()
+            )
+            try:
+                answer = await ask_tracker(
+                    self._endpoint,
+                    self.settings.tracker,
+                    sign_message(request, self.key),
+                    rng=self.rng,
+                    give_up_after=None,
+                    tracker_key=self.settings.tracker_key,
+                )
+            except TrackerRefused as exc:
+                logger.error("the tracker refused the stream: %s", exc)  # noqa: TRY400
+                await trio.sleep(retry.next_delay())
+                continue
+            assert isinstance(answer, Ack)
+            if not self.registered.is_set():
+                logger.info("stream %s registered at the tracker", key_to_text(self.stream_id))
+                self.registered.set()
+            retry.reset()
+            await trio.sleep(answer.refresh_s * self.rng.uniform(0.8, 1.0))
+
+    async def _unregister(self) -> None:
+        """Best effort: tell the tracker the stream is over."""
+        if self._endpoint is None or not self.registered.is_set():
+            return
+        leave = sign_message(Leave(self.stream_id, self.stream_id, now_ms()), self.key)
+        with trio.move_on_after(2.0):
+            try:
+                await ask_tracker(
+                    self._endpoint, self.settings.tracker, leave, give_up_after=2.0
+                )
+            except (TrackerRefused, trio.TooSlowError) as exc:
+                logger.info("could not unregister the stream: %s", exc)
+
+
+def _fits(pending: list[OpusPacket], packet: OpusPacket) -> bool:
+    """Whether `packet` may join the chunk being built (duration and datagram size)."""
+    samples = sum(p.samples for p in pending)
+    size = sum(len(p.data) + 3 for p in pending) + len(packet.data) + 3
+    return samples + packet.samples <= CHUNK_SAMPLES and size <= CHUNK_PACKET_BYTES
+
+
+async def _open_input(path: str) -> trio.abc.ReceiveStream:
+    """The input as a trio stream: stdin (a pipe from ffmpeg, say) or a file."""
+    if path == "-":
+        return trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    try:
+        return _FileStream(open(path, "rb"))  # noqa: ASYNC230 - opening is instant; reads use a thread
+    except OSError as exc:
+        raise NodeError(f"cannot read {path}: {exc.strerror}") from None
+
+
+class _FileStream(trio.abc.ReceiveStream):
+    """A file read in trio's thread pool, as a ReceiveStream."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await trio.to_thread.run_sync(self._file.read, max_bytes or READ_SIZE)
+
+    async def aclose(self) -> None:
+        self._file.close()
+        await trio.lowlevel.checkpoint()

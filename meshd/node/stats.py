@@ -1,0 +1,65 @@
+"""Per-node counters, as a readable log line and as JSON for machines."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeStats:
+    role: str
+    node: str
+    stream: str
+    parent: str | None = None
+    depth: int | None = None
+    children: int = 0
+    chunks_in: int = 0
+    bytes_in: int = 0
+    chunks_out: int = 0
+    bytes_out: int = 0
+    packets_played: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    repairs_requested: int = 0
+    lost: int = 0
+    parent_switches: int = 0
+    bad_peers: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    joined_at: float | None = None
+    first_audio_at: float | None = None
+    ended: bool = False
+
+    def line(self) -> str:
+        parent = self.parent[:8] if self.parent else "-"
+        return (
+            f"{self.role} {self.node[:8]} parent={parent} depth={self.depth} "
+            f"children={self.children} in={self.chunks_in}/{self.bytes_in}B "
+            f"out={self.chunks_out}/{self.bytes_out}B played={self.packets_played} "
+            f"gaps={self.gaps} repairs={self.repairs_requested} lost={self.lost} "
+            f"switches={self.parent_switches}"
+        )
+
+    def write_json(self, path: Path) -> None:
+        """Atomically replace `path` so a reader never sees half a file."""
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        os.replace(temporary, path)
+
+
+async def report_periodically(stats: NodeStats, interval: float, path: Path | None) -> None:
+    """Log the stats line, and rewrite the stats file, every `interval` seconds."""
+    while True:
+        await trio.sleep(interval)
+        logger.info("%s", stats.line())
+        if path is not None:
+            stats.write_json(path)

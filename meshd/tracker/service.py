@@ -1,0 +1,317 @@
+"""The tracker's request handling: checks, tree decisions, answers, counters, log lines.
+
+No I/O here: `Tracker.handle(request, now, wall_ms)` takes a decoded request and returns
+the response to send, so the server (and a host embedding the tracker) only moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from meshd.tracker.tree import (
+    Assignment,
+    PeerRef,
+    StreamTree,
+    TreeError,
+    TreeErrorCode,
+)
+from protocol import (
+    Ack,
+    Assigned,
+    ErrorCode,
+    Goodbye,
+    Join,
+    Leave,
+    Move,
+    Moved,
+    Peer,
+    ProtocolError,
+    Refresh,
+    Register,
+    Rejoin,
+    RetryAfter,
+    StatusReport,
+    StatusRequest,
+    check_token,
+    short_id,
+    verify_message,
+)
+from protocol.identity import public_key_from_id
+from protocol.messages import TrackerRequest, TrackerResponse
+
+logger = logging.getLogger("meshd.tracker")
+
+RATE_WINDOW = 10.0  # seconds over which joins/s and rejoins/s are measured
+TREE_CODES = {
+    TreeErrorCode.NO_CAPACITY: ErrorCode.NO_CAPACITY,
+    TreeErrorCode.UNKNOWN_PEER: ErrorCode.UNKNOWN_PEER,
+    TreeErrorCode.UNKNOWN_PARENT: ErrorCode.UNKNOWN_PEER,
+    TreeErrorCode.INVALID_REQUEST: ErrorCode.UNEXPECTED_MESSAGE,
+}
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    refresh_s: int = 180
+    """How often nodes refresh their soft state (told to them in ASSIGNED/ACK)."""
+    peer_ttl: float = 600.0
+    """A node not heard from for this long is removed as failed."""
+    host_keys: Sequence[Ed25519PublicKey] = ()
+    """Keys whose admission tokens are accepted; empty = open mode (no tokens needed)."""
+    max_skew_ms: int = 300_000
+    backups: int = 2
+    max_pending: int = 256
+    """Requests in progress at once before the server answers RETRY_AFTER."""
+    retry_after_ms: int = 1_000
+
+
+class RateMeter:
+    """Events per second over the last `RATE_WINDOW` seconds."""
+
+    def __init__(self) -> None:
+        self._times: deque[float] = deque()
+
+    def tick(self, now: float) -> None:
+        self._times.append(now)
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return len(self._times) / RATE_WINDOW
+
+    def _trim(self, now: float) -> None:
+        while self._times and self._times[0] < now - RATE_WINDOW:
+            self._times.popleft()
+
+
+@dataclass
+class StreamState:
+    tree: StreamTree
+    joins: RateMeter = field(default_factory=RateMeter)
+    rejoins: RateMeter = field(default_factory=RateMeter)
+    total_joins: int = 0
+    total_rejoins: int = 0
+    total_leaves: int = 0
+    total_failures: int = 0
+
+
+class Tracker:
+    """Every stream's tree, and the rules for changing them."""
+
+    def __init__(self, config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self.streams: dict[bytes, StreamState] = {}
+        self.total_shed = 0
+
+    def handle(self, request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
+        """Answer one request; refusals are GOODBYE with the spec's error code."""
+        try:
+            if isinstance(request, StatusRequest):
+                return self.status(request.stream, now)
+            self._check_fresh(request.time_ms, wall_ms)
+            if isinstance(request, Register):
+                return self._register(request, now)
+            if isinstance(request, Join):
+                return self._join(request, now, wall_ms)
+            if isinstance(request, Rejoin):
+                return self._rejoin(request, now, wall_ms)
+            if isinstance(request, Leave):
+                return self._leave(request, now)
+            return self._refresh(request, now)
+        except ProtocolError as exc:
+            return Goodbye(exc.code, str(exc))
+        except TreeError as exc:
+            return Goodbye(TREE_CODES[exc.code], str(exc) or exc.code.value)
+
+    def shed(self) -> RetryAfter:
+        """The answer when the server has too much in progress."""
+        self.total_shed += 1
+        logger.warning("shed: overloaded, answering RETRY_AFTER")
+        return RetryAfter(self.config.retry_after_ms, "tracker overloaded")
+
+    def expire(self, now: float) -> None:
+        """Drop nodes whose soft state ran out (they died without anyone reporting it)."""
+        for stream_id, state in self.streams.items():
+            for peer in state.tree.expire(now):
+                state.total_failures += 1
+                logger.info(
+                    "failure stream=%s node=%s (soft state expired)",
+                    short_id(stream_id),
+                    short_id(peer),
+                )
+
+    def status(self, stream_id: bytes, now: float) -> StatusReport | Goodbye:
+        state = self.streams.get(stream_id)
+        if state is None:
+            return Goodbye(ErrorCode.UNKNOWN_STREAM, "no such stream")
+        snapshot = state.tree.snapshot()
+        return StatusReport(
+            stream_id,
+            snapshot.audience,
+            snapshot.origin_children,
+            snapshot.origin_capacity,
+            snapshot.depth_histogram[:256],
+            state.joins.rate(now),
+            state.rejoins.rate(now),
+            state.total_joins,
+            state.total_rejoins,
+            state.total_leaves,
+            state.total_failures,
+            self.total_shed,
+        )
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _register(self, request: Register, now: float) -> Ack:
+        verify_message(request, public_key_from_id(request.stream))
+        state = self.streams.get(request.stream)
+        if state is None:
+            tree = StreamTree(
+                request.stream,
+                request.address,
+                request.capacity,
+                backups=self.config.backups,
+                peer_ttl=self.config.peer_ttl,
+            )
+            self.streams[request.stream] = StreamState(tree)
+            logger.info(
+                "register stream=%s origin=%s capacity=%d",
+                short_id(request.stream),
+                request.address,
+                request.capacity,
+            )
+        else:
+            state.tree.refresh(
+                request.stream, now, capacity=request.capacity, address=request.address
+            )
+        return Ack(self.config.refresh_s)
+
+    def _join(self, request: Join, now: float, wall_ms: int) -> Assigned:
+        state = self._admit(request, wall_ms)
+        assignment = state.tree.join(request.node, request.capacity, request.address, now)
+        state.total_joins += 1
+        state.joins.tick(now)
+        logger.info(
+            "join stream=%s node=%s capacity=%d parent=%s depth=%d",
+            short_id(request.stream),
+            short_id(request.node),
+            request.capacity,
+            short_id(assignment.parent.peer_id),
+            assignment.depth,
+        )
+        return self._assigned(assignment)
+
+    def _rejoin(self, request: Rejoin, now: float, wall_ms: int) -> Assigned:
+        state = self._admit(request, wall_ms)
+        before = len(state.tree)
+        dead_was_known = request.dead in state.tree
+        assignment = state.tree.report_failure(
+            request.node,
+            request.dead,
+            now,
+            attached_to=request.attached,
+            capacity=request.capacity,
+            address=request.address,
+        )
+        state.total_rejoins += 1
+        state.rejoins.tick(now)
+        if dead_was_known and request.dead not in state.tree:
+            state.total_failures += 1
+            logger.info(
+                "failure stream=%s node=%s (confirmed by reports; %d peers removed)",
+                short_id(request.stream),
+                short_id(request.dead),
+                max(before - len(state.tree), 1),
+            )
+        logger.info(
+            "rejoin stream=%s node=%s dead=%s parent=%s depth=%d",
+            short_id(request.stream),
+            short_id(request.node),
+            short_id(request.dead),
+            short_id(assignment.parent.peer_id),
+            assignment.depth,
+        )
+        return self._assigned(assignment)
+
+    def _leave(self, request: Leave, now: float) -> Moved:
+        if request.node == request.stream:
+            verify_message(request, public_key_from_id(request.stream))
+            if self.streams.pop(request.stream, None) is not None:
+                logger.info("end stream=%s (the origin left)", short_id(request.stream))
+            return Moved(())
+        verify_message(request, public_key_from_id(request.node))
+        state = self._stream(request.stream)
+        if request.node not in state.tree:
+            return Moved(())
+        placed = state.tree.leave(request.node, now)
+        state.total_leaves += 1
+        logger.info(
+            "leave stream=%s node=%s children_moved=%d",
+            short_id(request.stream),
+            short_id(request.node),
+            len(placed),
+        )
+        return Moved(
+            tuple(
+                Move(child, _peer(a.parent), tuple(_peer(b) for b in a.backups))
+                for child, a in placed.items()
+            )
+        )
+
+    def _refresh(self, request: Refresh, now: float) -> Ack:
+        verify_message(request, public_key_from_id(request.node))
+        state = self._stream(request.stream)
+        state.tree.refresh(
+            request.node,
+            now,
+            parent=request.parent,
+            capacity=request.capacity,
+            address=request.address,
+        )
+        return Ack(self.config.refresh_s)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _check_fresh(self, time_ms: int, wall_ms: int) -> None:
+        if abs(time_ms - wall_ms) > self.config.max_skew_ms:
+            raise ProtocolError(
+                f"request time is {abs(time_ms - wall_ms) // 1000} s off the tracker's clock",
+                ErrorCode.STALE_REQUEST,
+            )
+
+    def _stream(self, stream_id: bytes) -> StreamState:
+        state = self.streams.get(stream_id)
+        if state is None:
+            raise ProtocolError("no such stream (not registered yet?)", ErrorCode.UNKNOWN_STREAM)
+        return state
+
+    def _admit(self, request: Join | Rejoin, wall_ms: int) -> StreamState:
+        """Signature, stream, token: in that order, so an unsigned request learns nothing."""
+        verify_message(request, public_key_from_id(request.node))
+        state = self._stream(request.stream)
+        check_token(
+            request.token,
+            self.config.host_keys,
+            stream=request.stream,
+            node=request.node,
+            now_ms=wall_ms,
+        )
+        return state
+
+    def _assigned(self, assignment: Assignment) -> Assigned:
+        return Assigned(
+            _peer(assignment.parent),
+            tuple(_peer(b) for b in assignment.backups),
+            assignment.depth,
+            self.config.refresh_s,
+        )
+
+
+def _peer(ref: PeerRef) -> Peer:
+    return Peer(ref.peer_id, ref.address)
+

@@ -75,12 +75,15 @@ class Origin:
         text_id = key_to_text(self.stream_id)
         self.stats = NodeStats("origin", text_id, text_id, depth=0)
         self.ring = ChunkRing(int(self.config.buffer_seconds * OPUS_RATE))
-        self.fanout = Fanout(
-            self.stream_id, self.ring, settings.capacity, self.config, self.stats
-        )
+        self.fanout = Fanout(self.stream_id, self.ring, settings.capacity, self.config, self.stats)
         self.address = ""
         self.registered = trio.Event()
         self._endpoint: QuicEndpoint | None = None
+        self._input_scope = trio.CancelScope()
+
+    def stop(self) -> None:
+        """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
+        self._input_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stream the whole input, then wait for the children to get the end, then exit."""
@@ -95,8 +98,10 @@ class Origin:
                     report_periodically, self.stats, self.config.stats_interval, self.stats_file
                 )
                 task_status.started()
+                logger.info("streaming %s from %s", key_to_text(self.stream_id), self.address)
                 try:
-                    await self._stream(self._read_packets())
+                    with self._input_scope:
+                        await self._stream(self._read_packets())
                 finally:
                     with trio.CancelScope(shield=True):
                         await self.fanout.wait_until_empty(self.config.leave_grace)
@@ -161,9 +166,7 @@ class Origin:
         retry = Backoff(self.rng, base=0.5, cap=30.0)
         while True:
             assert self._endpoint is not None
-            request = Register(
-                self.stream_id, self.address, self.settings.capacity, now_ms()
-            )
+            request = Register(self.stream_id, self.address, self.settings.capacity, now_ms())
             try:
                 answer = await ask_tracker(
                     self._endpoint,
@@ -191,9 +194,7 @@ class Origin:
         leave = sign_message(Leave(self.stream_id, self.stream_id, now_ms()), self.key)
         with trio.move_on_after(2.0):
             try:
-                await ask_tracker(
-                    self._endpoint, self.settings.tracker, leave, give_up_after=2.0
-                )
+                await ask_tracker(self._endpoint, self.settings.tracker, leave, give_up_after=2.0)
             except (TrackerRefused, trio.TooSlowError) as exc:
                 logger.info("could not unregister the stream: %s", exc)
 

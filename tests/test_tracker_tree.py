@@ -1,0 +1,726 @@
+"""The tracker's tree core: placement, repair, soft state, and its invariants under churn."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from meshd.tracker.tree import (
+    Assignment,
+    InvalidRequest,
+    NoCapacity,
+    StreamTree,
+    TreeError,
+    TreeErrorCode,
+    UnknownParent,
+    UnknownPeer,
+)
+
+ORIGIN = b"\x00" * 32
+TTL = 600.0
+
+
+def pid(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def addr(i: int) -> str:
+    return f"10.0.{i // 250}.{i % 250}:4433"
+
+
+def make_tree(
+    origin_capacity: int = 2,
+    *,
+    peer_ttl: float = TTL,
+    report_quorum: int = 2,
+    report_window: float = 60.0,
+) -> StreamTree:
+    return StreamTree(
+        ORIGIN,
+        "origin:4433",
+        origin_capacity,
+        peer_ttl=peer_ttl,
+        report_quorum=report_quorum,
+        report_window=report_window,
+    )
+
+
+def build(tree: StreamTree, edges: dict[int, tuple[int, int]], now: float = 0.0) -> None:
+    """Insert peer i under edges[i] = (parent, capacity) (0: the origin), in order.
+
+    Uses the refresh re-insertion path, which puts a peer exactly where it says it is.
+    """
+    for i, (parent, capacity) in edges.items():
+        parent_id = ORIGIN if parent == 0 else pid(parent)
+        tree.refresh(pid(i), now, parent=parent_id, capacity=capacity, address=addr(i))
+
+
+def join_all(tree: StreamTree, ids: Iterable[int], capacity: int, now: float = 0.0) -> None:
+    for i in ids:
+        tree.join(pid(i), capacity, addr(i), now)
+
+
+# ------------------------------------------------------------- independent checks
+
+
+def walk(tree: StreamTree) -> dict[bytes, int]:
+    """Depth of every peer reachable from the origin, found by walking children lists."""
+    depths = {ORIGIN: 0}
+    frontier = [ORIGIN]
+    while frontier:
+        node = frontier.pop()
+        for child in tree.children_of(node):
+            assert child not in depths, "a peer is reached twice: cycle or duplicate"
+            assert tree.parent_of(child) == node, "child and parent links disagree"
+            depths[child] = depths[node] + 1
+            frontier.append(child)
+    return depths
+
+
+def subtree(tree: StreamTree, root: bytes) -> set[bytes]:
+    found = {root}
+    frontier = [root]
+    while frontier:
+        for child in tree.children_of(frontier.pop()):
+            found.add(child)
+            frontier.append(child)
+    return found
+
+
+def has_room(tree: StreamTree, peer: bytes) -> bool:
+    return len(tree.children_of(peer)) < tree.capacity_of(peer)
+
+
+def depth_bound(audience: int, k: int) -> int:
+    """ceil(log_k N) + 2, the depth a uniform-capacity tree must stay within."""
+    return math.ceil(math.log(max(audience, 1), k) - 1e-9) + 2
+
+
+def check_invariants(tree: StreamTree, uniform_k: int | None = None) -> None:
+    depths = walk(tree)
+    assert set(depths) == set(tree), "every peer reaches the origin, and only peers do"
+    assert tree.parent_of(ORIGIN) is None
+    histogram: dict[int, int] = {}
+    free = 0
+    for peer, depth in depths.items():
+        assert tree.depth_of(peer) == depth
+        children = tree.children_of(peer)
+        assert len(children) <= tree.capacity_of(peer), "capacity exceeded"
+        free += tree.capacity_of(peer) - len(children)
+        histogram[depth] = histogram.get(depth, 0) + 1
+    snap = tree.snapshot()
+    assert snap.audience == len(depths) - 1
+    assert snap.max_depth == max(depths.values())
+    assert snap.depth_histogram == tuple(histogram.get(d, 0) for d in range(snap.max_depth + 1))
+    assert snap.origin_children == len(tree.children_of(ORIGIN)) <= tree.capacity_of(ORIGIN)
+    assert snap.free_slots == free
+    assert snap.orphans == sum(tree.is_orphaned(p) for p in tree)
+    check_buckets(tree, depths)
+    if uniform_k is not None:
+        assert snap.max_depth <= depth_bound(snap.audience, uniform_k)
+
+
+def check_buckets(tree: StreamTree, depths: dict[bytes, int]) -> None:
+    """White box: the free-slot buckets hold exactly the peers with room, at their depth."""
+    indexed = {}
+    for depth, bucket in enumerate(tree._free):
+        for position, node in enumerate(bucket):
+            assert node.pos == position and node.slot_depth == depth
+            indexed[node.ref.peer_id] = depth
+    assert indexed == {p: d for p, d in depths.items() if has_room(tree, p)}
+
+
+def eligible_parents(tree: StreamTree, mover: bytes, banned: bytes | None = None) -> set[bytes]:
+    excluded = subtree(tree, mover)
+    if banned is not None and banned in tree:
+        excluded |= subtree(tree, banned)
+    return {p for p in tree if has_room(tree, p) and p not in excluded}
+
+
+def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int = 2) -> None:
+    parent = tree.parent_of(peer)
+    assert parent is not None
+    assert got.parent.peer_id == parent
+    assert got.depth == tree.depth_of(peer)
+    own = subtree(tree, peer)
+    eligible = {p for p in tree if has_room(tree, p) and p != parent and p not in own}
+    ids = [b.peer_id for b in got.backups]
+    assert len(set(ids)) == len(ids)
+    assert set(ids) <= eligible, "backup is the peer, its parent, in its subtree, or full"
+    assert len(ids) == min(wanted, len(eligible))
+    if parent != ORIGIN:
+        outside = eligible - subtree(tree, parent)
+        assert len([p for p in ids if p in outside]) == min(len(ids), len(outside))
+
+
+def expected_depth(tree: StreamTree, capacity: int) -> int | None:
+    """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room."""
+    depths = [tree.depth_of(p) for p in tree if has_room(tree, p)]
+    if not depths:
+        return None
+    return (min(depths) if capacity > 0 else max(depths)) + 1
+
+
+# -------------------------------------------------------------------- unit tests
+
+
+def test_error_codes_are_distinct() -> None:
+    errors = [NoCapacity, UnknownPeer, UnknownParent, InvalidRequest]
+    assert all(issubclass(e, TreeError) for e in errors)
+    assert {e.code for e in errors} == set(TreeErrorCode)
+
+
+def test_relays_fill_level_by_level_and_leaves_go_deepest() -> None:
+    tree = make_tree(origin_capacity=2)
+    join_all(tree, range(1, 3), capacity=2)
+    assert tree.children_of(ORIGIN) == (pid(1), pid(2))
+    leaf = tree.join(pid(10), 0, "", 0.0)
+    assert leaf.depth == 2  # deepest free slot, not the origin (full anyway)
+    relay = tree.join(pid(3), 2, addr(3), 0.0)
+    assert relay.depth == 2
+    deep_leaf = tree.join(pid(11), 0, "", 0.0)
+    assert deep_leaf.depth == 3 and deep_leaf.parent.peer_id == pid(3)
+    check_invariants(tree)
+
+
+def test_leaves_leave_shallow_slots_to_relays() -> None:
+    tree = make_tree(origin_capacity=3)
+    tree.join(pid(1), 2, addr(1), 0.0)
+    tree.join(pid(2), 0, "", 0.0)  # deepest free slot: under 1, not the origin
+    assert tree.parent_of(pid(2)) == pid(1)
+    assert tree.join(pid(3), 2, addr(3), 0.0).parent.peer_id == ORIGIN
+
+
+def test_join_raises_no_capacity_when_full() -> None:
+    tree = make_tree(origin_capacity=1)
+    tree.join(pid(1), 0, "", 0.0)
+    with pytest.raises(NoCapacity) as info:
+        tree.join(pid(2), 3, addr(2), 0.0)
+    assert info.value.code == TreeErrorCode.NO_CAPACITY
+    assert pid(2) not in tree
+    check_invariants(tree)
+
+
+def test_join_rejects_bad_requests() -> None:
+    tree = make_tree()
+    with pytest.raises(InvalidRequest):
+        tree.join(pid(1), -1, addr(1), 0.0)
+    with pytest.raises(InvalidRequest):
+        tree.join(ORIGIN, 2, "x:1", 0.0)
+    with pytest.raises(InvalidRequest):
+        make_tree(report_quorum=0)
+
+
+def test_rejoin_is_idempotent_and_updates_the_peer() -> None:
+    tree = make_tree(origin_capacity=1)
+    join_all(tree, range(1, 3), capacity=1)  # a chain: origin - 1 - 2
+    first = tree.join(pid(1), 1, addr(1), 1.0)
+    again = tree.join(pid(1), 1, "new:1", 2.0)
+    assert again.parent == first.parent and len(tree) == 3
+    assert tree.children_of(ORIGIN) == (pid(1),) and tree.children_of(pid(1)) == (pid(2),)
+    assert tree.assignment_of(pid(2)).parent.address == "new:1"
+
+
+def test_capacity_cut_re_homes_the_excess_children_as_orphans() -> None:
+    tree = make_tree(origin_capacity=1)
+    join_all(tree, range(1, 5), capacity=3)  # 1 under origin, 2-4 under 1
+    tree.join(pid(2), 3, addr(2), 1.0)
+    tree.refresh(pid(1), 1.0, capacity=1)
+    assert len(tree.children_of(pid(1))) == 1
+    moved = [p for p in (pid(3), pid(4)) if tree.parent_of(p) != pid(1)]
+    assert len(moved) == 2 and all(tree.is_orphaned(p) for p in moved)
+    check_invariants(tree)
+
+
+def test_backups_prefer_peers_outside_the_parents_subtree() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 2: (0, 1), 5: (2, 2), 3: (1, 2), 4: (1, 2)})
+    got = tree.join(pid(6), 2, addr(6), 0.0)
+    assert got.parent.peer_id == pid(1)  # the only free slot at depth 1
+    # 3 and 4 are as shallow as 5 but share the parent's fate: 5 comes first.
+    assert [b.peer_id for b in got.backups] == [pid(5), pid(4)]
+    check_assignment(tree, pid(6), got)
+
+
+def test_backups_never_inside_own_subtree() -> None:
+    tree = make_tree(origin_capacity=1)
+    join_all(tree, range(1, 4), capacity=1)  # a chain 1 - 2 - 3
+    got = tree.assignment_of(pid(2))
+    assert got.backups == ()  # only 3 has room, and it is below 2
+    tree.refresh(ORIGIN, 0.0, capacity=2)
+    backups = tree.assignment_of(pid(2)).backups
+    assert [b.peer_id for b in backups] == [ORIGIN]
+
+
+def test_single_report_moves_reporter_but_does_not_evict() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 4: (1, 2)})
+    got = tree.report_failure(pid(3), pid(1), 10.0)
+    assert pid(1) in tree and tree.parent_of(pid(4)) == pid(1)
+    assert got.parent.peer_id == pid(2)
+    check_assignment(tree, pid(3), got)
+    assert tree.suspects(10.0) == [pid(1)]
+    # The same liar again makes no quorum (and it is not 1's child any more).
+    tree.report_failure(pid(3), pid(1), 11.0)
+    assert pid(1) in tree
+    check_invariants(tree)
+
+
+def test_second_distinct_reporter_evicts_and_orphans_the_rest() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 2: (0, 3), 3: (1, 1), 4: (1, 1), 5: (1, 1), 6: (2, 1), 9: (3, 1)})
+    tree.report_failure(pid(3), pid(1), 5.0)
+    assert tree.parent_of(pid(3)) == pid(2) and tree.parent_of(pid(9)) == pid(3)
+    tree.report_failure(pid(4), pid(1), 6.0)
+    assert pid(1) not in tree
+    assert tree.is_orphaned(pid(5)) and not tree.is_orphaned(pid(4))
+    assert tree.parent_of(pid(4)) == ORIGIN  # the vacated slot, the shallowest
+    assert tree.depth_of(pid(5)) == 2
+    check_invariants(tree)
+    # The orphan learns its placement when it reports the (already evicted) parent.
+    placed_under = tree.parent_of(pid(5))
+    got = tree.report_failure(pid(5), pid(1), 7.0)
+    assert got.parent.peer_id == placed_under and not tree.is_orphaned(pid(5))
+    assert tree.suspects(7.0) == []
+
+
+def test_a_suspect_that_rejoins_is_cleared() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 5: (0, 3), 2: (1, 2), 3: (1, 2)})
+    tree.report_failure(pid(2), pid(1), 1.0)
+    tree.join(pid(1), 3, addr(1), 2.0)  # it speaks for itself
+    assert tree.suspects(2.0) == []
+    tree.report_failure(pid(3), pid(1), 3.0)
+    assert pid(1) in tree, "the earlier report no longer counts"
+
+
+def test_reports_outside_the_window_do_not_combine() -> None:
+    tree = make_tree(origin_capacity=2, report_window=30.0)
+    build(tree, {1: (0, 3), 5: (0, 3), 2: (1, 2), 3: (1, 2)})
+    tree.report_failure(pid(2), pid(1), 100.0)
+    tree.report_failure(pid(3), pid(1), 200.0)
+    assert pid(1) in tree
+    assert tree.suspects(200.0) == [pid(1)]
+    assert tree.suspects(300.0) == []
+
+
+def test_report_against_expired_soft_state_evicts_at_once() -> None:
+    tree = make_tree(origin_capacity=1, peer_ttl=TTL)
+    tree.join(pid(1), 2, addr(1), 0.0)
+    tree.join(pid(2), 2, addr(2), TTL)
+    tree.report_failure(pid(2), pid(1), TTL + 1.0)
+    assert pid(1) not in tree and tree.parent_of(pid(2)) == ORIGIN
+
+
+def test_report_keeps_a_valid_backup_and_refuses_bad_ones() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 4: (1, 2), 5: (2, 2), 8: (4, 2)})
+    got = tree.report_failure(pid(3), pid(1), 1.0, attached_to=pid(5))
+    assert got.parent.peer_id == pid(5)
+    got = tree.report_failure(pid(4), pid(1), 2.0, attached_to=pid(8))  # its own child
+    assert got.parent.peer_id not in subtree(tree, pid(4))
+    assert pid(1) not in tree
+    check_assignment(tree, pid(4), got)
+    check_invariants(tree)
+
+
+def test_report_refuses_an_attachment_below_the_dead_node() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 4: (1, 2)})
+    got = tree.report_failure(pid(3), pid(1), 1.0, attached_to=pid(4))
+    assert got.parent.peer_id == pid(2)
+
+
+def test_report_errors() -> None:
+    tree = make_tree()
+    tree.join(pid(1), 2, addr(1), 0.0)
+    with pytest.raises(InvalidRequest):
+        tree.report_failure(pid(1), pid(1), 0.0)
+    with pytest.raises(UnknownPeer):
+        tree.report_failure(pid(9), pid(1), 0.0)
+    with pytest.raises(InvalidRequest):
+        tree.report_failure(ORIGIN, pid(1), 0.0)
+
+
+def test_report_from_unknown_peer_with_capacity_is_placed() -> None:
+    tree = make_tree(origin_capacity=2)
+    join_all(tree, range(1, 3), capacity=2)
+    got = tree.report_failure(pid(9), pid(7), 0.0, attached_to=pid(2), capacity=1, address="a:1")
+    assert got.parent.peer_id == pid(2) and tree.capacity_of(pid(9)) == 1
+    check_invariants(tree)
+
+
+def test_report_against_origin_moves_without_evicting() -> None:
+    tree = make_tree(origin_capacity=2)
+    join_all(tree, range(1, 3), capacity=2)
+    got = tree.report_failure(pid(1), ORIGIN, 0.0)
+    assert got.parent.peer_id == pid(2) and ORIGIN in tree
+    assert tree.suspects(0.0) == []
+
+
+def test_probe_results() -> None:
+    tree = make_tree(origin_capacity=1)
+    join_all(tree, range(1, 2), capacity=2)
+    join_all(tree, range(2, 4), capacity=2)
+    tree.join(pid(4), 0, "", 0.0)
+    parent_of_4 = tree.parent_of(pid(4))
+    assert parent_of_4 is not None
+    tree.report_failure(pid(4), parent_of_4, 1.0)
+    assert tree.suspects(1.0) == [parent_of_4]
+    assert tree.probe_result(parent_of_4, True, 2.0) == []
+    assert tree.suspects(2.0) == [] and parent_of_4 in tree
+    assert tree.probe_result(pid(2), False, 3.0) == [pid(2)]
+    assert pid(2) not in tree
+    assert tree.probe_result(pid(2), False, 3.0) == []
+    with pytest.raises(InvalidRequest):
+        tree.probe_result(ORIGIN, False, 3.0)
+    check_invariants(tree)
+
+
+def test_leave_moves_children_outside_their_subtrees_first() -> None:
+    tree = make_tree(origin_capacity=2)
+    join_all(tree, range(1, 3), capacity=2)
+    join_all(tree, range(3, 7), capacity=2)  # 3,4 under 1; 5,6 under 2
+    join_all(tree, range(7, 11), capacity=2)  # under 3,4,5,6 in some order
+    children = tree.children_of(pid(1))
+    moves = tree.leave(pid(1), 5.0)
+    assert set(moves) == set(children) and pid(1) not in tree
+    for child, got in moves.items():
+        check_assignment(tree, child, got)
+        assert got.parent.peer_id not in subtree(tree, child)
+    # The vacated origin slot went to a child only because nothing else was free that high.
+    check_invariants(tree)
+
+
+def test_leave_avoids_the_leavers_parent_when_it_can() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (2, 2)})
+    moves = tree.leave(pid(2), 1.0)
+    # The vacated origin slot is shallower, but the origin still feeds 2 meanwhile.
+    assert moves[pid(3)].parent.peer_id == pid(1)
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 1), 4: (1, 0), 2: (0, 1), 3: (2, 0)})
+    assert tree.leave(pid(2), 1.0)[pid(3)].parent.peer_id == ORIGIN  # nowhere else
+    check_invariants(tree)
+
+
+def test_leave_errors() -> None:
+    tree = make_tree()
+    with pytest.raises(InvalidRequest):
+        tree.leave(ORIGIN, 0.0)
+    with pytest.raises(UnknownPeer):
+        tree.leave(pid(1), 0.0)
+
+
+def test_refresh_rebuilds_the_view_after_a_restart() -> None:
+    tree = make_tree(origin_capacity=1)
+    with pytest.raises(UnknownParent):
+        tree.refresh(pid(2), 0.0, parent=pid(1), capacity=1, address=addr(2))
+    tree.refresh(pid(1), 0.0, parent=ORIGIN, capacity=1, address=addr(1))
+    tree.refresh(pid(2), 0.0, parent=pid(1), capacity=1, address=addr(2))
+    assert tree.parent_of(pid(2)) == pid(1) and tree.depth_of(pid(2)) == 2
+    with pytest.raises(UnknownPeer) as info:  # 1 is full in our view
+        tree.refresh(pid(3), 0.0, parent=pid(1), capacity=0, address="")
+    assert info.value.code == TreeErrorCode.UNKNOWN_PEER
+    with pytest.raises(UnknownPeer):
+        tree.refresh(pid(3), 0.0)
+    check_invariants(tree)
+
+
+def test_refresh_follows_the_peer_only_to_valid_parents() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2)})
+    tree.refresh(pid(1), 1.0, parent=pid(3))
+    assert tree.parent_of(pid(1)) == ORIGIN, "a cycle is refused"
+    tree.refresh(pid(3), 1.0, parent=pid(9))
+    assert tree.parent_of(pid(3)) == pid(1), "an unknown parent is ignored"
+    tree.refresh(pid(3), 1.0, parent=pid(2))
+    assert tree.parent_of(pid(3)) == pid(2) and tree.depth_of(pid(3)) == 2
+    tree.refresh(pid(1), 1.0, parent=pid(3))
+    assert tree.parent_of(pid(1)) == pid(3) and tree.depth_of(pid(1)) == 3
+    with pytest.raises(InvalidRequest):
+        tree.refresh(ORIGIN, 1.0, parent=pid(1))
+    check_invariants(tree)
+
+
+def test_expire_removes_only_silent_peers() -> None:
+    tree = make_tree(origin_capacity=2, peer_ttl=100.0)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 4: (2, 2)}, now=0.0)
+    tree.refresh(pid(1), 50.0)
+    tree.refresh(pid(4), 50.0)
+    assert tree.expire(100.0) == []
+    assert sorted(tree.expire(100.5)) == [pid(2), pid(3)]
+    assert tree.is_orphaned(pid(4)) and tree.parent_of(pid(4)) in (ORIGIN, pid(1))
+    assert sorted(tree.expire(150.5)) == [pid(1), pid(4)]
+    assert list(tree) == [ORIGIN]
+    check_invariants(tree)
+
+
+def test_expire_does_not_scan_when_nothing_is_due() -> None:
+    tree = make_tree(origin_capacity=1000, peer_ttl=100.0)
+    join_all(tree, range(1, 1001), capacity=0, now=0.0)
+    for i in range(1, 1001):
+        tree.refresh(pid(i), 10.0)
+    queued = len(tree._expiry)
+    assert tree.expire(100.0) == []
+    assert len(tree._expiry) == queued, "nothing was due, nothing was touched"
+    assert tree.expire(105.0) == []  # the refreshed entries are skipped, not expired
+    assert len(tree._expiry) == 1000
+
+
+def test_depth_stays_logarithmic_for_uniform_capacity() -> None:
+    for k in (2, 3, 4):
+        tree = make_tree(origin_capacity=k)
+        join_all(tree, range(1, 3001), capacity=k)
+        assert tree.snapshot().max_depth == math.ceil(math.log(3000 * (k - 1) / k + 1, k))
+        check_invariants(tree, uniform_k=k)
+
+
+def test_snapshot_counts() -> None:
+    tree = make_tree(origin_capacity=2)
+    join_all(tree, range(1, 4), capacity=2)
+    tree.join(pid(4), 0, "", 0.0)  # deepest: under 3
+    snap = tree.snapshot()
+    assert snap.audience == 4 and snap.origin_children == 2 and snap.origin_capacity == 2
+    assert snap.depth_histogram == (1, 2, 1, 1) and snap.max_depth == 3
+    assert snap.free_slots == 4 * 2 - 4
+    assert snap.orphans == 0 and snap.suspects == 0
+
+
+# ------------------------------------------------------------- stateful testing
+
+
+class TreeMachine(RuleBasedStateMachine):
+    """Random churn against a model of reality: which peers are alive or crashed.
+
+    Alive peers refresh on every tick, crashed ones fall silent; children of crashed
+    peers report them, some children lie about healthy parents.
+    """
+
+    uniform_k: int | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tree = StreamTree(ORIGIN, "origin:4433", self.uniform_k or 3, peer_ttl=TTL)
+        self.now = 0.0
+        self.next_id = 1
+        self.crashed: dict[bytes, float] = {}  # peer -> when it fell silent
+        self.reports: dict[bytes, dict[bytes, float]] = {}  # our model of the quorum
+        self.lied_about: set[bytes] = set()
+        self.gone: list[bytes] = []
+
+    def live(self) -> list[bytes]:
+        """Peers in the tracker's view that are really alive (not the origin)."""
+        return sorted(p for p in self.tree if p != ORIGIN and p not in self.crashed)
+
+    def draw_live(self, data: st.DataObject) -> bytes | None:
+        live = self.live()
+        return data.draw(st.sampled_from(live)) if live else None
+
+    @invariant()
+    def structure_holds(self) -> None:
+        check_invariants(self.tree, self.uniform_k)
+
+    @rule(capacities=st.lists(st.integers(0, 4), min_size=1, max_size=6))
+    def join(self, capacities: list[int]) -> None:
+        for capacity in capacities:
+            self.join_one(self.uniform_k or capacity)
+        event(f"audience >= {len(self.tree) // 20 * 20}")
+
+    def join_one(self, capacity: int) -> None:
+        peer = pid(self.next_id)
+        self.next_id += 1
+        want = expected_depth(self.tree, capacity)
+        try:
+            got = self.tree.join(peer, capacity, addr(self.next_id), self.now)
+        except NoCapacity:
+            event("join: no capacity")
+            assert want is None
+            return
+        assert got.depth == want, "placement rule: shallowest (relay) or deepest (leaf)"
+        check_assignment(self.tree, peer, got)
+
+    @rule(data=st.data())
+    def rejoin(self, data: st.DataObject) -> None:
+        peer = self.draw_live(data)
+        if peer is None:
+            return
+        before = self.tree.parent_of(peer)
+        size = len(self.tree)
+        got = self.tree.join(peer, self.tree.capacity_of(peer), addr(1), self.now)
+        self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
+        assert got.parent.peer_id == before and len(self.tree) == size
+        check_assignment(self.tree, peer, got)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data(), wanted=st.integers(0, 4))
+    def change_capacity(self, data: st.DataObject, wanted: int) -> None:
+        peer = self.draw_live(data)
+        if peer is not None:
+            self.tree.refresh(peer, self.now, capacity=wanted)
+            assert self.tree.capacity_of(peer) == wanted
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def leave(self, data: st.DataObject) -> None:
+        peer = self.draw_live(data)
+        if peer is None:
+            return
+        children = set(self.tree.children_of(peer))
+        moves = self.tree.leave(peer, self.now)
+        event(f"leave: moved {min(len(moves), 2)}+ children")
+        assert peer not in self.tree and set(moves) <= children
+        for child in children - set(moves):
+            assert child not in self.tree, "a child that was not moved was dropped"
+        for child, got in moves.items():
+            check_assignment(self.tree, child, got)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        relays = [p for p in self.live() if len(self.tree.children_of(p)) >= 2]
+        peer = data.draw(st.sampled_from(relays)) if relays else self.draw_live(data)
+        if peer is not None:
+            self.tree.refresh(peer, self.now)  # its last words: the model knows last_seen
+            self.crashed[peer] = self.now
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data(), use_backup=st.booleans())
+    def report_crash(self, data: st.DataObject, use_backup: bool) -> None:
+        victims = [p for p in self.live() if self.tree.parent_of(p) in self.crashed]
+        if not victims:
+            return
+        reporter = data.draw(st.sampled_from(victims))
+        dead = self.tree.parent_of(reporter)
+        assert dead is not None
+        backup = data.draw(st.sampled_from(sorted(self.tree))) if use_backup else None
+        backup_ok = backup in eligible_parents(self.tree, reporter, dead)
+        reports = self.reports.setdefault(dead, {})
+        reports[reporter] = self.now
+        confirmed = len([t for t in reports.values() if t >= self.now - 60.0]) >= 2
+        confirmed = confirmed or self.now - self.crashed[dead] > TTL
+        try:
+            got = self.tree.report_failure(reporter, dead, self.now, attached_to=backup)
+        except NoCapacity:
+            event("report: no capacity")
+            assert reporter not in self.tree or not eligible_parents(self.tree, reporter, dead)
+            assert (dead not in self.tree) == confirmed
+            return
+        assert (dead not in self.tree) == confirmed
+        event("report: evicted" if confirmed else "report: suspected")
+        if not confirmed:
+            assert reporter not in subtree(self.tree, dead)
+        if backup_ok and not confirmed:
+            assert got.parent.peer_id == backup
+        assert not self.tree.is_orphaned(reporter)
+        check_assignment(self.tree, reporter, got)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def lying_report(self, data: st.DataObject) -> None:
+        liars = [
+            p
+            for p in self.live()
+            if self.tree.parent_of(p) not in (ORIGIN, None)
+            and self.tree.parent_of(p) not in self.crashed
+            and self.tree.parent_of(p) not in self.lied_about
+        ]
+        if not liars:
+            return
+        liar = data.draw(st.sampled_from(liars))
+        victim = self.tree.parent_of(liar)
+        assert victim is not None
+        self.lied_about.add(victim)
+        self.reports.setdefault(victim, {})[liar] = self.now
+        try:
+            self.tree.report_failure(liar, victim, self.now)
+        except NoCapacity:
+            assert not eligible_parents(self.tree, liar, victim)
+        event("lie")
+        assert victim in self.tree, "one lying child evicted a healthy relay"
+        assert victim in self.tree.suspects(self.now)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def probe(self, data: st.DataObject) -> None:
+        suspects = self.tree.suspects(self.now)
+        if not suspects:
+            return
+        suspect = data.draw(st.sampled_from(suspects))
+        alive = suspect not in self.crashed
+        self.tree.probe_result(suspect, alive, self.now)
+        event("probe")
+        assert (suspect in self.tree) == alive
+        assert suspect not in self.tree.suspects(self.now)
+        self.lied_about.discard(suspect)
+        self.reports.pop(suspect, None)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule()
+    def orphans_confirm(self) -> None:
+        """Orphans report their evicted parent; they keep the placement made for them."""
+        for peer in self.live():
+            if self.tree.is_orphaned(peer) and self.gone:
+                event("orphan confirms")
+                before = self.tree.parent_of(peer)
+                got = self.tree.report_failure(peer, self.gone[-1], self.now)
+                assert got.parent.peer_id == before and not self.tree.is_orphaned(peer)
+                check_assignment(self.tree, peer, got)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def refresh_with_parent(self, data: st.DataObject) -> None:
+        peer = self.draw_live(data)
+        if peer is None:
+            return
+        claimed = data.draw(st.sampled_from(sorted(self.tree)))
+        before = self.tree.parent_of(peer)
+        valid = claimed in eligible_parents(self.tree, peer)
+        self.tree.refresh(peer, self.now, parent=claimed)
+        assert self.tree.parent_of(peer) == (claimed if valid else before)
+
+    @rule(seconds=st.sampled_from([1.0, 30.0, 200.0, 700.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+        for peer in self.live():
+            self.tree.refresh(peer, self.now)
+        removed = self.tree.expire(self.now)
+        if removed:
+            event("tick: expired")
+        self.gone += [p for p in removed if p in self.crashed]
+        assert not set(removed) & set(self.tree)
+        for peer, since in self.crashed.items():
+            if self.now - since > TTL:
+                assert peer not in self.tree, "silent past the TTL but still there"
+
+
+class UniformTreeMachine(TreeMachine):
+    """Uniform capacity k: growth (joins, rejoins, refreshes) keeps depth <= log_k N + 2.
+
+    Churn is left out on purpose: no placement can keep that bound when peers leave
+    (leaves that depart can strand a deep chain); only re-placing peers that asked for
+    nothing could.
+    """
+
+    uniform_k = 3
+
+
+TreeMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+UniformTreeMachine.TestCase.settings = settings(
+    max_examples=25,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_tree_machine = TreeMachine.TestCase
+test_uniform_tree_machine = UniformTreeMachine.TestCase

@@ -1,0 +1,183 @@
+"""The tracker over real QUIC on loopback: joins, repairs, leaves, overload, tokens, garbage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.quic import QuicEndpoint, open_quic_endpoint
+from meshd.tracker.server import serve_tracker
+from meshd.tracker.service import Tracker, TrackerConfig
+from meshd.tracker_client import TrackerRefused, ask_tracker
+from protocol import (
+    Ack,
+    Assigned,
+    ErrorCode,
+    Goodbye,
+    Join,
+    Leave,
+    Moved,
+    MessageReader,
+    Refresh,
+    Register,
+    Rejoin,
+    RetryAfter,
+    StatusReport,
+    StatusRequest,
+    frame,
+    issue_token,
+    key_id,
+    sign_message,
+)
+
+STREAM_KEY = Ed25519PrivateKey.generate()
+STREAM = key_id(STREAM_KEY)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Room:
+    tracker: Tracker
+    address: tuple[str, int]
+    client: QuicEndpoint
+
+    async def ask(self, request: object, give_up_after: float = 10.0) -> object:
+        return await ask_tracker(self.client, self.address, request, give_up_after=give_up_after)  # type: ignore[arg-type]
+
+    async def register(self, capacity: int = 2) -> None:
+        request = Register(STREAM, "127.0.0.1:9", capacity, now_ms())
+        assert isinstance(await self.ask(sign_message(request, STREAM_KEY)), Ack)
+
+    async def join(self, key: Ed25519PrivateKey, capacity: int = 2, token: bytes | None = None) -> Assigned:
+        request = Join(STREAM, key_id(key), capacity, "127.0.0.1:10", token, now_ms())
+        answer = await self.ask(sign_message(request, key))
+        assert isinstance(answer, Assigned)
+        return answer
+
+
+@asynccontextmanager
+async def room(config: TrackerConfig | None = None) -> AsyncIterator[Room]:
+    tracker = Tracker(config or TrackerConfig(refresh_s=60))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(serve_tracker, tracker, Ed25519PrivateKey.generate())
+            async with open_quic_endpoint(Ed25519PrivateKey.generate()) as client:
+                yield Room(tracker, address, client)
+            nursery.cancel_scope.cancel()
+
+
+async def test_join_rejoin_leave_and_status() -> None:
+    async with room() as r:
+        await r.register(capacity=2)
+        keys = [Ed25519PrivateKey.generate() for _ in range(5)]
+        answers = [await r.join(key) for key in keys]
+        assert [a.depth for a in answers] == [1, 1, 2, 2, 2]
+        assert answers[0].parent.node == STREAM and answers[0].refresh_s == 60
+        assert answers[4].backups and all(b.node != answers[4].parent.node for b in answers[4].backups)
+        # keys[2] sits under some depth-1 node; that node "dies": keys[2] reports it.
+        child, dead = keys[2], answers[2].parent.node
+        rejoin = Rejoin(STREAM, key_id(child), dead, None, 2, "127.0.0.1:10", None, now_ms())
+        moved = await r.ask(sign_message(rejoin, child))
+        assert isinstance(moved, Assigned) and moved.parent.node != dead
+        # A depth-1 node leaves gracefully: its children get new parents.
+        leaver = keys[0]
+        answer = await r.ask(sign_message(Leave(STREAM, key_id(leaver), now_ms()), leaver))
+        assert isinstance(answer, Moved)
+        assert all(move.parent.node != key_id(leaver) for move in answer.moves)
+        status = await r.ask(StatusRequest(STREAM))
+        assert isinstance(status, StatusReport)
+        assert status.audience == 4 and status.total_joins == 5
+        assert status.total_rejoins == 1 and status.total_leaves == 1
+        assert status.origin_children <= 2
+
+
+async def test_refresh_of_an_unknown_node_is_refused_with_unknown_peer() -> None:
+    async with room() as r:
+        await r.register()
+        key = Ed25519PrivateKey.generate()
+        refresh = Refresh(STREAM, key_id(key), STREAM, 0, "", now_ms())
+        await r.ask(sign_message(refresh, key))  # re-inserted under the origin: that works
+        stranger = Ed25519PrivateKey.generate()
+        refresh = Refresh(STREAM, key_id(stranger), b"\x01" * 32, 0, "", now_ms())
+        with pytest.raises(TrackerRefused) as caught:
+            await r.ask(sign_message(refresh, stranger))
+        assert caught.value.code == ErrorCode.UNKNOWN_PEER
+
+
+async def test_unknown_stream_bad_signature_and_stale_time_are_refused() -> None:
+    async with room() as r:
+        key = Ed25519PrivateKey.generate()
+        with pytest.raises(TrackerRefused) as caught:
+            await r.join(key)
+        assert caught.value.code == ErrorCode.UNKNOWN_STREAM
+        await r.register()
+        forged = Join(STREAM, key_id(key), 2, "", None, now_ms())
+        forged = sign_message(forged, Ed25519PrivateKey.generate())
+        with pytest.raises(TrackerRefused) as caught:
+            await r.ask(forged)
+        assert caught.value.code == ErrorCode.BAD_SIGNATURE
+        stale = sign_message(Join(STREAM, key_id(key), 2, "", None, now_ms() - 3_600_000), key)
+        with pytest.raises(TrackerRefused) as caught:
+            await r.ask(stale)
+        assert caught.value.code == ErrorCode.STALE_REQUEST
+
+
+async def test_tokens_bad_and_expired_are_refused_with_their_codes() -> None:
+    host = Ed25519PrivateKey.generate()
+    async with room(TrackerConfig(host_keys=(host.public_key(),))) as r:
+        await r.register()
+        key = Ed25519PrivateKey.generate()
+        node = key_id(key)
+        for token, code in [
+            (None, ErrorCode.TOKEN_REQUIRED),
+            (issue_token(Ed25519PrivateKey.generate(), STREAM, node, now_ms() + 60_000), ErrorCode.TOKEN_INVALID),
+            (issue_token(host, STREAM, node, now_ms() - 1), ErrorCode.TOKEN_EXPIRED),
+        ]:
+            with pytest.raises(TrackerRefused) as caught:
+                await r.join(key, token=token)
+            assert caught.value.code == code
+        good = issue_token(host, STREAM, node, now_ms() + 60_000)
+        assert (await r.join(key, token=good)).depth == 1
+
+
+async def test_overload_answers_retry_after() -> None:
+    async with room(TrackerConfig(max_pending=0, retry_after_ms=300)) as r:
+        async with r.client.connect(r.address) as conn:
+            stream = await conn.open_stream()
+            await stream.send_all(frame(StatusRequest(STREAM)))
+            reader = MessageReader()
+            while (answer := reader.next_message()) is None:
+                reader.receive_data(await stream.receive_some())
+        assert answer == RetryAfter(300, "tracker overloaded")
+        # A client keeps backing off (at least the delay, with jitter) and gives up in time.
+        start = trio.current_time()
+        with pytest.raises(trio.TooSlowError):
+            await r.ask(StatusRequest(STREAM), give_up_after=1.0)
+        assert trio.current_time() - start >= 0.3
+        assert r.tracker.total_shed >= 2
+
+
+async def test_garbage_closes_that_connection_and_the_server_keeps_serving() -> None:
+    async with room() as r:
+        await r.register()
+        async with r.client.connect(r.address) as conn:
+            stream = await conn.open_stream()
+            await stream.send_all(b"\x00\x00\x00\x05garbage!")
+            reader = MessageReader()
+            data = b"?"
+            while data and (answer := reader.next_message()) is None:
+                data = await stream.receive_some()
+                reader.receive_data(data)
+            await conn.wait_closed()
+        assert isinstance(answer, Goodbye) and answer.code == ErrorCode.MALFORMED_MESSAGE
+        assert conn.close_code == ErrorCode.MALFORMED_MESSAGE
+        assert (await r.join(Ed25519PrivateKey.generate())).depth == 1

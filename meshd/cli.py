@@ -264,6 +264,13 @@ def _add_node_options(command: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="keep this file updated with the node's stats as JSON",
     )
+    command.add_argument(
+        "--stats-interval",
+        type=_positive,
+        default=5.0,
+        metavar="S",
+        help="seconds between stats log lines and stats-file updates (default 5)",
+    )
 
 
 def _add_origin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -309,7 +316,8 @@ def run_origin(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         tracker_key=args.tracker_key,
     )
-    origin = Origin(key, settings, stats_file=args.stats_file)
+    config = NodeConfig(stats_interval=args.stats_interval)
+    origin = Origin(key, settings, config, stats_file=args.stats_file)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -408,6 +416,7 @@ def run_listen(args: argparse.Namespace) -> int:
         buffer_seconds=args.buffer / 1000,
         silence_timeout=args.silence_timeout / 1000,
         heartbeat_interval=min(0.25, args.silence_timeout / 4000),
+        stats_interval=args.stats_interval,
     )
     settings = RelaySettings(
         tracker=args.tracker,

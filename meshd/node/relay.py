@@ -101,6 +101,7 @@ class Relay:
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self._leaving = False
+        self._last_played_at: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -119,9 +120,7 @@ class Relay:
                 if self.output is not None:
                     self.output.close()
 
-    async def _run_node(
-        self, endpoint: QuicEndpoint, task_status: trio.TaskStatus[None]
-    ) -> None:
+    async def _run_node(self, endpoint: QuicEndpoint, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.settings.capacity > 0:
@@ -181,6 +180,7 @@ class Relay:
                     current.end_reason,
                 )
                 dead = current.peer
+                self.stats.failovers += 1
                 self.stats.bad_peers += current.bad_peer
                 candidates = [peer for peer in self.backups if peer.node != dead.node]
                 current = None
@@ -369,6 +369,10 @@ class Relay:
                 self.stats.first_seq = chunk.seq
                 self.stats.first_audio_at = now
             self.stats.last_seq = chunk.seq
+            if self._last_played_at is not None:
+                stall = (now - self._last_played_at) * 1000
+                self.stats.longest_stall_ms = max(self.stats.longest_stall_ms, stall)
+            self._last_played_at = now
             self.stats.packets_played += len(chunk.packets)
             if self.output is not None and self.output.started:
                 self.output.write(chunk.packets)

@@ -32,6 +32,10 @@ class NodeStats:
     repairs_requested: int = 0
     lost: int = 0
     parent_switches: int = 0
+    failovers: int = 0
+    """Switches forced by a failed or silent parent (the rest were redirects)."""
+    longest_stall_ms: float = 0.0
+    """The longest wait between two chunks played in order, after the first."""
     bad_peers: int = 0
     first_seq: int | None = None
     last_seq: int | None = None

@@ -57,7 +57,9 @@ class Room:
         request = Register(STREAM, "127.0.0.1:9", capacity, now_ms())
         assert isinstance(await self.ask(sign_message(request, STREAM_KEY)), Ack)
 
-    async def join(self, key: Ed25519PrivateKey, capacity: int = 2, token: bytes | None = None) -> Assigned:
+    async def join(
+        self, key: Ed25519PrivateKey, capacity: int = 2, token: bytes | None = None
+    ) -> Assigned:
         request = Join(STREAM, key_id(key), capacity, "127.0.0.1:10", token, now_ms())
         answer = await self.ask(sign_message(request, key))
         assert isinstance(answer, Assigned)
@@ -82,7 +84,9 @@ async def test_join_rejoin_leave_and_status() -> None:
         answers = [await r.join(key) for key in keys]
         assert [a.depth for a in answers] == [1, 1, 2, 2, 2]
         assert answers[0].parent.node == STREAM and answers[0].refresh_s == 60
-        assert answers[4].backups and all(b.node != answers[4].parent.node for b in answers[4].backups)
+        assert answers[4].backups and all(
+            b.node != answers[4].parent.node for b in answers[4].backups
+        )
         # keys[2] sits under some depth-1 node; that node "dies": keys[2] reports it.
         child, dead = keys[2], answers[2].parent.node
         rejoin = Rejoin(STREAM, key_id(child), dead, None, 2, "127.0.0.1:10", None, now_ms())
@@ -139,7 +143,10 @@ async def test_tokens_bad_and_expired_are_refused_with_their_codes() -> None:
         node = key_id(key)
         for token, code in [
             (None, ErrorCode.TOKEN_REQUIRED),
-            (issue_token(Ed25519PrivateKey.generate(), STREAM, node, now_ms() + 60_000), ErrorCode.TOKEN_INVALID),
+            (
+                issue_token(Ed25519PrivateKey.generate(), STREAM, node, now_ms() + 60_000),
+                ErrorCode.TOKEN_INVALID,
+            ),
             (issue_token(host, STREAM, node, now_ms() - 1), ErrorCode.TOKEN_EXPIRED),
         ]:
             with pytest.raises(TrackerRefused) as caught:

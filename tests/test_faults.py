@@ -1,0 +1,110 @@
+"""Faults with real processes: relays killed or stopped mid-stream, the tracker restarted."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.procs import Cluster, Proc, cluster
+from tests.room import DATA, assert_gap_free_tail, packets_of
+
+LONG_TONE = DATA / "tone12.opus"  # 12 s: room to join, break things, and recover
+
+
+def start_room(room: Cluster, listeners: int, *tracker_args: str) -> tuple[Proc, str, list[Proc]]:
+    _, tracker = room.tracker(*tracker_args)
+    key, stream = room.keygen("origin")
+    origin = room.start(
+        "origin", "origin", "--tracker", tracker, "--key", str(key),
+        "--input", str(LONG_TONE), "--capacity", "2",
+    )  # fmt: skip
+    origin.wait_for_output("registered")
+    procs = [
+        room.listener(f"listener{i}", tracker, stream, "--max-children", "2",
+                      "--silence-timeout", "600")
+        for i in range(listeners)
+    ]  # fmt: skip
+    wait_until(lambda: all(room.stats(f"listener{i}").get("first_seq") is not None
+                           for i in range(listeners)), "every listener plays")  # fmt: skip
+    return origin, tracker, procs
+
+
+def wait_until(condition: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)
+
+
+def relays_with_children(room: Cluster, count: int) -> list[int]:
+    """Indexes of listeners that feed others, deepest first (mid-tree, not the leaves)."""
+    stats = {i: room.stats(f"listener{i}") for i in range(count)}
+    feeding = [i for i, s in stats.items() if s.get("children", 0) > 0]
+    return sorted(feeding, key=lambda i: -(stats[i].get("depth") or 0))
+
+
+def check_complete(room: Cluster, indexes: list[int]) -> list[dict[str, Any]]:
+    source = packets_of(LONG_TONE)
+    results = []
+    for index in indexes:
+        stats = room.stats(f"listener{index}")
+        assert stats.get("ended"), f"listener{index} did not reach the end"
+        assert stats["lost"] == 0, f"listener{index} lost {stats['lost']} chunks"
+        assert_gap_free_tail(room.workdir / f"listener{index}.opus", source)
+        results.append(stats)
+    return results
+
+
+def test_sigkill_of_two_mid_tree_relays_costs_no_listener_a_packet(tmp_path: Path) -> None:
+    with cluster(tmp_path) as room:
+        origin, _, procs = start_room(room, 10)
+        wait_until(lambda: len(relays_with_children(room, 10)) >= 2, "two relays feed others")
+        victims = relays_with_children(room, 10)[:2]
+        for victim in victims:
+            procs[victim].signal(signal.SIGKILL)
+        survivors = [i for i in range(10) if i not in victims]
+        for index in survivors:
+            assert procs[index].wait(40) == 0, procs[index].tail()
+        assert origin.wait(30) == 0, origin.tail()
+        results = check_complete(room, survivors)
+    assert sum(stats["failovers"] for stats in results) >= 1  # someone really lost a parent
+
+
+def test_sigterm_moves_children_first_without_a_failover(tmp_path: Path) -> None:
+    with cluster(tmp_path) as room:
+        origin, _, procs = start_room(room, 6)
+        wait_until(lambda: relays_with_children(room, 6), "a relay feeds others")
+        leaver = relays_with_children(room, 6)[0]
+        leaver_id = room.stats(f"listener{leaver}")["node"]
+        children = [i for i in range(6) if room.stats(f"listener{i}").get("parent") == leaver_id]
+        assert children
+        procs[leaver].signal(signal.SIGTERM)
+        assert procs[leaver].wait(15) == 0, procs[leaver].tail()
+        for index in range(6):
+            if index != leaver:
+                assert procs[index].wait(40) == 0, procs[index].tail()
+        assert origin.wait(30) == 0
+        results = check_complete(room, children)
+    for stats in results:
+        assert stats["failovers"] == 0, "a child had to detect a dead parent"
+        assert stats["parent_switches"] >= 1 and stats["parent"] != leaver_id
+
+
+def test_tracker_restart_keeps_audio_flowing_and_joins_work_again(tmp_path: Path) -> None:
+    with cluster(tmp_path) as room:
+        origin, tracker, procs = start_room(room, 4, "--refresh", "1")
+        first_tracker = room.procs[0]
+        first_tracker.signal(signal.SIGKILL)
+        first_tracker.wait(10)
+        again = room.start("tracker-again", "tracker", "--listen", tracker, "--refresh", "1")
+        again.wait_for_output("listening on")
+        stream = room.stats("listener0")["stream"]
+        late = [room.listener(f"listener{i}", tracker, stream) for i in (4, 5)]
+        for proc in procs + late:
+            assert proc.wait(40) == 0, proc.tail()
+        assert origin.wait(30) == 0
+        check_complete(room, list(range(6)))
+        assert "register stream=" in again.log.read_text()

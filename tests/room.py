@@ -61,8 +61,8 @@ class Room:
         self.finished[relay].set()
 
     async def wait_all_receiving(self) -> None:
-        while not all(relay.stats.first_audio_at is not None for relay in self.relays):
-            await trio.sleep(0.05)
+        for relay in self.relays:
+            await relay.playing.wait()
 
     async def wait_all_ended(self, relays: list[Relay] | None = None) -> None:
         """Until these relays played the END chunk and exited (their output complete)."""

@@ -102,6 +102,8 @@ class Relay:
         self._stop = trio.Event()
         self._leaving = False
         self._last_played_at: float | None = None
+        self.playing = trio.Event()
+        """Set once the first chunk has been played."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -368,6 +370,7 @@ class Relay:
             if self.stats.first_seq is None:
                 self.stats.first_seq = chunk.seq
                 self.stats.first_audio_at = now
+                self.playing.set()
             self.stats.last_seq = chunk.seq
             if self._last_played_at is not None:
                 stall = (now - self._last_played_at) * 1000

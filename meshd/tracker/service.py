@@ -314,4 +314,3 @@ class Tracker:
 
 def _peer(ref: PeerRef) -> Peer:
     return Peer(ref.peer_id, ref.address)
-

@@ -602,17 +602,25 @@ class StreamTree:
         self._set_depth(node, parent.depth + 1)
 
     def _set_depth(self, root: _Node, depth: int) -> None:
-        """Shift the depths of a moved subtree, keeping counts and buckets exact."""
+        """Shift the depths of a moved subtree, keeping counts and buckets exact.
+
+        The hot loop of every repair (O(subtree)), hence inlined counting. A move does
+        not change who has a free slot, so only nodes already in a bucket are re-filed.
+        """
         shift = depth - root.depth
         if shift == 0:
             return
+        counts = self._depth_count
         stack = [root]
         while stack:
             node = stack.pop()
-            self._count_depth(node.depth, -1)
+            counts[node.depth] -= 1
             node.depth += shift
-            self._count_depth(node.depth, 1)
-            self._index(node)
+            if node.depth >= len(counts):
+                counts.append(0)  # one level below its parent, which is counted already
+            counts[node.depth] += 1
+            if node.slot_depth >= 0:
+                self._index(node)
             stack.extend(node.children)
 
     def _set_capacity(self, node: _Node, capacity: int) -> None:

@@ -10,7 +10,9 @@ depth is at most ceil(log_k N) + 1.
 
 Repairs move only the nodes the protocol lets us tell (the reporter of a failure, the
 children of a leaver); each moved node keeps its subtree and goes to the shallowest free
-slot outside its own subtree (and outside the failed node's subtree).
+slot outside its own subtree (and outside the failed node's subtree). In a full tree that
+slot is near the frontier, so churn makes the tree deeper than log_k N (see
+bench/bench_tracker_core.py); only moving peers that asked for nothing could undo that.
 
 Failure reports are hearsay until confirmed: a node reported dead is evicted only after
 `report_quorum` distinct children reported it within `report_window`, when its soft state
@@ -61,7 +63,11 @@ class TreeErrorCode(StrEnum):
 
 
 class TreeError(Exception):
-    """Base of every refusal by `StreamTree`; the tree is unchanged when one is raised."""
+    """Base of every refusal by `StreamTree`.
+
+    The peer's placement is unchanged when one is raised; what the request proved (the
+    peer is alive, its capacity, a failure report) may still have been recorded.
+    """
 
     code: ClassVar[TreeErrorCode]
 
@@ -116,7 +122,7 @@ class TreeSnapshot:
     origin_capacity: int
     free_slots: int
     orphans: int
-    suspects: int
+    suspects: int  # reported peers not cleared yet (pruned to the window by suspects())
 
 
 class _Node:

@@ -1,1 +1,12 @@
-"""The tracker: assigns each node of a stream a parent in a relay tree rooted at the origin."""
+"""The tracker: assigns parents and repairs the tree. Embed it in a trio host with
+`serve_tracker`, or run `meshd tracker`.
+
+    tracker = Tracker(TrackerConfig(refresh_s=120))
+    host, port = await nursery.start(serve_tracker, tracker, key, "0.0.0.0", 4433)
+    report = tracker.status(stream_id, trio.current_time())
+"""
+
+from meshd.tracker.server import serve_tracker
+from meshd.tracker.service import Tracker, TrackerConfig
+
+__all__ = ["Tracker", "TrackerConfig", "serve_tracker"]

@@ -39,6 +39,11 @@ _BAD_CERTIFICATE = QuicErrorCode.CRYPTO_ERROR + 42
 # Peer streams waiting for accept_stream(); more are refused with STOP_SENDING.
 _MAX_UNACCEPTED_STREAMS = 64
 _STREAM_REFUSED = 0
+# aioquic's loss timer is sent_time + delay, but detect_loss() checks
+# sent_time <= now - delay: at exactly the deadline, rounding can leave the
+# packet undetected and the timer in the past forever. Handling timers a
+# microsecond late avoids that spin (it shows up with trio's mock clocks).
+_TIMER_SLACK = 1e-6
 
 
 class ConnectionOwner(Protocol):
@@ -264,7 +269,7 @@ class QuicConn:
     def _on_timer(self, now: float) -> None:
         timer = self._quic.get_timer()
         if timer is not None and now >= timer:
-            self._quic.handle_timer(now)
+            self._quic.handle_timer(max(now, timer + _TIMER_SLACK))
         if not self._handshake_complete and now >= self._handshake_deadline:
             if self._error is None and not self._closed_locally:
                 self._fail(partial(HandshakeFailed, None, "handshake timed out", by_peer=False))

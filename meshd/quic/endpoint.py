@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from _buffer
@@ -30,11 +30,6 @@ from meshd.quic.config import EndpointConfig
 from meshd.quic.connection import QuicConn
 from meshd.quic.identity import RAW_KEY_SIZE, self_signed_certificate
 from meshd.quic.transport import Address, DatagramTransport, UdpTransport
-
-if TYPE_CHECKING:
-    # trio-typing's stubs (a dev dependency) shadow trio's own types and lack
-    # trio.TaskStatus; this is the same class under its stub name.
-    from trio_typing import TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +124,7 @@ class QuicEndpoint:
             await self._accepted.park()
 
     async def serve(
-        self, handler: Handler, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self, handler: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run ``handler(conn)`` for each incoming connection, closing it afterwards.
 
@@ -347,7 +342,7 @@ async def serve_quic(
     endpoint: QuicEndpoint,
     handler: Handler,
     *,
-    task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``endpoint.serve`` as a function, for ``nursery.start(serve_quic, ep, handler)``."""
     await endpoint.serve(handler, task_status=task_status)

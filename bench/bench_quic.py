@@ -139,7 +139,8 @@ async def bench(pipe: Connection, address: tuple[str, int]) -> None:
             cpu = after["cpu"] - before["cpu"]
             rate = 2 * BULK_BYTES / elapsed / 1e6
             print(
-                f"bulk stream echo {BULK_BYTES >> 20} MiB: {rate:.1f} MB/s both ways; server {packets / elapsed:,.0f} packets/s,"
+                f"bulk stream echo {BULK_BYTES >> 20} MiB: {rate:.1f} MB/s both ways;"
+                f" server {packets / elapsed:,.0f} packets/s,"
                 f" {packets / cpu:,.0f} packets/s per core (server CPU {cpu:.2f} s)"
             )
 

@@ -176,6 +176,20 @@ async def test_close_code_and_reason_reach_the_peer() -> None:
     assert isinstance(seen[0], trio.BrokenResourceError)
 
 
+async def test_alpn_mismatch_fails_the_handshake() -> None:
+    with trio.fail_after(10):
+        async with endpoints(alpn="other/1") as (server, client):
+            with pytest.raises(HandshakeFailed) as info:
+                await client.connect(server.address)
+            assert info.value.by_peer
+            assert (
+                info.value.error_code == QuicErrorCode.CRYPTO_ERROR + 120
+            )  # no_application_protocol
+            with trio.move_on_after(0.5) as scope:
+                await server.accept()
+            assert scope.cancelled_caught
+
+
 async def test_peer_key_pinning() -> None:
     server_key = new_key()
     expected = raw_public_key(server_key.public_key())

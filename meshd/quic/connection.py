@@ -127,6 +127,7 @@ class QuicConn:
         self._check()
         stream_id = self._quic.get_next_available_stream_id(is_unidirectional=unidirectional)
         self._quic.send_stream_data(stream_id, b"")  # makes aioquic allocate the id
+        self._sweep_streams()
         stream = self._streams[stream_id] = QuicStream(self, stream_id, is_client=self.is_client)
         await trio.lowlevel.cancel_shielded_checkpoint()
         return stream

@@ -23,6 +23,7 @@ from meshd.node.config import NodeConfig
 from meshd.node.origin import Origin, OriginSettings
 from meshd.node.output import AudioSink
 from meshd.node.relay import NodeError, Relay, RelaySettings
+from meshd.node.stats import ChunkTrace
 from meshd.quic import open_quic_endpoint
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
@@ -265,6 +266,12 @@ def _add_node_options(command: argparse.ArgumentParser) -> None:
         help="keep this file updated with the node's stats as JSON",
     )
     command.add_argument(
+        "--trace",
+        type=Path,
+        metavar="FILE",
+        help="write `seq unix_time_us` for every chunk as it arrives (for latency benches)",
+    )
+    command.add_argument(
         "--stats-interval",
         type=_positive,
         default=5.0,
@@ -317,7 +324,8 @@ def run_origin(args: argparse.Namespace) -> int:
         tracker_key=args.tracker_key,
     )
     config = NodeConfig(stats_interval=args.stats_interval)
-    origin = Origin(key, settings, config, stats_file=args.stats_file)
+    trace = ChunkTrace(args.trace) if args.trace else None
+    origin = Origin(key, settings, config, stats_file=args.stats_file, trace=trace)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -427,7 +435,10 @@ def run_listen(args: argparse.Namespace) -> int:
         token=token,
         tracker_key=args.tracker_key,
     )
-    relay = Relay(key, settings, AudioSink(args.output), config, stats_file=args.stats_file)
+    trace = ChunkTrace(args.trace) if args.trace else None
+    relay = Relay(
+        key, settings, AudioSink(args.output), config, stats_file=args.stats_file, trace=trace
+    )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

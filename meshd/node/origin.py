@@ -22,7 +22,7 @@ from meshd.addresses import format_address
 from meshd.node.config import NodeConfig
 from meshd.node.fanout import Fanout
 from meshd.node.relay import NodeError
-from meshd.node.stats import NodeStats, report_periodically
+from meshd.node.stats import ChunkTrace, NodeStats, report_periodically
 from meshd.ogg import AudioError, OggOpusParser, OpusPacket
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
@@ -64,8 +64,10 @@ class Origin:
         config: NodeConfig | None = None,
         rng: random.Random | None = None,
         stats_file: Path | None = None,
+        trace: ChunkTrace | None = None,
     ) -> None:
         self.key = key
+        self.trace = trace
         self.settings = settings
         self.config = config or NodeConfig()
         self.rng = rng or random.Random()
@@ -110,6 +112,8 @@ class Origin:
         logger.info("%s", self.stats.line())
         if self.stats_file is not None:
             self.stats.write_json(self.stats_file)
+        if self.trace is not None:
+            self.trace.close()
 
     async def _stream(self, packets: AsyncIterator[OpusPacket]) -> None:
         """Group packets into chunks of <= 200 ms, sign, pace in real time, send; then END."""
@@ -136,6 +140,8 @@ class Origin:
         if self.settings.pace and start is not None and not end:
             await trio.sleep_until(start[0] + (granule - start[1]) / OPUS_RATE)
         item = self.signer.sign([p.data for p in packets], granule, end=end)
+        if self.trace is not None:
+            self.trace.record(item.seq)
         self.ring.add(item)
         self.fanout.forward(item)
         self.stats.chunks_in += 1

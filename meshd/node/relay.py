@@ -21,7 +21,7 @@ from meshd.addresses import format_address
 from meshd.node.config import NodeConfig
 from meshd.node.fanout import Fanout
 from meshd.node.output import AudioSink
-from meshd.node.stats import NodeStats, report_periodically
+from meshd.node.stats import ChunkTrace, NodeStats, report_periodically
 from meshd.node.upstream import AttachFailed, UpstreamLink
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
@@ -80,9 +80,11 @@ class Relay:
         config: NodeConfig | None = None,
         rng: random.Random | None = None,
         stats_file: Path | None = None,
+        trace: ChunkTrace | None = None,
     ) -> None:
         self.key = key
         self.stats_file = stats_file
+        self.trace = trace
         self.node_id = key_id(key)
         self.settings = settings
         self.config = config or NodeConfig()
@@ -102,6 +104,8 @@ class Relay:
         self._stop = trio.Event()
         self._leaving = False
         self._last_played_at: float | None = None
+        self._join_started = 0.0
+        self._joined = trio.Event()
         self.playing = trio.Event()
         """Set once the first chunk has been played."""
 
@@ -145,6 +149,8 @@ class Relay:
         logger.info("%s", self.stats.line())
         if self.stats_file is not None:
             self.stats.write_json(self.stats_file)
+        if self.trace is not None:
+            self.trace.close()
 
     def leave(self) -> None:
         """Start a graceful leave (SIGINT/SIGTERM): children are moved first."""
@@ -154,16 +160,17 @@ class Relay:
     # -- parent management ---------------------------------------------------------------
 
     async def _follow_upstream(self) -> None:
+        self._join_started = trio.current_time()
         candidates = list(await self._ask_for_parent(None))
         current: UpstreamLink | None = None
         dead: Peer | None = None
         retry = Backoff(self.rng, base=0.2, cap=5.0)
         while not self._stop.is_set():
             if current is None:
-                current = await self._attach_first(candidates)
+                current, full = await self._attach_first(candidates)
                 if current is None:
                     await trio.sleep(retry.next_delay())
-                    candidates = list(await self._ask_for_parent(dead))
+                    candidates = list(await self._ask_for_parent(dead or full))
                     continue
                 retry.reset()
                 self._became_current(current, dead)
@@ -188,9 +195,17 @@ class Relay:
                 current = None
                 self.current = None
 
-    async def _attach_first(self, candidates: list[Peer]) -> UpstreamLink | None:
-        """Connect to the first candidate that accepts us, in order."""
+    async def _attach_first(
+        self, candidates: list[Peer]
+    ) -> tuple[UpstreamLink | None, Peer | None]:
+        """Connect to the first candidate that accepts us, in order.
+
+        Also returns the first candidate that refused because it is full: the tracker's
+        view of it is stale (e.g. after a tracker restart), and the REJOIN that names it
+        makes the tracker place us elsewhere.
+        """
         assert self._nursery is not None and self._endpoint is not None
+        full: Peer | None = None
         for peer in candidates:
             if peer.node == self.node_id or not peer.address:
                 continue
@@ -199,9 +214,11 @@ class Relay:
                 await self._nursery.start(link.run, self._endpoint, self.reorder.next_seq)
             except AttachFailed as exc:
                 logger.info("could not attach: %s", exc)
+                if exc.code == ErrorCode.NO_CAPACITY and full is None:
+                    full = peer
                 continue
-            return link
-        return None
+            return link, None
+        return None, full
 
     def _became_current(self, link: UpstreamLink, dead: Peer | None) -> None:
         previous = self.current
@@ -218,7 +235,7 @@ class Relay:
     async def _move(self, current: UpstreamLink, target: Redirected) -> UpstreamLink:
         """Make before break: attach to the new parent, then say GOODBYE to the old one."""
         current.redirect = None
-        new = await self._attach_first([target.parent, *target.backups])
+        new, _ = await self._attach_first([target.parent, *target.backups])
         if new is None:
             return current  # keep the old parent until it goes; then the usual failover
         self.backups = target.backups or self.backups
@@ -268,9 +285,11 @@ class Relay:
         self.stats.depth = answer.depth
         if self.stats.joined_at is None:
             self.stats.joined_at = trio.current_time()
+            self._joined.set()
 
     async def _refresh_loop(self) -> None:
         """Soft state: tell the tracker every `refresh_s` that we are alive and where."""
+        await self._joined.wait()  # refresh_s comes with the first ASSIGNED
         retry = Backoff(self.rng, base=1.0, cap=60.0)
         delay = self.refresh_s * self.rng.uniform(0.8, 1.0)
         while True:
@@ -360,6 +379,8 @@ class Relay:
             return
         self.stats.chunks_in += 1
         self.stats.bytes_in += len(item.raw)
+        if self.trace is not None:
+            self.trace.record(item.seq)
         self.ring.add(item)
         self.fanout.forward(item)
         self._play_ready(now)
@@ -370,6 +391,7 @@ class Relay:
             if self.stats.first_seq is None:
                 self.stats.first_seq = chunk.seq
                 self.stats.first_audio_at = now
+                self.stats.join_to_audio_ms = (now - self._join_started) * 1000
                 self.playing.set()
             self.stats.last_seq = chunk.seq
             if self._last_played_at is not None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,8 @@ class NodeStats:
     first_seq: int | None = None
     last_seq: int | None = None
     joined_at: float | None = None
+    join_to_audio_ms: float | None = None
+    """From sending JOIN to playing the first chunk."""
     first_audio_at: float | None = None
     ended: bool = False
 
@@ -67,3 +70,17 @@ async def report_periodically(stats: NodeStats, interval: float, path: Path | No
         logger.info("%s", stats.line())
         if path is not None:
             stats.write_json(path)
+
+
+class ChunkTrace:
+    """`seq unix_time_us` per chunk as it first arrives (or, at the origin, leaves):
+    comparing a parent's and a child's trace gives the latency a hop adds."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("w", buffering=64 * 1024)
+
+    def record(self, seq: int) -> None:
+        self._file.write(f"{seq} {time.time_ns() // 1000}\n")
+
+    def close(self) -> None:
+        self._file.close()

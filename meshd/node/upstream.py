@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -104,8 +105,18 @@ class UpstreamLink:
         task_status.started()
         with self._cancel:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_stream, nursery.cancel_scope)
-                nursery.start_soon(self._read_datagrams, nursery.cancel_scope)
+                assert self._stream and self._conn and self._link
+                link, scope = self._link, nursery.cancel_scope
+                receive_stream, receive_datagram = (
+                    self._stream.receive_some,
+                    self._conn.receive_datagram,
+                )
+                nursery.start_soon(
+                    self._receive_loop, receive_stream, link.receive_data, scope, True
+                )
+                nursery.start_soon(
+                    self._receive_loop, receive_datagram, link.receive_datagram, scope, False
+                )
                 nursery.start_soon(self._run_timers)
         self._finish(ErrorCode.GOING_AWAY, "link closed")
         await self._abort(self._link.goodbye_code if self._link else None)
@@ -143,34 +154,28 @@ class UpstreamLink:
         if self._link.state is not LinkState.STREAMING:
             raise AttachFailed(self.peer, f"refused: {self.end_reason}", self.end_code or 0)
 
-    async def _read_stream(self, scope: trio.CancelScope) -> None:
-        assert self._stream is not None and self._link is not None
-        while not self.ended:
-            try:
-                data = await self._stream.receive_some(65536)
-                self._link.receive_data(data, trio.current_time())
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._finish(ErrorCode.GOING_AWAY, f"connection lost: {exc}")
-            except ProtocolError as exc:
-                await self._protocol_error(exc)
-            else:
-                self._dispatch()
-                if not data:
-                    self._finish(ErrorCode.GOING_AWAY, "parent ended the stream")
-        scope.cancel()
+    async def _receive_loop(
+        self,
+        receive: Callable[[], Awaitable[bytes]],
+        feed: Callable[[bytes, float], None],
+        scope: trio.CancelScope,
+        ends_on_empty: bool,
+    ) -> None:
+        """Feed what `receive` returns (stream bytes or datagrams) to the link until it ends.
 
-    async def _read_datagrams(self, scope: trio.CancelScope) -> None:
-        assert self._conn is not None and self._link is not None
+        b"" is the end of the stream, but only an (invalid) empty datagram."""
         while not self.ended:
             try:
-                data = await self._conn.receive_datagram()
-                self._link.receive_datagram(data, trio.current_time())
+                data = await receive()
+                feed(data, trio.current_time())
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._finish(ErrorCode.GOING_AWAY, f"connection lost: {exc}")
             except ProtocolError as exc:
                 await self._protocol_error(exc)
             else:
                 self._dispatch()
+                if ends_on_empty and not data:
+                    self._finish(ErrorCode.GOING_AWAY, "parent ended the stream")
         scope.cancel()
 
     async def _run_timers(self) -> None:

@@ -188,3 +188,29 @@ async def test_garbage_closes_that_connection_and_the_server_keeps_serving() -> 
         assert isinstance(answer, Goodbye) and answer.code == ErrorCode.MALFORMED_MESSAGE
         assert conn.close_code == ErrorCode.MALFORMED_MESSAGE
         assert (await r.join(Ed25519PrivateKey.generate())).depth == 1
+
+
+@pytest.mark.parametrize("relay_is_alive", [True, False])
+async def test_a_single_report_is_checked_by_a_probe(relay_is_alive: bool) -> None:
+    """One child's word evicts nobody; the tracker's handshake to the suspect decides."""
+    async with room() as r:
+        await r.register(capacity=1)
+        relay_key, child_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        async with open_quic_endpoint(relay_key) as relay:
+            address = f"127.0.0.1:{relay.address[1]}"
+            join = Join(STREAM, key_id(relay_key), 1, address, None, now_ms())
+            assert isinstance(await r.ask(sign_message(join, relay_key)), Assigned)
+            assert (await r.join(child_key)).parent.node == key_id(relay_key)
+            await r.register(capacity=2)
+            await r.join(Ed25519PrivateKey.generate())  # a spare slot for the child to move to
+            if not relay_is_alive:
+                await relay.aclose()
+            dead = key_id(relay_key)
+            rejoin = Rejoin(STREAM, key_id(child_key), dead, None, 1, "", None, now_ms())
+            moved = await r.ask(sign_message(rejoin, child_key))
+            assert isinstance(moved, Assigned) and moved.parent.node != dead
+            tree = r.tracker.streams[STREAM].tree
+            with trio.fail_after(10):
+                while tree.suspects(trio.current_time()):
+                    await trio.sleep(0.1)
+            assert (dead in tree) is relay_is_alive

@@ -13,14 +13,18 @@ import time
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshd.addresses import parse_address
 from meshd.quic import QuicConn, QuicEndpoint, open_quic_endpoint
 from meshd.tracker.service import Tracker
+from meshd.tracker.tree import PeerRef
 from protocol import ErrorCode, Goodbye, ProtocolError, TrackerChannel, frame
 from protocol.messages import TrackerRequest, TrackerResponse
 
 logger = logging.getLogger("meshd.tracker")
 
 EXPIRY_INTERVAL = 5.0
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 10.0
 MAX_REQUESTS_PER_CONNECTION = 16
 
@@ -36,6 +40,7 @@ class TrackerServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._expire_loop)
+            nursery.start_soon(self._probe_loop)
             await nursery.start(self.endpoint.serve, self._handle_connection)
             task_status.started()
 
@@ -43,6 +48,26 @@ class TrackerServer:
         while True:
             await trio.sleep(EXPIRY_INTERVAL)
             self.tracker.expire(trio.current_time())
+
+    async def _probe_loop(self) -> None:
+        """Check nodes reported dead by trying a handshake pinned to their key: a lying
+        child cannot get a healthy relay evicted, and a real failure is confirmed fast."""
+        while True:
+            await trio.sleep(PROBE_INTERVAL)
+            async with trio.open_nursery() as nursery:
+                for stream_id, ref in self.tracker.suspects(trio.current_time()):
+                    nursery.start_soon(self._probe, stream_id, ref)
+
+    async def _probe(self, stream_id: bytes, ref: PeerRef) -> None:
+        alive = False
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                address = parse_address(ref.address)
+                async with self.endpoint.connect(address, expected_peer_key=ref.peer_id):
+                    alive = True
+            except (ValueError, trio.BrokenResourceError):
+                alive = False
+        self.tracker.probed(stream_id, ref.peer_id, alive, trio.current_time())
 
     async def _handle_connection(self, conn: QuicConn) -> None:
         self._active += 1

@@ -145,6 +145,29 @@ class Tracker:
                     short_id(peer),
                 )
 
+    def suspects(self, now: float) -> list[tuple[bytes, PeerRef]]:
+        """(stream, peer) pairs reported dead but not confirmed: the server probes them."""
+        return [
+            (stream_id, state.tree.ref_of(peer))
+            for stream_id, state in self.streams.items()
+            for peer in state.tree.suspects(now)
+        ]
+
+    def probed(self, stream_id: bytes, peer: bytes, alive: bool, now: float) -> None:
+        """Apply a probe's result; an unreachable suspect is removed as failed."""
+        state = self.streams.get(stream_id)
+        if state is None:
+            return
+        removed = state.tree.probe_result(peer, alive, now)
+        if removed:
+            state.total_failures += 1
+            logger.info(
+                "failure stream=%s node=%s (confirmed by probe; %d peers removed)",
+                short_id(stream_id),
+                short_id(peer),
+                len(removed),
+            )
+
     def status(self, stream_id: bytes, now: float) -> StatusReport | Goodbye:
         state = self.streams.get(stream_id)
         if state is None:

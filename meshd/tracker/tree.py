@@ -238,6 +238,10 @@ class StreamTree:
     def capacity_of(self, peer_id: bytes) -> int:
         return self._get(peer_id).capacity
 
+    def ref_of(self, peer_id: bytes) -> PeerRef:
+        """How to reach the peer (for the host's liveness probes)."""
+        return self._get(peer_id).ref
+
     def is_orphaned(self, peer_id: bytes) -> bool:
         """True if the tracker re-homed this peer and the peer has not confirmed it yet."""
         return self._get(peer_id).orphaned

@@ -211,6 +211,6 @@ async def test_a_single_report_is_checked_by_a_probe(relay_is_alive: bool) -> No
             assert isinstance(moved, Assigned) and moved.parent.node != dead
             tree = r.tracker.streams[STREAM].tree
             with trio.fail_after(10):
-                while tree.suspects(trio.current_time()):
-                    await trio.sleep(0.1)  # noqa: ASYNC110 - the tree has no event for it
+                while tree.suspects(trio.current_time()):  # noqa: ASYNC110 - no event to wait on
+                    await trio.sleep(0.1)
             assert (dead in tree) is relay_is_alive

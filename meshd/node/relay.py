@@ -177,6 +177,8 @@ class Relay:
                 dead = None
             await current.changed.wait()
             current.changed = trio.Event()
+            if self._stop.is_set():
+                return  # we are leaving or done: the link closing is ours
             if current.redirect is not None and not current.ended:
                 current = await self._move(current, current.redirect)
                 continue

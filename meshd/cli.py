@@ -55,11 +55,22 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = args.run(args)
     except UsageError as exc:
         parser.exit(2, f"meshd: error: {exc}\n")
-    except (KeyFileError, NodeError, TrackerRefused, OSError) as exc:
-        parser.exit(1, f"meshd: error: {exc}\n")
-    except trio.TooSlowError as exc:
-        parser.exit(1, f"meshd: error: {exc or 'timed out'}\n")
+    except FATAL as exc:
+        parser.exit(1, f"meshd: error: {exc or type(exc).__name__}\n")
+    except BaseExceptionGroup as group:  # raised from inside a trio nursery
+        fatal = group.subgroup(lambda exc: isinstance(exc, FATAL))
+        if fatal is None:
+            raise
+        parser.exit(1, f"meshd: error: {_first_leaf(fatal)}\n")
     sys.exit(code)
+
+
+FATAL = (KeyFileError, NodeError, TrackerRefused, OSError, trio.TooSlowError)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,6 +421,13 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="TOKEN",
         help="admission token from the host (base64), if the stream needs one",
     )
+    command.add_argument(
+        "--join-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="S",
+        help="give up if no parent is found within this long at start (default 60)",
+    )
     _add_node_options(command)
 
 
@@ -434,6 +452,7 @@ def run_listen(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         token=token,
         tracker_key=args.tracker_key,
+        join_timeout=args.join_timeout,
     )
     trace = ChunkTrace(args.trace) if args.trace else None
     relay = Relay(

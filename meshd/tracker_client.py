@@ -12,6 +12,7 @@ import time
 
 import trio
 
+from meshd.addresses import format_address
 from meshd.quic import QuicEndpoint
 from protocol import (
     ErrorCode,
@@ -75,7 +76,7 @@ async def ask_tracker(
         return exchange.response
     assert exchange.refusal is not None
     if exchange.refusal.code == ErrorCode.OVERLOADED:
-        raise trio.TooSlowError(f"tracker at {tracker} did not answer: {exchange.refusal.reason}")
+        raise trio.TooSlowError(f"the tracker at {format_address(tracker)} did not answer")
     raise TrackerRefused(exchange.refusal.code, exchange.refusal.reason)
 
 

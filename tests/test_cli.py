@@ -49,6 +49,21 @@ def test_keygen_writes_a_private_key_file_and_prints_its_id(tmp_path: Path) -> N
             "meshd keygen",
         ),
         (["status", "--tracker", "127.0.0.1:1"], 2, "--stream"),
+        (
+            [
+                "listen",
+                "--tracker",
+                "127.0.0.1:9",
+                "--stream",
+                "a" * 52,
+                "--output",
+                os.devnull,
+                "--join-timeout",
+                "1",
+            ],
+            1,
+            "is the tracker at 127.0.0.1:9 up",
+        ),
     ],
 )
 def test_errors_are_one_clear_line_and_a_nonzero_exit(

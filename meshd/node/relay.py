@@ -67,6 +67,8 @@ class RelaySettings:
     advertise: str | None = None
     token: bytes | None = None
     tracker_key: bytes | None = None
+    join_timeout: float = 60.0
+    """Give up (NodeError) if the first JOIN finds no parent within this long."""
 
 
 class Relay:
@@ -248,9 +250,20 @@ class Relay:
     # -- the tracker --------------------------------------------------------------------
 
     async def _ask_for_parent(self, dead: Peer | None) -> list[Peer]:
-        """JOIN (or REJOIN naming the dead parent) until the tracker assigns a parent."""
+        """JOIN (or REJOIN naming the dead parent) until the tracker assigns a parent.
+
+        Before the node ever had a parent this gives up after `join_timeout`: a wrong
+        tracker address or a stream that never starts is an error, not a silent wait.
+        """
         retry = Backoff(self.rng, base=0.5, cap=10.0)
+        give_up_at = trio.current_time() + self.settings.join_timeout
+        problem = "no answer"
         while True:
+            if self.stats.joined_at is None and trio.current_time() > give_up_at:
+                raise NodeError(
+                    f"no parent after {self.settings.join_timeout:.0f} s ({problem}); is the "
+                    f"tracker at {format_address(self.settings.tracker)} up and the stream live?"
+                )
             try:
                 if dead is None:
                     answer = await self._request(self._join_request())
@@ -259,9 +272,11 @@ class Relay:
             except TrackerRefused as exc:
                 if exc.code in FATAL_REFUSALS:
                     raise NodeError(str(exc)) from None
+                problem = str(exc)
                 logger.warning("%s; retrying", exc)
             except trio.TooSlowError as exc:
-                logger.warning("tracker unreachable (%s); retrying", exc)
+                problem = str(exc)
+                logger.warning("%s; retrying", exc)
             else:
                 assert isinstance(answer, Assigned)
                 self._assigned(answer)
@@ -321,6 +336,7 @@ class Relay:
             self.settings.tracker,
             request,
             rng=self.rng,
+            give_up_after=min(60.0, self.settings.join_timeout),
             tracker_key=self.settings.tracker_key,
         )
 

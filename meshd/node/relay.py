@@ -49,6 +49,7 @@ from protocol.media import OPUS_RATE
 
 logger = logging.getLogger(__name__)
 
+UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -291,10 +292,16 @@ class Relay:
             logger.warning("could not report the failed parent: %s", exc)
             return
         assert isinstance(answer, Assigned)
+        self._follow(answer)
+
+    def _follow(self, answer: Assigned) -> None:
+        """Adopt an assignment; if it names another parent, move there make-before-break
+        (so the tracker's view and the real tree agree)."""
         self._assigned(answer)
-        if answer.parent.node != attached.peer.node and not attached.ended:
-            attached.redirect = Redirected(answer.parent, answer.backups)
-            attached.changed.set()
+        current = self.current
+        if current is not None and answer.parent.node != current.peer.node and not current.ended:
+            current.redirect = Redirected(answer.parent, answer.backups)
+            current.changed.set()
 
     def _assigned(self, answer: Assigned) -> None:
         self.backups = answer.backups
@@ -305,29 +312,54 @@ class Relay:
             self._joined.set()
 
     async def _refresh_loop(self) -> None:
-        """Soft state: tell the tracker every `refresh_s` that we are alive and where."""
+        """Soft state: tell the tracker every `refresh_s` that we are alive and where.
+
+        UNKNOWN_PEER means the tracker lost us (it restarted): a few quick retries give
+        our parent's own REFRESH time to arrive, then we JOIN again and follow the answer.
+        """
         await self._joined.wait()  # refresh_s comes with the first ASSIGNED
         retry = Backoff(self.rng, base=1.0, cap=60.0)
         delay = self.refresh_s * self.rng.uniform(0.8, 1.0)
         while True:
             await trio.sleep(delay)
-            parent = self.current.peer.node if self.current is not None else None
-            request = Refresh(
-                self.settings.stream,
-                self.node_id,
-                parent,
-                self.settings.capacity,
-                self.address,
-                now_ms(),
-            )
             try:
-                await self._request(sign_message(request, self.key))
-            except (TrackerRefused, trio.TooSlowError) as exc:
-                logger.info("refresh failed (%s); retrying sooner", exc)
+                await self._request(self._refresh_request())
+            except TrackerRefused as exc:
+                if exc.code == ErrorCode.UNKNOWN_PEER and retry.attempt >= UNKNOWN_RETRIES:
+                    await self._join_again()
+                    retry.reset()
+                    delay = self.refresh_s * self.rng.uniform(0.8, 1.0)
+                    continue
+                logger.info("refresh refused (%s); retrying sooner", exc)
+                delay = min(retry.next_delay(), self.refresh_s)
+            except trio.TooSlowError as exc:
+                logger.info("refresh failed (%s); retrying later", exc)
                 delay = min(retry.next_delay(), self.refresh_s)
             else:
                 retry.reset()
                 delay = self.refresh_s * self.rng.uniform(0.8, 1.0)
+
+    async def _join_again(self) -> None:
+        try:
+            answer = await self._request(self._join_request())
+        except (TrackerRefused, trio.TooSlowError) as exc:
+            logger.warning("could not join again: %s", exc)
+            return
+        assert isinstance(answer, Assigned)
+        logger.info("the tracker had forgotten us; joined again")
+        self._follow(answer)
+
+    def _refresh_request(self) -> Refresh:
+        parent = self.current.peer.node if self.current is not None else None
+        request = Refresh(
+            self.settings.stream,
+            self.node_id,
+            parent,
+            self.settings.capacity,
+            self.address,
+            now_ms(),
+        )
+        return sign_message(request, self.key)
 
     async def _request(self, request: Join | Rejoin | Leave | Refresh) -> object:
         assert self._endpoint is not None

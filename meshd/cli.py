@@ -409,9 +409,10 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     command.add_argument(
         "--silence-timeout",
         type=int,
-        default=1000,
+        default=750,
         metavar="MS",
-        help="switch parent after this long without data (default 1000)",
+        help="switch parent after this long without data (default 750; at least 3 of the "
+        "parents' 250 ms heartbeats)",
     )
     command.add_argument(
         "--key", type=Path, metavar="FILE", help="this node's key (default: a new key each run)"

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.procs import MESHD, cluster
-from tests.room import TONE, assert_gap_free_tail, packets_of
+from tests.room import DATA, assert_gap_free_tail, packets_of
+
+TONE = DATA / "tone12.opus"  # long enough for ten processes to start and join
 
 COMMANDS = ["keygen", "tracker", "origin", "listen", "status", "token", "demo"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class NodeConfig:
     heartbeat_interval: float = 0.25
     """A parent says HEARTBEAT after this long without sending anything."""
-    silence_timeout: float = 1.0
+    silence_timeout: float = 0.75
     """A child presumes its parent dead after this long without hearing from it."""
     buffer_seconds: float = 10.0
     """Audio kept in the ring buffer, for resuming children and repairs."""

@@ -49,6 +49,7 @@ from protocol.media import OPUS_RATE
 
 logger = logging.getLogger(__name__)
 
+ATTACH_STAGGER = 0.25  # seconds before also trying the next candidate parent
 UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
@@ -203,27 +204,58 @@ class Relay:
     async def _attach_first(
         self, candidates: list[Peer]
     ) -> tuple[UpstreamLink | None, Peer | None]:
-        """Connect to the first candidate that accepts us, in order.
+        """Attach to the first candidate that accepts us ("happy eyeballs": the next
+        candidate is tried when the previous one fails or after ATTACH_STAGGER, so a dead
+        backup costs a fraction of a second, not a whole connect timeout).
 
         Also returns the first candidate that refused because it is full: the tracker's
         view of it is stale (e.g. after a tracker restart), and the REJOIN that names it
         makes the tracker place us elsewhere.
         """
-        assert self._nursery is not None and self._endpoint is not None
-        full: Peer | None = None
-        for peer in candidates:
-            if peer.node == self.node_id or not peer.address:
-                continue
-            link = UpstreamLink(self, peer, self.settings.stream, self.node_id, self.config)
-            try:
-                await self._nursery.start(link.run, self._endpoint, self.reorder.next_seq)
-            except AttachFailed as exc:
-                logger.info("could not attach: %s", exc)
-                if exc.code == ErrorCode.NO_CAPACITY and full is None:
-                    full = peer
-                continue
-            return link, None
-        return None, full
+        assert self._nursery is not None
+        eligible = [peer for peer in candidates if peer.node != self.node_id and peer.address]
+        winners: list[UpstreamLink] = []
+        full: list[Peer] = []
+        async with trio.open_nursery() as attempts:
+            previous_failed: trio.Event | None = None
+            for peer in eligible:
+                failed = trio.Event()
+                attempts.start_soon(
+                    self._try_attach, peer, previous_failed, failed, winners, full, attempts
+                )
+                previous_failed = failed
+        if not winners:
+            return None, full[0] if full else None
+        self._nursery.start_soon(winners[0].serve)
+        return winners[0], None
+
+    async def _try_attach(
+        self,
+        peer: Peer,
+        turn: trio.Event | None,
+        failed: trio.Event,
+        winners: list[UpstreamLink],
+        full: list[Peer],
+        attempts: trio.Nursery,
+    ) -> None:
+        assert self._endpoint is not None
+        if turn is not None:
+            with trio.move_on_after(ATTACH_STAGGER):
+                await turn.wait()
+        link = UpstreamLink(self, peer, self.settings.stream, self.node_id, self.config)
+        try:
+            await link.attach(self._endpoint, self.reorder.next_seq)
+        except AttachFailed as exc:
+            logger.info("could not attach: %s", exc)
+            if exc.code == ErrorCode.NO_CAPACITY:
+                full.append(peer)
+            failed.set()
+            return
+        if winners:
+            await link.close(ErrorCode.NO_ERROR, "another parent answered first")
+            return
+        winners.append(link)
+        attempts.cancel_scope.cancel()
 
     def _became_current(self, link: UpstreamLink, dead: Peer | None) -> None:
         previous = self.current

@@ -1,9 +1,9 @@
 """One link to one parent: connect (pinning its key), subscribe, receive, repair, close.
 
-`UpstreamLink.run` is started with `nursery.start`: it returns control once the parent
-has accepted (STREAM_INFO arrived), or raises `AttachFailed` so the caller can try the
-next candidate. After that it never raises; it records how the link ended and sets
-`changed`, which the relay also sees when the parent redirects us.
+`UpstreamLink.attach` returns once the parent has accepted (STREAM_INFO arrived), or
+raises `AttachFailed` so the caller can try the next candidate. `serve` then never
+raises; it records how the link ended and sets `changed`, which the relay also sees
+when the parent redirects us.
 """
 
 from __future__ import annotations
@@ -83,26 +83,23 @@ class UpstreamLink:
     def ended(self) -> bool:
         return self.end_code is not None
 
-    async def run(
-        self,
-        endpoint: QuicEndpoint,
-        from_seq: int | None,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def attach(self, endpoint: QuicEndpoint, from_seq: int | None) -> None:
+        """Connect, subscribe, and wait for STREAM_INFO; AttachFailed if that fails."""
         try:
             with trio.fail_after(self._config.connect_timeout):
-                await self._attach(endpoint, from_seq)
+                await self._subscribe(endpoint, from_seq)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await self._abort()
             raise AttachFailed(self.peer, str(exc) or type(exc).__name__) from None
         except ProtocolError as exc:
             await self._abort(exc.code, str(exc))
             raise AttachFailed(self.peer, str(exc), exc.code) from None
-        except AttachFailed:
+        except BaseException:  # refused, or cancelled because another parent was faster
             await self._abort()
             raise
-        task_status.started()
+
+    async def serve(self) -> None:
+        """Receive until the link ends; records why in `end_code`/`end_reason`."""
         with self._cancel:
             async with trio.open_nursery() as nursery:
                 assert self._stream and self._conn and self._link
@@ -129,8 +126,9 @@ class UpstreamLink:
                 await self._flush()
         self._finish(code, reason)
         self._cancel.cancel()
+        await self._abort(code, reason)
 
-    async def _attach(self, endpoint: QuicEndpoint, from_seq: int | None) -> None:
+    async def _subscribe(self, endpoint: QuicEndpoint, from_seq: int | None) -> None:
         try:
             address = parse_address(self.peer.address)
         except ValueError as exc:

@@ -25,7 +25,7 @@ logger = logging.getLogger("meshd.tracker")
 EXPIRY_INTERVAL = 5.0
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
-REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 5.0  # as long as a client waits for one attempt
 MAX_REQUESTS_PER_CONNECTION = 16
 
 
@@ -87,7 +87,11 @@ class TrackerServer:
             try:
                 channel.receive_data(data)
                 while (request := channel.next_request()) is not None:
-                    channel.respond(self.tracker.shed() if overloaded else self._answer(request))
+                    channel.respond(
+                        self.tracker.shed(trio.current_time())
+                        if overloaded
+                        else self._answer(request)
+                    )
             except ProtocolError as exc:
                 logger.warning("bad request from %s: %s", conn.remote_address, exc)
                 await stream.send_all(frame(Goodbye(exc.code, str(exc)[:200])))

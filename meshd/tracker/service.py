@@ -7,6 +7,7 @@ the response to send, so the server (and a host embedding the tracker) only move
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,8 @@ class Tracker:
         self.config = config or TrackerConfig()
         self.streams: dict[bytes, StreamState] = {}
         self.total_shed = 0
+        self._shed_since_log = 0
+        self._last_shed_log = -math.inf
 
     def handle(self, request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
         """Answer one request; refusals are GOODBYE with the spec's error code."""
@@ -128,10 +131,15 @@ class Tracker:
         except TreeError as exc:
             return Goodbye(TREE_CODES[exc.code], str(exc) or exc.code.value)
 
-    def shed(self) -> RetryAfter:
-        """The answer when the server has too much in progress."""
+    def shed(self, now: float) -> RetryAfter:
+        """The answer when the server has too much in progress (logged once a second, so
+        an overload does not also flood the log)."""
         self.total_shed += 1
-        logger.warning("shed: overloaded, answering RETRY_AFTER")
+        self._shed_since_log += 1
+        if now - self._last_shed_log >= 1.0:
+            logger.warning("shed: overloaded, answered RETRY_AFTER %d times", self._shed_since_log)
+            self._shed_since_log = 0
+            self._last_shed_log = now
         return RetryAfter(self.config.retry_after_ms, "tracker overloaded")
 
     def expire(self, now: float) -> None:
@@ -216,6 +224,10 @@ class Tracker:
 
     def _join(self, request: Join, now: float, wall_ms: int) -> Assigned:
         state = self._admit(request, wall_ms)
+        if request.node in state.tree:  # a retried JOIN (its answer was lost): same place
+            return self._assigned(
+                state.tree.join(request.node, request.capacity, request.address, now)
+            )
         assignment = state.tree.join(request.node, request.capacity, request.address, now)
         state.total_joins += 1
         state.joins.tick(now)

@@ -56,16 +56,14 @@ class ChildSession:
     def send_chunk(self, item: VerifiedChunk) -> None:
         """Forward one live chunk now; stream-bound data goes via the writer task."""
         self.link.send_chunk(item, trio.current_time())
+        self.fanout.stats.chunks_out += 1
+        self.fanout.stats.bytes_out += len(item.raw)
         try:
             for datagram in self.link.datagrams_to_send():
                 self.conn.send_datagram(datagram)
-                self.fanout.stats.chunks_out += 1
-                self.fanout.stats.bytes_out += len(datagram)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the reader notices the dead connection and ends the session
         if self.link.buffered:
-            self.fanout.stats.chunks_out += 1
-            self.fanout.stats.bytes_out += len(item.raw)
             self.wake()
 
     async def run(self) -> None:

@@ -117,3 +117,11 @@ def test_status_shows_the_tree(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "audience        1" in result.stdout and "origin children 1/4" in result.stdout
     assert '"audience": 1' in as_json.stdout
+
+
+def test_demo_runs_a_room_and_sums_it_up() -> None:
+    result = meshd("-q", "demo", "--listeners", "5", "--duration", "4", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "origin egress" in result.stdout
+    assert "listeners that got the end of the stream: 5/5" in result.stdout
+    assert "lost chunks: 0" in result.stdout

@@ -62,3 +62,31 @@ async def test_children_of_a_tampering_relay_reject_it_and_still_get_everything(
             assert_gap_free_tail(tmp_path / f"listener{index}.opus", source)
             assert relay.stats.lost == 0
             assert relay.current is None or relay.current.peer.node != evil.node_id
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts how often each kind of task runs: a busy loop shows up as thousands."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] = self.steps.get(task.name, 0) + 1
+
+
+async def test_relays_sleep_between_chunks(tmp_path: Path) -> None:
+    """A relay wakes for chunks, heartbeats and timers, not in a loop (it must idle)."""
+    counter = StepCounter()
+    with trio.fail_after(40):
+        async with open_room(tmp_path) as room:
+            for _ in range(3):
+                await room.add(capacity=2)
+            await room.wait_all_receiving()
+            trio.lowlevel.add_instrument(counter)
+            await trio.sleep(2.0)
+            trio.lowlevel.remove_instrument(counter)
+            await room.wait_all_ended()
+    node_tasks = {name: n for name, n in counter.steps.items() if name.startswith("meshd.node")}
+    busiest = max(node_tasks.items(), key=lambda item: item[1])
+    # ~10 chunks, ~10 timer deadlines and a few heartbeats per link in 2 s: far below 200.
+    assert busiest[1] < 200, busiest

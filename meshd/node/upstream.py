@@ -184,10 +184,11 @@ class UpstreamLink:
             deadline = min((d for d in deadlines if d is not None), default=math.inf)
             with trio.move_on_at(deadline):
                 await self._poke.wait()
-            self._poke = trio.Event()
             self._link.handle_timer(trio.current_time())
             self._link.request_repair(self._consumer.due_repairs(self))
             self._dispatch()
+            # Re-arm only now: our own _dispatch pokes too, and must not wake us again.
+            self._poke = trio.Event()
             await self._flush()
 
     async def _protocol_error(self, exc: ProtocolError) -> None:

@@ -88,5 +88,6 @@ async def test_relays_sleep_between_chunks(tmp_path: Path) -> None:
             await room.wait_all_ended()
     node_tasks = {name: n for name, n in counter.steps.items() if name.startswith("meshd.node")}
     busiest = max(node_tasks.items(), key=lambda item: item[1])
-    # ~10 chunks, ~10 timer deadlines and a few heartbeats per link in 2 s: far below 200.
-    assert busiest[1] < 200, busiest
+    # Summed over every task of that kind (up to 6 links): chunks, timers and heartbeats
+    # make ~150 steps in 2 s; a busy loop makes ~100,000.
+    assert busiest[1] < 1000, busiest

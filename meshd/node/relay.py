@@ -285,18 +285,26 @@ class Relay:
     async def _ask_for_parent(self, dead: Peer | None) -> list[Peer]:
         """JOIN (or REJOIN naming the dead parent) until the tracker assigns a parent.
 
-        Before the node ever had a parent this gives up after `join_timeout`: a wrong
-        tracker address or a stream that never starts is an error, not a silent wait.
+        Gives up after `join_timeout` before the node ever had a parent (a wrong tracker
+        address or a stream that never starts is an error, not a silent wait), and after
+        `join_timeout` of UNKNOWN_STREAM later on (the stream ended while we were cut off;
+        a restarted tracker knows the stream again as soon as the origin re-registers).
         """
         retry = Backoff(self.rng, base=0.5, cap=10.0)
-        give_up_at = trio.current_time() + self.settings.join_timeout
+        timeout = self.settings.join_timeout
+        give_up_at = trio.current_time() + timeout
+        unknown_since: float | None = None
         problem = "no answer"
         while True:
-            if self.stats.joined_at is None and trio.current_time() > give_up_at:
+            now = trio.current_time()
+            if self.stats.joined_at is None and now > give_up_at:
                 raise NodeError(
-                    f"no parent after {self.settings.join_timeout:.0f} s ({problem}); is the "
-                    f"tracker at {format_address(self.settings.tracker)} up and the stream live?"
+                    f"no parent after {timeout:.0f} s ({problem}); is the tracker at "
+                    f"{format_address(self.settings.tracker)} up and the stream live?"
                 )
+            if unknown_since is not None and now - unknown_since > timeout:
+                raise NodeError(f"the tracker has not known the stream for {timeout:.0f} s: "
+                                "it has ended")  # fmt: skip
             try:
                 if dead is None:
                     answer = await self._request(self._join_request())
@@ -305,6 +313,10 @@ class Relay:
             except TrackerRefused as exc:
                 if exc.code in FATAL_REFUSALS:
                     raise NodeError(str(exc)) from None
+                if exc.code != ErrorCode.UNKNOWN_STREAM:
+                    unknown_since = None
+                elif unknown_since is None:
+                    unknown_since = now
                 problem = str(exc)
                 logger.warning("%s; retrying", exc)
             except trio.TooSlowError as exc:

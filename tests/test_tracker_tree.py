@@ -135,8 +135,17 @@ def check_buckets(tree: StreamTree, depths: dict[bytes, int]) -> None:
     assert indexed == {p: d for p, d in depths.items() if has_room(tree, p)}
 
 
-def eligible_parents(tree: StreamTree, mover: bytes, banned: bytes | None = None) -> set[bytes]:
-    excluded = subtree(tree, mover)
+def suspected(tree: StreamTree) -> set[bytes]:
+    """White box: peers with pending failure reports, which are never offered as parents."""
+    return {node.ref.peer_id for node in tree._reports}
+
+
+def eligible_parents(
+    tree: StreamTree, mover: bytes, banned: bytes | None = None, *, offered: bool = False
+) -> set[bytes]:
+    """Where `mover` may attach; `offered`: where the tracker itself would place it
+    (a node may claim a suspect parent, but the tracker never offers one)."""
+    excluded = subtree(tree, mover) | (suspected(tree) if offered else set())
     if banned is not None and banned in tree:
         excluded |= subtree(tree, banned)
     return {p for p in tree if has_room(tree, p) and p not in excluded}
@@ -148,7 +157,8 @@ def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int
     assert got.parent.peer_id == parent
     assert got.depth == tree.depth_of(peer)
     own = subtree(tree, peer)
-    eligible = {p for p in tree if has_room(tree, p) and p != parent and p not in own}
+    excluded = own | suspected(tree) | {parent}
+    eligible = {p for p in tree if has_room(tree, p) and p not in excluded}
     ids = [b.peer_id for b in got.backups]
     assert len(set(ids)) == len(ids)
     assert set(ids) <= eligible, "backup is the peer, its parent, in its subtree, or full"
@@ -159,8 +169,10 @@ def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int
 
 
 def expected_depth(tree: StreamTree, capacity: int) -> int | None:
-    """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room."""
-    depths = [tree.depth_of(p) for p in tree if has_room(tree, p)]
+    """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room
+    (suspects, reported dead, are not offered)."""
+    offered = [p for p in tree if has_room(tree, p) and p not in suspected(tree)]
+    depths = [tree.depth_of(p) for p in offered]
     if not depths:
         return None
     return (min(depths) if capacity > 0 else max(depths)) + 1
@@ -608,7 +620,9 @@ class TreeMachine(RuleBasedStateMachine):
             got = self.tree.report_failure(reporter, dead, self.now, attached_to=backup)
         except NoCapacity:
             event("report: no capacity")
-            assert reporter not in self.tree or not eligible_parents(self.tree, reporter, dead)
+            assert reporter not in self.tree or not eligible_parents(
+                self.tree, reporter, dead, offered=True
+            )
             assert (dead not in self.tree) == confirmed
             return
         assert (dead not in self.tree) == confirmed
@@ -640,7 +654,7 @@ class TreeMachine(RuleBasedStateMachine):
         try:
             self.tree.report_failure(liar, victim, self.now)
         except NoCapacity:
-            assert not eligible_parents(self.tree, liar, victim)
+            assert not eligible_parents(self.tree, liar, victim, offered=True)
         event("lie")
         assert victim in self.tree, "one lying child evicted a healthy relay"
         assert victim in self.tree.suspects(self.now)

@@ -31,7 +31,7 @@ from protocol.events import LinkClosed, RepairRequested, SubscribeRequested
 logger = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT = 5.0
-INFO_WAIT = 2.5
+INFO_WAIT = 1.0  # a relay that only just joined gets its first audio in milliseconds
 
 
 class ChildSession:

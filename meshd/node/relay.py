@@ -171,7 +171,9 @@ class Relay:
         retry = Backoff(self.rng, base=0.2, cap=5.0)
         while not self._stop.is_set():
             if current is None:
-                current, full = await self._attach_first(candidates)
+                current, full = await self._attach_first(
+                    candidates, 0.0 if dead else ATTACH_STAGGER
+                )
                 if current is None:
                     await trio.sleep(retry.next_delay())
                     candidates = list(await self._ask_for_parent(dead or full))
@@ -202,11 +204,12 @@ class Relay:
                 self.current = None
 
     async def _attach_first(
-        self, candidates: list[Peer]
+        self, candidates: list[Peer], stagger: float = ATTACH_STAGGER
     ) -> tuple[UpstreamLink | None, Peer | None]:
         """Attach to the first candidate that accepts us ("happy eyeballs": the next
-        candidate is tried when the previous one fails or after ATTACH_STAGGER, so a dead
-        backup costs a fraction of a second, not a whole connect timeout).
+        candidate is tried when the previous one fails or after `stagger`, so a dead
+        backup costs a fraction of a second, not a whole connect timeout). A failover
+        tries all backups at once (stagger 0): they are equals, and time is audio.
 
         Also returns the first candidate that refused because it is full: the tracker's
         view of it is stale (e.g. after a tracker restart), and the REJOIN that names it
@@ -221,7 +224,14 @@ class Relay:
             for peer in eligible:
                 failed = trio.Event()
                 attempts.start_soon(
-                    self._try_attach, peer, previous_failed, failed, winners, full, attempts
+                    self._try_attach,
+                    peer,
+                    previous_failed,
+                    stagger,
+                    failed,
+                    winners,
+                    full,
+                    attempts,
                 )
                 previous_failed = failed
         if not winners:
@@ -233,14 +243,15 @@ class Relay:
         self,
         peer: Peer,
         turn: trio.Event | None,
+        stagger: float,
         failed: trio.Event,
         winners: list[UpstreamLink],
         full: list[Peer],
         attempts: trio.Nursery,
     ) -> None:
         assert self._endpoint is not None
-        if turn is not None:
-            with trio.move_on_after(ATTACH_STAGGER):
+        if turn is not None and stagger > 0:
+            with trio.move_on_after(stagger):
                 await turn.wait()
         link = UpstreamLink(self, peer, self.settings.stream, self.node_id, self.config)
         try:

@@ -65,7 +65,7 @@ class TrackerConfig:
     host_keys: Sequence[Ed25519PublicKey] = ()
     """Keys whose admission tokens are accepted; empty = open mode (no tokens needed)."""
     max_skew_ms: int = 300_000
-    backups: int = 2
+    backups: int = 3
     max_pending: int = 256
     """Requests in progress at once before the server answers RETRY_AFTER."""
     retry_after_ms: int = 1_000

@@ -51,6 +51,8 @@ __all__ = [
 # Backups are searched shallow-first; after this many eligible candidates we stop looking
 # for ones outside the parent's subtree and settle for what we have (keeps join O(1)).
 _BACKUP_SCAN = 32
+# Backups rotate through the `backups * _BACKUP_POOL` shallowest eligible candidates.
+_BACKUP_POOL = 3
 
 
 class TreeErrorCode(StrEnum):
@@ -187,6 +189,7 @@ class StreamTree:
         if peer_ttl <= 0 or report_window <= 0:
             raise InvalidRequest("peer_ttl and report_window must be > 0")
         self._backup_count = backups
+        self._backup_turn = 0
         self._ttl = peer_ttl
         self._quorum = report_quorum
         self._window = report_window
@@ -491,7 +494,11 @@ class StreamTree:
         node.slot_depth = -1
 
     def _free_nodes(self, shallow_first: bool) -> Iterator[_Node]:
-        """Nodes with a free slot, by depth; within a depth, the latest indexed first."""
+        """Nodes with a free slot, by depth; within a depth, the latest indexed first.
+
+        Suspects (reported dead, not yet confirmed either way) are left out: nobody is
+        sent to a node that is probably gone."""
+        suspects = self._reports
         free = self._free
         if shallow_first:
             depth = self._shallowest
@@ -506,7 +513,9 @@ class StreamTree:
             self._deepest = max(depth, 0)
             depths = range(depth, -1, -1)
         for d in depths:
-            yield from reversed(free[d])
+            for node in reversed(free[d]):
+                if node not in suspects:
+                    yield node
 
     def _pick_parent(
         self,
@@ -549,15 +558,19 @@ class StreamTree:
 
         Never the node, its parent or its subtree; nodes outside the parent's subtree
         come first, so one relay failure does not take out the parent and the backups.
+        Successive assignments rotate through a pool of the shallowest candidates, so the
+        children of one relay get different backups and do not all race for the same
+        slots when it dies.
         """
         wanted = self._backup_count
         parent = node.parent
         shared = None if parent is self._origin else parent  # sharing the origin is moot
+        pool_size = wanted * _BACKUP_POOL
         preferred: list[PeerRef] = []
         fallback: list[PeerRef] = []
         examined = 0
         for candidate in self._free_nodes(shallow_first=True):
-            if len(preferred) == wanted:
+            if len(preferred) == pool_size:
                 break
             if candidate is parent or _within(candidate, node):
                 continue
@@ -569,6 +582,10 @@ class StreamTree:
             examined += 1
             if examined >= _BACKUP_SCAN and len(preferred) + len(fallback) >= wanted:
                 break
+        self._backup_turn += 1
+        if len(preferred) > wanted:
+            start = self._backup_turn % len(preferred)
+            preferred = (preferred[start:] + preferred[:start])[:wanted]
         return tuple((preferred + fallback)[:wanted])
 
     # --- structure changes

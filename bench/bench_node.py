@@ -3,7 +3,7 @@
 Run: .venv/bin/python bench/bench_node.py [--sizes 10,50,100,200] [--quick] [--keep]
 
 For each N it starts a tracker, an origin (--capacity 4) and N `meshd listen` processes
-(--max-children 4, --silence-timeout 750), staggered, waits until all play, and measures a
+(--max-children 4, --silence-timeout 600), staggered, waits until all play, and measures a
 steady-state window: origin egress (its stats bytes_out) against what a central server
 would send (the listeners' bytes_in), added latency per relay hop (each listener's
 --trace against its parent's), and join to first audio. For N >= 50 it then SIGKILLs a
@@ -48,7 +48,7 @@ BITRATE = 64_000  # bit/s of the input
 INPUT_SECONDS = 900  # longer than any run: the bench ends the stream itself
 ORIGIN_CAPACITY = 4
 MAX_CHILDREN = 4
-SILENCE_TIMEOUT_MS = 750  # the default
+SILENCE_TIMEOUT_MS = 600  # the default
 STATS_INTERVAL = 0.5
 LAUNCH_RATE = 25.0  # listeners started per second at most
 MAX_STARTING = 24  # started but not yet playing, at most (2 cores start ~5 Pythons/s)

@@ -409,10 +409,10 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     command.add_argument(
         "--silence-timeout",
         type=int,
-        default=750,
+        default=600,
         metavar="MS",
-        help="switch parent after this long without data (default 750; at least 3 of the "
-        "parents' 250 ms heartbeats)",
+        help="switch parent after this long without data (default 600; at least 3 of the "
+        "parents' 200 ms heartbeats)",
     )
     command.add_argument(
         "--key", type=Path, metavar="FILE", help="this node's key (default: a new key each run)"
@@ -442,7 +442,7 @@ def run_listen(args: argparse.Namespace) -> int:
     config = NodeConfig(
         buffer_seconds=args.buffer / 1000,
         silence_timeout=args.silence_timeout / 1000,
-        heartbeat_interval=min(0.25, args.silence_timeout / 4000),
+        heartbeat_interval=min(0.2, args.silence_timeout / 3000),
         stats_interval=args.stats_interval,
     )
     settings = RelaySettings(

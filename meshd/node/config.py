@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class NodeConfig:
-    heartbeat_interval: float = 0.25
+    heartbeat_interval: float = 0.2
     """A parent says HEARTBEAT after this long without sending anything."""
-    silence_timeout: float = 0.75
+    silence_timeout: float = 0.6
     """A child presumes its parent dead after this long without hearing from it."""
     buffer_seconds: float = 10.0
     """Audio kept in the ring buffer, for resuming children and repairs."""
@@ -23,7 +23,7 @@ class NodeConfig:
     """Bytes queued for one child's stream before it is dropped as too slow."""
 
     def __post_init__(self) -> None:
-        if self.silence_timeout < 3 * self.heartbeat_interval:
+        if self.silence_timeout < 3 * self.heartbeat_interval - 1e-9:  # float slack
             raise ValueError("the silence timeout must be at least 3 heartbeat intervals")
         if self.buffer_seconds < 1:
             raise ValueError("the buffer must hold at least 1 s of audio")

@@ -175,7 +175,9 @@ class Relay:
                     candidates, 0.0 if dead else ATTACH_STAGGER
                 )
                 if current is None:
-                    await trio.sleep(retry.next_delay())
+                    delay = retry.next_delay()
+                    if retry.attempt > 1:  # the first round asks the tracker at once
+                        await trio.sleep(delay)
                     candidates = list(await self._ask_for_parent(dead or full))
                     continue
                 retry.reset()

@@ -33,6 +33,8 @@ from protocol.messages import StreamInfo
 
 logger = logging.getLogger(__name__)
 
+STARVED = 0.1  # a timer this late means our event loop, not the parent, was stuck
+
 
 class AttachFailed(Exception):
     """The parent could not be reached or did not accept us."""
@@ -184,6 +186,10 @@ class UpstreamLink:
             deadline = min((d for d in deadlines if d is not None), default=math.inf)
             with trio.move_on_at(deadline):
                 await self._poke.wait()
+            if trio.current_time() - deadline > STARVED:
+                # We woke far too late: our own process was starved of CPU, and what the
+                # parent sent may still be unread. Read it before blaming the parent.
+                await trio.sleep(STARVED)
             self._link.handle_timer(trio.current_time())
             self._link.request_repair(self._consumer.due_repairs(self))
             self._dispatch()

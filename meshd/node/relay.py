@@ -9,6 +9,7 @@ make-before-break when redirected.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from protocol.media import OPUS_RATE
 logger = logging.getLogger(__name__)
 
 ATTACH_STAGGER = 0.25  # seconds before also trying the next candidate parent
+STORM_WINDOW = 30.0  # seconds during which failovers lengthen the silence timeout
 UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
@@ -109,6 +111,7 @@ class Relay:
         self._leaving = False
         self._last_played_at: float | None = None
         self._join_started = 0.0
+        self._failovers: list[float] = []
         self._joined = trio.Event()
         self.playing = trio.Event()
         """Set once the first chunk has been played."""
@@ -200,10 +203,19 @@ class Relay:
                 )
                 dead = current.peer
                 self.stats.failovers += 1
+                self._failovers.append(trio.current_time())
                 self.stats.bad_peers += current.bad_peer
                 candidates = [peer for peer in self.backups if peer.node != dead.node]
                 current = None
                 self.current = None
+
+    def _silence_timeout(self) -> float:
+        """The configured timeout, doubled for each failover in the last STORM_WINDOW
+        seconds (up to 8x): on a starved machine, parents look silent when they are not,
+        and quick failovers would feed a storm of handshakes and backlogs."""
+        now = trio.current_time()
+        self._failovers = [t for t in self._failovers if now - t < STORM_WINDOW]
+        return self.config.silence_timeout * (1 << min(len(self._failovers), 3))
 
     async def _attach_first(
         self, candidates: list[Peer], stagger: float = ATTACH_STAGGER
@@ -255,7 +267,8 @@ class Relay:
         if turn is not None and stagger > 0:
             with trio.move_on_after(stagger):
                 await turn.wait()
-        link = UpstreamLink(self, peer, self.settings.stream, self.node_id, self.config)
+        config = dataclasses.replace(self.config, silence_timeout=self._silence_timeout())
+        link = UpstreamLink(self, peer, self.settings.stream, self.node_id, config)
         try:
             await link.attach(self._endpoint, self.reorder.next_seq)
         except AttachFailed as exc:

@@ -604,5 +604,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="meshd: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s.%(msecs)03d meshd: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     logging.getLogger("quic").setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -95,7 +95,7 @@ async def _attempt(
                 while exchange.state is ExchangeState.SENT:
                     data = await stream.receive_some()
                     exchange.receive_data(data, trio.current_time())
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
         logger.debug("tracker attempt failed: %s", exc)
         exchange.attempt_failed(trio.current_time())
     except ProtocolError as exc:

@@ -157,7 +157,9 @@ class ReorderBuffer:
         seq = item.seq
         if self.next_seq is None:
             self.next_seq = seq
-        if seq < self.next_seq or seq in self._pending or seq >= self.next_seq + self._window:
+        if seq >= self.next_seq + self._window:
+            self._resync(seq)
+        if seq < self.next_seq or seq in self._pending:
             return False
         self._pending[seq] = item
         self._gaps.pop(seq, None)
@@ -165,6 +167,18 @@ class ReorderBuffer:
         self._lost.discard(seq)
         self.note_latest(seq, now)
         return True
+
+    def _resync(self, seq: int) -> None:
+        """We fell further behind than the window (a long outage): what lies between is
+        gone, so count it lost and start again at `seq` rather than wait forever."""
+        assert self.next_seq is not None
+        self.lost_count += seq - self.next_seq - len(self._pending)
+        self._pending.clear()
+        self._gaps.clear()
+        self._misses.clear()
+        self._lost.clear()
+        self.next_seq = seq
+        self.highest_seen = None
 
     def note_latest(self, seq: int, now: float) -> None:
         """The parent has chunks up to `seq`: anything missing below it is a gap."""

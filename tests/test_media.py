@@ -140,3 +140,16 @@ def test_signature_overhead_at_32_kbps_is_within_budget(signer: ChunkSigner) -> 
     signature_bytes = len(item.raw) - len(encode_unsigned(item.chunk))
     assert signature_bytes == 66
     assert signature_bytes * 5 / 4000 <= 0.10
+
+
+def test_falling_behind_the_window_resyncs_instead_of_stalling(signer: ChunkSigner) -> None:
+    """After a very long outage the old gap is unrecoverable: skip it, count it, go on."""
+    items = [signer.sign([PACKET], 960 * (n + 1)) for n in range(3)]
+    buffer = ReorderBuffer(window=100)
+    buffer.add(items[0], now=0.0)
+    assert [i.seq for i in buffer.pop_ready()] == [0]
+    signer.next_seq = 500
+    late = [signer.sign([PACKET], 960 * (n + 600)) for n in range(3)]
+    assert all(buffer.add(item, now=1.0) for item in late)
+    assert [i.seq for i in buffer.pop_ready()] == [500, 501, 502]
+    assert buffer.lost_count == 499 and buffer.gaps == 0

@@ -214,3 +214,34 @@ async def test_a_single_report_is_checked_by_a_probe(relay_is_alive: bool) -> No
                 while tree.suspects(trio.current_time()):  # noqa: ASYNC110 - no event to wait on
                     await trio.sleep(0.1)
             assert (dead in tree) is relay_is_alive
+
+
+async def test_an_unusable_address_is_probed_as_dead_without_harm() -> None:
+    """A peer may send any address; resolving it must never take the tracker down."""
+    async with room() as r:
+        await r.register(capacity=1)
+        liar_key, child_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        join = Join(STREAM, key_id(liar_key), 1, "no-such-host.invalid:4433", None, now_ms())
+        assert isinstance(await r.ask(sign_message(join, liar_key)), Assigned)
+        await r.join(child_key)
+        await r.register(capacity=2)
+        await r.join(Ed25519PrivateKey.generate())
+        dead = key_id(liar_key)
+        rejoin = Rejoin(STREAM, key_id(child_key), dead, None, 1, "", None, now_ms())
+        await r.ask(sign_message(rejoin, child_key))
+        tree = r.tracker.streams[STREAM].tree
+        with trio.fail_after(10):
+            while dead in tree:  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(0.1)
+        assert (await r.join(Ed25519PrivateKey.generate())).depth >= 1  # still serving
+
+
+def test_a_stream_whose_origin_stops_registering_ends() -> None:
+    tracker = Tracker(TrackerConfig(peer_ttl=60))
+    register = sign_message(Register(STREAM, "127.0.0.1:9", 2, now_ms()), STREAM_KEY)
+    assert isinstance(tracker.handle(register, 0.0, now_ms()), Ack)
+    tracker.expire(59.0)
+    assert isinstance(tracker.status(STREAM, 59.0), StatusReport)
+    tracker.expire(61.0)
+    gone = tracker.status(STREAM, 61.0)
+    assert isinstance(gone, Goodbye) and gone.code == ErrorCode.UNKNOWN_STREAM

@@ -14,7 +14,7 @@ import trio
 
 from meshd.node.config import NodeConfig
 from meshd.node.stats import NodeStats
-from meshd.quic import QuicConn, QuicStream
+from meshd.quic import DatagramTooLarge, QuicConn, QuicStream
 from protocol import (
     ChunkRing,
     ErrorCode,
@@ -63,6 +63,8 @@ class ChildSession:
                 self.conn.send_datagram(datagram)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return  # the reader notices the dead connection and ends the session
+        except DatagramTooLarge:
+            pass  # the path's limit shrank: the child sees a gap and repairs it on the stream
         if self.link.buffered:
             self.wake()
 
@@ -86,6 +88,10 @@ class ChildSession:
                 return
             try:
                 await self._handle(data)
+                if self.link.buffered > self.fanout.config.max_child_backlog:
+                    logger.warning("child %s is not reading; dropping it", self._name())
+                    self.link.goodbye(ErrorCode.GOING_AWAY, "too slow")
+                    return
             except ProtocolError as exc:
                 logger.warning("child %s broke the protocol: %s", self._name(), exc)
                 self.fanout.stats.bad_peers += 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import trio
@@ -30,6 +30,7 @@ class AudioSink:
         self._muxer: OggOpusMuxer | None = None
         self._send, self._receive = trio.open_memory_channel[bytes](MAX_QUEUED_WRITES)
         self._dropped = 0
+        self.on_broken: Callable[[], None] = lambda: None
 
     @property
     def started(self) -> bool:
@@ -64,10 +65,15 @@ class AudioSink:
             pass  # already closed: the stream ended
 
     async def run(self) -> None:
-        """Write queued pages until close()."""
+        """Write queued pages until close(). If the reader goes away (the player quit),
+        `on_broken` is called, so the node can leave gracefully instead of crashing."""
         try:
             async for data in self._receive:
                 await trio.to_thread.run_sync(_write_and_flush, self._out, data)
+        except OSError as exc:
+            logger.warning("cannot write to %s (%s); leaving", self.path, exc.strerror or exc)
+            self._send.close()
+            self.on_broken()
         finally:
             if self._out is not sys.stdout.buffer:
                 self._out.close()

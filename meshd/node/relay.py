@@ -95,6 +95,8 @@ class Relay:
         self.settings = settings
         self.config = config or NodeConfig()
         self.output = output
+        if output is not None:
+            output.on_broken = self.leave
         self.rng = rng or random.Random()
         role = "relay" if settings.capacity else "listener"
         self.stats = NodeStats(role, key_to_text(self.node_id), key_to_text(settings.stream))
@@ -194,8 +196,8 @@ class Relay:
                 current = await self._move(current, current.redirect)
                 continue
             if current.ended:
-                if current.end_code == ErrorCode.STREAM_ENDED:
-                    return
+                # Even STREAM_ENDED lands here: we have not played END yet (else _stop is
+                # set), so another parent may still hold what we miss.
                 logger.warning(
                     "parent %s failed (%s); switching to a backup",
                     short_id(current.peer.node),
@@ -278,7 +280,12 @@ class Relay:
             failed.set()
             return
         if winners:
-            await link.close(ErrorCode.NO_ERROR, "another parent answered first")
+            with trio.CancelScope(shield=True):  # the race may already be cancelled
+                await link.close(ErrorCode.NO_ERROR, "another parent answered first")
+            return
+        if attempts.cancel_scope.cancel_called:  # another attempt won in the same instant
+            with trio.CancelScope(shield=True):
+                await link.close(ErrorCode.NO_ERROR, "another parent answered first")
             return
         winners.append(link)
         attempts.cancel_scope.cancel()

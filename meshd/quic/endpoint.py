@@ -28,6 +28,7 @@ from meshd.quic import admission
 from meshd.quic._aioquic import MeshQuicConnection
 from meshd.quic.config import EndpointConfig
 from meshd.quic.connection import QuicConn
+from meshd.quic.errors import HandshakeFailed
 from meshd.quic.identity import RAW_KEY_SIZE, self_signed_certificate
 from meshd.quic.transport import Address, DatagramTransport, UdpTransport
 
@@ -196,9 +197,14 @@ class QuicEndpoint:
         family = socket.AF_INET6 if ":" in local_host else socket.AF_INET
         # aioquic drops packets from any address but the one we dialled, so
         # dial the numeric address recvfrom() will report.
-        infos = await trio.socket.getaddrinfo(
-            address[0], address[1], family=family, type=socket.SOCK_DGRAM
-        )
+        try:
+            infos = await trio.socket.getaddrinfo(
+                address[0], address[1], family=family, type=socket.SOCK_DGRAM
+            )
+        except OSError as exc:  # a peer-supplied address we cannot use is the peer's problem
+            raise HandshakeFailed(
+                None, f"cannot reach {address[0]}: {exc}", by_peer=False
+            ) from None
         remote: Address = tuple(infos[0][4])
         quic = MeshQuicConnection(configuration=self._client_config)
         conn = QuicConn(self, quic, is_client=True, expected_peer_key=expected_peer_key)

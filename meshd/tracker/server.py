@@ -65,7 +65,7 @@ class TrackerServer:
                 address = parse_address(ref.address)
                 async with self.endpoint.connect(address, expected_peer_key=ref.peer_id):
                     alive = True
-            except (ValueError, trio.BrokenResourceError):
+            except (ValueError, OSError, trio.BrokenResourceError):
                 alive = False
         self.tracker.probed(stream_id, ref.peer_id, alive, trio.current_time())
 

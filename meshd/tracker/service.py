@@ -93,6 +93,8 @@ class RateMeter:
 @dataclass
 class StreamState:
     tree: StreamTree
+    registered_at: float
+    """When the origin last sent REGISTER; a stream not re-registered for `peer_ttl` ends."""
     joins: RateMeter = field(default_factory=RateMeter)
     rejoins: RateMeter = field(default_factory=RateMeter)
     total_joins: int = 0
@@ -143,8 +145,14 @@ class Tracker:
         return RetryAfter(self.config.retry_after_ms, "tracker overloaded")
 
     def expire(self, now: float) -> None:
-        """Drop nodes whose soft state ran out (they died without anyone reporting it)."""
-        for stream_id, state in self.streams.items():
+        """Drop nodes whose soft state ran out (they died without anyone reporting it),
+        and streams whose origin stopped re-registering (it died: listeners then get
+        UNKNOWN_STREAM and give up instead of waiting forever)."""
+        for stream_id, state in list(self.streams.items()):
+            if now - state.registered_at > self.config.peer_ttl:
+                del self.streams[stream_id]
+                logger.info("end stream=%s (the origin stopped registering)", short_id(stream_id))
+                continue
             for peer in state.tree.expire(now):
                 state.total_failures += 1
                 logger.info(
@@ -209,7 +217,7 @@ class Tracker:
                 backups=self.config.backups,
                 peer_ttl=self.config.peer_ttl,
             )
-            self.streams[request.stream] = StreamState(tree)
+            self.streams[request.stream] = StreamState(tree, now)
             logger.info(
                 "register stream=%s origin=%s capacity=%d",
                 short_id(request.stream),
@@ -217,6 +225,7 @@ class Tracker:
                 request.capacity,
             )
         else:
+            state.registered_at = now
             state.tree.refresh(
                 request.stream, now, capacity=request.capacity, address=request.address
             )

@@ -13,8 +13,9 @@ class NodeConfig:
     """A child presumes its parent dead after this long without hearing from it."""
     buffer_seconds: float = 10.0
     """Audio kept in the ring buffer, for resuming children and repairs."""
-    connect_timeout: float = 1.0
-    """How long to wait for a parent to accept (handshake + STREAM_INFO)."""
+    connect_timeout: float = 2.0
+    """How long to wait for a parent to accept (handshake + STREAM_INFO); real networks
+    need a few round trips, and backups are tried in parallel, so this is no fast path."""
     leave_grace: float = 5.0
     """How long a leaving or finished node waits for its children to move or finish."""
     stats_interval: float = 5.0

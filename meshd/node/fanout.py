@@ -42,7 +42,6 @@ class ChildSession:
         self.conn = conn
         self.stream = stream
         self.link = link
-        self.accepted = False
         self._wakeup = trio.Event()
         self._send_lock = trio.Lock()
 
@@ -216,7 +215,6 @@ class Fanout:
         self.stats.children = len(self.children)
         backlog = list(self.ring.since(request.from_seq))
         link.accept(self.info, backlog, trio.current_time())
-        session.accepted = True
         self.stats.chunks_out += len(backlog)
         self.stats.bytes_out += sum(len(item.raw) for item in backlog)
         logger.info(
@@ -250,8 +248,3 @@ class Fanout:
             await self._no_sessions.wait()
             return True
         return False
-
-    def close_all(self, code: ErrorCode, reason: str) -> None:
-        for session in list(self._sessions):
-            session.link.goodbye(code, reason)
-            session.wake()

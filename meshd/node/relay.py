@@ -110,7 +110,6 @@ class Relay:
         self._endpoint: QuicEndpoint | None = None
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
-        self._leaving = False
         self._last_played_at: float | None = None
         self._join_started = 0.0
         self._failovers: list[float] = []
@@ -163,7 +162,6 @@ class Relay:
 
     def leave(self) -> None:
         """Start a graceful leave (SIGINT/SIGTERM): children are moved first."""
-        self._leaving = True
         self._stop.set()
 
     # -- parent management ---------------------------------------------------------------
@@ -279,11 +277,7 @@ class Relay:
                 full.append(peer)
             failed.set()
             return
-        if winners:
-            with trio.CancelScope(shield=True):  # the race may already be cancelled
-                await link.close(ErrorCode.NO_ERROR, "another parent answered first")
-            return
-        if attempts.cancel_scope.cancel_called:  # another attempt won in the same instant
+        if attempts.cancel_scope.cancel_called:  # another attempt won first
             with trio.CancelScope(shield=True):
                 await link.close(ErrorCode.NO_ERROR, "another parent answered first")
             return

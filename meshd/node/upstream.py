@@ -105,16 +105,11 @@ class UpstreamLink:
         with self._cancel:
             async with trio.open_nursery() as nursery:
                 assert self._stream and self._conn and self._link
-                link, scope = self._link, nursery.cancel_scope
-                receive_stream, receive_datagram = (
-                    self._stream.receive_some,
-                    self._conn.receive_datagram,
-                )
+                stream, datagrams = self._stream.receive_some, self._conn.receive_datagram
+                scope = nursery.cancel_scope
+                nursery.start_soon(self._receive_loop, stream, self._link.receive_data, scope, True)
                 nursery.start_soon(
-                    self._receive_loop, receive_stream, link.receive_data, scope, True
-                )
-                nursery.start_soon(
-                    self._receive_loop, receive_datagram, link.receive_datagram, scope, False
+                    self._receive_loop, datagrams, self._link.receive_datagram, scope, False
                 )
                 nursery.start_soon(self._run_timers)
         self._finish(ErrorCode.GOING_AWAY, "link closed")

@@ -233,11 +233,10 @@ class Tracker:
 
     def _join(self, request: Join, now: float, wall_ms: int) -> Assigned:
         state = self._admit(request, wall_ms)
-        if request.node in state.tree:  # a retried JOIN (its answer was lost): same place
-            return self._assigned(
-                state.tree.join(request.node, request.capacity, request.address, now)
-            )
+        known = request.node in state.tree
         assignment = state.tree.join(request.node, request.capacity, request.address, now)
+        if known:  # a retried JOIN (its answer was lost): the same place, not a new join
+            return self._assigned(assignment)
         state.total_joins += 1
         state.joins.tick(now)
         logger.info(

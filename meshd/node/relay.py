@@ -376,6 +376,7 @@ class Relay:
 
     def _assigned(self, answer: Assigned) -> None:
         self.backups = answer.backups
+        self.stats.backups = [key_to_text(peer.node) for peer in answer.backups]
         self.refresh_s = answer.refresh_s
         self.stats.depth = answer.depth
         if self.stats.joined_at is None:

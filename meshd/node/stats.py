@@ -21,6 +21,8 @@ class NodeStats:
     node: str
     stream: str
     parent: str | None = None
+    backups: list[str] = dataclasses.field(default_factory=list)
+    """The backup parents of the last assignment, in the tracker's order."""
     depth: int | None = None
     children: int = 0
     chunks_in: int = 0

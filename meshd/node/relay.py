@@ -129,6 +129,12 @@ class Relay:
                 async with open_quic_endpoint(self.key, host, port) as endpoint:
                     self._endpoint = endpoint
                     self.address = self.settings.advertise or format_address(endpoint.address)
+                    if self.settings.capacity > 0:
+                        logger.info(
+                            "serving children on %s (advertised as %s)",
+                            format_address(endpoint.address),
+                            self.address,
+                        )
                     await self._run_node(endpoint, task_status)
             finally:
                 if self.output is not None:

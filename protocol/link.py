@@ -148,9 +148,10 @@ class ChildLink(_Link):
         *,
         now: float,
         silence_timeout: float = 1.0,
+        verifier: StreamVerifier | None = None,
     ) -> None:
         super().__init__()
-        self._verifier = StreamVerifier(stream)
+        self._verifier = verifier or StreamVerifier(stream)
         self._silence_timeout = silence_timeout
         self._last_heard = now
         self._silence_reported = False

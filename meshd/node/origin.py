@@ -7,6 +7,7 @@ else gets the stream from other listeners.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -22,19 +23,13 @@ from meshd.addresses import format_address
 from meshd.node.config import NodeConfig
 from meshd.node.fanout import Fanout
 from meshd.node.relay import NodeError
-from meshd.node.stats import ChunkTrace, NodeStats, report_periodically
+from meshd.node.report import report_periodically
+from meshd.node.source import OriginCore
+from meshd.node.stats import ChunkTrace
 from meshd.ogg import AudioError, OggOpusParser, OpusPacket
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
-from protocol import (
-    Ack,
-    ChunkRing,
-    ChunkSigner,
-    Leave,
-    Register,
-    key_to_text,
-    sign_message,
-)
+from protocol import Ack, Leave, Register, key_to_text, sign_message
 from protocol.backoff import Backoff
 from protocol.media import OPUS_RATE
 
@@ -72,16 +67,15 @@ class Origin:
         self.config = config or NodeConfig()
         self.rng = rng or random.Random()
         self.stats_file = stats_file
-        self.signer = ChunkSigner(key)
-        self.stream_id = self.signer.stream_id
-        text_id = key_to_text(self.stream_id)
-        self.stats = NodeStats("origin", text_id, text_id, depth=0)
-        self.ring = ChunkRing(int(self.config.buffer_seconds * OPUS_RATE))
-        self.fanout = Fanout(self.stream_id, self.ring, settings.capacity, self.config, self.stats)
+        self.core = OriginCore(key, settings.capacity, self.config)
+        self.stream_id = self.core.stream_id
+        self.stats = self.core.stats
+        self.fanout = Fanout(self.core.children, self._pump)
         self.address = ""
         self.registered = trio.Event()
         self._endpoint: QuicEndpoint | None = None
         self._input_scope = trio.CancelScope()
+        self._rearm = trio.Event()
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -95,6 +89,7 @@ class Origin:
             self.address = self.settings.advertise or format_address(endpoint.address)
             async with trio.open_nursery() as nursery:
                 await nursery.start(endpoint.serve, self.fanout.handle_connection)
+                nursery.start_soon(self._run_timer)
                 nursery.start_soon(self._register_loop)
                 nursery.start_soon(
                     report_periodically, self.stats, self.config.stats_interval, self.stats_file
@@ -136,18 +131,28 @@ class Origin:
     async def _send(
         self, packets: list[OpusPacket], start: tuple[float, int] | None, *, end: bool
     ) -> None:
-        granule = packets[-1].granule if packets else self.signer.last_granule
+        granule = packets[-1].granule if packets else self.core.signer.last_granule
         if self.settings.pace and start is not None and not end:
             await trio.sleep_until(start[0] + (granule - start[1]) / OPUS_RATE)
-        item = self.signer.sign([p.data for p in packets], granule, end=end)
+        item = self.core.push([p.data for p in packets], granule, trio.current_time(), end=end)
         if self.trace is not None:
             self.trace.record(item.seq)
-        self.ring.add(item)
-        self.fanout.forward(item)
-        self.stats.chunks_in += 1
-        self.stats.packets_played += len(packets)
-        self.stats.last_seq = item.seq
-        self.stats.ended = end
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send what the children core queued and re-arm the timer."""
+        self.fanout.flush()
+        self._rearm.set()
+
+    async def _run_timer(self) -> None:
+        while True:
+            deadline = self.core.get_timer()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._rearm.wait()
+            self._rearm = trio.Event()
+            if deadline is not None and trio.current_time() >= deadline:
+                self.core.handle_timer(trio.current_time())
+                self._pump()
 
     async def _read_packets(self) -> AsyncIterator[OpusPacket]:
         parser = OggOpusParser()
@@ -157,8 +162,8 @@ class Origin:
                 data = await source.receive_some(READ_SIZE)
                 parser.feed(data)
                 while (packet := parser.next_packet()) is not None:
-                    if self.fanout.info is None and parser.head is not None:
-                        self.fanout.set_info(self.signer.stream_info(parser.head.raw))
+                    if self.core.children.info is None and parser.head is not None:
+                        self.core.set_head(parser.head.raw, trio.current_time())
                     yield packet
                 if not data:
                     break

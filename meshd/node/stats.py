@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import trio
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,15 +58,6 @@ class NodeStats:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1))
         os.replace(temporary, path)
-
-
-async def report_periodically(stats: NodeStats, interval: float, path: Path | None) -> None:
-    """Log the stats line, and rewrite the stats file, every `interval` seconds."""
-    while True:
-        await trio.sleep(interval)
-        logger.info("%s", stats.line())
-        if path is not None:
-            stats.write_json(path)
 
 
 class ChunkTrace:

@@ -1,0 +1,250 @@
+"""Feeding children, sans-I/O: admission, backlog, live forwarding, repairs, redirects.
+
+Both the origin and relays serve children the same way. Each child is one connection
+with a `protocol.ParentLink`, named by an integer the driver picks. The driver
+(`meshd/node/fanout.py`, or the simulator) reports connections, stream bytes and the
+time; it sends what `take_output` returns for every child in `take_dirty`, and closes the
+connections that `take_closes` names. No I/O and no clock reads here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from meshd.node.config import NodeConfig
+from meshd.node.stats import NodeStats
+from protocol import (
+    ChunkRing,
+    ErrorCode,
+    LinkState,
+    ParentLink,
+    Peer,
+    ProtocolError,
+    StreamInfo,
+    VerifiedChunk,
+    short_id,
+)
+from protocol.events import LinkClosed, RepairRequested, SubscribeRequested
+
+logger = logging.getLogger(__name__)
+
+INFO_WAIT = 1.0  # a relay that only just joined gets its first audio in milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class CloseChild:
+    """Send what the child's link still has queued, then close its connection with `code`."""
+
+    child: int
+    code: int
+
+
+class Children:
+    """Every child connection of one node; at most `capacity` of them hold a slot."""
+
+    def __init__(
+        self,
+        stream: bytes,
+        ring: ChunkRing,
+        capacity: int,
+        config: NodeConfig,
+        stats: NodeStats,
+    ) -> None:
+        self.stream = stream
+        self.ring = ring
+        self.capacity = capacity
+        self.config = config
+        self.stats = stats
+        self.info: StreamInfo | None = None
+        self.leaving = False
+        self._links: dict[int, ParentLink] = {}
+        self._streaming: set[int] = set()
+        self._awaiting_info: dict[int, tuple[SubscribeRequested, float]] = {}
+        self._dirty: set[int] = set()
+        self._closes: list[CloseChild] = []
+        self._closing: set[int] = set()  # children whose close the driver was asked for
+
+    # -- queries ------------------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """Children holding a slot (accepted and streaming)."""
+        return len(self._streaming)
+
+    @property
+    def connections(self) -> int:
+        """Open child connections, subscribed or not."""
+        return len(self._links)
+
+    def streaming_nodes(self) -> set[bytes]:
+        """The ids of the children we stream to (as they named themselves)."""
+        return {node for child in self._streaming if (node := self._links[child].child)}
+
+    def node_of(self, child: int) -> bytes | None:
+        link = self._links.get(child)
+        return None if link is None else link.child
+
+    # -- inputs from the driver ------------------------------------------------------------
+
+    def open(self, child: int, max_datagram: int, now: float) -> None:
+        """A child connected and opened its control stream."""
+        self._links[child] = ParentLink(
+            self.stream,
+            now=now,
+            max_datagram=max_datagram,
+            heartbeat_interval=self.config.heartbeat_interval,
+        )
+
+    def receive_data(self, child: int, data: bytes, now: float) -> None:
+        """Stream bytes from a child (b"" when it ended its stream)."""
+        link = self._links.get(child)
+        if link is None:
+            return
+        try:
+            link.receive_data(data, now)
+        except ProtocolError as exc:
+            logger.warning("child %s broke the protocol: %s", self._name(child), exc)
+            self.stats.bad_peers += 1
+            link.goodbye(exc.code, str(exc))
+        else:
+            while (event := link.next_event()) is not None:
+                if isinstance(event, SubscribeRequested):
+                    self._admit(child, event, now)
+                elif isinstance(event, RepairRequested):
+                    self._repair(child, event.seqs)
+                elif isinstance(event, LinkClosed):
+                    logger.info("child %s left: %s", self._name(child), event.reason or event.code)
+            if link.buffered > self.config.max_child_backlog:
+                logger.warning("child %s is not reading; dropping it", self._name(child))
+                link.goodbye(ErrorCode.GOING_AWAY, "too slow")
+        self._after(child, link)
+
+    def closed(self, child: int) -> None:
+        """The child's connection is gone (closed by either side)."""
+        self._links.pop(child, None)
+        self._streaming.discard(child)
+        self._awaiting_info.pop(child, None)
+        self._dirty.discard(child)
+        self._closing.discard(child)
+        self.stats.children = len(self._streaming)
+
+    def set_info(self, info: StreamInfo, now: float) -> None:
+        """The stream's header: children that subscribed before it arrived are admitted."""
+        if self.info is not None:
+            return
+        self.info = info
+        for child, (request, _) in list(self._awaiting_info.items()):
+            del self._awaiting_info[child]
+            self._admit(child, request, now)
+
+    def forward(self, item: VerifiedChunk, now: float) -> None:
+        """A new verified chunk: to every streaming child at once (a datagram if it fits)."""
+        for child in self._streaming:
+            link = self._links[child]
+            link.send_chunk(item, now)
+            self.stats.chunks_out += 1
+            self.stats.bytes_out += len(item.raw)
+            self._dirty.add(child)
+
+    def redirect_all(self, moves: dict[bytes, tuple[Peer, tuple[Peer, ...]]]) -> None:
+        """Graceful leave: tell every child where to go (children the tracker did not
+        place are sent to `moves[b""]`, our own parent, if given)."""
+        self.leaving = True
+        fallback = moves.get(b"")
+        for child in self._streaming:
+            link = self._links[child]
+            target = moves.get(link.child or b"", fallback)
+            if target is not None:
+                link.redirect(*target)
+                self._dirty.add(child)
+
+    def get_timer(self) -> float | None:
+        deadlines = [deadline for _, deadline in self._awaiting_info.values()]
+        for link in self._links.values():
+            timer = link.get_timer()
+            if timer is not None:
+                deadlines.append(timer)
+        return min(deadlines, default=None)
+
+    def handle_timer(self, now: float) -> None:
+        for child, (_, deadline) in list(self._awaiting_info.items()):
+            if now >= deadline:
+                del self._awaiting_info[child]
+                link = self._links[child]
+                link.goodbye(ErrorCode.NOT_AVAILABLE, "no audio yet; try again")
+                self._after(child, link)
+        for child, link in list(self._links.items()):
+            timer = link.get_timer()
+            if timer is not None and now >= timer:
+                link.handle_timer(now)
+                self._after(child, link)
+
+    # -- outputs for the driver ------------------------------------------------------------
+
+    def take_dirty(self) -> set[int]:
+        """Children with bytes or datagrams to send (see `take_output`)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def take_output(self, child: int) -> tuple[bytes, list[bytes]]:
+        """(stream bytes, datagrams) queued for the child."""
+        link = self._links.get(child)
+        if link is None:
+            return b"", []
+        return link.data_to_send(), link.datagrams_to_send()
+
+    def take_closes(self) -> list[CloseChild]:
+        closes, self._closes = self._closes, []
+        return closes
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def _admit(self, child: int, request: SubscribeRequested, now: float) -> None:
+        """Accept a SUBSCRIBE (header + backlog) or refuse it with the reason."""
+        link = self._links[child]
+        if link.state is not LinkState.SUBSCRIBING:
+            return  # the child already gave up (another parent answered it first)
+        if self.info is None:
+            self._awaiting_info[child] = (request, now + INFO_WAIT)
+            return
+        if self.leaving:
+            link.goodbye(ErrorCode.GOING_AWAY, "this node is leaving")
+        elif len(self._streaming) >= self.capacity:
+            link.goodbye(ErrorCode.NO_CAPACITY, f"all {self.capacity} child slots are taken")
+        else:
+            self._streaming.add(child)
+            self.stats.children = len(self._streaming)
+            backlog = list(self.ring.since(request.from_seq))
+            link.accept(self.info, backlog, now)
+            self.stats.chunks_out += len(backlog)
+            self.stats.bytes_out += sum(len(item.raw) for item in backlog)
+            logger.info(
+                "child %s subscribed from %s (%d chunks of backlog)",
+                short_id(request.node),
+                request.from_seq,
+                len(backlog),
+            )
+        self._after(child, link)
+
+    def _repair(self, child: int, seqs: tuple[int, ...]) -> None:
+        link = self._links[child]
+        found = [item for seq in seqs if (item := self.ring.get(seq)) is not None]
+        held = {item.seq for item in found}
+        link.answer_repair(found, [seq for seq in seqs if seq not in held])
+        self.stats.chunks_out += len(found)
+        self.stats.bytes_out += sum(len(item.raw) for item in found)
+
+    def _after(self, child: int, link: ParentLink) -> None:
+        """Mark the child for sending; once its link closed, ask the driver to close it."""
+        self._dirty.add(child)
+        if link.state is LinkState.CLOSED and child not in self._closing:
+            self._closing.add(child)
+            self._streaming.discard(child)
+            self._awaiting_info.pop(child, None)
+            self.stats.children = len(self._streaming)
+            self._closes.append(CloseChild(child, link.goodbye_code or ErrorCode.NO_ERROR))
+
+    def _name(self, child: int) -> str:
+        node = self.node_of(child)
+        return short_id(node) if node else f"#{child}"

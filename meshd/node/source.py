@@ -1,0 +1,54 @@
+"""The origin's decisions, sans-I/O: sign each chunk, keep it in the ring, feed children.
+
+The driver (meshd/node/origin.py reading Ogg Opus in real time, or the simulator) pushes
+packets as they are due; children are served by the `Children` this owns, exactly as a
+relay serves its own. No I/O and no clock reads here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.node.children import Children
+from meshd.node.config import NodeConfig
+from meshd.node.stats import NodeStats
+from protocol import ChunkRing, ChunkSigner, VerifiedChunk, key_to_text
+from protocol.media import OPUS_RATE
+
+
+class OriginCore:
+    """The root of a stream's tree."""
+
+    def __init__(self, key: Ed25519PrivateKey, capacity: int, config: NodeConfig) -> None:
+        self.signer = ChunkSigner(key)
+        self.stream_id = self.signer.stream_id
+        text_id = key_to_text(self.stream_id)
+        self.stats = NodeStats("origin", text_id, text_id, depth=0)
+        self.ring = ChunkRing(int(config.buffer_seconds * OPUS_RATE))
+        self.children = Children(self.stream_id, self.ring, capacity, config, self.stats)
+        self.ended = False
+
+    def set_head(self, head: bytes, now: float) -> None:
+        """The codec header (OpusHead): children can be accepted from now on."""
+        self.children.set_info(self.signer.stream_info(head), now)
+
+    def push(
+        self, packets: Sequence[bytes], granule: int, now: float, *, end: bool = False
+    ) -> VerifiedChunk:
+        """Sign the next chunk, keep it for repairs and resumption, send it to children."""
+        item = self.signer.sign(packets, granule, end=end)
+        self.ring.add(item)
+        self.children.forward(item, now)
+        self.stats.chunks_in += 1
+        self.stats.packets_played += len(packets)
+        self.stats.last_seq = item.seq
+        self.stats.ended = self.ended = end
+        return item
+
+    def get_timer(self) -> float | None:
+        return self.children.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.children.handle_timer(now)

@@ -1,0 +1,211 @@
+"""A whole room on a virtual clock: the tracker, the origin and N listeners, and faults.
+
+`World` builds the room from a seed, runs it, applies faults (kill, SIGSTOP/SIGCONT,
+partitions, loss) and says what is wrong with it (`problems`): a node cut off from the
+origin or in a cycle, a node whose path disagrees with the tracker, a node that skipped
+or has not played audio it should have. Everything is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.node.config import NodeConfig
+from meshd.sim.clock import Scheduler
+from meshd.sim.hosts import NodeHost, OriginHost, SharedVerifier, TrackerHost
+from meshd.sim.network import Host, Network
+from meshd.tracker.service import Tracker, TrackerConfig
+from protocol import short_id
+
+
+def _key(rng: random.Random) -> Ed25519PrivateKey:
+    """A key drawn from `rng`, so that a seed replays the same ids (and tree)."""
+    return Ed25519PrivateKey.from_private_bytes(rng.randbytes(32))
+
+
+@dataclass(frozen=True)
+class RoomSpec:
+    """The room to simulate; every random choice comes from `seed`."""
+
+    listeners: int
+    seed: int = 0
+    origin_capacity: int = 2
+    relay_share: float = 0.7
+    """The fraction of listeners that relay; the rest are leaves (capacity 0)."""
+    max_children: int = 2
+    delay_ms: tuple[float, float] = (2.0, 25.0)
+    """Each host's one-way delay to the network core, uniform in this range."""
+    loss: float = 0.0
+    join_spread: float = 3.0
+    """Listeners start spread over this many seconds."""
+    config: NodeConfig = field(default_factory=NodeConfig)
+
+
+class World:
+    def __init__(self, spec: RoomSpec) -> None:
+        self.spec = spec
+        self.rng = random.Random(spec.seed)
+        self.scheduler = Scheduler()
+        self.network = Network(self.scheduler, random.Random(self.rng.random()), loss=spec.loss)
+        self.tracker = TrackerHost(
+            self.network, Tracker(TrackerConfig(refresh_s=60)), self._delay()
+        )
+        self.network.add(self.tracker)
+        self.origin = OriginHost(
+            self.network,
+            self.tracker,
+            _key(self.rng),
+            capacity=spec.origin_capacity,
+            config=spec.config,
+            delay=self._delay(),
+        )
+        self.network.add(self.origin)
+        self.stream_id = self.origin.stream_id
+        self.verifier = SharedVerifier(self.stream_id)
+        self.nodes: list[NodeHost] = []
+        for index in range(spec.listeners):
+            relays = self.rng.random() < spec.relay_share
+            node = NodeHost(
+                self.network,
+                self.tracker,
+                _key(self.rng),
+                self.stream_id,
+                address=f"node{index}:1",
+                delay=self._delay(),
+                capacity=spec.max_children if relays else 0,
+                config=spec.config,
+                verifier=self.verifier,
+                rng=random.Random(self.rng.random()),
+            )
+            self.nodes.append(node)
+            self.network.add(node)
+        self.by_id = {node.node_id: node for node in self.nodes}
+
+    def _delay(self) -> float:
+        low, high = self.spec.delay_ms
+        return self.rng.uniform(low, high) / 1000
+
+    @property
+    def now(self) -> float:
+        return self.scheduler.now
+
+    def start(self, *, end_at: float | None = None) -> None:
+        """The origin streams from now (until `end_at`); listeners join over the spread."""
+        self.origin.start(end_at=end_at)
+        for node in self.nodes:
+            self.scheduler.after(self.rng.uniform(0.2, self.spec.join_spread), node.start)
+
+    def run(self, seconds: float) -> None:
+        self.scheduler.run_for(seconds)
+
+    # -- faults --------------------------------------------------------------------------
+
+    def kill(self, nodes: Iterable[NodeHost]) -> None:
+        for node in nodes:
+            node.kill()
+
+    def stop(self, node: NodeHost) -> None:
+        node.stop()
+
+    def resume(self, node: NodeHost) -> None:
+        node.resume()
+
+    def partition(self, nodes: Iterable[Host], seconds: float) -> None:
+        self.network.partition({node.address for node in nodes}, seconds)
+
+    def set_loss(self, loss: float) -> None:
+        self.network.loss = loss
+
+    # -- views ---------------------------------------------------------------------------
+
+    def live(self) -> list[NodeHost]:
+        """Nodes still running (not killed, not finished)."""
+        return [node for node in self.nodes if node.alive and node.finished is None]
+
+    def parent_of(self, node: NodeHost) -> bytes | None:
+        """The parent a node is actually streaming from (None while it has none)."""
+        current = node.core.current
+        return current.peer.node if current is not None and current.attached else None
+
+    def children_of(self, peer: bytes) -> list[NodeHost]:
+        return [node for node in self.live() if self.parent_of(node) == peer]
+
+    def origin_children(self) -> list[NodeHost]:
+        return self.children_of(self.stream_id)
+
+    def chain(self, node: NodeHost) -> list[bytes]:
+        """The node's actual path up to the origin, origin first; raises PathBroken."""
+        path = [node.node_id]
+        hop = node
+        while True:
+            parent = self.parent_of(hop)
+            if parent is None:
+                raise PathBroken(f"{short_id(hop.node_id)} has no parent")
+            if parent in path:
+                raise PathBroken("cycle " + " -> ".join(short_id(p) for p in [*path, parent]))
+            if parent == self.stream_id:
+                if hop.node_id not in self.origin.core.children.streaming_nodes():
+                    raise PathBroken(f"the origin does not stream to {short_id(hop.node_id)}")
+                return [parent, *reversed(path)]
+            upper = self.by_id.get(parent)
+            if upper is None or not upper.alive:
+                raise PathBroken(f"{short_id(hop.node_id)}'s parent {short_id(parent)} is dead")
+            if hop.node_id not in upper.core.children.streaming_nodes():
+                raise PathBroken(
+                    f"{short_id(parent)} does not stream to its child {short_id(hop.node_id)}"
+                )
+            path.append(parent)
+            hop = upper
+
+    def tracker_chain(self, node: NodeHost) -> list[bytes] | None:
+        """The node's path in the tracker's view, origin first (None: it does not know it)."""
+        state = self.tracker.tracker.streams.get(self.stream_id)
+        if state is None or node.node_id not in state.tree:
+            return None
+        path = [node.node_id]
+        while (parent := state.tree.parent_of(path[-1])) is not None:
+            path.append(parent)
+        return path[::-1]
+
+    # -- what is wrong ---------------------------------------------------------------------
+
+    def problems(self, *, recent: float = 1.5) -> list[str]:
+        """Everything that violates the tree's promises right now.
+
+        Every live node streams from the origin along a loop-free path of live links,
+        the tracker sees that same path, and the node has played every chunk from its
+        first one up to those the origin sent more than `recent` seconds ago, skipping none.
+        """
+        found: list[str] = []
+        due = self._last_seq_sent_before(self.now - recent)
+        for node in self.live():
+            name = short_id(node.node_id)
+            try:
+                path = self.chain(node)
+            except PathBroken as exc:
+                found.append(f"{name}: not connected to the origin: {exc}")
+                continue
+            if self.tracker_chain(node) != path:
+                found.append(f"{name}: the tracker's path differs from the real one")
+            played = node.played
+            if node.core.stats.lost:
+                found.append(f"{name}: lost {node.core.stats.lost} chunks")
+            if any(b != a + 1 for a, b in zip(played, played[1:], strict=False)):
+                found.append(f"{name}: played out of order or with holes")
+            if due is not None and (not played or played[-1] < due):
+                last = played[-1] if played else None
+                found.append(f"{name}: stuck at seq {last}; the origin is past {due}")
+        return found
+
+    def _last_seq_sent_before(self, when: float) -> int | None:
+        count = bisect.bisect_right(self.origin.sent_at, when)
+        return count - 1 if count else None
+
+
+class PathBroken(Exception):
+    """A node's chain of parents does not reach the origin."""

@@ -133,10 +133,14 @@ def _route(proxy: UdpProxy, fronts: dict[Proc, Address], origin: Proc, *, wait: 
         del fronts[proc]
 
 
-def finish(room: FaultRoom, survivors: list[Proc], before: list[Stats], what: str) -> None:
+def finish(
+    room: FaultRoom, survivors: list[Proc], before: list[Stats], what: str, *, failover: bool
+) -> None:
     """Every survivor and the origin exit 0 at the end of the stream; every survivor's
     output is a gap-free tail of the input and it lost nothing. On failure, says for
-    each survivor what went wrong, where it is in the tree, and how its log ends."""
+    each survivor what went wrong, where it is in the tree, and how its log ends.
+    With `failover`, some survivor must also have had to replace a silent parent (so
+    the fault really cut someone off)."""
     origin_code = room.origin.exit_code(time.monotonic() + ORIGIN_EXIT)
     deadline = time.monotonic() + SURVIVOR_EXIT
     codes = {proc: proc.exit_code(deadline) for proc in survivors}
@@ -174,6 +178,10 @@ def finish(room: FaultRoom, survivors: list[Proc], before: list[Stats], what: st
             )
             failed[proc] = problems
     if origin_code == 0 and not failed:
+        failovers = sum(final[p].get("failovers", 0) for p in survivors) - sum(
+            earlier.get(final[p].get("node"), {}).get("failovers", 0) for p in survivors
+        )
+        assert failovers > 0 or not failover, f"{what}: no survivor had to fail over"
         return
     lines = [
         f"{what}: {len(failed)} of {len(survivors)} survivors failed;"
@@ -216,7 +224,9 @@ def test_sigkill_of_both_children_of_the_origin(tmp_path: Path) -> None:
         victims = origin_children(before, room.stream)
         assert len(victims) == 2, f"the origin feeds {len(victims)} listeners, not 2"
         survivors = kill(room, victims)
-        finish(room, survivors, before, "after SIGKILL of both of the origin's children")
+        finish(
+            room, survivors, before, "after SIGKILL of both of the origin's children", failover=True
+        )
 
 
 @pytest.mark.timeout(150)
@@ -227,7 +237,7 @@ def test_sigkill_of_forty_percent_of_the_relays(tmp_path: Path) -> None:
         victims = random_relays(before, 0.4, random.Random(8))
         assert victims, "no listener feeds another"
         survivors = kill(room, victims)
-        finish(room, survivors, before, f"after SIGKILL of {len(victims)} relays")
+        finish(room, survivors, before, f"after SIGKILL of {len(victims)} relays", failover=True)
 
 
 @pytest.mark.timeout(150)
@@ -243,7 +253,7 @@ def test_sigkill_of_a_parent_and_its_childs_first_backup(tmp_path: Path) -> None
             f"after SIGKILL of {room.proc(listener).name}'s parent {room.proc(parent).name}"
             f" and first backup {room.proc(backup).name}"
         )
-        finish(room, survivors, before, what)
+        finish(room, survivors, before, what, failover=True)
 
 
 @pytest.mark.timeout(150)
@@ -257,14 +267,16 @@ def test_sigstop_of_a_mid_tree_relay_for_five_seconds(tmp_path: Path) -> None:
         relay.pause()
         time.sleep(5.0)
         relay.resume()
-        finish(room, room.listeners, before, f"after SIGSTOP of {relay.name} for 5 s")
+        what = f"after SIGSTOP of {relay.name} for 5 s"
+        finish(room, room.listeners, before, what, failover=True)
 
 
 @pytest.mark.timeout(150)
 def test_datagram_loss_on_every_link_costs_no_packet(tmp_path: Path) -> None:
     with cluster(tmp_path) as procs, UdpProxy(loss=LOSS, seed=8) as proxy:
         room = open_fault_room(procs, proxy)
-        finish(room, room.listeners, room.snapshot(), f"under {LOSS:.0%} datagram loss")
+        what = f"under {LOSS:.0%} datagram loss"
+        finish(room, room.listeners, room.snapshot(), what, failover=False)
         assert proxy.clients >= LISTENERS, "not every listener's parent link was proxied"
     # The proxy draws one number per datagram from its seeded RNG, so its drops over n
     # datagrams are a fixed function of n: with seed 8 the rate over any n >= 300 stays

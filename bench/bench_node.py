@@ -242,7 +242,8 @@ class Room:
     def route(self, timeout: float = 0.0) -> None:
         """Give the proxy the real port of each node started behind it; relays log theirs,
         the origin only its advertised address, so its port comes from /proc."""
-        assert self.proxy is not None or not self.unrouted
+        if self.proxy is None:
+            return
         for proc, front in list(self.unrouted.items()):
             if proc.name == "origin":
                 port = bound_udp_port(proc.popen.pid)
@@ -253,7 +254,6 @@ class Room:
                 if line is None:
                     continue
                 port = parse_address(line.split(SERVING)[1].split()[0])[1]
-            assert self.proxy is not None
             self.proxy.set_backend(front, ("127.0.0.1", port))
             del self.unrouted[proc]
 
@@ -926,15 +926,9 @@ def report_faults(results: list[FaultResult], size: int, bitrate: float) -> None
     print("-" * len(header))
     for res in results:
         gap = f"{ms(res.gaps_ms, 50)}/{ms(res.gaps_ms, 99)}"
-        heal = (
-            "never"
-            if res.heal_s is None
-            else "-"
-            if math.isnan(res.heal_s)
-            else f"{res.heal_s:.1f}"
-        )
+        heal = "never" if res.heal_s is None else ms([res.heal_s], 50)  # "-": not measured
         within = (
-            percentile(res.gaps_ms, 99) <= GAP_BUDGET_MS
+            not percentile(res.gaps_ms, 99) > GAP_BUDGET_MS  # nan: nobody was affected
             and res.lost == 0
             and res.ended == res.survivors
         )
@@ -950,8 +944,9 @@ def report_faults(results: list[FaultResult], size: int, bitrate: float) -> None
         " longest_stall_ms, the longest wait between two chunks played, inf if they never"
         " played END; lost: chunks lost by all survivors; ended: survivors that played END"
         " and exited 0; heal: seconds from the fault until every running listener was on a"
-        f" complete, loop-free path from the origin through running nodes, by stats files"
-        f" written every {STATS_INTERVAL:g} s; never: not within {HEAL_TIMEOUT:g} s)"
+        " complete, loop-free path from the origin through running nodes, by stats files"
+        f" written every {STATS_INTERVAL:g} s; never: not within {HEAL_TIMEOUT:g} s;"
+        " -: not measured)"
     )
     print(
         "(paths from the stats 'path' field)"

@@ -84,7 +84,7 @@ def path_problem(
         if parent is None:
             return f"{name(chain[-1])} has no parent (chain {_chain(chain, name)})"
         if parent not in alive:
-            return f"{name(chain[-1])}'s parent {name(parent)} is gone"
+            return f"{_chain([*chain, parent], name)}, gone"
         if parent in chain:
             return f"loop: {_chain([*chain, parent], name)}"
         chain.append(parent)

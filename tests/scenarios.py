@@ -34,9 +34,11 @@ def random_relays(stats: Collection[Stats], fraction: float, rng: random.Random)
 
 def parent_and_first_backup(stats: Collection[Stats]) -> tuple[str, str, str] | None:
     """(L, P, B): a listener L whose parent P is a listener and whose first backup parent
-    B (the tracker's order) is a listener too, not the origin."""
+    B (the tracker's order) is a listener too, not the origin. The deepest such L: near
+    the top, P and B tend to be the origin's two children, which is another scenario."""
     listeners = by_id(stats)
-    for node, s in listeners.items():
+    deepest_first = sorted(listeners.items(), key=lambda item: -(item[1].get("depth") or 0))
+    for node, s in deepest_first:
         backups = s.get("backups") or []
         if s.get("parent") in listeners and backups and backups[0] in listeners:
             return node, s["parent"], backups[0]

@@ -15,23 +15,25 @@ from tests.scenarios import (
 )
 
 S = "stream"
-NAMES = {"a": "A", "b": "B", "c": "C", "d": "D", S: "origin"}
+NAMES = {"a": "A", "b": "B", "c": "C", "d": "D", "e": "E", S: "origin"}
 
 
 def tree() -> list[Stats]:
-    """origin -> a -> b -> c, and origin -> d; backups as a tracker might give them."""
+    """origin -> a -> b -> c and e, and origin -> d; backups as a tracker might give them."""
     return [
         {"node": "a", "parent": S, "depth": 1, "children": 1, "backups": [S]},
-        {"node": "b", "parent": "a", "depth": 2, "children": 1, "backups": ["d"]},
+        {"node": "b", "parent": "a", "depth": 2, "children": 2, "backups": ["d"]},
         {"node": "c", "parent": "b", "depth": 3, "children": 0, "backups": [S, "d"]},
         {"node": "d", "parent": S, "depth": 1, "children": 0, "backups": ["c"]},
+        {"node": "e", "parent": "b", "depth": 3, "children": 0, "backups": ["d", "c"]},
     ]
 
 
 def test_the_choices() -> None:
     stats = tree()
     assert sorted(origin_children(stats, S)) == ["a", "d"]
-    assert parent_and_first_backup(stats) == ("b", "a", "d")  # c's first backup is the origin
+    # c's first backup is the origin; b qualifies too, but e is deeper.
+    assert parent_and_first_backup(stats) == ("e", "b", "d")
     assert mid_tree_relay(stats) == "b"
     assert sorted(random_relays(stats, 0.4, random.Random(1))) in (["a"], ["b"])
     assert random_relays([s for s in stats if not s["children"]], 0.4, random.Random(1)) == []
@@ -39,7 +41,7 @@ def test_the_choices() -> None:
 
 def test_paths_by_parent_fields() -> None:
     stats = by_id(tree())
-    alive = {"a", "b", "c", "d", S}
+    alive = {"a", "b", "c", "d", "e", S}
     assert all(path_problem(n, stats, S, alive, NAMES) is None for n in alive - {S})
     assert path_problem("c", stats, S, alive - {"a"}, NAMES) == "C < B < A, gone"
     assert path_problem("c", stats, S, alive - {S}, NAMES) == "the origin is gone"

@@ -240,22 +240,28 @@ class Room:
         return proc
 
     def route(self, timeout: float = 0.0) -> None:
-        """Give the proxy the real port of each node started behind it; relays log theirs,
-        the origin only its advertised address, so its port comes from /proc."""
-        if self.proxy is None:
-            return
-        for proc, front in list(self.unrouted.items()):
-            if proc.name == "origin":
-                port = bound_udp_port(proc.popen.pid)
-            else:
-                line = (
-                    proc.wait_for_output(SERVING, timeout) if timeout else proc.find_output(SERVING)
-                )
-                if line is None:
+        """Give the proxy the real port of each node started behind it, waiting up to
+        `timeout` for all; relays log theirs, the origin only its advertised address, so
+        its port comes from /proc. All are polled each round: a node that starts late
+        must not hold up the routes of those already serving children."""
+        deadline = time.monotonic() + timeout
+        while self.proxy is not None:
+            for proc, front in list(self.unrouted.items()):
+                if proc.name == "origin":
+                    port = bound_udp_port(proc.popen.pid)
+                elif line := proc.find_output(SERVING):
+                    port = parse_address(line.split(SERVING)[1].split()[0])[1]
+                else:
                     continue
-                port = parse_address(line.split(SERVING)[1].split()[0])[1]
-            self.proxy.set_backend(front, ("127.0.0.1", port))
-            del self.unrouted[proc]
+                self.proxy.set_backend(front, ("127.0.0.1", port))
+                del self.unrouted[proc]
+            if not self.unrouted:
+                return
+            if time.monotonic() >= deadline:
+                if timeout:
+                    raise RuntimeError(f"no {SERVING!r} from {[n.name for n in self.unrouted]}")
+                return
+            time.sleep(0.05)
 
     def open(self, origin_capacity: int) -> Node:
         """Tracker, stream key and origin; returns the origin once it is registered."""

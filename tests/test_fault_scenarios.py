@@ -97,10 +97,10 @@ def open_fault_room(room: Cluster, proxy: UdpProxy | None = None) -> FaultRoom:
         listeners.append(start(name, *room.listener_args(name, tracker, stream),
                                "--max-children", "2"))  # fmt: skip
         if proxy is not None:
-            _route(proxy, fronts, origin, wait=False)
+            _route(proxy, fronts, origin)
         time.sleep(STAGGER)
     if proxy is not None:
-        _route(proxy, fronts, origin, wait=True)
+        _route(proxy, fronts, origin, timeout=20.0)
 
     names = [proc.name for proc in listeners]
 
@@ -119,18 +119,28 @@ def open_fault_room(room: Cluster, proxy: UdpProxy | None = None) -> FaultRoom:
     return FaultRoom(room, origin, stream, listeners, proxy)
 
 
-def _route(proxy: UdpProxy, fronts: dict[Proc, Address], origin: Proc, *, wait: bool) -> None:
-    """Tell the proxy where the nodes behind its fronts really listen. Relays log it;
-    the origin logs only its advertised address, so its port comes from /proc."""
-    for proc, front in list(fronts.items()):
-        if proc is origin:
-            port = bound_udp_port(proc.popen.pid)
-        elif match := proc.wait_for_output(SERVING) if wait else proc.find_output(SERVING):
-            port = int(match.group(2))
-        else:
-            continue
-        proxy.set_backend(front, ("127.0.0.1", port))
-        del fronts[proc]
+def _route(
+    proxy: UdpProxy, fronts: dict[Proc, Address], origin: Proc, timeout: float = 0.0
+) -> None:
+    """Tell the proxy where the nodes behind its fronts really listen (and forget them),
+    waiting up to `timeout` for all. Relays log it; the origin logs only its advertised
+    address, so its port comes from /proc. All are polled each round: a node that starts
+    late must not hold up the routes of those already serving children."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc, front in list(fronts.items()):
+            if proc is origin:
+                port = bound_udp_port(proc.popen.pid)
+            elif match := proc.find_output(SERVING):
+                port = int(match.group(2))
+            else:
+                continue
+            proxy.set_backend(front, ("127.0.0.1", port))
+            del fronts[proc]
+        if not fronts or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    assert not timeout or not fronts, f"no {SERVING!r} from {[p.name for p in fronts]}"
 
 
 def finish(

@@ -1,6 +1,7 @@
 """Whole-room figures with real `meshd` processes on loopback.
 
 Run: .venv/bin/python bench/bench_node.py [--sizes 10,50,100,200] [--quick] [--keep]
+     .venv/bin/python bench/bench_node.py --faults [--listeners 20] [--loss 0.03]
 
 For each N it starts a tracker, an origin (--capacity 4) and N `meshd listen` processes
 (--max-children 4, --silence-timeout 600), staggered, waits until all play, and measures a
@@ -11,9 +12,17 @@ few relays that feed others and reports their former children's gap, lost chunks
 whether everyone reached the end. Last, relay CPU and RSS: origin (capacity 1) -> one
 relay -> exactly 4 leaves, sampled from /proc for 20 s.
 
+--faults runs issue 8's five fault scenarios instead (the ones tests/test_fault_scenarios.py
+checks), each in a fresh room of --listeners listeners (origin --capacity 2, --max-children
+2): SIGKILL of both of the origin's children; of a seeded 40 % of the relays; of a
+listener's parent and its first backup; SIGSTOP of a mid-tree relay for 5 s; datagram
+loss (--loss) on every parent<->child link through tests/udp_proxy.py. For each: the
+affected listeners' gap, chunks lost, and the time until every survivor is again on a
+loop-free path to the origin.
+
 The input is a 64 kbps CBR Ogg Opus tone made with ffmpeg in a temp dir. It is longer than
 any run; the bench ends the stream when it is done measuring (SIGINT to the origin sends
-END), so the stream lasts as long as each size needs. Budgets: /work/shared/BRIEF.md.
+END), so the stream lasts as long as each size needs. Budgets: ../shared/BRIEF.md.
 Every process is killed at the end, also on Ctrl-C.
 """
 
@@ -23,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -39,7 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from meshd.addresses import parse_address
 from meshd.ogg import read_ogg_opus
+
+# The fault scenarios' choices and the lossy proxy live with the tests, which check the
+# same scenarios; the repository root is not on the path of a script in bench/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import scenarios
+from tests.udp_proxy import Address, UdpProxy, bound_udp_port
 
 MESHD = [sys.executable, "-m", "meshd"]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -64,6 +81,7 @@ JOIN_BUDGET_MS = 300.0  # p50
 GAP_BUDGET_MS = 1000.0  # p99
 CPU_BUDGET_PERCENT = 3.0
 RSS_BUDGET_MB = 60.0
+SERVING = "serving children on "  # a relay's log line, with its real address
 
 Stats = dict[str, Any]
 
@@ -127,6 +145,7 @@ class Node:
             )  # fmt: skip
         self.playing = False
         self.killed = False
+        self.stopped = False
 
     @property
     def running(self) -> bool:
@@ -141,15 +160,16 @@ class Node:
             self.playing = self.stats().get("first_seq") is not None
         return self.playing
 
+    def find_output(self, pattern: str) -> str | None:
+        """The first line of its output so far that holds `pattern`."""
+        text = self.out_path.read_text(errors="replace") + self.log_path.read_text(errors="replace")
+        return next((line for line in text.splitlines() if pattern in line), None)
+
     def wait_for_output(self, pattern: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.out_path.read_text(errors="replace") + self.log_path.read_text(
-                errors="replace"
-            )
-            for line in text.splitlines():
-                if pattern in line:
-                    return line
+            if line := self.find_output(pattern):
+                return line
             if not self.running:
                 break
             time.sleep(0.05)
@@ -178,6 +198,14 @@ class Node:
         self.killed = True
         self.popen.kill()
 
+    def sigstop(self) -> None:
+        self.stopped = True
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def sigcont(self) -> None:
+        self.stopped = False
+        self.popen.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         if self.running:
             self.popen.kill()
@@ -185,19 +213,55 @@ class Node:
 
 
 class Room:
-    """Starts meshd processes in `workdir`; `close` kills whatever is still running."""
+    """Starts meshd processes in `workdir`; `close` kills whatever is still running.
 
-    def __init__(self, workdir: Path, audio: Path) -> None:
+    With a proxy, every node that serves children does so behind a front of its own on
+    it: the node advertises the front, and `route` tells the proxy the node's real port.
+    """
+
+    def __init__(self, workdir: Path, audio: Path, proxy: UdpProxy | None = None) -> None:
         self.workdir = workdir
         self.audio = audio
+        self.proxy = proxy
         self.nodes: list[Node] = []
         self.tracker = ""
         self.stream = ""
+        self.unrouted: dict[Node, Address] = {}  # nodes whose real port the proxy lacks
 
     def start(self, name: str, args: list[str], *, node: bool = True) -> Node:
+        front = None
+        if self.proxy is not None and node:
+            front = self.proxy.add_front()
+            args = [*args, "--listen", "127.0.0.1:0", "--advertise", f"127.0.0.1:{front[1]}"]
         proc = Node(name, args, self.workdir, node=node)
         self.nodes.append(proc)
+        if front is not None:
+            self.unrouted[proc] = front
         return proc
+
+    def route(self, timeout: float = 0.0) -> None:
+        """Give the proxy the real port of each node started behind it, waiting up to
+        `timeout` for all; relays log theirs, the origin only its advertised address, so
+        its port comes from /proc. All are polled each round: a node that starts late
+        must not hold up the routes of those already serving children."""
+        deadline = time.monotonic() + timeout
+        while self.proxy is not None:
+            for proc, front in list(self.unrouted.items()):
+                if proc.name == "origin":
+                    port = bound_udp_port(proc.popen.pid)
+                elif line := proc.find_output(SERVING):
+                    port = parse_address(line.split(SERVING)[1].split()[0])[1]
+                else:
+                    continue
+                self.proxy.set_backend(front, ("127.0.0.1", port))
+                del self.unrouted[proc]
+            if not self.unrouted:
+                return
+            if time.monotonic() >= deadline:
+                if timeout:
+                    raise RuntimeError(f"no {SERVING!r} from {[n.name for n in self.unrouted]}")
+                return
+            time.sleep(0.05)
 
     def open(self, origin_capacity: int) -> Node:
         """Tracker, stream key and origin; returns the origin once it is registered."""
@@ -212,6 +276,7 @@ class Room:
             "--capacity", str(origin_capacity),
         ])  # fmt: skip
         origin.wait_for_output("registered", 20)
+        self.route()
         return origin
 
     def listener(self, name: str, max_children: int) -> Node:
@@ -230,9 +295,9 @@ class Room:
 
 
 @contextmanager
-def room(workdir: Path, audio: Path) -> Iterator[Room]:
+def room(workdir: Path, audio: Path, proxy: UdpProxy | None = None) -> Iterator[Room]:
     workdir.mkdir()
-    running = Room(workdir, audio)
+    running = Room(workdir, audio, proxy)
     try:
         yield running
     finally:
@@ -347,7 +412,7 @@ class ScaleResult:
     notes: list[str] = field(default_factory=list)
 
 
-def launch(room: Room, size: int, timeout: float) -> list[Node]:
+def launch(room: Room, size: int, timeout: float, max_children: int = MAX_CHILDREN) -> list[Node]:
     """Start `size` listeners, at most LAUNCH_RATE/s and MAX_STARTING not yet playing."""
     listeners: list[Node] = []
     starting: list[Node] = []
@@ -359,10 +424,12 @@ def launch(room: Room, size: int, timeout: float) -> list[Node]:
             time.sleep(0.05)
             continue
         time.sleep(max(0.0, next_at - time.monotonic()))
-        node = room.listener(f"listener{len(listeners)}", MAX_CHILDREN)
+        node = room.listener(f"listener{len(listeners)}", max_children)
         listeners.append(node)
         starting.append(node)
+        room.route()
         next_at = time.monotonic() + 1 / LAUNCH_RATE
+    room.route(timeout=20)
     return listeners
 
 
@@ -590,6 +657,169 @@ def run_cpu(workdir: Path, audio: Path) -> CpuResult:
     )
 
 
+# -- fault scenarios ------------------------------------------------------------------------
+
+
+FAULT_CAPACITY = 2  # origin --capacity and --max-children: issue 8's room
+FAULT_SETTLE = 3.0  # seconds from the last listener playing to the fault
+KILL_FRACTION = 0.4
+STOP_SECONDS = 5.0
+HEAL_TIMEOUT = 20.0  # seconds after the fault to wait for every survivor's path
+AFTER_HEAL = 3.0  # seconds of stream after healing, before the bench ends it
+LOSS_SECONDS = 15.0  # how long the loss scenario streams after everyone plays
+SCENARIOS = ("origin-children", "40%-relays", "parent+backup", "sigstop-5s", "loss")
+
+
+@dataclass
+class FaultResult:
+    scenario: str
+    fault: str  # what was done
+    affected: list[str]  # survivors below the fault (everyone, for loss)
+    gaps_ms: list[float]  # affected listeners' longest stall; inf if they never ended
+    lost: int  # chunks lost by all survivors
+    ended: int  # survivors that played END and exited 0
+    survivors: int
+    heal_s: float | None  # None: not healed within HEAL_TIMEOUT; nan: not measured
+    by_path: bool  # healing judged from stats "path" (else from "parent" fields)
+    notes: list[str] = field(default_factory=list)
+
+
+def below(stats: dict[str, Stats], roots: set[str]) -> set[str]:
+    """Nodes (ids) whose parent chain, in `stats` by id, runs through one of `roots`."""
+    found = set()
+    for node in stats:
+        chain = [node]
+        while (parent := stats.get(chain[-1], {}).get("parent")) in stats and parent not in chain:
+            if parent in roots:
+                found.add(node)
+                break
+            chain.append(parent)
+    return found
+
+
+def heal(r: Room, listeners: list[Node], started: float) -> tuple[float | None, bool, list[str]]:
+    """Seconds from `started` until every running listener is on a complete, loop-free
+    path from the origin through running nodes, by their stats files (a stopped node is
+    not running: it is SIGCONTed STOP_SECONDS after `started`); None if that does not
+    happen within HEAL_TIMEOUT. Also whether the stats had "path" (else healing is judged
+    by following "parent" fields), and what was still wrong at the last look."""
+    by_path = False
+    problems: list[str] = []
+    while (now := time.monotonic()) < started + HEAL_TIMEOUT:
+        if now >= started + STOP_SECONDS:
+            for node in listeners:
+                if node.stopped:
+                    node.sigcont()
+        present = [n for n in listeners if n.running and not (n.killed or n.stopped)]
+        found = {node.name: node.stats() for node in present}
+        stats = scenarios.by_id(list(found.values()))
+        names = {s["node"]: name for name, s in found.items() if "node" in s}
+        by_path = by_path or any("path" in s for s in stats.values())
+        alive = {*stats, r.stream}
+        problems = [
+            f"{names[n]}: {problem}"
+            for n in stats
+            if (problem := scenarios.path_problem(n, stats, r.stream, alive, names))
+        ]
+        if not problems:
+            return now - started, by_path, []
+        time.sleep(0.1)
+    return None, by_path, problems
+
+
+def choose(scenario: str, before: list[Stats], stream: str, rng: random.Random) -> list[str]:
+    """The node ids the scenario kills (or, for sigstop-5s, stops)."""
+    if scenario == "origin-children":
+        return scenarios.origin_children(before, stream)
+    if scenario == "40%-relays":
+        return scenarios.random_relays(before, KILL_FRACTION, rng)
+    if scenario == "parent+backup":
+        chosen = scenarios.parent_and_first_backup(before)
+        if chosen is None:
+            raise RuntimeError("no listener has listeners as parent and first backup")
+        return list(chosen[1:])
+    if scenario == "sigstop-5s":
+        relay = scenarios.mid_tree_relay(before)
+        if relay is None:
+            raise RuntimeError("no relay between two listeners")
+        return [relay]
+    return []  # loss: the proxy does the damage
+
+
+def run_fault(
+    workdir: Path, audio: Path, size: int, scenario: str, loss: float, seed: int
+) -> FaultResult:
+    log(f"{scenario}: starting a room of {size} listeners")
+    proxy = UdpProxy(loss=loss, seed=seed).start() if scenario == "loss" else None
+    try:
+        with room(workdir, audio, proxy) as r:
+            origin = r.open(FAULT_CAPACITY)
+            listeners = launch(r, size, max(60.0, size * 0.6), max_children=FAULT_CAPACITY)
+            if not wait_until(lambda: all(node.is_playing() for node in listeners), 30):
+                raise RuntimeError(f"{scenario}: not every listener plays")
+            time.sleep(FAULT_SETTLE)
+            before = {node.name: node.stats() for node in listeners}
+            targets = choose(scenario, list(before.values()), r.stream, random.Random(seed))
+            hit = [node for node in listeners if before[node.name].get("node") in targets]
+
+            started = time.monotonic()
+            for node in hit:
+                if scenario == "sigstop-5s":
+                    node.sigstop()
+                else:
+                    node.sigkill()
+            heal_s: float | None = math.nan
+            by_path = False
+            unhealed: list[str] = []
+            if scenario == "loss":
+                time.sleep(LOSS_SECONDS)
+            else:
+                heal_s, by_path, unhealed = heal(r, listeners, started)
+                time.sleep(max(0.0, started + STOP_SECONDS - time.monotonic()))
+                for node in hit:
+                    if node.stopped:  # healed before its time was up
+                        node.sigcont()
+                time.sleep(AFTER_HEAL)
+
+            log(f"{scenario}: ending the stream")
+            origin.popen.send_signal(signal.SIGINT)
+            survivors = [node for node in listeners if not node.killed]
+            wait_until(lambda: not any(node.running for node in [origin, *survivors]), 30, 0.2)
+            codes = {node.name: node.popen.poll() for node in survivors}
+            r.close()
+            final = {node.name: node.stats() for node in listeners}
+    finally:
+        if proxy is not None:
+            proxy.stop()
+
+    ended = [n for n in survivors if final[n.name].get("ended") and codes[n.name] == 0]
+    by_id = scenarios.by_id(list(before.values()))
+    affected_ids = below(by_id, set(targets)) if targets else set(by_id)
+    affected = [node for node in survivors if before[node.name].get("node") in affected_ids]
+    verb = "SIGSTOP" if scenario == "sigstop-5s" else "SIGKILL"
+    notes = [f"proxy: {proxy.summary()}"] if proxy is not None else []
+    if unhealed:
+        notes.append(f"not healed after {HEAL_TIMEOUT:g} s, e.g. {'; '.join(unhealed[:3])}")
+    for node in [node for node in survivors if node not in ended][:3]:
+        notes.append(f"{node.name} did not end (exit {codes[node.name]}): {node.tail(1)}")
+    return FaultResult(
+        scenario=scenario,
+        fault=f"{loss:.0%} loss" if proxy else f"{verb} {', '.join(n.name for n in hit)}",
+        affected=[node.name for node in affected],
+        # A listener that never played END has a gap that never closed.
+        gaps_ms=[
+            final[n.name].get("longest_stall_ms", math.nan) if n in ended else math.inf
+            for n in affected
+        ],
+        lost=sum(final[node.name].get("lost", 0) for node in survivors),
+        ended=len(ended),
+        survivors=len(survivors),
+        heal_s=heal_s,
+        by_path=by_path,
+        notes=notes,
+    )
+
+
 # -- the report ----------------------------------------------------------------------------
 
 
@@ -687,6 +917,55 @@ def report(results: list[ScaleResult], cpu: CpuResult | None, bitrate: float) ->
             print(f"  ... and {len(notes) - 40} more")
 
 
+def report_faults(results: list[FaultResult], size: int, bitrate: float) -> None:
+    print(
+        f"\ninput: {bitrate / 1000:.1f} kbit/s Opus payload ({BITRATE // 1000} kbps CBR tone);"
+        f" {size} listeners, origin --capacity {FAULT_CAPACITY},"
+        f" --max-children {FAULT_CAPACITY}, --silence-timeout {SILENCE_TIMEOUT_MS}"
+    )
+    print(f"budgets: gap p99 <= {GAP_BUDGET_MS:g} ms, 0 lost (and every survivor ends)\n")
+    header = (
+        f"{'scenario':<16} {'affected':>8} {'gap p50/p99 ms':>16} {'lost':>4} {'ended':>7}"
+        f" {'heal s':>6}  budget"
+    )
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        gap = f"{ms(res.gaps_ms, 50)}/{ms(res.gaps_ms, 99)}"
+        heal = "never" if res.heal_s is None else ms([res.heal_s], 50)  # "-": not measured
+        within = (
+            not percentile(res.gaps_ms, 99) > GAP_BUDGET_MS  # nan: nobody was affected
+            and res.lost == 0
+            and res.ended == res.survivors
+        )
+        print(
+            f"{res.scenario:<16} {len(res.affected):>8} {gap:>16} {res.lost:>4}"
+            f" {f'{res.ended}/{res.survivors}':>7} {heal:>6}  {'within' if within else 'OVER'}"
+        )
+    for res in results:
+        print(f"  {res.scenario}: {res.fault}")
+    by_path = any(res.by_path for res in results)
+    print(
+        "(affected: survivors below the fault when it struck, everyone for loss; gap: their"
+        " longest_stall_ms, the longest wait between two chunks played, inf if they never"
+        " played END; lost: chunks lost by all survivors; ended: survivors that played END"
+        " and exited 0; heal: seconds from the fault until every running listener was on a"
+        " complete, loop-free path from the origin through running nodes, by stats files"
+        f" written every {STATS_INTERVAL:g} s; never: not within {HEAL_TIMEOUT:g} s;"
+        " -: not measured)"
+    )
+    print(
+        "(paths from the stats 'path' field)"
+        if by_path
+        else "(the stats have no 'path' field: paths were found by following 'parent' fields)"
+    )
+    notes = [f"{res.scenario}: {note}" for res in results for note in res.notes]
+    if notes:
+        print("\nnotes:")
+        for note in notes:
+            print(f"  {note}")
+
+
 def on_sigterm(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
@@ -697,6 +976,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only N = 10 and 50")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, traces)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the relay CPU run")
+    parser.add_argument(
+        "--faults", action="store_true", help="run the five fault scenarios instead"
+    )
+    parser.add_argument(
+        "--listeners", type=int, default=20, help="listeners per fault room (default 20)"
+    )
+    parser.add_argument(
+        "--loss", type=float, default=0.03, help="the loss scenario's rate (default 0.03)"
+    )
+    parser.add_argument("--seed", type=int, default=8, help="for the victims and the losses")
     args = parser.parse_args()
     sizes = [10, 50] if args.quick else [int(size) for size in args.sizes.split(",")]
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -707,9 +996,16 @@ def main() -> None:
     try:
         audio = workdir / "input.opus"
         bitrate = make_input(audio, INPUT_SECONDS)
-        results = [run_size(workdir / f"n{size}", audio, size) for size in sizes]
-        cpu = None if args.no_cpu else run_cpu(workdir / "cpu", audio)
-        report(results, cpu, bitrate)
+        if args.faults:
+            faults = [
+                run_fault(workdir / f"fault{i}", audio, args.listeners, name, args.loss, args.seed)
+                for i, name in enumerate(SCENARIOS)
+            ]
+            report_faults(faults, args.listeners, bitrate)
+        else:
+            results = [run_size(workdir / f"n{size}", audio, size) for size in sizes]
+            cpu = None if args.no_cpu else run_cpu(workdir / "cpu", audio)
+            report(results, cpu, bitrate)
         print(f"\ntotal {time.monotonic() - started:.0f} s")
     finally:
         if args.keep:

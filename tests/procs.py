@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,24 +37,47 @@ class Proc:
                 f"{self.name} did not exit in {timeout}s:\n{self.tail()}"
             ) from None
 
+    @property
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def exit_code(self, deadline: float) -> int | None:
+        """Its exit status, or None if it is still running at `deadline` (monotonic)."""
+        try:
+            return self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
+
     def signal(self, signum: signal.Signals) -> None:
         self.popen.send_signal(signum)
+
+    def pause(self) -> None:
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
+    def find_output(self, pattern: str) -> re.Match[str] | None:
+        """The first match of `pattern` in stdout+stderr so far."""
+        text = self.out.read_text(errors="replace") + self.log.read_text(errors="replace")
+        return re.search(pattern, text)
 
     def wait_for_output(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """Wait until stdout+stderr match `pattern` (the process must still be running)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.out.read_text(errors="replace") + self.log.read_text(errors="replace")
-            if match := re.search(pattern, text):
+            if match := self.find_output(pattern):
                 return match
             if self.popen.poll() is not None:
                 break
             time.sleep(0.05)
         raise AssertionError(f"{self.name}: no {pattern!r} in its output:\n{self.tail()}")
 
-    def tail(self, lines: int = 30) -> str:
+    def tail(self, lines: int = 30, skip: str | None = None) -> str:
+        """The last `lines` lines of its log, leaving out those that match `skip`."""
         text = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
+        kept = [line for line in text if skip is None or not re.search(skip, line)]
+        return "\n".join(kept[-lines:])
 
     def close(self) -> None:
         if self.popen.poll() is None:
@@ -90,12 +113,15 @@ class Cluster:
         return path, result.stdout.strip()
 
     def listener(self, name: str, tracker: str, stream: str, *extra: str) -> Proc:
-        return self.start(
-            name, "listen", "--tracker", tracker, "--stream", stream,
+        return self.start(name, *self.listener_args(name, tracker, stream), *extra)
+
+    def listener_args(self, name: str, tracker: str, stream: str) -> list[str]:
+        """`meshd listen` writing its audio and stats files as `name` in the workdir."""
+        return [
+            "listen", "--tracker", tracker, "--stream", stream,
             "--output", str(self.workdir / f"{name}.opus"),
             "--stats-file", str(self.workdir / f"{name}.json"), "--stats-interval", "0.3",
-            *extra,
-        )  # fmt: skip
+        ]  # fmt: skip
 
     def stats(self, name: str) -> dict[str, Any]:
         path = self.workdir / f"{name}.json"
@@ -107,9 +133,21 @@ class Cluster:
             return {}
         return data
 
+    def by_node(self, node_id: str) -> Proc | None:
+        """The process whose stats file names `node_id` as its node."""
+        return next((p for p in self.procs if self.stats(p.name).get("node") == node_id), None)
+
     def kill_all(self) -> None:
         for proc in self.procs:
             proc.close()
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        time.sleep(0.1)
 
 
 @contextmanager

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
-from tests.procs import Cluster, Proc, cluster
+from tests.procs import Cluster, Proc, cluster, wait_until
 from tests.room import DATA, assert_gap_free_tail, packets_of
 
 LONG_TONE = DATA / "tone12.opus"  # 12 s: room to join, break things, and recover
@@ -29,14 +28,6 @@ def start_room(room: Cluster, listeners: int, *tracker_args: str) -> tuple[Proc,
     wait_until(lambda: all(room.stats(f"listener{i}").get("first_seq") is not None
                            for i in range(listeners)), "every listener plays")  # fmt: skip
     return origin, tracker, procs
-
-
-def wait_until(condition: Any, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        time.sleep(0.1)
 
 
 def relays_with_children(room: Cluster, count: int) -> list[int]:

@@ -170,10 +170,10 @@ def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int
 
 def expected_depth(tree: StreamTree, capacity: int) -> int | None:
     """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room
-    (suspects, reported dead, are not offered)."""
+    (suspects, reported dead, are not offered; a leaf never gets the last free slot)."""
     offered = [p for p in tree if has_room(tree, p) and p not in suspected(tree)]
     depths = [tree.depth_of(p) for p in offered]
-    if not depths:
+    if not depths or (capacity == 0 and tree.snapshot().free_slots <= 1):
         return None
     return (min(depths) if capacity > 0 else max(depths)) + 1
 
@@ -209,12 +209,22 @@ def test_leaves_leave_shallow_slots_to_relays() -> None:
 
 
 def test_join_raises_no_capacity_when_full() -> None:
-    tree = make_tree(origin_capacity=1)
-    tree.join(pid(1), 0, "", 0.0)
+    tree = make_tree(origin_capacity=0)
     with pytest.raises(NoCapacity) as info:
-        tree.join(pid(2), 3, addr(2), 0.0)
+        tree.join(pid(1), 3, addr(1), 0.0)
     assert info.value.code == TreeErrorCode.NO_CAPACITY
-    assert pid(2) not in tree
+    assert pid(1) not in tree
+    check_invariants(tree)
+
+
+def test_a_leaf_never_takes_the_last_free_slot() -> None:
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(1), 0, "", 0.0)
+    with pytest.raises(NoCapacity):
+        tree.join(pid(2), 0, "", 0.0)  # the tree would be closed for good
+    tree.join(pid(3), 2, addr(3), 0.0)  # a relay still gets in, and opens two slots
+    tree.join(pid(2), 0, "", 0.0)
+    assert tree.snapshot().free_slots == 1
     check_invariants(tree)
 
 
@@ -474,7 +484,7 @@ def test_expire_removes_only_silent_peers() -> None:
 
 
 def test_expire_does_not_scan_when_nothing_is_due() -> None:
-    tree = make_tree(origin_capacity=1000, peer_ttl=100.0)
+    tree = make_tree(origin_capacity=1001, peer_ttl=100.0)
     join_all(tree, range(1, 1001), capacity=0, now=0.0)
     for i in range(1, 1001):
         tree.refresh(pid(i), 10.0)

@@ -9,6 +9,8 @@ or has not played audio it should have. Everything is deterministic for a given 
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ class RoomSpec:
     seed: int = 0
     origin_capacity: int = 2
     relay_share: float = 0.7
-    """The fraction of listeners that relay; the rest are leaves (capacity 0)."""
+    """The fraction of listeners that relay (rounded up); the rest are leaves (capacity 0).
+    A room whose slots cannot seat every listener is refused."""
     max_children: int = 2
     delay_ms: tuple[float, float] = (2.0, 25.0)
     """Each host's one-way delay to the network core, uniform in this range."""
@@ -48,6 +51,11 @@ class RoomSpec:
 
 class World:
     def __init__(self, spec: RoomSpec) -> None:
+        slots = (
+            spec.origin_capacity + math.ceil(spec.listeners * spec.relay_share) * spec.max_children
+        )
+        if slots <= spec.listeners:
+            raise ValueError(f"{slots} child slots cannot seat {spec.listeners} listeners")
         self.spec = spec
         self.rng = random.Random(spec.seed)
         self.scheduler = Scheduler()
@@ -68,8 +76,10 @@ class World:
         self.stream_id = self.origin.stream_id
         self.verifier = SharedVerifier(self.stream_id)
         self.nodes: list[NodeHost] = []
-        for index in range(spec.listeners):
-            relays = self.rng.random() < spec.relay_share
+        relays = math.ceil(spec.listeners * spec.relay_share)
+        roles = [True] * relays + [False] * (spec.listeners - relays)
+        self.rng.shuffle(roles)
+        for index, relays in enumerate(roles):
             node = NodeHost(
                 self.network,
                 self.tracker,
@@ -147,7 +157,8 @@ class World:
             if parent is None:
                 raise PathBroken(f"{short_id(hop.node_id)} has no parent")
             if parent in path:
-                raise PathBroken("cycle " + " -> ".join(short_id(p) for p in [*path, parent]))
+                cycle = " -> ".join(short_id(p) for p in [*path, parent])
+                raise PathBroken(f"cycle {cycle}", cycle=True)
             if parent == self.stream_id:
                 if hop.node_id not in self.origin.core.children.streaming_nodes():
                     raise PathBroken(f"the origin does not stream to {short_id(hop.node_id)}")
@@ -174,32 +185,36 @@ class World:
 
     # -- what is wrong ---------------------------------------------------------------------
 
-    def problems(self, *, recent: float = 1.5) -> list[str]:
-        """Everything that violates the tree's promises right now.
+    def problems(self, *, recent: float = 1.5) -> dict[str, list[str]]:
+        """Everything that violates the tree's promises right now, by kind.
 
-        Every live node streams from the origin along a loop-free path of live links,
-        the tracker sees that same path, and the node has played every chunk from its
-        first one up to those the origin sent more than `recent` seconds ago, skipping none.
+        Every live node streams from the origin along a loop-free path of live links
+        ("cycle", "cut off"), the tracker sees that same path ("tracker disagrees"), and
+        the node has played every chunk from its first one up to those the origin sent
+        more than `recent` seconds ago, in order ("lost", "stuck").
         """
-        found: list[str] = []
+        found: dict[str, list[str]] = {}
+
+        def report(kind: str, node: NodeHost, what: str) -> None:
+            found.setdefault(kind, []).append(f"{short_id(node.node_id)}: {what}")
+
         due = self._last_seq_sent_before(self.now - recent)
         for node in self.live():
-            name = short_id(node.node_id)
             try:
                 path = self.chain(node)
             except PathBroken as exc:
-                found.append(f"{name}: not connected to the origin: {exc}")
-                continue
-            if self.tracker_chain(node) != path:
-                found.append(f"{name}: the tracker's path differs from the real one")
+                report("cycle" if exc.cycle else "cut off", node, str(exc))
+            else:
+                if self.tracker_chain(node) != path:
+                    report(
+                        "tracker disagrees", node, "the tracker's path differs from the real one"
+                    )
             played = node.played
-            if node.core.stats.lost:
-                found.append(f"{name}: lost {node.core.stats.lost} chunks")
-            if any(b != a + 1 for a, b in zip(played, played[1:], strict=False)):
-                found.append(f"{name}: played out of order or with holes")
+            if node.core.stats.lost or any(b != a + 1 for a, b in itertools.pairwise(played)):
+                report("lost", node, f"skipped {node.core.stats.lost} chunks")
             if due is not None and (not played or played[-1] < due):
                 last = played[-1] if played else None
-                found.append(f"{name}: stuck at seq {last}; the origin is past {due}")
+                report("stuck", node, f"stuck at seq {last}; the origin is past {due}")
         return found
 
     def _last_seq_sent_before(self, when: float) -> int | None:
@@ -209,3 +224,7 @@ class World:
 
 class PathBroken(Exception):
     """A node's chain of parents does not reach the origin."""
+
+    def __init__(self, message: str, *, cycle: bool = False) -> None:
+        super().__init__(message)
+        self.cycle = cycle

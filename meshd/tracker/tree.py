@@ -5,6 +5,7 @@ Pure data structure: no I/O, no clock reads (every operation takes `now`, in sec
 Placement rule (docs/spec.md §7.3): a node with capacity > 0 goes under the *shallowest*
 node with a free slot; a node with capacity 0 goes under the *deepest* one. Leaves thus
 never take the shallow slots that keep the tree short, and relays end up above leaves.
+A leaf never takes the tree's last free slot: it adds none, so the tree would be closed.
 With a uniform capacity k and joins only, this fills the tree level by level, so the
 depth is at most ceil(log_k N) + 1.
 
@@ -298,6 +299,9 @@ class StreamTree:
             self._update(node, now, capacity, address)
             self._set_orphaned(node, False)
             return self._assignment(node)
+        if capacity == 0 and self._free_slots <= 1:
+            # A leaf adds no slots: taking the last one would close the tree to everyone.
+            raise NoCapacity("the last free slot is kept for a relay")
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")

@@ -581,9 +581,9 @@ def run_size(workdir: Path, audio: Path, size: int) -> ScaleResult:
             victims=[f"{v.name}(depth {at_kill[v.name].get('depth')}, "
                      f"{at_kill[v.name].get('children')} children)" for v in victims],
             orphans=[node.name for node in orphans],
-            gaps_ms=[final[node.name].get("longest_stall_ms", math.nan) for node in orphans],
+            gaps_ms=[final[node.name].get("stall_ms", math.nan) for node in orphans],
             orphans_lost=sum(final[node.name].get("lost", 0) for node in orphans),
-            others_stall_ms=[final[node.name].get("longest_stall_ms", 0.0) for node in others],
+            others_stall_ms=[final[node.name].get("stall_ms", 0.0) for node in others],
             others_failovers=sum(final[node.name].get("failovers", 0) for node in others),
         )  # fmt: skip
     return ScaleResult(
@@ -808,8 +808,7 @@ def run_fault(
         affected=[node.name for node in affected],
         # A listener that never played END has a gap that never closed.
         gaps_ms=[
-            final[n.name].get("longest_stall_ms", math.nan) if n in ended else math.inf
-            for n in affected
+            final[n.name].get("stall_ms", math.nan) if n in ended else math.inf for n in affected
         ],
         lost=sum(final[node.name].get("lost", 0) for node in survivors),
         ended=len(ended),
@@ -895,7 +894,7 @@ def report(results: list[ScaleResult], cpu: CpuResult | None, bitrate: float) ->
             assert res.kill is not None
             print(f"  N={res.size} killed: {', '.join(res.kill.victims)}")
         print(
-            "(gap: the orphans' longest_stall_ms, the longest wait between two chunks played;"
+            "(gap: the orphans' stall_ms, the longest time playback fell behind real time;"
             " 'others': survivors that were not orphaned, for comparison)"
         )
 
@@ -947,7 +946,7 @@ def report_faults(results: list[FaultResult], size: int, bitrate: float) -> None
     by_path = any(res.by_path for res in results)
     print(
         "(affected: survivors below the fault when it struck, everyone for loss; gap: their"
-        " longest_stall_ms, the longest wait between two chunks played, inf if they never"
+        " stall_ms, the longest time playback fell behind real time, inf if they never"
         " played END; lost: chunks lost by all survivors; ended: survivors that played END"
         " and exited 0; heal: seconds from the fault until every running listener was on a"
         " complete, loop-free path from the origin through running nodes, by stats files"

@@ -56,13 +56,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except UsageError as exc:
         parser.exit(2, f"meshd: error: {exc}\n")
     except FATAL as exc:
-        parser.exit(1, f"meshd: error: {exc or type(exc).__name__}\n")
+        parser.exit(_exit_status(exc), f"meshd: error: {exc or type(exc).__name__}\n")
     except BaseExceptionGroup as group:  # raised from inside a trio nursery
         fatal = group.subgroup(lambda exc: isinstance(exc, FATAL))
         if fatal is None:
             raise
-        parser.exit(1, f"meshd: error: {_first_leaf(fatal)}\n")
+        leaf = _first_leaf(fatal)
+        parser.exit(_exit_status(leaf), f"meshd: error: {leaf}\n")
     sys.exit(code)
+
+
+def _exit_status(exc: BaseException) -> int:
+    return exc.exit_status if isinstance(exc, NodeError) else 1
 
 
 FATAL = (KeyFileError, NodeError, TrackerRefused, OSError, trio.TooSlowError)
@@ -376,8 +381,10 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "play a stream and relay it",
         "Join a stream at its live edge, write it as Ogg Opus to a file or stdout "
         "(`--output - | ffplay -nodisp -`), and relay it to up to --max-children other "
-        "listeners. Exits 0 after the end of the stream; SIGINT/SIGTERM leaves "
-        "gracefully (children are moved to other parents first).",
+        "listeners. SIGINT/SIGTERM leaves gracefully (children are moved to other "
+        "parents first). Exit status: 0 after playing the whole stream (or a graceful "
+        "leave); 3 if the stream ended but audio was missed (cut off from it for "
+        "--join-timeout, or chunks lost); 1 if it never got going.",
     )
     command.add_argument(
         "--stream",
@@ -415,6 +422,14 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "parents' 200 ms heartbeats)",
     )
     command.add_argument(
+        "--stall-timeout",
+        type=int,
+        default=2000,
+        metavar="MS",
+        help="switch parent after this long with nothing new to play, unless the parent "
+        "says it is stalled too (default 2000; longer than --silence-timeout)",
+    )
+    command.add_argument(
         "--key", type=Path, metavar="FILE", help="this node's key (default: a new key each run)"
     )
     command.add_argument(
@@ -427,7 +442,8 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         type=_positive,
         default=60.0,
         metavar="S",
-        help="give up if no parent is found within this long at start (default 60)",
+        help="give up after this long without audio: no parent found at start, or cut "
+        "off from the stream later (default 60)",
     )
     _add_node_options(command)
 
@@ -437,11 +453,14 @@ def run_listen(args: argparse.Namespace) -> int:
         raise UsageError("--buffer must be at least 1000 ms")
     if args.silence_timeout < 100:
         raise UsageError("--silence-timeout must be at least 100 ms")
+    if args.stall_timeout <= args.silence_timeout:
+        raise UsageError("--stall-timeout must be longer than --silence-timeout")
     key = load_key(args.key) if args.key else Ed25519PrivateKey.generate()
     token = _decode_token(args.token) if args.token else None
     config = NodeConfig(
         buffer_seconds=args.buffer / 1000,
         silence_timeout=args.silence_timeout / 1000,
+        stall_timeout=args.stall_timeout / 1000,
         heartbeat_interval=min(0.2, args.silence_timeout / 3000),
         stats_interval=args.stats_interval,
     )

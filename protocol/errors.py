@@ -28,6 +28,9 @@ class ErrorCode(IntEnum):
     PARENT_TIMEOUT = 0x11
     NOT_AVAILABLE = 0x12
     WRONG_PEER = 0x13
+    BAD_PATH = 0x14
+    PARENT_STALLED = 0x15
+    CHILD_TIMEOUT = 0x16
 
 
 class ProtocolError(Exception):

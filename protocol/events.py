@@ -24,9 +24,18 @@ class ChunkReceived:
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatReceived:
-    """Child side: the parent is alive and has forwarded up to `latest_seq`."""
+    """Child side: the parent is alive, has forwarded up to `latest_seq`, and its own
+    playback has been stalled for `stalled_ms`."""
 
     latest_seq: int | None
+    stalled_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PathReceived:
+    """Child side: the parent's path from the origin (it ends with the parent)."""
+
+    nodes: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +75,8 @@ class RepairRequested:
 
 @dataclass(frozen=True, slots=True)
 class LinkClosed:
-    """Either side: the peer said GOODBYE or ended the stream."""
+    """Either side: the link is over: the peer said GOODBYE or ended the stream, or we
+    closed it by a link rule (a silent child, a path that contains us)."""
 
     code: int
     reason: str
@@ -76,6 +86,7 @@ LinkEvent = (
     InfoReceived
     | ChunkReceived
     | HeartbeatReceived
+    | PathReceived
     | RepairUnavailable
     | Redirected
     | ParentSilent

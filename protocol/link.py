@@ -20,12 +20,14 @@ from protocol.events import (
     LinkClosed,
     LinkEvent,
     ParentSilent,
+    PathReceived,
     Redirected,
     RepairRequested,
     RepairUnavailable,
     SubscribeRequested,
 )
 from protocol.framing import MessageReader, frame, frame_bytes
+from protocol.limits import MAX_PATH, MAX_STALLED_MS
 from protocol.media import StreamVerifier, VerifiedChunk
 from protocol.messages import (
     Chunk,
@@ -33,6 +35,7 @@ from protocol.messages import (
     Heartbeat,
     Message,
     Missing,
+    PathUpdate,
     Peer,
     Redirect,
     Repair,
@@ -43,24 +46,28 @@ from protocol.messages import (
 
 class LinkState(Enum):
     SUBSCRIBING = "subscribing"  # child sent / parent awaits SUBSCRIBE
+    ACCEPTED = "accepted"  # child: STREAM_INFO arrived, PATH expected next
     STREAMING = "streaming"
     CLOSED = "closed"
 
 
 # Messages each side may receive in each state, and the state that follows.
 CHILD_RECEIVES: dict[LinkState, dict[type[Message], LinkState]] = {
-    LinkState.SUBSCRIBING: {StreamInfo: LinkState.STREAMING, Goodbye: LinkState.CLOSED},
+    LinkState.SUBSCRIBING: {StreamInfo: LinkState.ACCEPTED, Goodbye: LinkState.CLOSED},
+    LinkState.ACCEPTED: {PathUpdate: LinkState.STREAMING, Goodbye: LinkState.CLOSED},
     LinkState.STREAMING: {
         Chunk: LinkState.STREAMING,
         Heartbeat: LinkState.STREAMING,
         Missing: LinkState.STREAMING,
         Redirect: LinkState.STREAMING,
+        PathUpdate: LinkState.STREAMING,
         Goodbye: LinkState.CLOSED,
     },
     LinkState.CLOSED: {},
 }
 PARENT_RECEIVES: dict[LinkState, dict[type[Message], LinkState]] = {
     LinkState.SUBSCRIBING: {Subscribe: LinkState.SUBSCRIBING, Goodbye: LinkState.CLOSED},
+    LinkState.ACCEPTED: {},  # the parent accepts with STREAM_INFO and PATH at once
     LinkState.STREAMING: {Repair: LinkState.STREAMING, Goodbye: LinkState.CLOSED},
     LinkState.CLOSED: {},
 }
@@ -136,7 +143,8 @@ class _Link:
 
 
 class ChildLink(_Link):
-    """The child's end: subscribes, verifies everything, notices a silent parent."""
+    """The child's end: subscribes, verifies everything, refuses a path through itself,
+    notices a silent parent."""
 
     _table = CHILD_RECEIVES
 
@@ -146,11 +154,15 @@ class ChildLink(_Link):
         node: bytes,
         from_seq: int | None,
         *,
+        parent: bytes,
         now: float,
         silence_timeout: float = 1.0,
         verifier: StreamVerifier | None = None,
     ) -> None:
         super().__init__()
+        self._stream = stream
+        self._node = node
+        self._parent = parent
         self._verifier = verifier or StreamVerifier(stream)
         self._silence_timeout = silence_timeout
         self._last_heard = now
@@ -171,12 +183,33 @@ class ChildLink(_Link):
             self._events.append(InfoReceived(msg))
         elif isinstance(msg, Chunk):
             self._events.append(ChunkReceived(self._verifier.verify_chunk(msg, raw)))
+        elif isinstance(msg, PathUpdate):
+            self._check_path(msg.nodes)
         elif isinstance(msg, Heartbeat):
-            self._events.append(HeartbeatReceived(msg.latest_seq))
+            self._events.append(HeartbeatReceived(msg.latest_seq, msg.stalled_ms))
         elif isinstance(msg, Missing):
             self._events.append(RepairUnavailable(msg.seqs))
         elif isinstance(msg, Redirect):
             self._events.append(Redirected(msg.parent, msg.backups))
+
+    def _check_path(self, nodes: tuple[bytes, ...]) -> None:
+        """A path runs from the stream's origin to this parent, each node once. One that
+        contains us is a cycle: no chunk can ever reach us through it, so we leave."""
+        if nodes[0] != self._stream or nodes[-1] != self._parent:
+            raise RemoteProtocolError(
+                "a PATH must run from the origin to the parent", ErrorCode.BAD_PATH
+            )
+        if len(set(nodes)) != len(nodes):
+            raise RemoteProtocolError("a PATH names a node twice", ErrorCode.BAD_PATH)
+        if self._node in nodes:
+            reason = "the parent's path contains this node: a cycle"
+        elif len(nodes) >= MAX_PATH:
+            reason = f"the parent is {len(nodes) - 1} hops deep: too deep to feed a child"
+        else:
+            self._events.append(PathReceived(nodes))
+            return
+        self.goodbye(ErrorCode.BAD_PATH, reason)
+        self._events.append(LinkClosed(ErrorCode.BAD_PATH, reason))
 
     def request_repair(self, seqs: Iterable[int]) -> None:
         """Ask the parent for chunks again (at most 64 per REPAIR)."""
@@ -199,7 +232,8 @@ class ChildLink(_Link):
 
 
 class ParentLink(_Link):
-    """The parent's end: accepts or refuses, streams chunks, repairs, heartbeats, redirects."""
+    """The parent's end: accepts or refuses, streams chunks, repairs, heartbeats, redirects,
+    keeps the child's PATH current, and lets a child go that it no longer hears from."""
 
     _table = PARENT_RECEIVES
 
@@ -210,15 +244,31 @@ class ParentLink(_Link):
         now: float,
         max_datagram: int = 0,
         heartbeat_interval: float = 0.25,
+        child_timeout: float | None = None,
     ) -> None:
         super().__init__()
         self._stream = stream
         self._max_datagram = max_datagram
         self._heartbeat_interval = heartbeat_interval
+        self._child_timeout = child_timeout
         self._last_sent = now
+        self._last_heartbeat = now
         self._datagrams: list[bytes] = []
         self.latest_seq: int | None = None
         self.child: bytes | None = None
+        self.path: tuple[bytes, ...] = ()
+        self.child_heard_at = now
+        """When we last heard from the child (the driver adds what the transport saw)."""
+        self.stalled_since: float | None = None
+        """Since when our own playback is stalled (reported in HEARTBEAT), if it is."""
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        self.child_heard(now)
+        super().receive_data(data, now)
+
+    def child_heard(self, at: float) -> None:
+        """The child was heard from at `at` (any packet on its connection counts)."""
+        self.child_heard_at = max(self.child_heard_at, at)
 
     def _handle(self, msg: Message, raw: bytes, now: float) -> None:
         if isinstance(msg, Subscribe):
@@ -233,11 +283,20 @@ class ParentLink(_Link):
         elif isinstance(msg, Repair):
             self._events.append(RepairRequested(msg.seqs))
 
-    def accept(self, info: StreamInfo, backlog: Iterable[VerifiedChunk], now: float) -> None:
-        """Start streaming: the header, then the backlog on the stream (reliable, in order)."""
+    def accept(
+        self,
+        info: StreamInfo,
+        path: tuple[bytes, ...],
+        backlog: Iterable[VerifiedChunk],
+        now: float,
+    ) -> None:
+        """Start streaming: the header, our path, then the backlog on the stream (reliable,
+        in order)."""
         if self.state is not LinkState.SUBSCRIBING or self.child is None:
             raise LocalProtocolError("accept() needs a pending SUBSCRIBE")
         self._send(info)
+        self._send(PathUpdate(path))
+        self.path = path
         self.state = LinkState.STREAMING
         for item in backlog:
             self._send_on_stream(item)
@@ -275,17 +334,45 @@ class ParentLink(_Link):
         if self.state is LinkState.STREAMING:
             self._send(Redirect(parent, backups))
 
+    def send_path(self, path: tuple[bytes, ...]) -> None:
+        """Our path changed (we moved): tell the child, so it can refuse a cycle."""
+        if self.state is LinkState.STREAMING and path != self.path:
+            self._send(PathUpdate(path))
+            self.path = path
+
     def datagrams_to_send(self) -> list[bytes]:
         datagrams, self._datagrams = self._datagrams, []
         return datagrams
 
     def get_timer(self) -> float | None:
-        if self.state is not LinkState.STREAMING:
+        if self.state is LinkState.CLOSED:
             return None
-        return self._last_sent + self._heartbeat_interval
+        deadlines = []
+        if self._child_timeout is not None and self.child is not None:
+            deadlines.append(self.child_heard_at + self._child_timeout)
+        if self.state is LinkState.STREAMING:
+            deadlines.append(self._heartbeat_due())
+        return min(deadlines, default=None)
+
+    def _heartbeat_due(self) -> float:
+        """After a heartbeat interval of silence; while our own playback is stalled, every
+        interval even if chunks flow, so the child knows the trouble is above us."""
+        due = self._last_sent + self._heartbeat_interval
+        if self.stalled_since is not None:
+            due = min(due, self._last_heartbeat + self._heartbeat_interval)
+        return due
 
     def handle_timer(self, now: float) -> None:
-        deadline = self.get_timer()
-        if deadline is not None and now >= deadline:
-            self._send(Heartbeat(self.latest_seq))
-            self._last_sent = now
+        if self.state is LinkState.CLOSED:
+            return
+        timeout = self._child_timeout
+        if timeout is not None and self.child is not None and now >= self.child_heard_at + timeout:
+            reason = f"nothing heard from the child for {timeout:g} s"
+            self.goodbye(ErrorCode.CHILD_TIMEOUT, reason)
+            self._events.append(LinkClosed(ErrorCode.CHILD_TIMEOUT, reason))
+            return
+        if self.state is LinkState.STREAMING and now >= self._heartbeat_due():
+            stalled = 0 if self.stalled_since is None else now - self.stalled_since
+            stalled_ms = min(int(stalled * 1000), MAX_STALLED_MS)
+            self._send(Heartbeat(self.latest_seq, stalled_ms))
+            self._last_sent = self._last_heartbeat = now

@@ -128,27 +128,32 @@ class ChunkRing:
 class ReorderBuffer:
     """Puts verified chunks back in sequence order and says which sequence numbers to repair.
 
-    Chunks may arrive out of order (datagrams, repairs, a parent switch). Gaps are asked
-    for again after `repair_delay` (reordering settles first) and every `repair_timeout`
-    until they arrive or `give_up` marks them lost.
+    Chunks may arrive out of order (datagrams, repairs, a parent switch). Every sequence
+    number at or below the highest announced one (by a chunk or a HEARTBEAT) that has not
+    arrived is a gap: asked for after `repair_delay` (reordering settles first) and again
+    every `repair_timeout` until it arrives. A MISSING answer does not give a gap up (the
+    parent may not have it *yet*); a gap is skipped, and counted lost, only once the audio
+    received is more than `span_samples` past it, so no ring buffer can still hold it.
     """
 
     def __init__(
         self,
         next_seq: int | None = None,
         *,
+        span_samples: int,
         repair_delay: float = 0.05,
         repair_timeout: float = 0.5,
         window: int = 4096,
     ) -> None:
         self.next_seq = next_seq
+        self._span = span_samples
         self._repair_delay = repair_delay
         self._repair_timeout = repair_timeout
         self._window = window
         self._pending: dict[int, VerifiedChunk] = {}
         self._gaps: dict[int, float] = {}  # seq -> when to ask for it (again)
-        self._lost: set[int] = set()
-        self._misses: dict[int, int] = {}  # seq -> MISSING answers so far
+        self._played_granule: int | None = None
+        self._newest_granule = 0
         self.highest_seen: int | None = None
         self.lost_count = 0
 
@@ -163,8 +168,7 @@ class ReorderBuffer:
             return False
         self._pending[seq] = item
         self._gaps.pop(seq, None)
-        self._misses.pop(seq, None)
-        self._lost.discard(seq)
+        self._newest_granule = max(self._newest_granule, item.chunk.granule)
         self.note_latest(seq, now)
         return True
 
@@ -175,35 +179,45 @@ class ReorderBuffer:
         self.lost_count += seq - self.next_seq - len(self._pending)
         self._pending.clear()
         self._gaps.clear()
-        self._misses.clear()
-        self._lost.clear()
         self.next_seq = seq
         self.highest_seen = None
 
     def note_latest(self, seq: int, now: float) -> None:
-        """The parent has chunks up to `seq`: anything missing below it is a gap."""
+        """The parent has chunks up to and including `seq`: any of them we lack is a gap
+        (`seq` itself too: its datagram may be the one that was lost)."""
         if self.next_seq is None or seq >= self.next_seq + self._window:
             return
         start = self.next_seq if self.highest_seen is None else self.highest_seen + 1
-        for missing in range(max(start, self.next_seq), seq):
+        for missing in range(max(start, self.next_seq), seq + 1):
             if missing not in self._pending:
                 self._gaps[missing] = now + self._repair_delay
         if self.highest_seen is None or seq > self.highest_seen:
             self.highest_seen = seq
 
     def pop_ready(self) -> list[VerifiedChunk]:
-        """Chunks now playable in order (lost ones skipped)."""
+        """Chunks now playable in order (gaps beyond every ring's horizon skipped)."""
         ready: list[VerifiedChunk] = []
         while self.next_seq is not None:
             item = self._pending.pop(self.next_seq, None)
             if item is not None:
                 ready.append(item)
-            elif self.next_seq in self._lost:
-                self._lost.discard(self.next_seq)
+                self._played_granule = item.chunk.granule
+            elif self._beyond_horizon():
+                del self._gaps[self.next_seq]
+                self.lost_count += 1
             else:
                 break
             self.next_seq += 1
         return ready
+
+    def _beyond_horizon(self) -> bool:
+        """Whether the gap at `next_seq` is older than any ring buffer keeps: the audio
+        received since the last chunk played spans more than `span_samples`."""
+        return (
+            self.next_seq in self._gaps
+            and self._played_granule is not None
+            and self._newest_granule - self._played_granule > self._span
+        )
 
     def due_repairs(self, now: float) -> list[int]:
         """Gaps to ask for now (at most one REPAIR's worth); each is re-armed for a retry."""
@@ -217,18 +231,6 @@ class ReorderBuffer:
         """After switching parent, ask the new one for every gap at once."""
         for seq in self._gaps:
             self._gaps[seq] = now
-
-    def unavailable(self, seqs: Sequence[int], max_misses: int = 4) -> None:
-        """The parent said MISSING. A new parent may simply not have them *yet*, so a gap
-        is only given up (skipped, counted lost) after `max_misses` such answers."""
-        for seq in seqs:
-            if seq not in self._gaps:
-                continue
-            self._misses[seq] = self._misses.get(seq, 0) + 1
-            if self._misses[seq] >= max_misses:
-                del self._gaps[seq], self._misses[seq]
-                self._lost.add(seq)
-                self.lost_count += 1
 
     def get_timer(self) -> float | None:
         return min(self._gaps.values(), default=None)

@@ -60,10 +60,12 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Parent -> child when nothing else was sent for a while: I am alive, my newest is ..."""
+    """Parent -> child when nothing else was sent for a while: I am alive, my newest is ...,
+    and my own playback has been stalled for `stalled_ms` (0: it is not)."""
 
     TYPE: ClassVar[int] = 0x04
     latest_seq: int | None
+    stalled_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,15 @@ class Redirect:
     TYPE: ClassVar[int] = 0x07
     parent: Peer
     backups: tuple[Peer, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PathUpdate:
+    """Parent -> child (PATH): the node ids from the origin down to the parent, sent on
+    accepting and whenever they change; a child refuses a path that contains itself."""
+
+    TYPE: ClassVar[int] = 0x09
+    nodes: tuple[bytes, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +278,7 @@ Message = (
     | Repair
     | Missing
     | Redirect
+    | PathUpdate
     | Goodbye
     | Register
     | Join

@@ -31,13 +31,13 @@ from protocol.messages import (
     TrackerResponse,
 )
 
-EXPECTED_RESPONSE: dict[type[TrackerRequest], type[TrackerResponse]] = {
-    Register: Ack,
-    Refresh: Ack,
-    Join: Assigned,
-    Rejoin: Assigned,
-    Leave: Moved,
-    StatusRequest: StatusReport,
+EXPECTED_RESPONSE: dict[type[TrackerRequest], tuple[type[TrackerResponse], ...]] = {
+    Register: (Ack,),
+    Refresh: (Ack, Assigned),  # ASSIGNED: the tracker has the node elsewhere; move there
+    Join: (Assigned,),
+    Rejoin: (Assigned,),
+    Leave: (Moved,),
+    StatusRequest: (StatusReport,),
 }
 RETRYABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.INTERNAL_ERROR})
 

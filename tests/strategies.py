@@ -27,7 +27,12 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         messages.StreamInfo, st.just("opus"), st.binary(max_size=limits.MAX_HEAD_SIZE), sigs
     ),
     messages.Chunk: st.builds(messages.Chunk, seqs, u64, st.integers(0, 255), packets, sigs),
-    messages.Heartbeat: st.builds(messages.Heartbeat, st.none() | seqs),
+    messages.Heartbeat: st.builds(
+        messages.Heartbeat, st.none() | seqs, st.integers(0, limits.MAX_STALLED_MS)
+    ),
+    messages.PathUpdate: st.builds(
+        messages.PathUpdate, st.lists(keys, min_size=1, max_size=limits.MAX_PATH).map(tuple)
+    ),
     messages.Repair: st.builds(messages.Repair, seq_lists),
     messages.Missing: st.builds(messages.Missing, seq_lists),
     messages.Redirect: st.builds(messages.Redirect, peers, backups),

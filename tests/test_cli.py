@@ -99,7 +99,7 @@ def test_a_room_of_processes_delivers_every_packet(tmp_path: Path) -> None:
         assert_gap_free_tail(tmp_path / f"listener{index}.opus", source)
         stats = room.stats(f"listener{index}")
         assert stats["ended"] and stats["lost"] == 0
-    assert status_after.returncode == 1 and "UNKNOWN_STREAM" in status_after.stderr
+    assert status_after.returncode == 1 and "STREAM_ENDED" in status_after.stderr
 
 
 def test_status_shows_the_tree(tmp_path: Path) -> None:

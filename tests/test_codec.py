@@ -16,6 +16,7 @@ from protocol import (
     Goodbye,
     Heartbeat,
     LocalProtocolError,
+    PathUpdate,
     Peer,
     ProtocolError,
     Redirect,
@@ -46,7 +47,9 @@ def test_round_trip(cls: type[Any], data: st.DataObject) -> None:
 
 def test_known_encodings() -> None:
     """The hex examples in docs/spec.md §5."""
-    assert encode_message(Heartbeat(7)).hex() == "920407"
+    assert encode_message(Heartbeat(7, 0)).hex() == "93040700"
+    assert encode_message(Heartbeat(None, 1500)).hex() == "9304c0cd05dc"
+    assert encode_message(PathUpdate((KEY,))).hex() == "920991c420" + KEY.hex()
     assert encode_message(Goodbye(0x0F, "bye")).hex() == "93080fa3627965"
     assert encode_message(Subscribe(KEY, None, KEY)).hex() == (
         "9401c420" + KEY.hex() + "c0c420" + KEY.hex()
@@ -60,11 +63,15 @@ def test_known_encodings() -> None:
     [
         ([], ErrorCode.MALFORMED_MESSAGE),
         ([0x7F], ErrorCode.UNKNOWN_MESSAGE),
-        ([0x04], ErrorCode.MALFORMED_MESSAGE),  # a field missing
-        ([0x04, 1, 2], ErrorCode.MALFORMED_MESSAGE),  # a field too many
-        ([0x04, -1], ErrorCode.MALFORMED_MESSAGE),
-        ([0x04, True], ErrorCode.MALFORMED_MESSAGE),  # bool is not an int
-        ([0x04, 1.5], ErrorCode.MALFORMED_MESSAGE),
+        ([0x04, 1], ErrorCode.MALFORMED_MESSAGE),  # a field missing
+        ([0x04, 1, 2, 3], ErrorCode.MALFORMED_MESSAGE),  # a field too many
+        ([0x04, -1, 0], ErrorCode.MALFORMED_MESSAGE),
+        ([0x04, True, 0], ErrorCode.MALFORMED_MESSAGE),  # bool is not an int
+        ([0x04, 1.5, 0], ErrorCode.MALFORMED_MESSAGE),
+        ([0x04, 1, 2**32], ErrorCode.MALFORMED_MESSAGE),  # stalled_ms over 32 bits
+        ([0x09, []], ErrorCode.MALFORMED_MESSAGE),  # a path names at least the origin
+        ([0x09, [KEY] * 65], ErrorCode.MALFORMED_MESSAGE),  # longer than 64
+        ([0x09, [b"short"]], ErrorCode.MALFORMED_MESSAGE),
         ([0x01, b"short", None, KEY], ErrorCode.MALFORMED_MESSAGE),
         ([0x08, 0, b"bytes-not-str"], ErrorCode.MALFORMED_MESSAGE),
         ([0x08, 0, "x" * 300], ErrorCode.MALFORMED_MESSAGE),

@@ -184,7 +184,7 @@ def finish(
                 f" ({tree}); played seq {stats.get('first_seq')}..{stats.get('last_seq')},"
                 f" ended={stats.get('ended')} lost={stats.get('lost')}"
                 f" failovers={stats.get('failovers')}"
-                f" longest_stall_ms={stats.get('longest_stall_ms', 0):.0f}"
+                f" stall_ms={stats.get('stall_ms', 0):.0f}"
             )
             failed[proc] = problems
     if origin_code == 0 and not failed:

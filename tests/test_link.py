@@ -15,6 +15,7 @@ from protocol import (
     Heartbeat,
     LinkState,
     ParentLink,
+    PathUpdate,
     Peer,
     ProtocolError,
     ReorderBuffer,
@@ -29,21 +30,26 @@ from protocol.events import (
     LinkClosed,
     LinkEvent,
     ParentSilent,
+    PathReceived,
     Redirected,
     RepairRequested,
     RepairUnavailable,
     SubscribeRequested,
 )
+from protocol.limits import MAX_PATH
 
 PACKET = b"\xfc" + b"\x11" * 79
 CHILD = b"\x02" * 32
+PARENT = b"\x05" * 32
+SPAN = 10 * 48_000
 
 
 class Origin:
     def __init__(self) -> None:
         self.signer = ChunkSigner(Ed25519PrivateKey.generate())
         self.info = self.signer.stream_info(b"OpusHead-test")
-        self.ring = ChunkRing(span_samples=10 * 48_000)
+        self.ring = ChunkRing(span_samples=SPAN)
+        self.path = (self.signer.stream_id, PARENT)  # the parent under test is a relay
 
     def produce(self, count: int) -> list[VerifiedChunk]:
         made = []
@@ -57,10 +63,22 @@ class Origin:
 class Pair:
     """A parent link and a child link wired together in memory."""
 
-    def __init__(self, origin: Origin, from_seq: int | None, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        origin: Origin,
+        from_seq: int | None,
+        now: float = 0.0,
+        heartbeat_interval: float = 0.25,
+    ) -> None:
         self.origin = origin
-        self.parent = ParentLink(origin.signer.stream_id, now=now, max_datagram=1200)
-        self.child = ChildLink(origin.signer.stream_id, CHILD, from_seq, now=now)
+        self.parent = ParentLink(
+            origin.signer.stream_id,
+            now=now,
+            max_datagram=1200,
+            heartbeat_interval=heartbeat_interval,
+            child_timeout=1.0,
+        )
+        self.child = ChildLink(origin.signer.stream_id, CHILD, from_seq, parent=PARENT, now=now)
         self.drop_datagrams = False
 
     def pump(self, now: float) -> tuple[list[LinkEvent], list[LinkEvent]]:
@@ -77,9 +95,11 @@ class Pair:
                 self.parent.receive_data(to_parent, now)
             if to_child:
                 self.child.receive_data(to_child, now)
+                self.parent.child_heard(now)  # the child's transport acknowledges
             for datagram in datagrams:
                 if not self.drop_datagrams:
                     self.child.receive_datagram(datagram, now)
+                    self.parent.child_heard(now)
             parent_events += drain(self.parent)
             child_events += drain(self.child)
 
@@ -87,7 +107,9 @@ class Pair:
         parent_events, _ = self.pump(now)
         request = parent_events[0]
         assert isinstance(request, SubscribeRequested) and request.node == CHILD
-        self.parent.accept(self.origin.info, self.origin.ring.since(request.from_seq), now)
+        self.parent.accept(
+            self.origin.info, self.origin.path, self.origin.ring.since(request.from_seq), now
+        )
         return self.pump(now)[1]
 
 
@@ -108,6 +130,7 @@ def test_subscribe_at_live_edge_then_stream_over_datagrams() -> None:
     pair = Pair(origin, from_seq=None)
     events = pair.accept(now=0.0)
     assert isinstance(events[0], InfoReceived) and events[0].info.head == b"OpusHead-test"
+    assert events[1] == PathReceived(origin.path)  # before any audio: a cycle sends none
     assert chunk_seqs(events) == [4]  # live edge: only the newest chunk
     for item in origin.produce(3):
         pair.parent.send_chunk(item, now=0.2)
@@ -120,7 +143,7 @@ def test_resume_after_reconnect_loses_nothing() -> None:
     origin = Origin()
     first = Pair(origin, from_seq=None)
     origin.produce(1)
-    buffer = ReorderBuffer()
+    buffer = ReorderBuffer(span_samples=SPAN)
     for event in first.accept(now=0.0):
         if isinstance(event, ChunkReceived):
             buffer.add(event.item, now=0.0)
@@ -145,7 +168,7 @@ def test_a_lost_datagram_is_repaired_over_the_stream() -> None:
     origin = Origin()
     origin.produce(1)
     pair = Pair(origin, from_seq=0)
-    buffer = ReorderBuffer(repair_delay=0.05)
+    buffer = ReorderBuffer(span_samples=SPAN, repair_delay=0.05)
     for event in pair.accept(now=0.0):
         if isinstance(event, ChunkReceived):
             buffer.add(event.item, now=0.0)
@@ -212,7 +235,7 @@ def test_heartbeats_keep_a_quiet_link_alive_and_silence_is_noticed() -> None:
         pair.parent.handle_timer(now)
         pair.child.handle_timer(now)
         _, events = pair.pump(now)
-        assert HeartbeatReceived(0) in events
+        assert HeartbeatReceived(0, 0) in events
         assert not any(isinstance(e, ParentSilent) for e in events)
     # The parent dies: nothing more arrives, and the child's timer fires once.
     deadline = pair.child.get_timer()
@@ -224,7 +247,7 @@ def test_heartbeats_keep_a_quiet_link_alive_and_silence_is_noticed() -> None:
 
 def test_unexpected_message_is_a_protocol_error() -> None:
     origin = Origin()
-    child = ChildLink(origin.signer.stream_id, CHILD, None, now=0.0)
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=PARENT, now=0.0)
     with pytest.raises(ProtocolError) as caught:
         child.receive_data(frame(Heartbeat(1)), now=0.0)  # before STREAM_INFO
     assert caught.value.code == ErrorCode.UNEXPECTED_MESSAGE
@@ -245,7 +268,7 @@ def test_a_tampered_chunk_is_a_bad_signature() -> None:
 def test_wrong_stream_is_refused() -> None:
     origin = Origin()
     parent = ParentLink(b"\x09" * 32, now=0.0)
-    child = ChildLink(origin.signer.stream_id, CHILD, None, now=0.0)
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=PARENT, now=0.0)
     parent.receive_data(child.data_to_send(), now=0.0)
     assert drain(parent) == [LinkClosed(ErrorCode.UNKNOWN_STREAM, "wrong stream")]
     child.receive_data(parent.data_to_send(), now=0.0)
@@ -255,7 +278,116 @@ def test_wrong_stream_is_refused() -> None:
 
 def test_stream_ending_without_goodbye_closes_the_link() -> None:
     origin = Origin()
-    child = ChildLink(origin.signer.stream_id, CHILD, None, now=0.0)
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=PARENT, now=0.0)
     child.receive_data(b"", now=0.0)
     event = drain(child)[0]
     assert isinstance(event, LinkClosed) and event.code == ErrorCode.GOING_AWAY
+
+
+def test_a_chunk_before_the_path_is_unexpected() -> None:
+    origin = Origin()
+    item = origin.produce(1)[0]
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=PARENT, now=0.0)
+    child.receive_data(frame(origin.info), now=0.0)
+    assert child.state is LinkState.ACCEPTED
+    with pytest.raises(ProtocolError) as caught:
+        child.receive_data(frame(item.chunk), now=0.0)
+    assert caught.value.code == ErrorCode.UNEXPECTED_MESSAGE
+
+
+def test_a_path_through_the_child_is_a_cycle_and_closes_the_link() -> None:
+    origin = Origin()
+    origin.produce(1)
+    pair = Pair(origin, from_seq=None)
+    pair.accept(now=0.0)
+    # Our parent moved under one of our own descendants: its new path contains us.
+    pair.parent.send_path((origin.signer.stream_id, CHILD, b"\x03" * 32, PARENT))
+    _, events = pair.pump(now=0.1)
+    assert next(e for e in events if isinstance(e, LinkClosed)).code == ErrorCode.BAD_PATH
+    assert pair.child.state is LinkState.CLOSED
+    assert pair.parent.state is LinkState.CLOSED  # it heard GOODBYE(BAD_PATH)
+
+
+def test_a_path_update_reaches_the_child() -> None:
+    origin = Origin()
+    origin.produce(1)
+    pair = Pair(origin, from_seq=None)
+    pair.accept(now=0.0)
+    moved = (origin.signer.stream_id, b"\x03" * 32, PARENT)
+    pair.parent.send_path(moved)
+    pair.parent.send_path(moved)  # unchanged: not sent again
+    _, events = pair.pump(now=0.1)
+    assert events == [PathReceived(moved)]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        (b"\x03" * 32, PARENT),  # does not start at the origin
+        (None, b"\x03" * 32),  # does not end with the parent (None: the stream id)
+        (None, PARENT, PARENT),  # a node twice
+    ],
+)
+def test_a_malformed_path_is_a_protocol_error(path: tuple[bytes | None, ...]) -> None:
+    origin = Origin()
+    nodes = tuple(origin.signer.stream_id if node is None else node for node in path)
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=PARENT, now=0.0)
+    child.receive_data(frame(origin.info), now=0.0)
+    with pytest.raises(ProtocolError) as caught:
+        child.receive_data(frame(PathUpdate(nodes)), now=0.0)
+    assert caught.value.code == ErrorCode.BAD_PATH
+
+
+def test_a_parent_too_deep_to_feed_a_child_is_refused() -> None:
+    origin = Origin()
+    deep = (origin.signer.stream_id, *(bytes([i]) * 32 for i in range(10, 10 + MAX_PATH - 2)))
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=deep[-1], now=0.0)
+    child.receive_data(frame(origin.info) + frame(PathUpdate(deep)), now=0.0)
+    assert len(deep) == MAX_PATH - 1 and drain(child)[-1] == PathReceived(deep)
+    deeper = (*deep, b"\x77" * 32)
+    child = ChildLink(origin.signer.stream_id, CHILD, None, parent=deeper[-1], now=0.0)
+    child.receive_data(frame(origin.info) + frame(PathUpdate(deeper)), now=0.0)
+    event = drain(child)[-1]
+    assert isinstance(event, LinkClosed) and event.code == ErrorCode.BAD_PATH
+
+
+def test_a_stalled_parent_says_so_every_heartbeat_even_while_chunks_flow() -> None:
+    origin = Origin()
+    origin.produce(1)
+    pair = Pair(origin, from_seq=None, heartbeat_interval=0.2)
+    pair.accept(now=0.0)
+    pair.parent.stalled_since = 0.0
+    for step in range(1, 6):
+        now = step * 0.2
+        pair.parent.send_chunk(origin.produce(1)[0], now)  # later chunks still flow
+        pair.parent.handle_timer(now)
+        _, events = pair.pump(now)
+        beats = [e for e in events if isinstance(e, HeartbeatReceived)]
+        assert beats == [HeartbeatReceived(step, round(now * 1000))]
+    pair.parent.stalled_since = None
+    pair.parent.send_chunk(origin.produce(1)[0], 1.1)
+    pair.parent.handle_timer(1.2)
+    assert not any(isinstance(e, HeartbeatReceived) for e in pair.pump(1.2)[1])
+
+
+def test_a_parent_lets_a_silent_child_go() -> None:
+    origin = Origin()
+    origin.produce(1)
+    pair = Pair(origin, from_seq=None)
+    pair.accept(now=0.0)
+    assert pair.parent.get_timer() == pytest.approx(0.25)  # the heartbeat comes first
+    # The child dies: nothing from it any more (no ACKs either), whatever we send.
+    pair.parent.handle_timer(0.5)
+    assert pair.parent.state is LinkState.STREAMING
+    assert pair.parent.get_timer() == pytest.approx(0.75)
+    pair.parent.child_heard(0.6)  # the transport saw a packet from it: still there
+    pair.parent.handle_timer(1.0)
+    assert pair.parent.state is LinkState.STREAMING
+    pair.parent.handle_timer(1.6)
+    assert drain(pair.parent) == [
+        LinkClosed(ErrorCode.CHILD_TIMEOUT, "nothing heard from the child for 1 s")
+    ]
+    assert (
+        pair.parent.state is LinkState.CLOSED
+        and pair.parent.goodbye_code == ErrorCode.CHILD_TIMEOUT
+    )

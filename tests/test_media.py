@@ -21,6 +21,7 @@ from protocol import (
     sign_message,
 )
 
+SPAN = 10 * 48_000  # a 10 s ring buffer, in samples
 PACKET = b"\xfc" + b"\x55" * 79  # a 20 ms Opus packet at 32 kbps: 80 bytes
 
 
@@ -84,7 +85,7 @@ def test_a_datagram_must_hold_a_chunk(signer: ChunkSigner) -> None:
 
 def test_replayed_chunks_are_dropped_once_played(signer: ChunkSigner) -> None:
     items = [signer.sign([PACKET], 960 * (n + 1)) for n in range(3)]
-    buffer = ReorderBuffer()
+    buffer = ReorderBuffer(span_samples=SPAN)
     for item in items:
         assert buffer.add(item, now=0.0)
     assert [i.seq for i in buffer.pop_ready()] == [0, 1, 2]
@@ -94,7 +95,7 @@ def test_replayed_chunks_are_dropped_once_played(signer: ChunkSigner) -> None:
 
 def test_reorder_buffer_restores_order_and_asks_for_gaps(signer: ChunkSigner) -> None:
     items = [signer.sign([PACKET], 960 * (n + 1)) for n in range(6)]
-    buffer = ReorderBuffer(repair_delay=0.05, repair_timeout=0.5)
+    buffer = ReorderBuffer(span_samples=SPAN, repair_delay=0.05, repair_timeout=0.5)
     for index in (0, 1, 4, 3):
         buffer.add(items[index], now=1.0)
     assert [i.seq for i in buffer.pop_ready()] == [0, 1]
@@ -110,17 +111,46 @@ def test_reorder_buffer_restores_order_and_asks_for_gaps(signer: ChunkSigner) ->
 
 def test_heartbeat_reveals_a_lost_tail(signer: ChunkSigner) -> None:
     items = [signer.sign([PACKET], 960 * (n + 1)) for n in range(3)]
-    buffer = ReorderBuffer(repair_delay=0.0)
+    buffer = ReorderBuffer(span_samples=SPAN, repair_delay=0.0)
     buffer.add(items[0], now=0.0)
     buffer.note_latest(2, now=0.0)
-    assert buffer.due_repairs(now=0.0) == [1]  # 2 is the parent's latest: it is not a gap yet
-    for _ in range(3):
-        buffer.unavailable([1])
-    assert buffer.gaps == 1  # a new parent may just not have it yet
-    buffer.unavailable([1])
-    buffer.add(items[2], now=0.1)
-    assert [i.seq for i in buffer.pop_ready()] == [0, 2]
-    assert buffer.lost_count == 1
+    assert buffer.due_repairs(now=0.0) == [1, 2]  # 2 itself may be the lost one
+
+
+def test_a_heartbeat_that_overtakes_the_lost_chunk_still_gets_it_repaired(
+    signer: ChunkSigner,
+) -> None:
+    """The freeze from the field: chunk 5's datagram is lost, and the heartbeat that names
+    5 as the latest arrives before chunk 6. Chunk 5 must still be asked for."""
+    items = [signer.sign([PACKET], 9600 * (n + 1)) for n in range(12)]
+    buffer = ReorderBuffer(span_samples=SPAN, repair_delay=0.05)
+    for item in items[:5]:
+        buffer.add(item, now=0.0)
+    assert [i.seq for i in buffer.pop_ready()] == [0, 1, 2, 3, 4]
+    buffer.note_latest(5, now=0.2)  # HEARTBEAT(latest_seq=5); chunk 5 never came
+    for item in items[6:]:
+        buffer.add(item, now=0.3)
+    assert buffer.pop_ready() == []
+    assert buffer.due_repairs(now=0.3) == [5]
+    buffer.add(items[5], now=0.4)
+    assert [i.seq for i in buffer.pop_ready()] == list(range(5, 12))
+
+
+def test_missing_answers_never_give_a_gap_up_inside_the_horizon(signer: ChunkSigner) -> None:
+    """A parent may not have a chunk *yet*: MISSING costs a retry, not the audio."""
+    items = [signer.sign([PACKET], 9600 * (n + 1)) for n in range(60)]
+    buffer = ReorderBuffer(span_samples=SPAN, repair_delay=0.0, repair_timeout=0.5)
+    buffer.add(items[0], now=0.0)
+    buffer.pop_ready()
+    for item in items[2:51]:  # 10 s of audio past the gap: a 10 s ring may still hold it
+        buffer.add(item, now=0.1)
+    assert buffer.pop_ready() == []
+    for step in range(1, 20):  # MISSING after MISSING: it is asked for again and again
+        assert buffer.due_repairs(now=step * 0.5) == [1]
+    assert buffer.lost_count == 0
+    buffer.add(items[51], now=10.0)  # now the gap is more than 10 s old: no ring holds it
+    assert [i.seq for i in buffer.pop_ready()] == list(range(2, 52))
+    assert buffer.lost_count == 1 and buffer.gaps == 0
 
 
 def test_ring_keeps_the_configured_span(signer: ChunkSigner) -> None:
@@ -145,7 +175,7 @@ def test_signature_overhead_at_32_kbps_is_within_budget(signer: ChunkSigner) -> 
 def test_falling_behind_the_window_resyncs_instead_of_stalling(signer: ChunkSigner) -> None:
     """After a very long outage the old gap is unrecoverable: skip it, count it, go on."""
     items = [signer.sign([PACKET], 960 * (n + 1)) for n in range(3)]
-    buffer = ReorderBuffer(window=100)
+    buffer = ReorderBuffer(span_samples=SPAN, window=100)
     buffer.add(items[0], now=0.0)
     assert [i.seq for i in buffer.pop_ready()] == [0]
     signer.next_seq = 500

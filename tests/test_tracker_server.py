@@ -244,4 +244,11 @@ def test_a_stream_whose_origin_stops_registering_ends() -> None:
     assert isinstance(tracker.status(STREAM, 59.0), StatusReport)
     tracker.expire(61.0)
     gone = tracker.status(STREAM, 61.0)
-    assert isinstance(gone, Goodbye) and gone.code == ErrorCode.UNKNOWN_STREAM
+    assert isinstance(gone, Goodbye) and gone.code == ErrorCode.STREAM_ENDED
+    join = sign_message(Join(STREAM, key_id(STREAM_KEY), 1, "x:1", None, now_ms()), STREAM_KEY)
+    refused = tracker.handle(join, 62.0, now_ms())
+    assert isinstance(refused, Goodbye) and refused.code == ErrorCode.STREAM_ENDED
+    tracker.expire(122.0)  # remembered for peer_ttl, then forgotten
+    forgotten = tracker.status(STREAM, 122.0)
+    assert isinstance(forgotten, Goodbye) and forgotten.code == ErrorCode.UNKNOWN_STREAM
+    assert isinstance(tracker.handle(register, 123.0, now_ms()), Ack)  # it may start again

@@ -300,15 +300,52 @@ def test_second_distinct_reporter_evicts_and_orphans_the_rest() -> None:
     assert tree.parent_of(pid(3)) == pid(2) and tree.parent_of(pid(9)) == pid(3)
     tree.report_failure(pid(4), pid(1), 6.0)
     assert pid(1) not in tree
-    assert tree.is_orphaned(pid(5)) and not tree.is_orphaned(pid(4))
+    # Both placements are the tracker's guesses until the peers say they are there.
+    assert tree.is_orphaned(pid(5)) and tree.is_orphaned(pid(4))
     assert tree.parent_of(pid(4)) == ORIGIN  # the vacated slot, the shallowest
     assert tree.depth_of(pid(5)) == 2
     check_invariants(tree)
-    # The orphan learns its placement when it reports the (already evicted) parent.
+    # The orphan learns its placement when it reports the (already evicted) parent,
+    # and confirms it once it streams from there.
     placed_under = tree.parent_of(pid(5))
     got = tree.report_failure(pid(5), pid(1), 7.0)
-    assert got.parent.peer_id == placed_under and not tree.is_orphaned(pid(5))
+    assert got.parent.peer_id == placed_under and tree.is_orphaned(pid(5))
+    assert tree.refresh(pid(5), 7.5, parent=placed_under) is None
+    assert not tree.is_orphaned(pid(5))
     assert tree.suspects(7.0) == []
+
+
+def test_a_claim_of_the_real_parent_beats_a_guess() -> None:
+    """The tracker sent 4 (a guess) to the last slot of 2; 3 really streams from 2 (it
+    switched there itself): the guess gives way, into the slot 3 leaves."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 1), 5: (1, 1), 3: (1, 1), 4: (5, 1)})
+    tree.report_failure(pid(4), pid(5), 1.0)  # 5 is dead: 4 is told to go to 2 ...
+    assert tree.parent_of(pid(4)) == pid(2) and tree.is_orphaned(pid(4))
+    assert tree.refresh(pid(3), 2.0, parent=pid(2)) is None  # ... but 3 got there first
+    assert tree.parent_of(pid(3)) == pid(2) and not tree.is_orphaned(pid(3))
+    assert tree.parent_of(pid(4)) == pid(1) and tree.is_orphaned(pid(4))
+    check_invariants(tree)
+
+
+def test_a_claim_that_looks_like_a_cycle_breaks_the_guessed_link() -> None:
+    """In our view 3 is under 2 (a guess) and 2 under 1; really 2 streams from 3."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 1), 6: (0, 1), 2: (1, 1), 3: (6, 1)})
+    tree.report_failure(pid(3), pid(6), 1.0)  # 6 is dead: 3 is told to go under 2
+    assert tree.parent_of(pid(3)) == pid(2) and tree.is_orphaned(pid(3))
+    assert tree.refresh(pid(2), 2.0, parent=pid(3)) is None
+    assert tree.parent_of(pid(2)) == pid(3) and tree.parent_of(pid(3)) == pid(1)
+    check_invariants(tree)
+
+
+def test_a_claim_against_confirmed_placements_is_answered_with_the_view() -> None:
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 1), 2: (1, 1)})
+    answer = tree.refresh(pid(1), 1.0, parent=pid(2))  # a cycle through confirmed links
+    assert answer is not None and answer.parent.peer_id == ORIGIN
+    assert tree.parent_of(pid(1)) == ORIGIN
+    check_invariants(tree)
 
 
 def test_a_suspect_that_rejoins_is_cleared() -> None:
@@ -621,9 +658,12 @@ class TreeMachine(RuleBasedStateMachine):
         dead = self.tree.parent_of(reporter)
         assert dead is not None
         backup = data.draw(st.sampled_from(sorted(self.tree))) if use_backup else None
-        backup_ok = backup in eligible_parents(self.tree, reporter, dead)
+        # A reporter we only told to go there never streamed from it: a refusal, no report.
+        refused = self.tree.is_orphaned(reporter)
+        backup_ok = backup in eligible_parents(self.tree, reporter, None if refused else dead)
         reports = self.reports.setdefault(dead, {})
-        reports[reporter] = self.now
+        if not refused:
+            reports[reporter] = self.now
         confirmed = len([t for t in reports.values() if t >= self.now - 60.0]) >= 2
         confirmed = confirmed or self.now - self.crashed[dead] > TTL
         try:
@@ -631,17 +671,18 @@ class TreeMachine(RuleBasedStateMachine):
         except NoCapacity:
             event("report: no capacity")
             assert reporter not in self.tree or not eligible_parents(
-                self.tree, reporter, dead, offered=True
-            )
+                self.tree, reporter, None if refused else dead, offered=True
+            ) - {dead}
             assert (dead not in self.tree) == confirmed
             return
         assert (dead not in self.tree) == confirmed
         event("report: evicted" if confirmed else "report: suspected")
-        if not confirmed:
+        if not confirmed and not refused:
             assert reporter not in subtree(self.tree, dead)
         if backup_ok and not confirmed:
             assert got.parent.peer_id == backup
-        assert not self.tree.is_orphaned(reporter)
+        # Where it streams from is a fact; anywhere else is where we just told it to go.
+        assert self.tree.is_orphaned(reporter) == (got.parent.peer_id != backup)
         check_assignment(self.tree, reporter, got)
 
     @precondition(lambda self: self.uniform_k is None)
@@ -659,15 +700,20 @@ class TreeMachine(RuleBasedStateMachine):
         liar = data.draw(st.sampled_from(liars))
         victim = self.tree.parent_of(liar)
         assert victim is not None
-        self.lied_about.add(victim)
-        self.reports.setdefault(victim, {})[liar] = self.now
+        refused = self.tree.is_orphaned(liar)  # never streamed from it: no report
+        if not refused:
+            self.lied_about.add(victim)
+            self.reports.setdefault(victim, {})[liar] = self.now
         try:
             self.tree.report_failure(liar, victim, self.now)
-        except NoCapacity:
-            assert not eligible_parents(self.tree, liar, victim, offered=True)
+        except NoCapacity:  # (the parent that refused it is no place either)
+            eligible = eligible_parents(self.tree, liar, None if refused else victim, offered=True)
+            assert not eligible - {victim}
         event("lie")
         assert victim in self.tree, "one lying child evicted a healthy relay"
-        assert victim in self.tree.suspects(self.now)
+        assert (victim in self.tree.suspects(self.now)) == (
+            not refused or victim in self.lied_about
+        )
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -687,14 +733,13 @@ class TreeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.uniform_k is None)
     @rule()
     def orphans_confirm(self) -> None:
-        """Orphans report their evicted parent; they keep the placement made for them."""
+        """Peers placed by the tracker move there and say so (REFRESH naming it)."""
         for peer in self.live():
-            if self.tree.is_orphaned(peer) and self.gone:
-                event("orphan confirms")
+            if self.tree.is_orphaned(peer):
+                event("placement confirmed")
                 before = self.tree.parent_of(peer)
-                got = self.tree.report_failure(peer, self.gone[-1], self.now)
-                assert got.parent.peer_id == before and not self.tree.is_orphaned(peer)
-                check_assignment(self.tree, peer, got)
+                assert self.tree.refresh(peer, self.now, parent=before) is None
+                assert self.tree.parent_of(peer) == before and not self.tree.is_orphaned(peer)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -705,8 +750,17 @@ class TreeMachine(RuleBasedStateMachine):
         claimed = data.draw(st.sampled_from(sorted(self.tree)))
         before = self.tree.parent_of(peer)
         valid = claimed in eligible_parents(self.tree, peer)
-        self.tree.refresh(peer, self.now, parent=claimed)
-        assert self.tree.parent_of(peer) == (claimed if valid else before)
+        guessed_in_the_way = any(self.tree.is_orphaned(p) for p in self.tree)
+        answer = self.tree.refresh(peer, self.now, parent=claimed)
+        after = self.tree.parent_of(peer)
+        if valid:
+            assert after == claimed
+        elif after != before:  # a tentative placement made room for the truth
+            event("refresh: a guess gave way")
+            assert after == claimed and guessed_in_the_way
+        assert (answer is None) == (after == claimed)
+        if answer is not None:
+            check_assignment(self.tree, peer, answer)
 
     @rule(seconds=st.sampled_from([1.0, 30.0, 200.0, 700.0]))
     def tick(self, seconds: float) -> None:

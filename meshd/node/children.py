@@ -10,6 +10,7 @@ connections that `take_closes` names. No I/O and no clock reads here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshd.node.config import NodeConfig
@@ -26,6 +27,7 @@ from protocol import (
     short_id,
 )
 from protocol.events import LinkClosed, RepairRequested, SubscribeRequested
+from protocol.limits import MAX_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,17 @@ class Children:
         self.config = config
         self.stats = stats
         self.info: StreamInfo | None = None
+        self.path: tuple[bytes, ...] | None = None
+        """Ours: the node ids from the origin down to this node."""
         self.leaving = False
+        self.last_heard: Callable[[int], float | None] = lambda child: None
+        """The driver's answer to "when did any packet last come from this child?"."""
         self._links: dict[int, ParentLink] = {}
         self._streaming: set[int] = set()
-        self._awaiting_info: dict[int, tuple[SubscribeRequested, float]] = {}
+        self._stalled_since: float | None = None
+        self._waiting: dict[int, tuple[SubscribeRequested, float]] = {}
+        """SUBSCRIBEs held until the header and path are known, or a silent child's slot
+        is freed: child -> (request, when to stop waiting)."""
         self._dirty: set[int] = set()
         self._closes: list[CloseChild] = []
         self._closing: set[int] = set()  # children whose close the driver was asked for
@@ -89,12 +98,15 @@ class Children:
 
     def open(self, child: int, max_datagram: int, now: float) -> None:
         """A child connected and opened its control stream."""
-        self._links[child] = ParentLink(
+        link = ParentLink(
             self.stream,
             now=now,
             max_datagram=max_datagram,
             heartbeat_interval=self.config.heartbeat_interval,
+            child_timeout=self.config.child_timeout,
         )
+        link.stalled_since = self._stalled_since
+        self._links[child] = link
 
     def receive_data(self, child: int, data: bytes, now: float) -> None:
         """Stream bytes from a child (b"" when it ended its stream)."""
@@ -118,13 +130,13 @@ class Children:
             if link.buffered > self.config.max_child_backlog:
                 logger.warning("child %s is not reading; dropping it", self._name(child))
                 link.goodbye(ErrorCode.GOING_AWAY, "too slow")
-        self._after(child, link)
+        self._after(child, link, now)
 
     def closed(self, child: int) -> None:
         """The child's connection is gone (closed by either side)."""
         self._links.pop(child, None)
         self._streaming.discard(child)
-        self._awaiting_info.pop(child, None)
+        self._waiting.pop(child, None)
         self._dirty.discard(child)
         self._closing.discard(child)
         self.stats.children = len(self._streaming)
@@ -134,9 +146,23 @@ class Children:
         if self.info is not None:
             return
         self.info = info
-        for child, (request, _) in list(self._awaiting_info.items()):
-            del self._awaiting_info[child]
-            self._admit(child, request, now)
+        self._admit_waiting(now)
+
+    def set_path(self, path: tuple[bytes, ...], now: float) -> None:
+        """Our path changed (or is first known): every child hears of it."""
+        if path == self.path:
+            return
+        self.path = path
+        for child in self._streaming:
+            self._links[child].send_path(path)
+            self._dirty.add(child)
+        self._admit_waiting(now)
+
+    def set_stalled_since(self, since: float | None) -> None:
+        """Our own playback stalled at `since` (None: it plays): children are told."""
+        self._stalled_since = since
+        for link in self._links.values():
+            link.stalled_since = since
 
     def forward(self, item: VerifiedChunk, now: float) -> None:
         """A new verified chunk: to every streaming child at once (a datagram if it fits)."""
@@ -160,7 +186,7 @@ class Children:
                 self._dirty.add(child)
 
     def get_timer(self) -> float | None:
-        deadlines = [deadline for _, deadline in self._awaiting_info.values()]
+        deadlines = [deadline for _, deadline in self._waiting.values()]
         for link in self._links.values():
             timer = link.get_timer()
             if timer is not None:
@@ -168,17 +194,21 @@ class Children:
         return min(deadlines, default=None)
 
     def handle_timer(self, now: float) -> None:
-        for child, (_, deadline) in list(self._awaiting_info.items()):
-            if now >= deadline:
-                del self._awaiting_info[child]
-                link = self._links[child]
-                link.goodbye(ErrorCode.NOT_AVAILABLE, "no audio yet; try again")
-                self._after(child, link)
         for child, link in list(self._links.items()):
             timer = link.get_timer()
             if timer is not None and now >= timer:
+                heard = self.last_heard(child)
+                if heard is not None:
+                    link.child_heard(heard)
                 link.handle_timer(now)
-                self._after(child, link)
+                while (event := link.next_event()) is not None:
+                    if isinstance(event, LinkClosed):
+                        logger.info("child %s: %s", self._name(child), event.reason)
+                self._after(child, link, now)
+        for child, (request, deadline) in list(self._waiting.items()):
+            if now >= deadline:
+                del self._waiting[child]
+                self._admit(child, request, now, last_try=True)
 
     # -- outputs for the driver ------------------------------------------------------------
 
@@ -200,23 +230,40 @@ class Children:
 
     # -- decisions --------------------------------------------------------------------------
 
-    def _admit(self, child: int, request: SubscribeRequested, now: float) -> None:
-        """Accept a SUBSCRIBE (header + backlog) or refuse it with the reason."""
+    def _admit(
+        self, child: int, request: SubscribeRequested, now: float, *, last_try: bool = False
+    ) -> None:
+        """Accept a SUBSCRIBE (header, path, backlog), refuse it with the reason, or hold
+        it a moment: until we know the header and our path, or until a child we no longer
+        hear from is let go (the tracker may already count that slot as free)."""
         link = self._links[child]
         if link.state is not LinkState.SUBSCRIBING:
             return  # the child already gave up (another parent answered it first)
-        if self.info is None:
-            self._awaiting_info[child] = (request, now + INFO_WAIT)
-            return
+        path = self.path
+        full = len(self._streaming) >= self.capacity
+        if not last_try and not self.leaving:
+            if self.info is None or path is None:
+                self._waiting[child] = (request, now + INFO_WAIT)
+                return
+            silent = self._silent_child_deadline(now) if full else None
+            if silent is not None:
+                self._waiting[child] = (request, silent)
+                return
         if self.leaving:
             link.goodbye(ErrorCode.GOING_AWAY, "this node is leaving")
-        elif len(self._streaming) >= self.capacity:
+        elif self.info is None or path is None:
+            link.goodbye(ErrorCode.NOT_AVAILABLE, "no audio yet; try again")
+        elif request.node in path:
+            link.goodbye(ErrorCode.BAD_PATH, "you are on this node's path: a cycle")
+        elif len(path) >= MAX_PATH:
+            link.goodbye(ErrorCode.NO_CAPACITY, "this node is too deep to feed children")
+        elif full:
             link.goodbye(ErrorCode.NO_CAPACITY, f"all {self.capacity} child slots are taken")
         else:
             self._streaming.add(child)
             self.stats.children = len(self._streaming)
             backlog = list(self.ring.since(request.from_seq))
-            link.accept(self.info, backlog, now)
+            link.accept(self.info, path, backlog, now)
             self.stats.chunks_out += len(backlog)
             self.stats.bytes_out += sum(len(item.raw) for item in backlog)
             logger.info(
@@ -225,7 +272,25 @@ class Children:
                 request.from_seq,
                 len(backlog),
             )
-        self._after(child, link)
+        self._after(child, link, now)
+
+    def _admit_waiting(self, now: float) -> None:
+        for child, (request, _) in list(self._waiting.items()):
+            del self._waiting[child]
+            self._admit(child, request, now)
+
+    def _silent_child_deadline(self, now: float) -> float | None:
+        """When the first child we have not heard from lately will be let go, if any."""
+        quiet = now - 2 * self.config.heartbeat_interval
+        deadlines = []
+        for child in self._streaming:
+            link = self._links[child]
+            heard = self.last_heard(child)
+            if heard is not None:
+                link.child_heard(heard)
+            if link.child_heard_at < quiet:
+                deadlines.append(link.child_heard_at + self.config.child_timeout)
+        return min(deadlines, default=None)
 
     def _repair(self, child: int, seqs: tuple[int, ...]) -> None:
         link = self._links[child]
@@ -235,15 +300,18 @@ class Children:
         self.stats.chunks_out += len(found)
         self.stats.bytes_out += sum(len(item.raw) for item in found)
 
-    def _after(self, child: int, link: ParentLink) -> None:
+    def _after(self, child: int, link: ParentLink, now: float) -> None:
         """Mark the child for sending; once its link closed, ask the driver to close it."""
         self._dirty.add(child)
         if link.state is LinkState.CLOSED and child not in self._closing:
             self._closing.add(child)
+            freed = child in self._streaming
             self._streaming.discard(child)
-            self._awaiting_info.pop(child, None)
+            self._waiting.pop(child, None)
             self.stats.children = len(self._streaming)
             self._closes.append(CloseChild(child, link.goodbye_code or ErrorCode.NO_ERROR))
+            if freed:
+                self._admit_waiting(now)
 
     def _name(self, child: int) -> str:
         node = self.node_of(child)

@@ -11,6 +11,13 @@ class NodeConfig:
     """A parent says HEARTBEAT after this long without sending anything."""
     silence_timeout: float = 0.6
     """A child presumes its parent dead after this long without hearing from it."""
+    stall_timeout: float = 2.0
+    """A child leaves a parent that delivers nothing new to play for this long, unless the
+    parent says its own playback is stalled as long (the trouble is above it)."""
+    stall_grace: float = 4.0
+    """How much longer a child waits on a parent that says it is stalled too."""
+    child_timeout: float = 1.0
+    """A parent lets a child go after hearing nothing from its connection for this long."""
     buffer_seconds: float = 10.0
     """Audio kept in the ring buffer, for resuming children and repairs."""
     connect_timeout: float = 2.0
@@ -26,5 +33,9 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.silence_timeout < 3 * self.heartbeat_interval - 1e-9:  # float slack
             raise ValueError("the silence timeout must be at least 3 heartbeat intervals")
+        if self.child_timeout < 3 * self.heartbeat_interval - 1e-9:
+            raise ValueError("the child timeout must be at least 3 heartbeat intervals")
+        if self.stall_timeout <= self.silence_timeout:
+            raise ValueError("the stall timeout must be longer than the silence timeout")
         if self.buffer_seconds < 1:
             raise ValueError("the buffer must hold at least 1 s of audio")

@@ -6,6 +6,20 @@ tells it what happened: tracker answers, link bytes and datagrams, connections t
 failed, and the time. It performs what `next_action` asks for: connect to a parent, close
 a link, ask the tracker, play a chunk, finish. Children are served by the `Children` it
 owns. No I/O and no clock reads here, so a simulator can run thousands of these.
+
+The rules it keeps (docs/spec.md §6.3):
+- A parent has failed when its connection breaks, when it is silent for the silence
+  timeout, when its path runs through us (a cycle), or when it delivers nothing new to
+  play for the stall timeout while it does not say its own playback is stalled as long
+  (then the trouble is above it, and its own child is the one to act).
+- Failover goes to the backups at once, all in parallel; the tracker is told (REJOIN)
+  and its answer is followed, make before break, until the parent we stream from is
+  the one the tracker assigned: a node never settles on a parent the tracker did not
+  confirm.
+- Every sequence number up to the newest announced is played; a gap is given up only
+  once no ring buffer can still hold it.
+- A node cut off from the stream for the join timeout, or told by the tracker that the
+  stream ended, exits, saying it missed audio.
 """
 
 from __future__ import annotations
@@ -19,7 +33,7 @@ from enum import Enum
 
 from meshd.node.children import Children
 from meshd.node.config import NodeConfig
-from meshd.node.stats import NodeStats
+from meshd.node.stats import NodeStats, PlayoutMeter
 from protocol import (
     Assigned,
     ChildLink,
@@ -47,6 +61,7 @@ from protocol.events import (
     InfoReceived,
     LinkClosed,
     ParentSilent,
+    PathReceived,
     Redirected,
     RepairUnavailable,
 )
@@ -59,9 +74,13 @@ ATTACH_STAGGER = 0.25  # seconds before also trying the next candidate parent
 STORM_WINDOW = 30.0  # seconds during which failovers lengthen the silence timeout
 UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 LEAVE_TIMEOUT = 3.0  # how long a leaving node waits for the tracker's MOVED
+STALL_SLACK = 0.5  # a parent stalled this much less than us still counts as stalled too
+FAILOVER_ASK_AFTER = 0.5  # a failover not done by then asks the tracker too
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
+EXIT_MISSED_AUDIO = 3
+"""Exit status of a node that ended without all of the stream (1: it never got going)."""
 
 # -- actions the driver performs ---------------------------------------------------------
 
@@ -111,7 +130,7 @@ class Play:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """The node is done: exit with `status` (0: complete), saying `message`."""
+    """The node is done: exit with `status` (0: it played the whole stream), saying why."""
 
     status: int
     message: str
@@ -124,12 +143,13 @@ class Purpose(Enum):
     """Why a tracker request or an attach round was started; decides what its outcome does."""
 
     PLACE = "place"  # we have no parent: JOIN, or REJOIN naming the one that failed
-    REPORT = "report"  # we switched to a backup: REJOIN naming the dead parent
+    REPORT = "report"  # we stream from a parent the tracker did not assign: REJOIN
     REFRESH = "refresh"
     JOIN_AGAIN = "join-again"  # the tracker forgot us: JOIN while keeping our parent
     LEAVE = "leave"
     FAILOVER = "failover"  # attach round to the backups after a parent failed
-    MOVE = "move"  # attach round to a new parent while keeping the current one
+    FOLLOW = "follow"  # attach round to the tracker's choice, keeping the current parent
+    REDIRECT = "redirect"  # attach round to where a leaving parent sends us
 
 
 class Phase(Enum):
@@ -148,7 +168,11 @@ class Upstream:
     deadline: float | None
     """While attaching: give up on this candidate at this time."""
     link: ChildLink | None = None
-    attached: bool = False
+    attached_at: float | None = None
+    """When it accepted us (STREAM_INFO and PATH arrived)."""
+    path: tuple[bytes, ...] = ()
+    stalled: tuple[float, float] | None = None
+    """(seconds the parent said its playback was stalled, when it said so)."""
 
 
 @dataclass
@@ -159,11 +183,14 @@ class AttachRound:
     purpose: Purpose
     pending: list[Peer]
     stagger: float
-    next_at: float
+    started: float
+    next_at: float = 0.0
     dead: Peer | None = None
-    """FAILOVER: the parent that failed (reported in REJOIN once we are attached)."""
+    """The parent that failed, or refused us, before this round."""
     trying: set[int] = field(default_factory=set)
     full: list[Peer] = field(default_factory=list)
+    asked: bool = False
+    """A failover asked the tracker for a place meanwhile."""
 
 
 class NodeCore:
@@ -190,49 +217,60 @@ class NodeCore:
         self.config = config
         self.rng = rng
         self.join_timeout = join_timeout
+        """How long a node may go without a chunk to play before it gives up."""
         self.token = token
         self.tracker_name = tracker_name
         """How error messages name the tracker (its address, say)."""
         self.verifier = verifier or StreamVerifier(stream_id)
         role = "relay" if capacity else "listener"
         self.stats = NodeStats(role, key_to_text(node_id), key_to_text(stream_id))
-        self.ring = ChunkRing(int(config.buffer_seconds * OPUS_RATE))
-        self.reorder = ReorderBuffer()
+        span = int(config.buffer_seconds * OPUS_RATE)
+        self.ring = ChunkRing(span)
+        self.reorder = ReorderBuffer(span_samples=span)
         self.children = Children(stream_id, self.ring, capacity, config, self.stats)
-        self.backups: tuple[Peer, ...] = ()
-        self.current: Upstream | None = None
-        self.refresh_s = 180
-        self.phase = Phase.RUNNING
+        self.playout = PlayoutMeter(OPUS_RATE)
         self.on_arrival: Callable[[int], None] | None = None
         """Called with each chunk's sequence number as it first arrives (for traces)."""
+        self.backups: tuple[Peer, ...] = ()
+        self.assigned: Peer | None = None
+        """The parent the tracker last placed us under (None: not known or not current)."""
+        self.current: Upstream | None = None
+        self.path: tuple[bytes, ...] | None = None
+        """Ours: the origin down to this node, through the current parent."""
+        self.refresh_s = 180
+        self.phase = Phase.RUNNING
         self._actions: deque[NodeAction] = deque()
         self._links: dict[int, Upstream] = {}
         self._dirty_links: set[int] = set()
         self._next_id = 0
-        self._requests: dict[int, tuple[Purpose, Peer | None]] = {}
+        self._requests: dict[int, Purpose] = {}
         self._round: AttachRound | None = None
         self._started_at = 0.0
+        self._progress_at = 0.0
+        """When the playback point last advanced (or the node started)."""
+        self._stalled_notice = False
         self._failovers: list[float] = []
         self._place_retry = Backoff(rng, base=0.5, cap=10.0)
         self._round_retry = Backoff(rng, base=0.2, cap=5.0)
+        self._follow_retry = Backoff(rng, base=0.5, cap=10.0)
         self._refresh_retry = Backoff(rng, base=1.0, cap=60.0)
         self._place_at: float | None = None
         self._place_dead: Peer | None = None
-        self._placing = False
-        self._unknown_since: float | None = None
-        self._problem = "no answer"
+        self._report_dead: Peer | None = None
+        """The parent to name in the next REJOIN that asks the tracker to confirm ours."""
+        self._follow_failed = False
+        self._reconcile_at: float | None = None
+        self._problem = "the tracker did not answer"
         self._refresh_at: float | None = None
         self._drain_until: float | None = None
         self._leave_deadline: float | None = None
-        self._last_played_at: float | None = None
         self._output_started = False
-        self._move_backups: tuple[Peer, ...] = ()
 
     # -- inputs ------------------------------------------------------------------------
 
     def start(self, now: float) -> None:
         """Ask the tracker for a parent."""
-        self._started_at = now
+        self._started_at = self._progress_at = now
         self._ask_for_parent(None, now)
 
     def leave(self, now: float) -> None:
@@ -241,32 +279,33 @@ class NodeCore:
             return
         self.phase = Phase.LEAVING
         self.children.leaving = True
+        self._cancel_round()
+        if self.stats.joined_at is None:
+            self._finish(0, "left before joining", now)
+            return
         self._leave_deadline = now + LEAVE_TIMEOUT
-        self._ask(Leave(self.stream_id, self.node_id, 0), Purpose.LEAVE, None)
+        self._ask(Leave(self.stream_id, self.node_id, 0), Purpose.LEAVE)
 
     def tracker_answered(self, ticket: int, answer: TrackerResponse | None, now: float) -> None:
         """The outcome of an `AskTracker`: its answer, a GOODBYE refusal, or None."""
-        pending = self._requests.pop(ticket, None)
-        if pending is None or self.phase is Phase.DONE:
+        purpose = self._requests.pop(ticket, None)
+        if purpose is None or self.phase is Phase.DONE:
             return
-        purpose, dead = pending
-        if purpose is Purpose.PLACE and self.phase is Phase.RUNNING:
-            self._placed(answer, dead, now)
-        elif purpose is Purpose.REPORT:
-            if isinstance(answer, Assigned):
-                self._follow(answer, now)
-            else:
-                logger.warning("could not report the failed parent: %s", _why(answer))
+        if purpose is Purpose.LEAVE:
+            self._left(answer, now)
+            return
+        if self.phase is not Phase.RUNNING:
+            return
+        if isinstance(answer, Goodbye) and answer.code in FATAL_REFUSALS:
+            self._finish(1, f"tracker refused: {_why(answer)}", now)
+        elif isinstance(answer, Goodbye) and answer.code == ErrorCode.STREAM_ENDED:
+            self._finish(EXIT_MISSED_AUDIO, "the stream ended before this node got all of it", now)
+        elif purpose is Purpose.PLACE:
+            self._placed(answer, now)
+        elif purpose in (Purpose.REPORT, Purpose.JOIN_AGAIN):
+            self._confirmed(answer, now)
         elif purpose is Purpose.REFRESH:
             self._refreshed(answer, now)
-        elif purpose is Purpose.JOIN_AGAIN:
-            if isinstance(answer, Assigned):
-                logger.info("the tracker had forgotten us; joined again")
-                self._follow(answer, now)
-            else:
-                logger.warning("could not join again: %s", _why(answer))
-        elif purpose is Purpose.LEAVE:
-            self._left(answer, now)
 
     def link_opened(self, link: int, now: float) -> None:
         """The connection to the candidate parent is up: subscribe."""
@@ -277,8 +316,9 @@ class NodeCore:
             self.stream_id,
             self.node_id,
             self.reorder.next_seq,
+            parent=up.peer.node,
             now=now,
-            silence_timeout=self._silence_timeout(now),
+            silence_timeout=self.config.silence_timeout * self._storm_factor(now),
             verifier=self.verifier,
         )
         self._dirty_links.add(link)
@@ -295,7 +335,7 @@ class NodeCore:
             return
         self._dispatch(up, now)
         if not data and up.id in self._links:
-            self._link_ended(up, ErrorCode.GOING_AWAY, "parent ended the stream", now)
+            self._link_ended(up, "parent ended the stream", now)
 
     def link_datagram(self, link: int, data: bytes, now: float) -> None:
         """A datagram from a parent (one CHUNK)."""
@@ -313,7 +353,13 @@ class NodeCore:
         """The connection could not be made, or broke."""
         up = self._links.get(link)
         if up is not None:
-            self._link_ended(up, ErrorCode.GOING_AWAY, reason, now)
+            self._link_ended(up, reason, now)
+
+    def child_closed(self, child: int, now: float) -> None:
+        """A child connection is gone; a draining node may be done."""
+        self.children.closed(child)
+        if self.phase is Phase.DRAINING and self.children.connections == 0:
+            self._done(now)
 
     def get_timer(self) -> float | None:
         deadlines = [
@@ -321,16 +367,26 @@ class NodeCore:
             self._refresh_at,
             self._drain_until,
             self._leave_deadline,
+            self._reconcile_at,
             self.children.get_timer(),
         ]
-        if self._round is not None and self._round.pending:
-            deadlines.append(self._round.next_at)
+        round_ = self._round
+        if round_ is not None:
+            if round_.pending:
+                deadlines.append(round_.next_at)
+            if round_.purpose is Purpose.FAILOVER and not round_.asked:
+                deadlines.append(round_.started + FAILOVER_ASK_AFTER)
         for up in self._links.values():
             deadlines.append(up.deadline)
             if up.link is not None:
                 deadlines.append(up.link.get_timer())
         if self.current is not None:
             deadlines.append(self.reorder.get_timer())
+        if self._live():
+            deadlines.append(self._give_up_at())
+            if not self._stalled_notice:
+                deadlines.append(self._progress_at + self._stall_notice())
+            deadlines.append(self._stall_check_at())
         return min((d for d in deadlines if d is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -339,30 +395,34 @@ class NodeCore:
         self.children.handle_timer(now)
         for up in list(self._links.values()):
             if up.deadline is not None and now >= up.deadline:
-                self._link_ended(up, ErrorCode.GOING_AWAY, "no answer in time", now)
+                self._link_ended(up, "no answer in time", now)
             elif up.link is not None:
                 up.link.handle_timer(now)
                 self._dispatch(up, now)
-        if self._round is not None and self._round.pending and now >= self._round.next_at:
-            self._launch_next(self._round, now)
-        if self.current is not None and self.current.link is not None:
-            seqs = self.reorder.due_repairs(now)
-            if seqs:
-                self.stats.repairs_requested += len(seqs)
-                self.current.link.request_repair(seqs)
-                self._dirty_links.add(self.current.id)
+        round_ = self._round
+        if round_ is not None:
+            if round_.pending and now >= round_.next_at:
+                self._launch_next(round_, now)
+            if now >= round_.started + FAILOVER_ASK_AFTER:
+                self._ask_during_failover(round_, now)
+        self._request_repairs(now)
         if self._place_at is not None and now >= self._place_at:
             self._place_at = None
             self._ask_for_parent(self._place_dead, now)
+        if self._reconcile_at is not None and now >= self._reconcile_at:
+            self._reconcile_at = None
+            self._reconcile(now)
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = None
-            self._ask(self._refresh_request(), Purpose.REFRESH, None)
+            self._ask(self._refresh_request(), Purpose.REFRESH)
         if self._leave_deadline is not None and now >= self._leave_deadline:
             self._leave_deadline = None
-            logger.warning("tracker did not answer LEAVE; sending children upstream")
+            logger.warning("the tracker did not answer LEAVE; sending children upstream")
             self._left(None, now)
-        if self._drain_until is not None and (now >= self._drain_until):
-            self._finish(now)
+        if self._drain_until is not None and now >= self._drain_until:
+            self._done(now)
+        if self._live():
+            self._check_progress(now)
 
     # -- outputs -----------------------------------------------------------------------
 
@@ -374,96 +434,103 @@ class NodeCore:
         dirty, self._dirty_links = self._dirty_links, set()
         return dirty
 
-    def is_attached(self, link: int) -> bool:
-        """Whether the parent on this link accepted us."""
-        up = self._links.get(link)
-        return up is not None and up.attached
-
     def take_link_output(self, link: int) -> bytes:
         up = self._links.get(link)
         if up is None or up.link is None:
             return b""
         return up.link.data_to_send()
 
-    def child_closed(self, child: int, now: float) -> None:
-        """A child connection is gone; a draining node may be done."""
-        self.children.closed(child)
-        if self.phase is Phase.DRAINING and self.children.connections == 0:
-            self._finish(now)
+    def is_attached(self, link: int) -> bool:
+        """Whether the parent on this link accepted us."""
+        up = self._links.get(link)
+        return up is not None and up.attached_at is not None
+
+    def refresh_stats(self, now: float) -> None:
+        """Bring the time-dependent figures up to date (before they are reported)."""
+        self.stats.stall_ms = self.playout.stall(now, live=self._live()) * 1000
+        self.stats.gaps = self.reorder.gaps
 
     # -- the tracker -------------------------------------------------------------------
 
-    def _ask(
-        self, request: Join | Rejoin | Refresh | Leave, purpose: Purpose, dead: Peer | None
-    ) -> None:
+    def _ask(self, request: Join | Rejoin | Refresh | Leave, purpose: Purpose) -> None:
         ticket = self._new_id()
-        self._requests[ticket] = (purpose, dead)
+        self._requests[ticket] = purpose
         self._actions.append(AskTracker(ticket, request))
+
+    def _asking(self, purpose: Purpose) -> bool:
+        return purpose in self._requests.values()
 
     def _ask_for_parent(self, dead: Peer | None, now: float) -> None:
         """JOIN (or REJOIN naming the failed parent) to be placed; retried until placed."""
-        if self.stats.joined_at is None and now - self._started_at > self.join_timeout:
-            self._fail(
-                f"no parent after {self.join_timeout:.0f} s ({self._problem}); is the "
-                f"tracker at {self.tracker_name} up and the stream live?",
-                now,
-            )
+        if self._asking(Purpose.PLACE) or self.current is not None:
             return
-        if self._unknown_since is not None and now - self._unknown_since > self.join_timeout:
-            self._fail(
-                f"the tracker has not known the stream for {self.join_timeout:.0f} s: it has ended",
-                now,
-            )
-            return
-        self._placing = True
         self._place_dead = dead
         if dead is None:
             request: Join | Rejoin = self._join_request()
         else:
             request = self._rejoin_request(dead, None)
-        self._ask(request, Purpose.PLACE, dead)
+        self._ask(request, Purpose.PLACE)
 
-    def _placed(self, answer: TrackerResponse | None, dead: Peer | None, now: float) -> None:
+    def _placed(self, answer: TrackerResponse | None, now: float) -> None:
         if isinstance(answer, Assigned):
-            self._placing = False
             self._place_retry.reset()
             self._assigned(answer, now)
-            if self.current is None:
-                self._start_round(
-                    Purpose.FAILOVER if dead else Purpose.PLACE,
-                    [answer.parent, *answer.backups],
-                    now,
-                    dead=dead,
-                )
+            candidates = [answer.parent, *answer.backups]
+            if self.current is not None:
+                self._reconcile(now)
+            elif self._round is not None:  # a failover still trying backups: these too
+                self._add_candidates(self._round, candidates, now)
+            else:
+                self._start_round(Purpose.PLACE, candidates, now, dead=self._place_dead)
             return
-        if isinstance(answer, Goodbye):
-            if answer.code in FATAL_REFUSALS:
-                self._fail(f"tracker refused: {_why(answer)}", now)
-                return
-            if answer.code != ErrorCode.UNKNOWN_STREAM:
-                self._unknown_since = None
-            elif self._unknown_since is None:
-                self._unknown_since = now
         self._problem = _why(answer)
         logger.warning("%s; retrying", self._problem)
         self._place_at = now + self._place_retry.next_delay()
 
+    def _confirmed(self, answer: TrackerResponse | None, now: float) -> None:
+        """The tracker's answer to "here is where I am": follow it."""
+        if isinstance(answer, Assigned):
+            self._assigned(answer, now)
+            self._report_dead = None
+            self._follow_failed = False
+            self._reconcile(now)
+            return
+        if isinstance(answer, Goodbye) and answer.code == ErrorCode.UNKNOWN_PEER:
+            self._ask(self._join_request(), Purpose.JOIN_AGAIN)  # it forgot us: join again
+            return
+        logger.info("the tracker did not confirm our parent (%s); asking again later", _why(answer))
+        self._reconcile_at = now + self._follow_retry.next_delay()
+
     def _assigned(self, answer: Assigned, now: float) -> None:
+        self.assigned = answer.parent
         self.backups = answer.backups
         self.stats.backups = [key_to_text(peer.node) for peer in answer.backups]
         self.refresh_s = answer.refresh_s
-        self.stats.depth = answer.depth
         if self.stats.joined_at is None:
             self.stats.joined_at = now
             self._schedule_refresh(now)
 
-    def _follow(self, answer: Assigned, now: float) -> None:
-        """Adopt an assignment; if it names another parent, move there make-before-break
-        (so the tracker's view and the real tree agree)."""
-        self._assigned(answer, now)
+    def _reconcile(self, now: float) -> None:
+        """Converge on the tracker's answer: move to the parent it assigned (make before
+        break) or, if that parent refused us, report it and ask again, with backoff."""
         current = self.current
-        if current is not None and answer.parent.node != current.peer.node:
-            self._start_move([answer.parent, *answer.backups], answer.backups, now)
+        if self.phase is not Phase.RUNNING or current is None or self._round is not None:
+            return
+        if self._asking(Purpose.REPORT) or self._asking(Purpose.JOIN_AGAIN):
+            return
+        assigned = self.assigned
+        if assigned is not None and assigned.node == current.peer.node:
+            self._follow_retry.reset()
+            return
+        if assigned is not None and not self._follow_failed:
+            logger.info("moving to %s, where the tracker placed us", short_id(assigned.node))
+            self._start_round(Purpose.FOLLOW, [assigned], now)
+            return
+        dead = self._report_dead or assigned
+        if dead is None:  # nothing to report: let the tracker say where it has us
+            self._ask(self._join_request(), Purpose.JOIN_AGAIN)
+        else:
+            self._ask(self._rejoin_request(dead, current.peer.node), Purpose.REPORT)
 
     def _schedule_refresh(self, now: float) -> None:
         self._refresh_at = now + self.refresh_s * self.rng.uniform(0.8, 1.0)
@@ -471,12 +538,14 @@ class NodeCore:
     def _refreshed(self, answer: TrackerResponse | None, now: float) -> None:
         """Soft state: UNKNOWN_PEER means the tracker lost us (it restarted): a few quick
         retries give our parent's own REFRESH time to arrive, then we JOIN again."""
-        if self.phase is not Phase.RUNNING:
-            return
         retry = self._refresh_retry
-        if isinstance(answer, Goodbye):
+        if isinstance(answer, Assigned):  # it has us elsewhere: move there
+            retry.reset()
+            self._schedule_refresh(now)
+            self._confirmed(answer, now)
+        elif isinstance(answer, Goodbye):
             if answer.code == ErrorCode.UNKNOWN_PEER and retry.attempt >= UNKNOWN_RETRIES:
-                self._ask(self._join_request(), Purpose.JOIN_AGAIN, None)
+                self._ask(self._join_request(), Purpose.JOIN_AGAIN)
                 retry.reset()
                 self._schedule_refresh(now)
                 return
@@ -498,13 +567,12 @@ class NodeCore:
         if isinstance(answer, Moved):
             moves = {move.child: (move.parent, move.backups) for move in answer.moves}
         elif answer is not None:
-            logger.warning(
-                "tracker did not answer LEAVE (%s); sending children upstream", _why(answer)
-            )
+            logger.warning("the tracker did not answer LEAVE (%s); sending children upstream",
+                           _why(answer))  # fmt: skip
         if self.current is not None:
             moves[b""] = (self.current.peer, self.backups)
         self.children.redirect_all(moves)
-        self._drain(now)
+        self._drain(now, self.config.leave_grace)
 
     def _join_request(self) -> Join:
         return Join(self.stream_id, self.node_id, self.capacity, self.address, self.token, 0)
@@ -527,20 +595,22 @@ class NodeCore:
         """Attach to the first candidate that accepts us ("happy eyeballs": the next
         candidate is tried when the previous one fails or after a stagger, so a dead one
         costs a fraction of a second). A failover tries all backups at once: they are
-        equals, and time is audio."""
-        eligible = [peer for peer in candidates if peer.node != self.node_id and peer.address]
+        equals, and time is audio; the tracker is asked in parallel soon after (see
+        `_ask_during_failover`)."""
         stagger = 0.0 if purpose is Purpose.FAILOVER else ATTACH_STAGGER
-        self._round = AttachRound(purpose, eligible, stagger, now, dead=dead)
-        if not eligible:
+        self._round = AttachRound(purpose, [], stagger, now, dead=dead)
+        self._add_candidates(self._round, candidates, now)
+        if not self._round.trying:
             self._round_failed(self._round, now)
-            return
-        self._launch_next(self._round, now)
 
-    def _start_move(self, candidates: list[Peer], backups: tuple[Peer, ...], now: float) -> None:
-        if self._round is not None:
-            return  # already moving or failing over; the outcome is followed up there
-        self._move_backups = backups
-        self._start_round(Purpose.MOVE, candidates, now)
+    def _add_candidates(self, round_: AttachRound, candidates: list[Peer], now: float) -> None:
+        tried = {up.peer.node for up in self._links.values()} | {p.node for p in round_.pending}
+        for peer in candidates:
+            if peer.node != self.node_id and peer.address and peer.node not in tried:
+                round_.pending.append(peer)
+                tried.add(peer.node)
+        if round_.pending and (round_.stagger == 0 or not round_.trying):
+            self._launch_next(round_, now)
 
     def _launch_next(self, round_: AttachRound, now: float) -> None:
         while round_.pending:
@@ -553,137 +623,194 @@ class NodeCore:
             if round_.stagger > 0:
                 return
 
+    def _cancel_round(self) -> None:
+        round_ = self._round
+        if round_ is None:
+            return
+        self._round = None
+        for link in list(round_.trying):
+            self._close(self._links[link], ErrorCode.NO_ERROR, "not needed any more")
+
     def _attached(self, up: Upstream, now: float) -> None:
-        """A candidate accepted (STREAM_INFO arrived): it wins its round."""
+        """A candidate accepted us (STREAM_INFO and PATH arrived): it wins its round."""
         round_ = self._round
         up.deadline = None
-        up.attached = True
+        up.attached_at = now
         if round_ is None or up.id not in round_.trying:
             self._close(up, ErrorCode.NO_ERROR, "not wanted any more")
             return
         round_.trying.discard(up.id)
-        for other in round_.trying:
-            self._close(self._links[other], ErrorCode.NO_ERROR, "another parent answered first")
-        self._round = None
+        self._cancel_round()
         self._round_retry.reset()
         previous = self.current
-        if round_.purpose is Purpose.MOVE:
-            self.backups = self._move_backups or self.backups
-        self._became_current(up, round_.dead, now)
-        if previous is not None and previous is not up:
+        self._became_current(up, now)
+        if previous is not None:
             self._close(previous, ErrorCode.NO_ERROR, "moved")
+        at_assigned = self.assigned is not None and self.assigned.node == up.peer.node
+        if round_.purpose in (Purpose.FOLLOW, Purpose.REDIRECT) or (
+            at_assigned and round_.dead is not None
+        ):
+            # Where the tracker placed us while we streamed from elsewhere (REDIRECT:
+            # when our parent left): say we are there, so it is no longer a guess.
+            self.assigned = up.peer
+            self._ask(self._refresh_request(), Purpose.REFRESH)
+        elif not at_assigned:
+            # Not where the tracker put us (a backup, or its choice refused): ask it to
+            # confirm this parent or name another.
+            self._report_dead = round_.dead or self.assigned
+            self._follow_failed = False
+        self._reconcile(now)
 
-    def _attach_failed(self, up: Upstream, code: int, now: float) -> None:
+    def _attach_failed(self, up: Upstream, code: int | None, now: float) -> None:
         round_ = self._round
         if round_ is None or up.id not in round_.trying:
             return
         round_.trying.discard(up.id)
         if code == ErrorCode.NO_CAPACITY:
             round_.full.append(up.peer)
+            self._ask_during_failover(round_, now)
         if round_.pending:
             self._launch_next(round_, now)
         elif not round_.trying:
             self._round_failed(round_, now)
 
+    def _ask_during_failover(self, round_: AttachRound, now: float) -> None:
+        """Backups go stale (full, or dead too): once one refuses, or soon anyway, the
+        tracker is asked for a place while the others are still tried."""
+        if round_.purpose is Purpose.FAILOVER and not round_.asked:
+            round_.asked = True
+            self._ask_for_parent(round_.dead, now)
+
     def _round_failed(self, round_: AttachRound, now: float) -> None:
-        """Nobody accepted: a move keeps the current parent (until it goes); otherwise
-        ask the tracker, naming the full or failed parent so it places us elsewhere."""
+        """Nobody accepted. With a parent still (a move): keep it; if the tracker's choice
+        refused us, report that and ask again. Without one: ask the tracker, naming the
+        full or failed parent so it places us elsewhere."""
         self._round = None
-        if round_.purpose is Purpose.MOVE:
+        if self.current is not None:
+            if round_.purpose is Purpose.FOLLOW:
+                self._follow_failed = True
+                self._report_dead = self.assigned
+                self._reconcile_at = now + self._follow_retry.next_delay()
             return
         delay = self._round_retry.next_delay()
-        dead = round_.dead or (round_.full[0] if round_.full else None)
+        dead = round_.dead or (round_.full[0] if round_.full else None) or self.assigned
+        if self._asking(Purpose.PLACE):
+            return  # a failover asked already: its answer starts the next round
         if self._round_retry.attempt > 1:  # the first round asks the tracker at once
             self._place_dead = dead
             self._place_at = now + delay
         else:
             self._ask_for_parent(dead, now)
 
-    def _became_current(self, up: Upstream, dead: Peer | None, now: float) -> None:
+    def _became_current(self, up: Upstream, now: float) -> None:
         previous = self.current
         self.current = up
         self.stats.parent = key_to_text(up.peer.node)
-        if previous is not None or dead is not None:
+        if previous is not None or self.stats.failovers:
             self.stats.parent_switches += 1
+        self._set_path(up.path, now)
         self.reorder.retry_gaps_now(now)
         logger.info("receiving from %s at %s", short_id(up.peer.node), up.peer.address)
-        if dead is not None:
-            self._ask(self._rejoin_request(dead, up.peer.node), Purpose.REPORT, dead)
+
+    def _set_path(self, parent_path: tuple[bytes, ...], now: float) -> None:
+        self.path = (*parent_path, self.node_id)
+        self.stats.path = [key_to_text(node) for node in self.path]
+        self.stats.depth = len(parent_path)
+        self.children.set_path(self.path, now)
 
     # -- the link ----------------------------------------------------------------------
 
     def _dispatch(self, up: Upstream, now: float) -> None:
         """Act on the link's events."""
         assert up.link is not None
+        current = up is self.current
         while (event := up.link.next_event()) is not None:
             if isinstance(event, ChunkReceived):
-                if up is self.current:
+                if current:
                     self._on_chunk(event.item, now)
             elif isinstance(event, InfoReceived):
                 self.children.set_info(event.info, now)
                 if not self._output_started:
                     self._output_started = True
                     self._actions.append(StartOutput(event.info.head))
-                if not up.attached:
+            elif isinstance(event, PathReceived):
+                up.path = event.nodes
+                if current:
+                    self._set_path(event.nodes, now)
+                elif up.attached_at is None:
                     self._attached(up, now)
+                    current = up is self.current
             elif isinstance(event, HeartbeatReceived):
-                if up is self.current and event.latest_seq is not None:
+                up.stalled = (event.stalled_ms / 1000, now)
+                if current and event.latest_seq is not None:
                     self.reorder.note_latest(event.latest_seq, now)
             elif isinstance(event, RepairUnavailable):
-                if up is self.current:
-                    self.reorder.unavailable(event.seqs)
-                    self._play_ready(now)
+                pass  # asked again after the repair timeout: the parent may have it by then
             elif isinstance(event, Redirected):
-                if up is self.current:
-                    self._start_move([event.parent, *event.backups], event.backups, now)
+                if current:
+                    self._redirected(event, now)
             elif isinstance(event, ParentSilent):
-                self._link_ended(up, ErrorCode.PARENT_TIMEOUT, "parent went silent", now)
+                self._link_ended(up, "parent went silent", now, code=ErrorCode.PARENT_TIMEOUT)
                 return
             elif isinstance(event, LinkClosed):
-                self._link_ended(up, event.code, event.reason, now)
+                self._link_ended(up, event.reason or f"code {event.code}", now, refused=event.code)
                 return
         if up.link.state is not LinkState.CLOSED:
             self._dirty_links.add(up.id)
+
+    def _redirected(self, event: Redirected, now: float) -> None:
+        """Our parent is leaving: move where it says, make before break."""
+        self._cancel_round()
+        self.backups = event.backups or self.backups
+        self._start_round(Purpose.REDIRECT, [event.parent, *event.backups], now)
 
     def _protocol_error(self, up: Upstream, exc: ProtocolError, now: float) -> None:
         logger.warning("parent %s broke the protocol: %s", short_id(up.peer.node), exc)
         assert up.link is not None
         up.link.goodbye(exc.code, str(exc))
-        self._link_ended(up, exc.code, str(exc), now, bad=True)
+        self._link_ended(up, str(exc), now, bad=True)
 
     def _link_ended(
-        self, up: Upstream, code: int, reason: str, now: float, *, bad: bool = False
+        self,
+        up: Upstream,
+        reason: str,
+        now: float,
+        *,
+        code: int | None = None,
+        refused: int | None = None,
+        bad: bool = False,
     ) -> None:
-        """A link is over (refused, failed, closed): drop it and decide what follows."""
+        """A link is over (refused, failed, closed): drop it and decide what follows.
+
+        `code` is the GOODBYE we send (if we end it), `refused` the one the parent sent."""
         if self._links.pop(up.id, None) is None:
             return
-        close_code = up.link.goodbye_code if up.link is not None else None
-        data = up.link.data_to_send() if up.link is not None else b""
-        self._actions.append(CloseLink(up.id, close_code or ErrorCode.NO_ERROR, reason[:100], data))
-        if not up.attached:
-            logger.info(
-                "could not attach: parent %s at %s: %s",
-                short_id(up.peer.node),
-                up.peer.address,
-                reason,
-            )
-            self._attach_failed(up, code, now)
+        data = b""
+        close_code: int = ErrorCode.NO_ERROR
+        if up.link is not None:
+            if code is not None:
+                up.link.goodbye(code, reason)
+            close_code = up.link.goodbye_code or close_code
+            data = up.link.data_to_send()
+        self._actions.append(CloseLink(up.id, close_code, reason[:100], data))
+        if up.attached_at is None:
+            logger.info("could not attach: parent %s at %s: %s", short_id(up.peer.node),
+                        up.peer.address, reason)  # fmt: skip
+            self._attach_failed(up, refused, now)
             return
-        if up is not self.current or self.phase is Phase.DONE:
+        if up is not self.current:
             return
         self.current = None
         if self.phase is not Phase.RUNNING:
             return  # leaving or done: the link closing is ours
-        logger.warning(
-            "parent %s failed (%s); switching to a backup", short_id(up.peer.node), reason
-        )
+        logger.warning("parent %s failed (%s); switching to a backup", short_id(up.peer.node),
+                       reason)  # fmt: skip
         self.stats.failovers += 1
         self.stats.bad_peers += bad
         self._failovers.append(now)
-        if self._round is not None:  # a move in progress: its candidates are not backups
-            for other in list(self._round.trying):
-                self._close(self._links[other], ErrorCode.NO_ERROR, "failing over instead")
-            self._round = None
+        self._cancel_round()
+        self.assigned = None
+        self._reconcile_at = None
         candidates = [peer for peer in self.backups if peer.node != up.peer.node]
         self._start_round(Purpose.FAILOVER, candidates, now, dead=up.peer)
 
@@ -697,12 +824,90 @@ class NodeCore:
             data = up.link.data_to_send()
         self._actions.append(CloseLink(up.id, code, reason[:100], data))
 
-    def _silence_timeout(self, now: float) -> float:
-        """The configured timeout, doubled for each failover in the last STORM_WINDOW
-        seconds (up to 8x): on a starved machine, parents look silent when they are not,
-        and quick failovers would feed a storm of handshakes and backlogs."""
+    def _storm_factor(self, now: float) -> int:
+        """1, doubled for each failover in the last STORM_WINDOW seconds (up to 8): on a
+        starved machine parents look silent when they are not, and quick failovers would
+        feed a storm of handshakes and backlogs."""
         self._failovers = [t for t in self._failovers if now - t < STORM_WINDOW]
-        return self.config.silence_timeout * (1 << min(len(self._failovers), 3))
+        return 1 << min(len(self._failovers), 3)
+
+    # -- progress ----------------------------------------------------------------------
+
+    def _live(self) -> bool:
+        return self.phase is Phase.RUNNING and not self.stats.ended
+
+    def _stall_notice(self) -> float:
+        """How long without progress before we tell our children we are stalled."""
+        return 2 * self.config.heartbeat_interval
+
+    def _give_up_at(self) -> float:
+        return self._progress_at + self.join_timeout
+
+    def _stall_limits(self, up: Upstream) -> tuple[float, float]:
+        """When the current parent fails for a stall: (if it is not stalled itself, at all)."""
+        assert up.attached_at is not None
+        factor = 1 << min(len(self._failovers), 3)
+        since = max(self._progress_at, up.attached_at)
+        first = since + self.config.stall_timeout * factor
+        return first, first + self.config.stall_grace * factor
+
+    def _stall_check_at(self) -> float | None:
+        up = self.current
+        if up is None or up.attached_at is None:
+            return None
+        first, last = self._stall_limits(up)
+        if up.stalled is None:
+            return first
+        # While the parent says it is stalled too, look again when that report goes stale.
+        return max(first, min(last, up.stalled[1] + 3 * self.config.heartbeat_interval))
+
+    def _parent_stalled_too(self, up: Upstream, now: float) -> bool:
+        """Whether the parent recently said its own playback is stalled about as long as
+        ours: then what we lack is missing above it too."""
+        if up.stalled is None:
+            return False
+        seconds, said_at = up.stalled
+        if now - said_at > 3 * self.config.heartbeat_interval:
+            return False  # it stopped saying so (it sends chunks, or nothing at all)
+        return seconds + (now - said_at) >= (now - self._progress_at) - STALL_SLACK
+
+    def _check_progress(self, now: float) -> None:
+        """Progress, not presence: a live stream moves the playback point; a parent that
+        does not, and is not stalled itself, has failed; a node cut off too long gives up."""
+        if now >= self._give_up_at():
+            self._cut_off(now)
+            return
+        if not self._stalled_notice and now >= self._progress_at + self._stall_notice():
+            self._stalled_notice = True
+            self.children.set_stalled_since(self._progress_at)
+        up = self.current
+        if up is None or up.attached_at is None:
+            return
+        first, last = self._stall_limits(up)
+        if now >= last or (now >= first and not self._parent_stalled_too(up, now)):
+            seconds = now - max(self._progress_at, up.attached_at)
+            self._link_ended(
+                up,
+                f"nothing new to play for {seconds:.1f} s",
+                now,
+                code=ErrorCode.PARENT_STALLED,
+            )
+
+    def _cut_off(self, now: float) -> None:
+        seconds = self.join_timeout
+        if self.stats.first_seq is None:
+            self._finish(
+                1,
+                f"no audio after {seconds:.0f} s ({self._problem}); is the tracker at "
+                f"{self.tracker_name} up and the stream live?",
+                now,
+            )
+        else:
+            self._finish(
+                EXIT_MISSED_AUDIO,
+                f"cut off from the stream for {seconds:.0f} s; giving up (audio was missed)",
+                now,
+            )
 
     # -- the data path -----------------------------------------------------------------
 
@@ -719,59 +924,78 @@ class NodeCore:
         self._play_ready(now)
 
     def _play_ready(self, now: float) -> None:
-        for ready in self.reorder.pop_ready():
-            chunk = ready.chunk
+        ready = self.reorder.pop_ready()
+        if not ready:
+            return
+        self._progress_at = now
+        if self._stalled_notice:
+            self._stalled_notice = False
+            self.children.set_stalled_since(None)
+        for item in ready:
+            chunk = item.chunk
             if self.stats.first_seq is None:
                 self.stats.first_seq = chunk.seq
                 self.stats.first_audio_at = now
                 self.stats.join_to_audio_ms = (now - self._started_at) * 1000
             self.stats.last_seq = chunk.seq
-            if self._last_played_at is not None:
-                stall = (now - self._last_played_at) * 1000
-                self.stats.longest_stall_ms = max(self.stats.longest_stall_ms, stall)
-            self._last_played_at = now
             self.stats.packets_played += len(chunk.packets)
-            self._actions.append(Play(ready))
+            self.playout.played(chunk.granule, now)
+            self._actions.append(Play(item))
             if chunk.is_end:
                 self.stats.ended = True
-                self._drain(now)
+                self._drain(now, self.config.buffer_seconds)
                 break
         self.stats.lost = self.reorder.lost_count
-        self.stats.gaps = self.reorder.gaps
+
+    def _request_repairs(self, now: float) -> None:
+        up = self.current
+        if up is None or up.link is None:
+            return
+        seqs = self.reorder.due_repairs(now)
+        if seqs:
+            self.stats.repairs_requested += len(seqs)
+            up.link.request_repair(seqs)
+            self._dirty_links.add(up.id)
 
     # -- ending ------------------------------------------------------------------------
 
-    def _drain(self, now: float) -> None:
-        """Wait (at most the grace period) for the children to go, then finish."""
+    def _drain(self, now: float, grace: float) -> None:
+        """Keep serving the children until they go (at most `grace`), then finish."""
         if self.phase in (Phase.DRAINING, Phase.DONE):
             return
         self.phase = Phase.DRAINING
-        self._refresh_at = self._place_at = None
+        self._cancel_round()
+        self._refresh_at = self._place_at = self._reconcile_at = None
+        self.refresh_stats(now)
         if self.children.connections == 0:
-            self._finish(now)
+            self._done(now)
         else:
-            self._drain_until = now + self.config.leave_grace
+            self._drain_until = now + grace
 
-    def _finish(self, now: float) -> None:
+    def _done(self, now: float) -> None:
+        if self.stats.ended:
+            lost = self.stats.lost
+            if lost:
+                self._finish(EXIT_MISSED_AUDIO, f"the stream ended; {lost} chunks were lost", now)
+            else:
+                self._finish(0, "the stream ended", now)
+        else:
+            self._finish(0, "left", now)
+
+    def _finish(self, status: int, message: str, now: float) -> None:
         if self.phase is Phase.DONE:
             return
         self.phase = Phase.DONE
         self._drain_until = None
+        self.refresh_stats(now)
+        ended = self.stats.ended
         for up in list(self._links.values()):
-            ended = self.stats.ended
             self._close(
                 up,
                 ErrorCode.STREAM_ENDED if ended else ErrorCode.GOING_AWAY,
                 "stream ended" if ended else "leaving",
             )
-        message = "the stream ended" if self.stats.ended else "left"
-        self._actions.append(Finished(0, message))
-
-    def _fail(self, message: str, now: float) -> None:
-        self.phase = Phase.DONE
-        for up in list(self._links.values()):
-            self._close(up, ErrorCode.GOING_AWAY, "giving up")
-        self._actions.append(Finished(1, message))
+        self._actions.append(Finished(status, message))
 
     def _new_id(self) -> int:
         self._next_id += 1

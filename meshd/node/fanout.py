@@ -44,6 +44,7 @@ class Fanout:
         self._next_id = 0
         self._no_sessions = trio.Event()
         self._no_sessions.set()
+        children.last_heard = self._last_heard
 
     async def handle_connection(self, conn: QuicConn) -> None:
         """`endpoint.serve` handler: one child per connection."""
@@ -72,6 +73,10 @@ class Fanout:
             if not self._sessions:
                 self._no_sessions.set()
             self._after_input()
+
+    def _last_heard(self, child: int) -> float | None:
+        session = self._sessions.get(child)
+        return None if session is None else session.conn.last_received_at
 
     def flush(self) -> None:
         """Send what the children core queued: datagrams now, stream bytes via writers."""

@@ -46,7 +46,12 @@ STARVED = 0.1  # a timer this late means our event loop, not the parent, was stu
 
 
 class NodeError(Exception):
-    """The node cannot go on (e.g. the tracker refused our token); the message says why."""
+    """The node cannot go on (e.g. the tracker refused our token); the message says why,
+    `exit_status` what the process should exit with."""
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,7 @@ class Relay:
             finally:
                 if self.output is not None:
                     self.output.close()
+        self._update_stats()
         logger.info("%s", self.stats.line())
         if self.stats_file is not None:
             self.stats.write_json(self.stats_file)
@@ -141,7 +147,11 @@ class Relay:
             self.trace.close()
         assert self._finished is not None
         if self._finished.status != 0:
-            raise NodeError(self._finished.message)
+            raise NodeError(self._finished.message, self._finished.status)
+        logger.info("%s", self._finished.message)
+
+    def _update_stats(self) -> None:
+        self.core.refresh_stats(trio.current_time())
 
     async def _run_node(self, endpoint: QuicEndpoint, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -149,7 +159,11 @@ class Relay:
             if self.settings.capacity > 0:
                 await nursery.start(endpoint.serve, self.fanout.handle_connection)
             nursery.start_soon(
-                report_periodically, self.stats, self.config.stats_interval, self.stats_file
+                report_periodically,
+                self.stats,
+                self.config.stats_interval,
+                self.stats_file,
+                self._update_stats,
             )
             self.core.start(trio.current_time())
             self._pump()

@@ -17,6 +17,11 @@ from meshd.node.stats import NodeStats
 from protocol import ChunkRing, ChunkSigner, VerifiedChunk, key_to_text
 from protocol.media import OPUS_RATE
 
+KEEPALIVE = 1.0
+"""While live, the origin sends a chunk at least this often: an empty one when its input
+has nothing. Sequence numbers that keep advancing, signed by the origin, are how every
+node tells a live stream from a stalled parent; no unsigned HEARTBEAT can fake them."""
+
 
 class OriginCore:
     """The root of a stream's tree."""
@@ -29,10 +34,12 @@ class OriginCore:
         self.ring = ChunkRing(int(config.buffer_seconds * OPUS_RATE))
         self.children = Children(self.stream_id, self.ring, capacity, config, self.stats)
         self.ended = False
+        self._last_push: float | None = None
 
     def set_head(self, head: bytes, now: float) -> None:
         """The codec header (OpusHead): children can be accepted from now on."""
         self.children.set_info(self.signer.stream_info(head), now)
+        self.children.set_path((self.stream_id,), now)
 
     def push(
         self, packets: Sequence[bytes], granule: int, now: float, *, end: bool = False
@@ -45,10 +52,20 @@ class OriginCore:
         self.stats.packets_played += len(packets)
         self.stats.last_seq = item.seq
         self.stats.ended = self.ended = end
+        self._last_push = now
         return item
 
+    def _keepalive_at(self) -> float | None:
+        if self._last_push is None or self.ended:
+            return None
+        return self._last_push + KEEPALIVE
+
     def get_timer(self) -> float | None:
-        return self.children.get_timer()
+        deadlines = [self.children.get_timer(), self._keepalive_at()]
+        return min((d for d in deadlines if d is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
         self.children.handle_timer(now)
+        keepalive = self._keepalive_at()
+        if keepalive is not None and now >= keepalive:
+            self.push([], self.signer.last_granule, now)

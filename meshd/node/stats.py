@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ class NodeStats:
     node: str
     stream: str
     parent: str | None = None
+    path: list[str] = dataclasses.field(default_factory=list)
+    """The node ids from the origin down to this node, as its parent last said."""
     backups: list[str] = dataclasses.field(default_factory=list)
     """The backup parents of the last assignment, in the tracker's order."""
     depth: int | None = None
@@ -32,8 +35,10 @@ class NodeStats:
     parent_switches: int = 0
     failovers: int = 0
     """Switches forced by a failed or silent parent (the rest were redirects)."""
-    longest_stall_ms: float = 0.0
-    """The longest wait between two chunks played in order, after the first."""
+    stall_ms: float = 0.0
+    """The longest time audio would have stopped for a player that starts at the first
+    chunk with no extra buffer: how far playback fell behind real time at worst, an
+    ongoing freeze included (see `PlayoutMeter`)."""
     bad_peers: int = 0
     first_seq: int | None = None
     last_seq: int | None = None
@@ -50,7 +55,7 @@ class NodeStats:
             f"children={self.children} in={self.chunks_in}/{self.bytes_in}B "
             f"out={self.chunks_out}/{self.bytes_out}B played={self.packets_played} "
             f"gaps={self.gaps} repairs={self.repairs_requested} lost={self.lost} "
-            f"switches={self.parent_switches}"
+            f"switches={self.parent_switches} stall={self.stall_ms:.0f}ms"
         )
 
     def write_json(self, path: Path) -> None:
@@ -58,6 +63,44 @@ class NodeStats:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1))
         os.replace(temporary, path)
+
+
+class PlayoutMeter:
+    """How far playback falls behind real time: the stall a listener hears.
+
+    A player that starts at the first chunk plays audio at real speed and must stop
+    whenever the next chunk is not there yet. Just before each chunk is played, `lag` is
+    the real time elapsed minus the audio played until then; in steady flow it is the
+    same each time (one chunk's length). Its rise above its lowest value so far is the
+    silence such a player would have had. A frozen node's stall keeps growing.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._start: tuple[float, int] | None = None  # (time, granule) of the first chunk
+        self._played = 0  # granule at the end of the newest chunk played
+        self._lowest = math.inf
+        self.worst = 0.0
+
+    def played(self, granule: int, now: float) -> None:
+        if self._start is None:
+            self._start = (now, granule)
+        else:
+            lag = self._lag(now)
+            self._lowest = min(self._lowest, lag)
+            self.worst = max(self.worst, lag - self._lowest)
+        self._played = max(self._played, granule)
+
+    def stall(self, now: float, *, live: bool) -> float:
+        """The worst stall so far, counting the current one while the stream is live."""
+        if self._start is None or not live or self._lowest == math.inf:
+            return self.worst
+        return max(self.worst, self._lag(now) - self._lowest)
+
+    def _lag(self, now: float) -> float:
+        assert self._start is not None
+        started, first = self._start
+        return (now - started) - (self._played - first) / self._rate
 
 
 class ChunkTrace:

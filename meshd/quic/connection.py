@@ -87,6 +87,8 @@ class QuicConn:
         """Received datagrams dropped because the application did not keep up."""
         self.datagrams_dropped_outgoing = 0
         """Queued datagrams dropped because the network did not keep up."""
+        self.last_received_at = trio.current_time()
+        """When a packet from the peer last arrived (ACKs count): is the peer still there?"""
 
         self._cids: set[bytes] = set()
         self._handshake_complete = False
@@ -212,6 +214,7 @@ class QuicConn:
     def _receive(self, data: bytes, address: Address, now: float) -> None:
         """Feed one datagram; the caller pumps once per batch, which coalesces replies."""
         self._quic.receive_datagram(data, address, now)
+        self.last_received_at = now
         if self._handshake_complete and self._config.keepalive_interval is not None:
             self._next_keepalive = now + self._config.keepalive_interval
 

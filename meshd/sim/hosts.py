@@ -81,6 +81,11 @@ class ChildrenDriver:
         self.ends: dict[int, ConnEnd] = {}
         self._next = 0
         self.on_closed: Callable[[int], None] = children.closed
+        children.last_heard = self._last_heard
+
+    def _last_heard(self, child: int) -> float | None:
+        end = self.ends.get(child)
+        return None if end is None else end.last_heard
 
     def accept(self, end: ConnEnd, after: Callable[[], None]) -> None:
         self._next += 1
@@ -158,26 +163,29 @@ class TrackerHost(Host):
         request: TrackerRequest,
         answer: Callable[[TrackerResponse | None], None],
     ) -> None:
-        """One request with retries, as meshd.tracker_client does it."""
-        scheduler = self.network.scheduler
+        """One request with retries, as meshd.tracker_client does it: a fresh connection
+        per attempt (a handshake round trip, then the request), lost packets costing
+        QUIC retransmissions, a cut path the attempt timeout."""
+        network = self.network
+        scheduler = network.scheduler
         give_up_at = scheduler.now + TRACKER_GIVE_UP
-        backoff = Backoff(self.network.rng, base=0.1, cap=30.0)
+        backoff = Backoff(network.rng, base=0.1, cap=30.0)
 
         def attempt() -> None:
-            if self.network.dropped(client, self) or not self.alive:
+            arrival = self._request_arrival(client)
+            if arrival is None or arrival - scheduler.now > ATTEMPT_TIMEOUT or not self.alive:
                 retry()
                 return
-            scheduler.after(self.network.one_way(client, self), lambda: self.run(serve))
+            scheduler.at(arrival, lambda: self.run(serve))
 
         def serve() -> None:
             self.requests += 1
             response = self.tracker.handle(request, scheduler.now, wall_ms(scheduler.now))
-            if self.network.dropped(self, client):
+            back = network.stream_arrival(self, client)
+            if back is None or back - scheduler.now > ATTEMPT_TIMEOUT:
                 retry()
                 return
-            scheduler.after(
-                self.network.one_way(self, client), lambda: client.run(lambda: answer(response))
-            )
+            scheduler.at(back, lambda: client.run(lambda: answer(response)))
 
         def retry() -> None:
             at = scheduler.now + ATTEMPT_TIMEOUT + backoff.next_delay()
@@ -187,6 +195,15 @@ class TrackerHost(Host):
                 scheduler.at(at, lambda: client.run(attempt))
 
         attempt()
+
+    def _request_arrival(self, client: Host) -> float | None:
+        """When a request sent now on a new connection reaches us (None: it does not)."""
+        network = self.network
+        hello = network.stream_arrival(client, self)
+        if hello is None:
+            return None
+        # The handshake's answer goes back, then the request comes.
+        return hello + 2 * network.one_way(self, client)
 
     def _probe_round(self) -> None:
         scheduler = self.network.scheduler

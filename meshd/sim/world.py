@@ -140,13 +140,23 @@ class World:
     def parent_of(self, node: NodeHost) -> bytes | None:
         """The parent a node is actually streaming from (None while it has none)."""
         current = node.core.current
-        return current.peer.node if current is not None and current.attached else None
+        return (
+            current.peer.node if current is not None and current.attached_at is not None else None
+        )
 
     def children_of(self, peer: bytes) -> list[NodeHost]:
         return [node for node in self.live() if self.parent_of(node) == peer]
 
     def origin_children(self) -> list[NodeHost]:
         return self.children_of(self.stream_id)
+
+    def has_room(self, spare: float = 0.1) -> bool:
+        """Whether the live relays (and the origin) have slots for every live listener
+        and `spare` more. A tree with hardly a slot to spare may need a leaf to make way
+        for a relay before everyone fits, which nothing does yet."""
+        live = self.live()
+        slots = self.spec.origin_capacity + sum(node.core.capacity for node in live)
+        return slots >= (1 + spare) * len(live) + 1
 
     def chain(self, node: NodeHost) -> list[bytes]:
         """The node's actual path up to the origin, origin first; raises PathBroken."""
@@ -189,7 +199,8 @@ class World:
         """Everything that violates the tree's promises right now, by kind.
 
         Every live node streams from the origin along a loop-free path of live links
-        ("cycle", "cut off"), the tracker sees that same path ("tracker disagrees"), and
+        ("cycle", "cut off"), knows that path ("path wrong"), the tracker sees that same
+        path ("tracker disagrees"), and
         the node has played every chunk from its first one up to those the origin sent
         more than `recent` seconds ago, in order ("lost", "stuck").
         """

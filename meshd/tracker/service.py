@@ -109,6 +109,9 @@ class Tracker:
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self.streams: dict[bytes, StreamState] = {}
+        self.ended: dict[bytes, float] = {}
+        """Streams that ended (origin LEAVE or silence), and when: for `peer_ttl`, nodes
+        asking about them hear STREAM_ENDED rather than UNKNOWN_STREAM."""
         self.total_shed = 0
         self._shed_since_log = 0
         self._last_shed_log = -math.inf
@@ -148,9 +151,12 @@ class Tracker:
         """Drop nodes whose soft state ran out (they died without anyone reporting it),
         and streams whose origin stopped re-registering (it died: listeners then get
         UNKNOWN_STREAM and give up instead of waiting forever)."""
+        for stream_id, when in list(self.ended.items()):
+            if now - when > self.config.peer_ttl:
+                del self.ended[stream_id]
         for stream_id, state in list(self.streams.items()):
             if now - state.registered_at > self.config.peer_ttl:
-                del self.streams[stream_id]
+                self._end(stream_id, now)
                 logger.info("end stream=%s (the origin stopped registering)", short_id(stream_id))
                 continue
             for peer in state.tree.expire(now):
@@ -187,6 +193,8 @@ class Tracker:
     def status(self, stream_id: bytes, now: float) -> StatusReport | Goodbye:
         state = self.streams.get(stream_id)
         if state is None:
+            if stream_id in self.ended:
+                return Goodbye(ErrorCode.STREAM_ENDED, "the stream has ended")
             return Goodbye(ErrorCode.UNKNOWN_STREAM, "no such stream")
         snapshot = state.tree.snapshot()
         return StatusReport(
@@ -210,6 +218,7 @@ class Tracker:
         verify_message(request, public_key_from_id(request.stream))
         state = self.streams.get(request.stream)
         if state is None:
+            self.ended.pop(request.stream, None)  # the origin restarted the stream
             tree = StreamTree(
                 request.stream,
                 request.address,
@@ -284,7 +293,8 @@ class Tracker:
     def _leave(self, request: Leave, now: float) -> Moved:
         if request.node == request.stream:
             verify_message(request, public_key_from_id(request.stream))
-            if self.streams.pop(request.stream, None) is not None:
+            if request.stream in self.streams:
+                self._end(request.stream, now)
                 logger.info("end stream=%s (the origin left)", short_id(request.stream))
             return Moved(())
         verify_message(request, public_key_from_id(request.node))
@@ -306,16 +316,20 @@ class Tracker:
             )
         )
 
-    def _refresh(self, request: Refresh, now: float) -> Ack:
+    def _refresh(self, request: Refresh, now: float) -> Ack | Assigned:
+        """ACK; or ASSIGNED when our view places the node elsewhere than it says it is
+        and cannot follow it (it then moves there)."""
         verify_message(request, public_key_from_id(request.node))
         state = self._stream(request.stream)
-        state.tree.refresh(
+        placement = state.tree.refresh(
             request.node,
             now,
             parent=request.parent,
             capacity=request.capacity,
             address=request.address,
         )
+        if placement is not None:
+            return self._assigned(placement)
         return Ack(self.config.refresh_s)
 
     # -- helpers ------------------------------------------------------------------------
@@ -330,8 +344,14 @@ class Tracker:
     def _stream(self, stream_id: bytes) -> StreamState:
         state = self.streams.get(stream_id)
         if state is None:
+            if stream_id in self.ended:
+                raise ProtocolError("the stream has ended", ErrorCode.STREAM_ENDED)
             raise ProtocolError("no such stream (not registered yet?)", ErrorCode.UNKNOWN_STREAM)
         return state
+
+    def _end(self, stream_id: bytes, now: float) -> None:
+        del self.streams[stream_id]
+        self.ended[stream_id] = now
 
     def _admit(self, request: Join | Rejoin, wall_ms: int) -> StreamState:
         """Signature, stream, token: in that order, so an unsigned request learns nothing."""

@@ -18,10 +18,17 @@ bench/bench_tracker_core.py); only moving peers that asked for nothing could und
 Failure reports are hearsay until confirmed: a node reported dead is evicted only after
 `report_quorum` distinct children reported it within `report_window`, when its soft state
 has expired, or when the host's probe says it is unreachable. An evicted node's remaining
-children keep their subtrees; the tracker re-homes each one at once (flagged *orphaned*:
-the node itself does not know yet) so that every peer always reaches the origin in the
-tracker's view. When the orphan later reports the failure, it is simply handed that
-placement.
+children keep their subtrees; the tracker re-homes each one at once so that every peer
+always reaches the origin in the tracker's view.
+
+Placements the tracker chose for a node that already streams from somewhere (an
+evicted node's children, a leaver's children, a REJOIN answered with another parent
+than the one the node is attached to) are *tentative* (`orphaned`) until the node
+confirms them (a REJOIN or REFRESH naming that parent as its actual one). They are
+guesses: the links enforce loop freedom and capacity on their own, so a node's claim of
+its actual parent beats a guess. A tentative child that makes the claimed parent look
+full, or a tentative link that makes the claim look like a cycle, is re-homed (still
+tentative) to make room for the truth; only confirmed placements can refuse a claim.
 
 Complexity: join is O(depth) (amortised O(1) bucket work); a move is O(depth + size of
 the moved subtree), because the depths of the subtree are kept exact; expiry is
@@ -152,7 +159,7 @@ class _Node:
         self.children: list[_Node] = []
         self.depth = depth
         self.last_seen = now
-        self.orphaned = False  # re-homed by the tracker; the node has not confirmed yet
+        self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
         self.pos = 0  # index inside that bucket, for O(1) removal
 
@@ -247,7 +254,7 @@ class StreamTree:
         return self._get(peer_id).ref
 
     def is_orphaned(self, peer_id: bytes) -> bool:
-        """True if the tracker re-homed this peer and the peer has not confirmed it yet."""
+        """True if the tracker placed this peer and the peer has not confirmed it yet."""
         return self._get(peer_id).orphaned
 
     def assignment_of(self, peer_id: bytes) -> Assignment:
@@ -320,12 +327,13 @@ class StreamTree:
         """REJOIN: `reporter` lost its parent `dead`; move it (with its subtree).
 
         The report counts towards evicting `dead` only if `dead` is the reporter's parent
-        in our view. `attached_to` (the backup the reporter already switched to) is kept
-        if it has a free slot and lies outside the reporter's and `dead`'s subtrees;
-        otherwise the reporter gets the shallowest suitable slot. A reporter whose parent
-        in our view is not `dead` (an orphan we re-homed, or a repeated report) keeps its
-        placement unless `attached_to` is valid. An unknown reporter that gives its
-        `capacity` is placed like a join (e.g. after a tracker restart).
+        in our view. `attached_to` (the parent the reporter actually streams from) is kept
+        if it is a valid claim (see `_claim`) outside `dead`'s subtree; otherwise the
+        reporter gets the shallowest suitable slot, tentatively, until it confirms. A
+        reporter whose parent in our view is not `dead` (an orphan we re-homed, or a
+        repeated report) keeps its placement unless `attached_to` is valid. An unknown
+        reporter that gives its `capacity` is placed like a join (e.g. after a tracker
+        restart).
         """
         if reporter == dead:
             raise InvalidRequest("a peer cannot report itself")
@@ -339,11 +347,15 @@ class StreamTree:
         self._update(node, now, capacity, address)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
+        if banned is not None and node.parent is banned and node.orphaned:
+            # We only told it to go there: it never streamed from that parent, which
+            # refused it. That is no failure of the parent; just place the node elsewhere.
+            banned = None
         if banned is not None and node.parent is banned:
             self._record_report(banned, reporter, now)  # may evict it and re-home us
             if self._peers.get(reporter) is not node:
                 raise NoCapacity("no free slot left for the reporter")
-        claim = self._valid_parent(node, attached_to, banned)
+        claim = self._claim(node, attached_to, banned)
         if node.parent is suspect:
             target = claim or self._pick_parent(node, node.capacity, banned=banned, avoid=suspect)
             if target is None:
@@ -351,7 +363,8 @@ class StreamTree:
             self._move(node, target)
         elif claim is not None and claim is not node.parent:
             self._move(node, claim)
-        self._set_orphaned(node, False)
+        # Where it streams from now is a fact; anywhere else we just told it to go.
+        self._set_orphaned(node, node.parent is not claim)
         return self._assignment(node)
 
     def probe_result(self, peer_id: bytes, alive: bool, now: float) -> list[bytes]:
@@ -382,6 +395,8 @@ class StreamTree:
         if node is self._origin:
             raise InvalidRequest("the origin does not leave its stream")
         placed, _ = self._remove(node, avoid=node.parent)
+        for child in placed:
+            self._set_orphaned(child, True)  # until it moved there and says so
         return {child.ref.peer_id: self._assignment(child) for child in placed}
 
     def refresh(
@@ -392,33 +407,34 @@ class StreamTree:
         parent: bytes | None = None,
         capacity: int | None = None,
         address: str | None = None,
-    ) -> None:
+    ) -> Assignment | None:
         """Soft-state keep-alive; also updates capacity/address and follows the peer.
 
         `parent` is the peer's actual parent. If it differs from our view and is a valid
-        place (free slot, not in the peer's subtree) the view follows the peer; otherwise
-        our view stands (the peer will learn it when it next REJOINs). An unknown peer is
-        re-inserted under `parent` if that parent is known and has room (rebuilding the
-        view after a tracker restart); else UnknownParent / UnknownPeer (it must JOIN).
-        The origin refreshes like this too (REGISTER), with `parent` None.
+        claim (see `_claim`) the view follows the peer and None is returned; if it is not,
+        our view stands and its placement is returned, for the peer to move there. An
+        unknown peer is re-inserted under `parent` if that parent is known and has room
+        (rebuilding the view after a tracker restart); else UnknownParent / UnknownPeer
+        (it must JOIN). The origin refreshes like this too (REGISTER), with `parent` None.
         """
         if capacity is not None and capacity < 0:
             raise InvalidRequest("negative capacity")
         node = self._peers.get(peer_id)
         if node is None:
             self._reinsert(peer_id, now, parent, capacity, address)
-            return
+            return None
         if node is self._origin and parent is not None:
             raise InvalidRequest("the origin has no parent")
         self._update(node, now, capacity, address)
         if parent is None or node.parent is None:
-            return
-        if parent != node.parent.ref.peer_id:
-            claim = self._valid_parent(node, parent, None)
-            if claim is None:
-                return
+            return None
+        claim = self._claim(node, parent, None)
+        if claim is None:
+            return self._assignment(node)
+        if claim is not node.parent:
             self._move(node, claim)
         self._set_orphaned(node, False)
+        return None
 
     def expire(self, now: float) -> list[bytes]:
         """Remove peers not heard from for more than `peer_ttl`; returns the removed ids.
@@ -544,18 +560,55 @@ class StreamTree:
             return candidate
         return None
 
-    def _valid_parent(
-        self, node: _Node, parent_id: bytes | None, banned: _Node | None
-    ) -> _Node | None:
-        """The named peer if `node` may attach there now (a free slot, no cycle), else None."""
+    def _claim(self, node: _Node, parent_id: bytes | None, banned: _Node | None) -> _Node | None:
+        """The peer named as `node`'s actual parent, if our view can take that as true.
+
+        A claim is refused if the parent is unknown, in `banned`'s subtree, full of
+        confirmed children, or below `node` through confirmed links only. A tentative
+        placement in the way (ours, a guess) swaps into the slot `node` leaves: a
+        tentative child of a full parent, or the tentative link that makes the claim
+        look like a cycle (its piece then hangs, with `node`, where `node` was).
+        """
         if parent_id is None:
             return None
         parent = self._peers.get(parent_id)
-        if parent is None or len(parent.children) >= parent.capacity or _within(parent, node):
+        if parent is None or parent is node:
             return None
         if banned is not None and _within(parent, banned):
             return None
+        if parent is node.parent:
+            return parent
+        old = node.parent
+        swappable = old is not None and old not in self._reports
+        if swappable and old is not None and banned is not None and _within(old, banned):
+            swappable = False
+        full = len(parent.children) >= parent.capacity
+        if _within(parent, node):
+            guess = self._tentative_link(parent, node)
+            if guess is None or full or not swappable or old is None:
+                return None
+            self._detach(guess)
+            self._move(node, parent)
+            self._attach(guess, old)
+            return parent
+        if full:
+            guesses = [c for c in parent.children if c.orphaned and not _within(node, c)]
+            if not guesses or not swappable or old is None:
+                return None
+            guess = guesses[-1]
+            self._detach(guess)
+            self._move(node, parent)
+            self._attach(guess, old)
         return parent
+
+    def _tentative_link(self, low: _Node, high: _Node) -> _Node | None:
+        """The first tentatively placed node on the way up from `low` to `high`."""
+        node: _Node | None = low
+        while node is not None and node is not high:
+            if node.orphaned:
+                return node
+            node = node.parent
+        return None
 
     def _backups(self, node: _Node) -> tuple[PeerRef, ...]:
         """Up to `backups` nodes with a free slot, shallow first.
@@ -626,6 +679,10 @@ class StreamTree:
     def _move(self, node: _Node, parent: _Node) -> None:
         """Re-attach the node with its whole subtree under `parent` (a free slot)."""
         self._detach(node)
+        self._attach(node, parent)
+
+    def _attach(self, node: _Node, parent: _Node) -> None:
+        """Hang a detached node with its whole subtree under `parent` (a free slot)."""
         node.parent = parent
         parent.children.append(node)
         self._free_slots -= 1

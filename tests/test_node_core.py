@@ -1,0 +1,181 @@
+"""The node core's decisions, run on the simulator: named cases that must hold exactly.
+
+The hypothesis hunt (test_sim_faults.py) looks for schedules that break the tree; these
+pin down the cases the field found, one by one, with fixed seeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.node.core import EXIT_MISSED_AUDIO
+from meshd.sim.hosts import NodeHost, wall_ms
+from meshd.sim.world import RoomSpec, World
+from protocol import ChunkSigner, Leave, VerifiedChunk, sign_message
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    logger = logging.getLogger("meshd")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+def room(listeners: int, seed: int, **spec: object) -> World:
+    world = World(RoomSpec(listeners, seed, **spec))  # type: ignore[arg-type]
+    world.start()
+    world.run(8)
+    assert not world.problems(), world.problems()
+    return world
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_killing_the_origins_children_costs_no_survivor_any_audio(seed: int) -> None:
+    """The field's case: origin capacity 2, 14 listeners relaying to 2, both of the
+    origin's children killed together. Their orphans used to form a cycle in each
+    other's subtrees, kept alive by their own heartbeats."""
+    world = room(14, seed, relay_share=1.0, max_children=2)
+    top = world.origin_children()
+    assert len(top) == 2
+    world.kill(top)
+    world.run(15)
+    assert not world.problems(), world.problems()
+    assert sum(node.core.stats.failovers for node in world.live()) >= 2
+
+
+def relays_below_a_relay(world: World) -> tuple[NodeHost, list[NodeHost], list[NodeHost]]:
+    """A relay that feeds relays that feed others: (it, its children, their children)."""
+    for node in world.live():
+        children = world.children_of(node.node_id)
+        grandchildren = [g for c in children for g in world.children_of(c.node_id)]
+        if node.core.stats.depth and grandchildren:
+            return node, children, grandchildren
+    raise AssertionError("no relay with grandchildren")
+
+
+def wedge(node: NodeHost, forward: Callable[[VerifiedChunk, float], None] | None) -> None:
+    """The node keeps its links and heartbeats but forwards what `forward` says (None:
+    nothing), and answers every REPAIR with MISSING."""
+    children = node.core.children
+    children.forward = forward or (lambda item, now: None)  # type: ignore[method-assign]
+    children._repair = lambda child, seqs: children._links[child].answer_repair([], seqs)  # type: ignore[method-assign]
+
+
+def replaying(node: NodeHost) -> Callable[[VerifiedChunk, float], None]:
+    first: list[VerifiedChunk] = []
+    forward = node.core.children.forward
+
+    def replay(item: VerifiedChunk, now: float) -> None:
+        first.append(item)
+        forward(first[0], now)
+
+    return replay
+
+
+def every_other(node: NodeHost) -> Callable[[VerifiedChunk, float], None]:
+    forward = node.core.children.forward
+
+    def half(item: VerifiedChunk, now: float) -> None:
+        if item.seq % 2 == 0:
+            forward(item, now)
+
+    return half
+
+
+def another_stream(node: NodeHost) -> Callable[[VerifiedChunk, float], None]:
+    forward = node.core.children.forward
+    signer = ChunkSigner(Ed25519PrivateKey.generate())
+
+    def foreign(item: VerifiedChunk, now: float) -> None:
+        signer.next_seq = item.seq
+        forward(signer.sign(item.chunk.packets, item.chunk.granule), now)
+
+    return foreign
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        lambda node: None,  # heartbeats, and nothing else
+        replaying,  # the same old chunk, again and again
+        every_other,  # half the chunks, MISSING for the rest
+        another_stream,  # validly signed chunks of another stream
+    ],
+    ids=["silent", "replaying", "every-other", "another-stream"],
+)
+def test_a_wedged_relay_is_left_by_its_children_and_only_by_them(
+    behaviour: Callable[[NodeHost], Callable[[VerifiedChunk, float], None] | None],
+) -> None:
+    world = room(30, 3, relay_share=1.0, max_children=3)
+    wedged, children, grandchildren = relays_below_a_relay(world)
+    wedge(wedged, behaviour(wedged))
+    world.run(10)
+    for child in children:
+        assert child.core.stats.failovers >= 1, "a child stayed with a wedged parent"
+        assert world.parent_of(child) != wedged.node_id
+    for grandchild in grandchildren:
+        assert grandchild.core.stats.failovers == 0, "only the wedged relay's children act"
+    problems = world.problems()
+    problems.pop("tracker disagrees", None)  # the wedged relay still claims its children
+    assert not {k: v for k, v in problems.items() if "wedged" not in str(v)}, problems
+    for node in [*children, *grandchildren]:
+        assert node.core.stats.lost == 0
+
+
+def test_lost_datagrams_cost_latency_never_audio() -> None:
+    world = room(25, 5, relay_share=0.8, max_children=3)
+    world.set_loss(0.1)
+    world.run(30)
+    assert not world.problems(), world.problems()
+    assert sum(node.core.stats.repairs_requested for node in world.live()) > 50
+
+
+def test_a_node_cut_off_for_the_join_timeout_gives_up_saying_it_missed_audio() -> None:
+    world = World(RoomSpec(12, 7, relay_share=1.0, max_children=2))
+    for node in world.nodes:
+        node.core.join_timeout = 10.0
+    world.start()
+    world.run(8)
+    loner = world.live()[-1]
+    world.partition([loner], 30)
+    world.run(12)
+    assert loner.finished is not None
+    assert loner.finished.status == EXIT_MISSED_AUDIO
+    assert "cut off" in loner.finished.message
+
+
+def test_when_the_stream_ends_everyone_finishes_complete() -> None:
+    world = World(RoomSpec(20, 11, relay_share=0.8, max_children=3))
+    world.start(end_at=12.0)
+    world.run(30)
+    for node in world.nodes:
+        assert node.finished is not None and node.finished.status == 0, node.finished
+        assert node.core.stats.ended and node.core.stats.lost == 0
+        assert node.played == list(range(node.played[0], world.origin.core.signer.next_seq))
+
+
+def test_a_node_told_the_stream_ended_stops_at_once() -> None:
+    world = room(10, 2, relay_share=1.0, max_children=2)
+    loner = world.live()[-1]
+    world.partition([loner], 60)
+    world.run(1)
+    world.origin.end_at = world.now  # the stream ends while the loner is cut off ...
+    world.run(15)
+    assert all(node.finished for node in world.nodes if node is not loner)
+    tracker = world.tracker.tracker
+    tracker.handle(
+        sign_message(Leave(world.stream_id, world.stream_id, wall_ms(world.now)), world.origin.key),
+        world.now,
+        wall_ms(world.now),
+    )  # ... and the origin tells the tracker so
+    world.network.heal()
+    world.run(10)
+    assert loner.finished is not None
+    assert loner.finished.status == EXIT_MISSED_AUDIO
+    assert "ended" in loner.finished.message

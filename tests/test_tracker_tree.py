@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -133,6 +134,15 @@ def check_buckets(tree: StreamTree, depths: dict[bytes, int]) -> None:
             assert node.pos == position and node.slot_depth == depth
             indexed[node.ref.peer_id] = depth
     assert indexed == {p: d for p, d in depths.items() if has_room(tree, p)}
+
+
+def check_rebalanced(tree: StreamTree, peer: bytes, depth: int, got: Assignment) -> None:
+    """A REFRESH answered with a move: a relay went 2+ levels up, a leaf 2+ levels down."""
+    assert got.parent.peer_id == tree.parent_of(peer) and tree.is_orphaned(peer)
+    if tree.capacity_of(peer) > 0:
+        assert got.depth <= depth - 2, "a relay is only moved up, and by 2 levels or more"
+    else:
+        assert got.depth >= depth + 2, "a leaf is only moved down, and by 2 levels or more"
 
 
 def suspected(tree: StreamTree) -> set[bytes]:
@@ -733,13 +743,19 @@ class TreeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.uniform_k is None)
     @rule()
     def orphans_confirm(self) -> None:
-        """Peers placed by the tracker move there and say so (REFRESH naming it)."""
+        """Peers placed by the tracker move there and say so (REFRESH naming it); the
+        answer may place them once more (rebalancing), until it is just ACK."""
         for peer in self.live():
-            if self.tree.is_orphaned(peer):
+            while self.tree.is_orphaned(peer):
                 event("placement confirmed")
                 before = self.tree.parent_of(peer)
-                assert self.tree.refresh(peer, self.now, parent=before) is None
-                assert self.tree.parent_of(peer) == before and not self.tree.is_orphaned(peer)
+                depth = self.tree.depth_of(peer)
+                answer = self.tree.refresh(peer, self.now, parent=before)
+                if answer is None:
+                    assert self.tree.parent_of(peer) == before
+                    assert not self.tree.is_orphaned(peer)
+                else:
+                    check_rebalanced(self.tree, peer, depth, answer)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -751,16 +767,19 @@ class TreeMachine(RuleBasedStateMachine):
         before = self.tree.parent_of(peer)
         valid = claimed in eligible_parents(self.tree, peer)
         guessed_in_the_way = any(self.tree.is_orphaned(p) for p in self.tree)
+        if valid:
+            depth_there = self.tree.depth_of(claimed) + 1
         answer = self.tree.refresh(peer, self.now, parent=claimed)
         after = self.tree.parent_of(peer)
-        if valid:
-            assert after == claimed
-        elif after != before:  # a tentative placement made room for the truth
-            event("refresh: a guess gave way")
-            assert after == claimed and guessed_in_the_way
-        assert (answer is None) == (after == claimed)
-        if answer is not None:
-            check_assignment(self.tree, peer, answer)
+        if answer is None:  # the claim stands (or was already our view)
+            assert after == claimed and not self.tree.is_orphaned(peer)
+            return
+        check_assignment(self.tree, peer, answer)
+        if valid:  # taken, then moved on: rebalancing
+            event("refresh: rebalanced")
+            check_rebalanced(self.tree, peer, depth_there, answer)
+        else:  # refused (our view stands), or a guess gave way and it was moved on
+            assert after == before or self.tree.is_orphaned(peer)
 
     @rule(seconds=st.sampled_from([1.0, 30.0, 200.0, 700.0]))
     def tick(self, seconds: float) -> None:
@@ -788,6 +807,70 @@ class UniformTreeMachine(TreeMachine):
     uniform_k = 3
 
 
+class ChurnMachine(RuleBasedStateMachine):
+    """Uniform capacity k under churn (joins, leaves, crashes and their reports): REFRESH
+    rebalances, so after every peer has refreshed a few times (a few refresh periods
+    without churn) the depth is back within ceil(log_k N) + 2."""
+
+    k = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tree = StreamTree(ORIGIN, "origin:4433", self.k, peer_ttl=TTL, promote_after=60.0)
+        self.now = 0.0
+        self.next_id = 1
+
+    def peers(self) -> list[bytes]:
+        return sorted(p for p in self.tree if p != ORIGIN)
+
+    @rule(count=st.integers(1, 40))
+    def join(self, count: int) -> None:
+        for _ in range(count):
+            self.tree.join(pid(self.next_id), self.k, addr(self.next_id), self.now)
+            self.next_id += 1
+
+    @rule(data=st.data(), count=st.integers(1, 10))
+    def leave(self, data: st.DataObject, count: int) -> None:
+        for _ in range(count):
+            peers = self.peers()
+            if peers:
+                self.tree.leave(data.draw(st.sampled_from(peers)), self.now)
+
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        peers = self.peers()
+        if not peers:
+            return
+        dead = data.draw(st.sampled_from(peers))
+        for child in self.tree.children_of(dead):
+            with contextlib.suppress(NoCapacity):
+                self.tree.report_failure(child, dead, self.now)
+        if dead in self.tree:
+            self.tree.probe_result(dead, False, self.now)
+
+    @rule(seconds=st.sampled_from([1.0, 30.0, 61.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+    @invariant()
+    def structure_holds(self) -> None:
+        check_invariants(self.tree)
+
+    def teardown(self) -> None:
+        """Quiet for a while: everyone refreshes (following every move it is told of)
+        round after round; the depth must come back within the bound."""
+        self.now += 61.0
+        for _ in range(6):
+            for peer in sorted(self.peers(), key=self.tree.depth_of):
+                parent = self.tree.parent_of(peer)
+                while self.tree.refresh(peer, self.now, parent=parent) is not None:
+                    parent = self.tree.parent_of(peer)  # it moved there: it confirms
+            self.now += 180.0
+        check_invariants(self.tree)
+        snap = self.tree.snapshot()
+        assert snap.max_depth <= depth_bound(snap.audience, self.k), snap
+
+
 TreeMachine.TestCase.settings = settings(
     max_examples=300,
     stateful_step_count=60,
@@ -800,5 +883,12 @@ UniformTreeMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+ChurnMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_tree_machine = TreeMachine.TestCase
+test_depth_stays_bounded_under_churn = ChurnMachine.TestCase
 test_uniform_tree_machine = UniformTreeMachine.TestCase

@@ -12,8 +12,9 @@ depth is at most ceil(log_k N) + 1.
 Repairs move only the nodes the protocol lets us tell (the reporter of a failure, the
 children of a leaver); each moved node keeps its subtree and goes to the shallowest free
 slot outside its own subtree (and outside the failed node's subtree). In a full tree that
-slot is near the frontier, so churn makes the tree deeper than log_k N (see
-bench/bench_tracker_core.py); only moving peers that asked for nothing could undo that.
+slot is near the frontier, so churn makes the tree deeper than log_k N. REFRESH undoes
+that (`_better_place`): stable relays move up into shallow free slots, leaves move down
+out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 
 Failure reports are hearsay until confirmed: a node reported dead is evicted only after
 `report_quorum` distinct children reported it within `report_window`, when its soft state
@@ -142,6 +143,7 @@ class _Node:
         "capacity",
         "children",
         "depth",
+        "joined",
         "last_seen",
         "orphaned",
         "parent",
@@ -158,6 +160,7 @@ class _Node:
         self.parent = parent
         self.children: list[_Node] = []
         self.depth = depth
+        self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
@@ -191,6 +194,7 @@ class StreamTree:
         peer_ttl: float = 600.0,
         report_quorum: int = 2,
         report_window: float = 60.0,
+        promote_after: float = 60.0,
     ) -> None:
         if origin_capacity < 0 or backups < 0 or report_quorum < 1:
             raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
@@ -201,6 +205,7 @@ class StreamTree:
         self._ttl = peer_ttl
         self._quorum = report_quorum
         self._window = report_window
+        self._promote_after = promote_after
         origin = _Node(PeerRef(origin_id, origin_address), origin_capacity, None, 0, 0.0)
         self._origin = origin
         self._peers: dict[bytes, _Node] = {origin_id: origin}
@@ -434,7 +439,12 @@ class StreamTree:
         if claim is not node.parent:
             self._move(node, claim)
         self._set_orphaned(node, False)
-        return None
+        better = self._better_place(node, now)
+        if better is None:
+            return None
+        self._move(node, better)  # make before break: the node moves when told, then confirms
+        self._set_orphaned(node, True)
+        return self._assignment(node)
 
     def expire(self, now: float) -> list[bytes]:
         """Remove peers not heard from for more than `peer_ttl`; returns the removed ids.
@@ -600,6 +610,30 @@ class StreamTree:
             self._move(node, parent)
             self._attach(guess, old)
         return parent
+
+    def _better_place(self, node: _Node, now: float) -> _Node | None:
+        """Rebalancing, one refreshing peer at a time, so churn does not deepen the tree.
+
+        A relay up for `promote_after` moves to a free slot at least two levels above
+        its own (stable relays migrate toward the root, pulling their subtrees up); a
+        leaf holding a slot two or more levels above the deepest free one moves down
+        there (the shallow slot goes to a relay). Every move is make-before-break: the
+        peer hears of it in the REFRESH answer, moves, and confirms.
+        """
+        parent = node.parent
+        if parent is None:
+            return None
+        if node.capacity > 0:
+            if now - node.joined < self._promote_after:
+                return None
+            target = self._pick_parent(node, node.capacity, avoid=parent)
+            if target is not None and target.depth + 2 < node.depth:
+                return target
+            return None
+        target = self._pick_parent(node, 0, avoid=parent)
+        if target is not None and target.depth > node.depth:  # it lands 2+ levels deeper
+            return target
+        return None
 
     def _tentative_link(self, low: _Node, high: _Node) -> _Node | None:
         """The first tentatively placed node on the way up from `low` to `high`."""

@@ -443,9 +443,15 @@ def test_probe_results() -> None:
     assert tree.suspects(1.0) == [parent_of_4]
     assert tree.probe_result(parent_of_4, True, 2.0) == []
     assert tree.suspects(2.0) == [] and parent_of_4 in tree
-    assert tree.probe_result(pid(2), False, 3.0) == [pid(2)]
-    assert pid(2) not in tree
-    assert tree.probe_result(pid(2), False, 3.0) == []
+    assert tree.probe_result(pid(2), False, 3.0) == []  # not a suspect: a stale probe
+    assert pid(2) in tree
+    tree.report_failure(pid(4), parent_of_4, 4.0)
+    tree.refresh(parent_of_4, 4.5)  # it speaks for itself meanwhile: no longer a suspect
+    assert tree.probe_result(parent_of_4, False, 5.0) == [] and parent_of_4 in tree
+    tree.report_failure(pid(2), pid(1), 6.0)
+    assert tree.probe_result(pid(1), False, 7.0) == [pid(1)]
+    assert pid(1) not in tree
+    assert tree.probe_result(pid(1), False, 7.0) == []
     with pytest.raises(InvalidRequest):
         tree.probe_result(ORIGIN, False, 3.0)
     check_invariants(tree)
@@ -657,6 +663,8 @@ class TreeMachine(RuleBasedStateMachine):
         if peer is not None:
             self.tree.refresh(peer, self.now)  # its last words: the model knows last_seen
             self.crashed[peer] = self.now
+            self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
+            self.lied_about.discard(peer)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data(), use_backup=st.booleans())
@@ -671,6 +679,7 @@ class TreeMachine(RuleBasedStateMachine):
         # A reporter we only told to go there never streamed from it: a refusal, no report.
         refused = self.tree.is_orphaned(reporter)
         backup_ok = backup in eligible_parents(self.tree, reporter, None if refused else dead)
+        room_outside = bool(eligible_parents(self.tree, reporter, dead, offered=True) - {dead})
         reports = self.reports.setdefault(dead, {})
         if not refused:
             reports[reporter] = self.now
@@ -681,13 +690,14 @@ class TreeMachine(RuleBasedStateMachine):
         except NoCapacity:
             event("report: no capacity")
             assert reporter not in self.tree or not eligible_parents(
-                self.tree, reporter, None if refused else dead, offered=True
+                self.tree, reporter, None, offered=True
             ) - {dead}
             assert (dead not in self.tree) == confirmed
             return
         assert (dead not in self.tree) == confirmed
         event("report: evicted" if confirmed else "report: suspected")
-        if not confirmed and not refused:
+        if not confirmed and not refused and room_outside:
+            # (With no room elsewhere it may stay below `dead`: it may yet be alive.)
             assert reporter not in subtree(self.tree, dead)
         if backup_ok and not confirmed:
             assert got.parent.peer_id == backup
@@ -721,9 +731,8 @@ class TreeMachine(RuleBasedStateMachine):
             assert not eligible - {victim}
         event("lie")
         assert victim in self.tree, "one lying child evicted a healthy relay"
-        assert (victim in self.tree.suspects(self.now)) == (
-            not refused or victim in self.lied_about
-        )
+        # A report, or a refusal (it gets the parent probed): a suspect either way.
+        assert victim in self.tree.suspects(self.now)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -765,7 +774,7 @@ class TreeMachine(RuleBasedStateMachine):
             return
         claimed = data.draw(st.sampled_from(sorted(self.tree)))
         before = self.tree.parent_of(peer)
-        valid = claimed in eligible_parents(self.tree, peer)
+        valid = claimed == before or claimed in eligible_parents(self.tree, peer)
         guessed_in_the_way = any(self.tree.is_orphaned(p) for p in self.tree)
         if valid:
             depth_there = self.tree.depth_of(claimed) + 1
@@ -786,6 +795,8 @@ class TreeMachine(RuleBasedStateMachine):
         self.now += seconds
         for peer in self.live():
             self.tree.refresh(peer, self.now)
+            self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
+            self.lied_about.discard(peer)
         removed = self.tree.expire(self.now)
         if removed:
             event("tick: expired")

@@ -693,7 +693,8 @@ class NodeCore:
                 self._reconcile_at = now + self._follow_retry.next_delay()
             return
         delay = self._round_retry.next_delay()
-        dead = round_.dead or (round_.full[0] if round_.full else None) or self.assigned
+        # Name the latest parent that failed us: the tracker's choice, else the old one.
+        dead = (round_.full[0] if round_.full else None) or self.assigned or round_.dead
         if self._asking(Purpose.PLACE):
             return  # a failover asked already: its answer starts the next round
         if self._round_retry.attempt > 1:  # the first round asks the tracker at once
@@ -812,6 +813,10 @@ class NodeCore:
         self.assigned = None
         self._reconcile_at = None
         candidates = [peer for peer in self.backups if peer.node != up.peer.node]
+        if refused == ErrorCode.CHILD_TIMEOUT:
+            # It let us go because it heard nothing from us (we were stopped or starved):
+            # it is alive, and the first place to try again.
+            candidates.insert(0, up.peer)
         self._start_round(Purpose.FAILOVER, candidates, now, dead=up.peer)
 
     def _close(self, up: Upstream, code: int, reason: str) -> None:

@@ -62,6 +62,9 @@ __all__ = [
 _BACKUP_SCAN = 32
 # Backups rotate through the `backups * _BACKUP_POOL` shallowest eligible candidates.
 _BACKUP_POOL = 3
+# In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
+# it gets the suspect probed, but is no witness towards evicting it.
+_UNSURE = b""
 
 
 class TreeErrorCode(StrEnum):
@@ -352,9 +355,12 @@ class StreamTree:
         self._update(node, now, capacity, address)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
-        if banned is not None and node.parent is banned and node.orphaned:
+        refused = node.parent is suspect and node.orphaned
+        if banned is not None and refused:
             # We only told it to go there: it never streamed from that parent, which
-            # refused it. That is no failure of the parent; just place the node elsewhere.
+            # refused it or never answered. That is no failure report: place the node
+            # elsewhere, and let the probe tell whether that parent is there at all.
+            self._doubt(banned, now)
             banned = None
         if banned is not None and node.parent is banned:
             self._record_report(banned, reporter, now)  # may evict it and re-home us
@@ -363,19 +369,31 @@ class StreamTree:
         claim = self._claim(node, attached_to, banned)
         if node.parent is suspect:
             target = claim or self._pick_parent(node, node.capacity, banned=banned, avoid=suspect)
+            if target is None and banned is not None:
+                # Only `dead`'s subtree has room: it may yet be alive (its probe tells).
+                target = self._pick_parent(node, node.capacity, avoid=suspect)
+            if target is None and self._under_a_guess(node) is not None:
+                self._set_orphaned(node, True)
+                return self._assignment(node)  # moved below its own guessed subtree
+            if target is None and refused:
+                # Nowhere else: the refusal may have been for a moment (a child of that
+                # parent was leaving, say). It may try there again.
+                return self._assignment(node)
             if target is None:
                 raise NoCapacity("no free slot outside the reporter's subtree")
             self._move(node, target)
         elif claim is not None and claim is not node.parent:
             self._move(node, claim)
         # Where it streams from now is a fact; anywhere else we just told it to go.
-        self._set_orphaned(node, node.parent is not claim)
+        self._set_orphaned(node, node.parent is None or node.parent.ref.peer_id != attached_to)
         return self._assignment(node)
 
     def probe_result(self, peer_id: bytes, alive: bool, now: float) -> list[bytes]:
         """The host probed a suspect: clear the suspicion, or evict it.
 
-        Returns the peers removed (the suspect, plus any subtree with nowhere to go).
+        A failed probe of a peer that is no longer a suspect is stale (it spoke for itself
+        meanwhile, e.g. back from a SIGSTOP) and changes nothing. Returns the peers
+        removed (the suspect, plus any subtree with nowhere to go).
         """
         node = self._peers.get(peer_id)
         if node is None:
@@ -385,6 +403,8 @@ class StreamTree:
         if alive:
             self._reports.pop(node, None)
             self._touch(node, now)
+            return []
+        if node not in self._reports:
             return []
         return self._evict(node)
 
@@ -483,7 +503,8 @@ class StreamTree:
             self._expiry.append((now, node))
 
     def _update(self, node: _Node, now: float, capacity: int | None, address: str | None) -> None:
-        """Apply what a request from the peer itself tells us."""
+        """Apply what a request from the peer itself tells us (it is alive, too)."""
+        self._reports.pop(node, None)
         self._touch(node, now)
         if address is not None and address != node.ref.address:
             node.ref = PeerRef(node.ref.peer_id, address)
@@ -633,6 +654,24 @@ class StreamTree:
         target = self._pick_parent(node, 0, avoid=parent)
         if target is not None and target.depth > node.depth:  # it lands 2+ levels deeper
             return target
+        return None
+
+    def _under_a_guess(self, node: _Node) -> _Node | None:
+        """When the only free slots lie in `node`'s own subtree: one below a tentative
+        link there is below `node` only by our guess. Move `node` to that slot and the
+        guessed piece into the slot `node` leaves (a guess for a guess, no cycle)."""
+        old = node.parent
+        if old is None or old in self._reports:
+            return None
+        for free in self._free_nodes(shallow_first=node.capacity > 0):
+            if free is node or not _within(free, node):
+                continue
+            guess = self._tentative_link(free, node)
+            if guess is not None:
+                self._detach(guess)
+                self._move(node, free)
+                self._attach(guess, old)
+                return free
         return None
 
     def _tentative_link(self, low: _Node, high: _Node) -> _Node | None:
@@ -823,8 +862,15 @@ class StreamTree:
         reports = self._reports.setdefault(suspect, {})
         reports[reporter] = now
         self._prune_reports(reports, now)
-        if len(reports) >= self._quorum or now - suspect.last_seen > self._ttl:
+        witnesses = len(reports) - (_UNSURE in reports)
+        if witnesses >= self._quorum or now - suspect.last_seen > self._ttl:
             self._evict(suspect)
+
+    def _doubt(self, node: _Node, now: float) -> None:
+        """A peer we sent someone to did not take them: probe it, without counting that
+        as a failure report (it may just be full, or the view of it stale)."""
+        if node is not self._origin:
+            self._reports.setdefault(node, {})[_UNSURE] = now
 
     def _place_unknown(
         self,
@@ -848,6 +894,9 @@ class StreamTree:
             or (banned is not None and _within(parent, banned))
         ):
             parent = self._pick_parent(None, capacity, banned=banned)
+        if parent is None and banned is not None:
+            # `dead` may be alive (it only let the peer go): better under it than nowhere.
+            parent = self._pick_parent(None, capacity, avoid=banned)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
         return self._assignment(self._insert(peer_id, capacity, address, parent, now))

@@ -43,7 +43,7 @@ from protocol import (
     verify_message,
 )
 from protocol.identity import public_key_from_id
-from protocol.messages import TrackerRequest, TrackerResponse
+from protocol.messages import SignedMessage, TrackerRequest, TrackerResponse
 
 logger = logging.getLogger("meshd.tracker")
 
@@ -136,6 +136,10 @@ class Tracker:
         except TreeError as exc:
             return Goodbye(TREE_CODES[exc.code], str(exc) or exc.code.value)
 
+    def _verify(self, request: SignedMessage, signer: bytes) -> None:
+        """Raise unless the key `signer` names signed `request`."""
+        verify_message(request, public_key_from_id(signer))
+
     def shed(self, now: float) -> RetryAfter:
         """The answer when the server has too much in progress (logged once a second, so
         an overload does not also flood the log)."""
@@ -215,7 +219,7 @@ class Tracker:
     # -- requests ----------------------------------------------------------------------
 
     def _register(self, request: Register, now: float) -> Ack:
-        verify_message(request, public_key_from_id(request.stream))
+        self._verify(request, request.stream)
         state = self.streams.get(request.stream)
         if state is None:
             self.ended.pop(request.stream, None)  # the origin restarted the stream
@@ -292,12 +296,12 @@ class Tracker:
 
     def _leave(self, request: Leave, now: float) -> Moved:
         if request.node == request.stream:
-            verify_message(request, public_key_from_id(request.stream))
+            self._verify(request, request.stream)
             if request.stream in self.streams:
                 self._end(request.stream, now)
                 logger.info("end stream=%s (the origin left)", short_id(request.stream))
             return Moved(())
-        verify_message(request, public_key_from_id(request.node))
+        self._verify(request, request.node)
         state = self._stream(request.stream)
         if request.node not in state.tree:
             return Moved(())
@@ -319,7 +323,7 @@ class Tracker:
     def _refresh(self, request: Refresh, now: float) -> Ack | Assigned:
         """ACK; or ASSIGNED when our view places the node elsewhere than it says it is
         and cannot follow it (it then moves there)."""
-        verify_message(request, public_key_from_id(request.node))
+        self._verify(request, request.node)
         state = self._stream(request.stream)
         placement = state.tree.refresh(
             request.node,
@@ -355,7 +359,7 @@ class Tracker:
 
     def _admit(self, request: Join | Rejoin, wall_ms: int) -> StreamState:
         """Signature, stream, token: in that order, so an unsigned request learns nothing."""
-        verify_message(request, public_key_from_id(request.node))
+        self._verify(request, request.node)
         state = self._stream(request.stream)
         check_token(
             request.token,

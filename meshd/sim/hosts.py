@@ -26,6 +26,7 @@ from meshd.node.core import (
 )
 from meshd.node.source import OriginCore
 from meshd.sim.clock import Scheduler
+from meshd.sim.metrics import TrackerLoad
 from meshd.sim.network import MAX_DATAGRAM, ConnEnd, Host, Network
 from meshd.tracker.service import Tracker
 from protocol import (
@@ -153,6 +154,7 @@ class TrackerHost(Host):
         self.network = network
         self.tracker = tracker
         self.requests = 0
+        self.load = TrackerLoad()
         scheduler = network.scheduler
         scheduler.after(PROBE_INTERVAL, self._probe_round)
         scheduler.after(EXPIRY_INTERVAL, self._expire)
@@ -180,6 +182,8 @@ class TrackerHost(Host):
 
         def serve() -> None:
             self.requests += 1
+            self.load.request(scheduler.now, type(request).__name__.lower())
+            self.load.decision(scheduler.now)
             response = self.tracker.handle(request, scheduler.now, wall_ms(scheduler.now))
             back = network.stream_arrival(self, client)
             if back is None or back - scheduler.now > ATTEMPT_TIMEOUT:
@@ -211,6 +215,7 @@ class TrackerHost(Host):
         if not self.alive:
             return
         for stream_id, ref in self.tracker.suspects(scheduler.now):
+            self.load.request(scheduler.now, "probe")
             self._probe(stream_id, ref.peer_id, self.network.hosts.get(ref.address))
 
     def _probe(self, stream_id: bytes, peer: bytes, target: Host | None) -> None:
@@ -255,8 +260,9 @@ class NodeHost(Host):
         verifier: StreamVerifier,
         rng: random.Random,
         join_timeout: float = 60.0,
+        loss: float = 0.0,
     ) -> None:
-        super().__init__(address, delay)
+        super().__init__(address, delay, loss)
         self.network = network
         self.scheduler = network.scheduler
         self.tracker = tracker
@@ -273,6 +279,8 @@ class NodeHost(Host):
             verifier=verifier,
         )
         self.played: list[int] = []
+        self.played_at: list[float] = []
+        """When each chunk in `played` was played."""
         self.finished: Finished | None = None
         self._links: dict[int, ConnEnd] = {}
         self._held_datagrams: dict[int, list[bytes]] = {}
@@ -282,6 +290,10 @@ class NodeHost(Host):
 
     def start(self) -> None:
         self.run(lambda: self._input(self.core.start))
+
+    def leave(self) -> None:
+        """Ctrl-C: a graceful leave."""
+        self.run(lambda: self._input(self.core.leave))
 
     def accept(self, end: ConnEnd) -> bool:
         if self.core.capacity == 0 or self.finished is not None:
@@ -303,6 +315,7 @@ class NodeHost(Host):
         while (action := core.next_action()) is not None:
             if isinstance(action, Play):
                 self.played.append(action.item.seq)
+                self.played_at.append(self.scheduler.now)
             elif isinstance(action, Connect):
                 self._connect(action)
             elif isinstance(action, CloseLink):

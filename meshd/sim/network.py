@@ -22,9 +22,11 @@ MAX_DATAGRAM = 1200  # the datagram payload a path carries
 class Host:
     """A simulated machine: an address, a one-way delay to the core network, and a state."""
 
-    def __init__(self, address: str, delay: float) -> None:
+    def __init__(self, address: str, delay: float, loss: float = 0.0) -> None:
         self.address = address
         self.delay = delay
+        self.loss = loss
+        """The probability that a packet to or from this host is lost on its own link."""
         self.alive = True
         self.stopped = False
         self._held: list[Callable[[], None]] = []
@@ -171,7 +173,13 @@ class Network:
 
     def dropped(self, a: Host, b: Host) -> bool:
         """Whether a packet sent now from a to b is lost."""
-        return self.cut_until(a, b) > self.scheduler.now or self.rng.random() < self.loss
+        return self.cut_until(a, b) > self.scheduler.now or self.rng.random() < self.path_loss(a, b)
+
+    def path_loss(self, a: Host, b: Host) -> float:
+        """The chance a packet between a and b is lost: the network's, or either link's."""
+        if not a.loss and not b.loss:
+            return self.loss
+        return 1 - (1 - self.loss) * (1 - a.loss) * (1 - b.loss)
 
     def stream_arrival(self, a: Host, b: Host) -> float | None:
         """When stream bytes sent now arrive: each loss costs a retransmission timeout,
@@ -182,7 +190,8 @@ class Network:
         if start - now >= IDLE_TIMEOUT:
             return None
         at = start + rtt / 2
-        while self.rng.random() < self.loss:
+        loss = self.path_loss(a, b)
+        while self.rng.random() < loss:
             at += 2 * rtt + 0.05  # QUIC's probe timeout, roughly
         return at
 

@@ -78,25 +78,36 @@ class World:
         self.stream_id = self.origin.stream_id
         self.verifier = SharedVerifier(self.stream_id)
         self.nodes: list[NodeHost] = []
+        self.by_id: dict[bytes, NodeHost] = {}
         relays = math.ceil(spec.listeners * spec.relay_share)
         roles = [True] * relays + [False] * (spec.listeners - relays)
         self.rng.shuffle(roles)
-        for index, relays in enumerate(roles):
-            node = NodeHost(
-                self.network,
-                self.tracker,
-                _key(self.rng),
-                self.stream_id,
-                address=f"node{index}:1",
-                delay=self._delay(),
-                capacity=spec.max_children if relays else 0,
-                config=spec.config,
-                verifier=self.verifier,
-                rng=random.Random(self.rng.random()),
-            )
-            self.nodes.append(node)
-            self.network.add(node)
-        self.by_id = {node.node_id: node for node in self.nodes}
+        for relays in roles:
+            self.add_listener(spec.max_children if relays else 0)
+
+    def add_listener(
+        self, capacity: int, delay: float | None = None, loss: float = 0.0
+    ) -> NodeHost:
+        """A listener (not started yet) with its own key, address and link; `delay`
+        (one-way, seconds) is drawn from the spec's range unless given."""
+        key = _key(self.rng)
+        node = NodeHost(
+            self.network,
+            self.tracker,
+            key,
+            self.stream_id,
+            address=f"node{len(self.nodes)}:1",
+            delay=self._delay() if delay is None else delay,
+            capacity=capacity,
+            config=self.spec.config,
+            verifier=self.verifier,
+            rng=random.Random(self.rng.random()),
+            loss=loss,
+        )
+        self.nodes.append(node)
+        self.by_id[node.node_id] = node
+        self.network.add(node)
+        return node
 
     def _delay(self) -> float:
         low, high = self.spec.delay_ms

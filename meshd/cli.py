@@ -1,4 +1,4 @@
-"""The `meshd` command: keygen, tracker, origin, listen, status, token, demo."""
+"""The `meshd` command: keygen, tracker, origin, listen, status, token, demo, sim."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import random
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(sub)
     _add_token(sub)
     _add_demo(sub)
+    _add_sim(sub)
     return parser
 
 
@@ -619,6 +621,145 @@ def run_demo(args: argparse.Namespace) -> int:
     from meshd.demo import run_demo as demo
 
     return demo(args.listeners, args.duration, random.Random())
+
+
+# -- sim ------------------------------------------------------------------------------------
+
+
+SIM_EPILOG = """\
+Levels:
+  chunk  every listener runs the real node core (meshd/node/core.py), the origin the
+         real origin core, chunk by chunk, over a modelled network; the tracker is the
+         real one and answers at once. Exact; fits up to a few thousand listeners.
+  flow   the real tracker (meshd/tracker), behind a server serving --tracker-rate
+         requests/s; listeners follow the node core's rules link by link, and play while
+         their path to the origin is intact (a gap shorter than the ring buffer loses
+         nothing). A model, for hundreds of thousands of listeners.
+  auto   chunk up to {limit:,} listeners, flow above.
+
+The audience is drawn from the seed: one-way delays (lognormal, median 20 ms), loss
+(median 0.3 %), uploads (lognormal, median 1 Mbps); 42 % accept connections, so about
+40 % relay, to at most 4 children; sessions are heavy-tailed (median 20 min).
+
+Scenarios:
+{scenarios}
+
+Examples:
+  meshd sim melt --listeners 200                 # chunk level, a few seconds
+  meshd sim launch --listeners 500000 --plot out # the seed's night, flow level
+"""
+
+
+def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from meshd.sim.run import CHUNK_LIMIT
+    from meshd.sim.scenarios import SCENARIOS
+
+    command = _command(
+        sub,
+        "sim",
+        run_sim,
+        "simulate a room of any size on a virtual clock",
+        "Play a named scenario on a simulated room driven by the real decision code, on a "
+        "virtual clock, and print its figures: origin egress against a central "
+        "server's, depth, join time, stalls and chunks lost, recovery after a shock, the "
+        "tracker's peak load, and the sim's own cost. The same seed gives the same run.",
+    )
+    command.formatter_class = argparse.RawDescriptionHelpFormatter
+    scenarios = "\n".join(
+        textwrap.fill(
+            f"{name:<9} {scenario.story} Default run: {scenario.duration:.0f} s.",
+            width=86,
+            initial_indent="  ",
+            subsequent_indent=" " * 12,
+        )
+        for name, scenario in SCENARIOS.items()
+    )
+    command.epilog = SIM_EPILOG.format(limit=CHUNK_LIMIT, scenarios=scenarios)
+    command.add_argument("scenario", choices=list(SCENARIOS), help="what happens to the room")
+    command.add_argument(
+        "--listeners",
+        type=_positive_int,
+        metavar="N",
+        help="listeners taking part (default: 200 at the chunk level, 100,000 otherwise)",
+    )
+    command.add_argument(
+        "--seed", type=int, default=1, metavar="S", help="draws the audience and its fate"
+    )
+    command.add_argument(
+        "--duration",
+        type=_positive,
+        metavar="S",
+        help="virtual seconds to run (default: the scenario's)",
+    )
+    command.add_argument(
+        "--level",
+        choices=["auto", "chunk", "flow"],
+        default="auto",
+        help="how finely to simulate (see Levels below; default auto)",
+    )
+    command.add_argument(
+        "--origin-capacity",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="children the origin feeds (default 4)",
+    )
+    command.add_argument(
+        "--tracker-rate",
+        type=float,
+        default=4000.0,
+        metavar="R",
+        help="requests/s the flow level's tracker serves, 0 for no limit (default 4000)",
+    )
+    command.add_argument(
+        "--refresh",
+        type=int,
+        default=180,
+        metavar="S",
+        help="seconds between a node's soft-state refreshes (default 180)",
+    )
+    command.add_argument("--plot", type=Path, metavar="DIR", help="write a PNG of the run here")
+    command.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from meshd.sim.plot import PlotUnavailable, write_png
+    from meshd.sim.report import figures, table
+    from meshd.sim.run import RunSpec, run
+
+    if args.tracker_rate < 0:
+        raise UsageError("--tracker-rate must be 0 (no limit) or more")
+    if not args.verbose:
+        logging.getLogger("meshd").setLevel(logging.ERROR)  # thousands of nodes speak
+    spec = RunSpec(
+        args.scenario,
+        level=args.level,
+        listeners=args.listeners,
+        seed=args.seed,
+        duration=args.duration,
+        origin_capacity=args.origin_capacity,
+        tracker_rate=args.tracker_rate or None,
+        refresh_s=args.refresh,
+    )
+    try:
+        results = run(spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(table(results), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures(results), indent=1) + "\n")
+    if args.plot is not None:
+        try:
+            print(f"plot: {write_png(results, args.plot)}")
+        except PlotUnavailable as exc:
+            raise UsageError(str(exc)) from None
+    return 0
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:

@@ -148,6 +148,7 @@ def test_a_node_cut_off_for_the_join_timeout_gives_up_saying_it_missed_audio() -
     assert loner.finished is not None
     assert loner.finished.status == EXIT_MISSED_AUDIO
     assert "cut off" in loner.finished.message
+    assert loner.core.get_timer() is None  # a finished core has nothing left to wake for
 
 
 def test_when_the_stream_ends_everyone_finishes_complete() -> None:

@@ -362,6 +362,8 @@ class NodeCore:
             self._done(now)
 
     def get_timer(self) -> float | None:
+        if self.phase is Phase.DONE:
+            return None  # handle_timer does nothing now: a deadline would only spin
         deadlines = [
             self._place_at,
             self._refresh_at,

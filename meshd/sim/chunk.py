@@ -179,9 +179,11 @@ class ChunkRun:
                     if b - a > GAP
                 ]
             before = self.before_shock.get(id(node))
-            if live and before is not None and shock is not None:
+            if node.alive and before is not None and shock is not None:
+                # A survivor that gave up (cut off too long) missed audio it never counted.
+                gave_up = node.finished is not None and node.finished.status != 0
                 results.shocked += 1
-                results.shock_lost.append(stats.lost - before)
+                results.shock_lost.append(max(stats.lost - before, int(gave_up)))
                 self._recovery(node, shock, results)
         results.tracker = world.tracker.load.peak(self.start)
         results.tracker_totals = dict(world.tracker.load.totals)

@@ -160,10 +160,11 @@ class ChunkRun:
         for node, initial, started in self.hosts:
             stats = node.core.stats
             live = node.alive and node.finished is None
+            gave_up = node.alive and node.finished is not None and node.finished.status != 0
             if not initial:
                 if stats.join_to_audio_ms is not None:
                     results.join_times.append(stats.join_to_audio_ms / 1000)
-                elif live and end - started >= 5.0:
+                elif (live or gave_up) and end - started >= 5.0:
                     results.never_played += 1
                     results.join_times.append(end - started)
             if stats.first_seq is not None:
@@ -181,7 +182,6 @@ class ChunkRun:
             before = self.before_shock.get(id(node))
             if node.alive and before is not None and shock is not None:
                 # A survivor that gave up (cut off too long) missed audio it never counted.
-                gave_up = node.finished is not None and node.finished.status != 0
                 results.shocked += 1
                 results.shock_lost.append(max(stats.lost - before, int(gave_up)))
                 self._recovery(node, shock, results)

@@ -318,9 +318,12 @@ class Children:
         link = self._links[child]
         found = [item for seq in seqs if (item := self.ring.get(seq)) is not None]
         held = {item.seq for item in found}
-        link.answer_repair(found, [seq for seq in seqs if seq not in held])
-        self.stats.chunks_out += len(found)
-        self.stats.bytes_out += sum(len(item.raw) for item in found)
+        sent = link.answer_repair(found, [seq for seq in seqs if seq not in held])
+        if len(sent) < len(found):
+            self.stats.repairs_refused += len(found) - len(sent)
+            logger.debug("child %s is over its repair budget", self._name(child))
+        self.stats.chunks_out += len(sent)
+        self.stats.bytes_out += sum(len(item.raw) for item in sent)
 
     def _after(self, child: int, link: ParentLink, now: float) -> None:
         """Mark the child for sending; once its link closed, ask the driver to close it."""

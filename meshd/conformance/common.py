@@ -45,7 +45,7 @@ class Target:
     @asynccontextmanager
     async def link(self) -> AsyncIterator[Link]:
         async with open_link(
-            self.endpoint, self.address, peer_key=self.peer_key, timeout=self.timeout
+            self.endpoint, self.address, peer_key=self.peer_key, within=self.timeout
         ) as link:
             yield link
 
@@ -243,7 +243,7 @@ async def _certificate(target: Target) -> Outcome:
     wanted = "" if target.peer_key is None else f" {key_to_text(target.peer_key)}"
     expected = f"a certificate with the Ed25519 key{wanted}, signed by that key"
     async with open_link(
-        target.endpoint, target.address, peer_key=None, timeout=target.timeout
+        target.endpoint, target.address, peer_key=None, within=target.timeout
     ) as link:
         certificate = link.conn.peer_certificate
     if certificate is None:

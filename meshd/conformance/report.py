@@ -127,9 +127,9 @@ class Report:
                 elif result.verdict is Verdict.SKIPPED:
                     ElementTree.SubElement(case, "skipped", message=result.note or result.got)
                 else:
-                    ElementTree.SubElement(case, "system-out").text = (
-                        f"{result.verdict.value}\n{detail}"
-                    )
+                    ElementTree.SubElement(
+                        case, "system-out"
+                    ).text = f"{result.verdict.value}\n{detail}"
         ElementTree.indent(root)
         ElementTree.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 

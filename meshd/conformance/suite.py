@@ -23,11 +23,10 @@ from meshd.conformance.wire import (
     Received,
     StreamEnded,
     Undecodable,
-    code_name,
     describe_event,
 )
 from meshd.quic import ConnectionLost
-from protocol import ErrorCode, Goodbye
+from protocol import Chunk, ErrorCode, Goodbye, Heartbeat
 
 
 class Mismatch(Exception):
@@ -172,11 +171,11 @@ def _is_live_chunk(event: Event) -> bool:
     return isinstance(event, Received) and event.datagram
 
 
-async def read_reply(link: Link, timeout: float, close_wait: float) -> Reply:
+async def read_reply(link: Link, within: float, close_wait: float) -> Reply:
     """Events until the first answer on the stream; after a GOODBYE (or the end of the
     stream) also the connection's close, if it comes within `close_wait`."""
     events: list[Event] = []
-    deadline = trio.current_time() + timeout
+    deadline = trio.current_time() + within
     while (event := await link.next_message(deadline - trio.current_time())) is not None:
         events.append(event)
         if isinstance(event, Closed | Undecodable):
@@ -188,6 +187,22 @@ async def read_reply(link: Link, timeout: float, close_wait: float) -> Reply:
             continue
         if isinstance(event, Received):
             break
+    return Reply(tuple(events))
+
+
+async def read_until_closed(link: Link, within: float, close_wait: float) -> Reply:
+    """Events until the connection closes (or `close_wait` after a GOODBYE, or `within` s),
+    leaving out the stream flowing meanwhile: chunks and heartbeats."""
+    events: list[Event] = []
+    deadline = trio.current_time() + within
+    while (event := await link.next_message(deadline - trio.current_time())) is not None:
+        if isinstance(event, Received) and isinstance(event.message, Chunk | Heartbeat):
+            continue
+        events.append(event)
+        if isinstance(event, Closed | Undecodable):
+            break
+        if isinstance(event, Received) and isinstance(event.message, Goodbye):
+            deadline = trio.current_time() + close_wait
     return Reply(tuple(events))
 
 
@@ -235,7 +250,3 @@ def expect_message(reply: Reply, sent: str, kind: type[object], expected: str) -
     if first is None or not isinstance(first.message, kind):
         raise Mismatch(sent, expected, reply.describe())
     return first
-
-
-def codes_text(codes: Collection[ErrorCode]) -> str:
-    return " or ".join(code_name(code) for code in codes)

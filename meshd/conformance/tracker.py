@@ -8,6 +8,7 @@ handed to the tracker are loopback ports nobody listens on.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,9 +97,7 @@ class TrackerTarget(Target):
         return node
 
     async def status(self, stream: Stream) -> StatusReport:
-        report: StatusReport = await self.ask_for(
-            packb([0x15, stream.id]), StatusReport, "STATUS"
-        )
+        report: StatusReport = await self.ask_for(packb([0x15, stream.id]), StatusReport, "STATUS")
         return report
 
 
@@ -162,6 +161,10 @@ add_common_cases(CASES, packb([0x15, bytes(32)]), "STATUS")
 case = CASES.case
 
 
+Build = Callable[[TrackerTarget, Stream], tuple[bytes, str]]
+"""A request's encoding and its description, given the target and a registered stream."""
+
+
 def _error(
     case_id: str,
     section: str,
@@ -170,11 +173,11 @@ def _error(
     *,
     refusal: bool = False,
     level: Level = Level.MUST,
-) -> Any:
-    """A case whose request (built by the decorated function, given a registered stream)
-    must be answered with GOODBYE(one of `codes`)."""
+) -> Callable[[Build], Build]:
+    """A case whose request (built by the decorated function) must be answered with
+    GOODBYE(one of `codes`)."""
 
-    def decorate(build: Any) -> Any:
+    def decorate(build: Build) -> Build:
         async def run(target: TrackerTarget) -> Outcome:
             stream = await target.new_stream()
             data, sent = build(target, stream)
@@ -467,7 +470,7 @@ async def _join_assigned(target: TrackerTarget) -> Outcome:
 
 
 @case("7.3-origin-capacity", "7.3", Level.MUST,
-      "the origin never gets more children than its capacity; nodes never more than theirs")  # fmt: skip
+      "the origin never gets more children than its capacity, nor nodes")  # fmt: skip
 async def _capacities(target: TrackerTarget) -> Outcome:
     stream = await target.new_stream(capacity=1)
     nodes = [await target.join(stream, capacity=1) for _ in range(3)]
@@ -500,7 +503,7 @@ async def _leaf_last_slot(target: TrackerTarget) -> Outcome:
 
 
 @case("7.3-backups", "7.3", Level.MUST,
-      "ASSIGNED holds at least 2 backups when that many exist, never the node or its parent")  # fmt: skip
+      "ASSIGNED holds >= 2 backups when that many exist, never the node or its parent")  # fmt: skip
 async def _backups(target: TrackerTarget) -> Outcome:
     stream = await target.new_stream(capacity=3)
     first = [await target.join(stream, capacity=2) for _ in range(2)]
@@ -777,6 +780,7 @@ async def _token_accepted(target: TrackerTarget) -> Outcome:
         raise Unmet("token cases need the host's key (--host-key)")
     stream = await target.new_stream()
     node = await target.join(stream)
+    assert node.assigned is not None
     return Outcome(Verdict.PASS, "JOIN with a valid token", "ASSIGNED", describe(node.assigned))
 
 
@@ -798,4 +802,3 @@ async def _open_mode(target: TrackerTarget) -> Outcome:
         "ASSIGNED (open mode ignores tokens)",
         reply.describe(),
     )
-

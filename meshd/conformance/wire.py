@@ -156,15 +156,15 @@ class Link:
     def send_datagram(self, data: bytes) -> None:
         self.conn.send_datagram(data)
 
-    async def next_event(self, timeout: float) -> Event | None:
-        """The next thing the implementation did, or None if it did nothing in `timeout`."""
-        with trio.move_on_after(timeout):
+    async def next_event(self, within: float) -> Event | None:
+        """The next thing the implementation did, or None if it did nothing `within` s."""
+        with trio.move_on_after(within):
             return await self._receive_events.receive()
         return None
 
-    async def next_message(self, timeout: float) -> Received | Event | None:
+    async def next_message(self, within: float) -> Received | Event | None:
         """Like `next_event`, but skips datagrams (live chunks) to the next stream event."""
-        deadline = trio.current_time() + timeout
+        deadline = trio.current_time() + within
         while (event := await self.next_event(deadline - trio.current_time())) is not None:
             if not (isinstance(event, Received) and event.datagram):
                 return event
@@ -217,11 +217,11 @@ async def open_link(
     address: tuple[str, int],
     *,
     peer_key: bytes | None,
-    timeout: float,
+    within: float,
 ) -> AsyncIterator[Link]:
     """Connect (pinning `peer_key` if given), open the control stream, and close the
     connection with NO_ERROR at the end unless the implementation closed it first."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         conn = await endpoint.connect(address, expected_peer_key=peer_key)
     async with conn, trio.open_nursery() as nursery:
         stream = await conn.open_stream()

@@ -109,6 +109,10 @@ class ParentTarget(Target):
             return _top(chunks)
 
 
+def _live(chunks: list[Received]) -> int:
+    return sum(r.datagram for r in chunks)
+
+
 def _top(chunks: list[Received]) -> int:
     return max(_seq(c) for c in chunks)
 
@@ -221,8 +225,9 @@ async def _backlog(target: ParentTarget) -> Outcome:
     start = latest - 3
     async with target.link() as link:
         await target.subscribe(link, start)
+        # The backlog precedes live chunks on the stream; three live ones mean it is over.
         chunks = await target.chunks(
-            link, until=lambda c: len([r for r in c if not r.datagram]) >= 4
+            link, until=lambda c: sum(not r.datagram for r in c) >= 4 or _live(c) >= 3
         )
     stream_seqs = [_seq(r) for r in chunks if not r.datagram][:4]
     wanted = list(range(start, start + 4))

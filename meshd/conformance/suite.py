@@ -103,7 +103,7 @@ async def _run_case(case: Case[C], context: C, case_timeout: float) -> CaseResul
     started = trio.current_time()
     try:
         with trio.fail_after(case_timeout):
-            outcome = await case.run(context)
+            outcome = await _unwrapped(case.run(context))
     except Mismatch as exc:
         outcome = exc.outcome
     except Unmet as exc:
@@ -131,6 +131,28 @@ async def _run_case(case: Case[C], context: C, case_timeout: float) -> CaseResul
         outcome.note,
         trio.current_time() - started,
     )
+
+
+_CASE_ENDINGS = (Mismatch, Unmet, trio.TooSlowError, ConnectionLost)
+
+
+async def _unwrapped(run: Awaitable[Outcome]) -> Outcome:
+    """`run`, with a case-ending exception raised inside a nursery (a link's) taken out of
+    its exception group."""
+    try:
+        return await run
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if all(isinstance(leaf, _CASE_ENDINGS) for leaf in leaves):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 # -- shared checks ---------------------------------------------------------------------

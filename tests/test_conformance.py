@@ -17,7 +17,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
-from meshd.conformance import Level, Report, Verdict, check_parent, check_tracker
+from meshd.conformance.report import Level, Report, Verdict
+from meshd.conformance.runner import check_parent, check_tracker
 from meshd.keys import load_key
 from meshd.node.origin import Origin, OriginSettings
 from meshd.tracker.server import serve_tracker

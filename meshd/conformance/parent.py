@@ -270,24 +270,42 @@ async def _repair(target: ParentTarget) -> Outcome:
     return Outcome(Verdict.PASS, f"REPAIR({wanted})", f"CHUNK {wanted} on the stream", str(got))
 
 
-@case("6.4-missing", "6.4", Level.MUST, "REPAIR of a chunk the parent does not hold: MISSING")
+@case("6.4-missing", "6.4", Level.MUST,
+      "REPAIR of an announced chunk: CHUNK if held, else MISSING")  # fmt: skip
 async def _missing(target: ParentTarget) -> Outcome:
     async with target.link() as link:
         await target.subscribe(link, None)
-        chunks = await target.chunks(link, until=lambda c: bool(c))
-        absent = _top(chunks) + 1_000_000
-        await link.send(framed(packb([0x05, [absent]])))
+        await target.chunks(link, until=lambda c: bool(c))
+        await link.send(framed(packb([0x05, [0]])))  # held unless the stream is > 10 s old
         deadline = trio.current_time() + target.timeout
         while (event := await link.next_message(deadline - trio.current_time())) is not None:
             if isinstance(event, Received) and isinstance(event.message, Chunk):
+                if _seq(event) == 0:
+                    break
                 continue
             break
-    ok = isinstance(event, Received) and event.message == Missing((absent,))
+    ok = isinstance(event, Received) and (
+        event.message == Missing((0,)) or isinstance(event.message, Chunk)
+    )
     return Outcome(
         Verdict.PASS if ok else Verdict.FAIL,
-        f"REPAIR([{absent}])",
-        f"MISSING([{absent}])",
+        "REPAIR([0])",
+        "CHUNK 0 on the stream, or MISSING([0])",
         _describe(event),
+    )
+
+
+@case("6.4-repair-unannounced", "6.4", Level.MUST,
+      "REPAIR of a chunk the parent never announced is BAD_REPAIR")  # fmt: skip
+async def _repair_unannounced(target: ParentTarget) -> Outcome:
+    async with target.link() as link:
+        await target.subscribe(link, None)
+        chunks = await target.chunks(link, until=lambda c: bool(c))
+        ahead = _top(chunks) + 1_000_000
+        await link.send(framed(packb([0x05, [ahead]])))
+        reply = await read_until_closed(link, target.timeout, target.close_wait)
+    return judge_error(
+        reply, f"SUBSCRIBE, accepted; then REPAIR([{ahead}])", {ErrorCode.BAD_REPAIR}
     )
 
 

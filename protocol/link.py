@@ -261,12 +261,14 @@ class ParentLink(_Link):
         max_datagram: int = 0,
         heartbeat_interval: float = 0.25,
         child_timeout: float | None = None,
+        subscribe_timeout: float | None = None,
     ) -> None:
         super().__init__()
         self._stream = stream
         self._max_datagram = max_datagram
         self._heartbeat_interval = heartbeat_interval
         self._child_timeout = child_timeout
+        self._subscribe_by = None if subscribe_timeout is None else now + subscribe_timeout
         self._last_sent = now
         self._last_heartbeat = now
         self._datagrams: list[bytes] = []
@@ -383,6 +385,8 @@ class ParentLink(_Link):
         if self.state is LinkState.CLOSED:
             return None
         deadlines = []
+        if self._subscribe_by is not None and self.child is None:
+            deadlines.append(self._subscribe_by)
         if self._child_timeout is not None and self.child is not None:
             deadlines.append(self.child_heard_at + self._child_timeout)
         if self.state is LinkState.STREAMING:
@@ -399,6 +403,11 @@ class ParentLink(_Link):
 
     def handle_timer(self, now: float) -> None:
         if self.state is LinkState.CLOSED:
+            return
+        if self._subscribe_by is not None and self.child is None and now >= self._subscribe_by:
+            reason = "no SUBSCRIBE in time"  # a slow or idle peer holds no connection long
+            self.goodbye(ErrorCode.CHILD_TIMEOUT, reason)
+            self._events.append(LinkClosed(ErrorCode.CHILD_TIMEOUT, reason))
             return
         timeout = self._child_timeout
         if timeout is not None and self.child is not None and now >= self.child_heard_at + timeout:

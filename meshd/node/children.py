@@ -104,9 +104,19 @@ class Children:
             max_datagram=max_datagram,
             heartbeat_interval=self.config.heartbeat_interval,
             child_timeout=self.config.child_timeout,
+            subscribe_timeout=self.config.subscribe_timeout,
         )
         link.stalled_since = self._stalled_since
+        unsubscribed = sum(
+            1
+            for other in self._links.values()
+            if other.child is None and other.state is not LinkState.CLOSED
+        )
         self._links[child] = link
+        if unsubscribed >= self.config.max_unsubscribed:
+            # Connections that say nothing cost memory and slots: a bounded number wait.
+            link.goodbye(ErrorCode.OVERLOADED, "too many connections not subscribed yet")
+            self._after(child, link, now)
 
     def receive_data(self, child: int, data: bytes, now: float) -> None:
         """Stream bytes from a child (b"" when it ended its stream)."""

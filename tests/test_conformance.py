@@ -244,3 +244,12 @@ async def test_a_parent_forwarding_altered_chunks_fails(monkeypatch: pytest.Monk
         report = await _check_origin(origin, ["5.1-chunks-signed"])
     assert _failed(report) == {"5.1-chunks-signed"}
     assert "do not verify" in report.by_id("5.1-chunks-signed").got
+
+
+async def test_a_parent_without_a_repair_budget_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leech's way in: repairs as often as asked (the budget as good as unbounded)."""
+    monkeypatch.setattr("protocol.link.REPAIR_BURST_BYTES", 2**40)
+    async with origin_in_process() as origin:
+        report = await _check_origin(origin, ["6.4-repair"])
+    assert _failed(report) == {"6.4-repair-budget"}
+    assert "still more chunks" in report.by_id("6.4-repair-budget").got

@@ -1,4 +1,5 @@
-"""The `meshd` command: keygen, tracker, origin, listen, status, token, demo, sim."""
+"""The `meshd` command: keygen, tracker, origin, listen, status, token, demo, sim,
+conformance."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import format_address, parse_address
+from meshd.conformance.command import register as register_conformance
 from meshd.keys import KeyFileError, load_key, write_new_key
 from meshd.node.config import NodeConfig
 from meshd.node.origin import Origin, OriginSettings
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token(sub)
     _add_demo(sub)
     _add_sim(sub)
+    register_conformance(sub, _address, _key_id)
     return parser
 
 

@@ -112,6 +112,15 @@ def test_top_kill_chunk_level_every_survivor_is_back_and_lost_nothing() -> None:
     assert f["problems"] == {}
 
 
+def test_melt_chunk_level_ends_without_a_cycle_and_with_the_origin_in_budget() -> None:
+    """Half the room vanishing at once used to leave a node core asking to be woken at the
+    very instant its stall check found nothing to do: the virtual clock stood still."""
+    f = sim("melt", "chunk", 100, 60)
+    assert f["survivors"] == 50
+    assert "cycle" not in f["problems"]
+    assert f["origin_egress_peak"] <= f["origin_egress_budget"]
+
+
 # -- the flow level: the real tracker, modelled nodes --------------------------------------
 
 

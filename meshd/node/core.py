@@ -894,8 +894,10 @@ class NodeCore:
         if up.stalled is None:
             return False
         seconds, said_at = up.stalled
-        if now - said_at > 3 * self.config.heartbeat_interval:
-            return False  # it stopped saying so (it sends chunks, or nothing at all)
+        if now >= said_at + 3 * self.config.heartbeat_interval:
+            # It stopped saying so (it sends chunks, or nothing at all). The same sum as
+            # `_stall_check_at`'s, so the check it schedules finds the report stale.
+            return False
         return seconds + (now - said_at) >= (now - self._progress_at) - STALL_SLACK
 
     def _check_progress(self, now: float) -> None:

@@ -45,6 +45,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def is_unidirectional(self) -> bool:
         return stream_is_unidirectional(self.stream_id)
 
+    @property
+    def received_0rtt(self) -> bool:
+        """Whether the peer sent data on this stream in 0-RTT, which can be replayed."""
+        return self._conn._received_0rtt(self.stream_id)
+
     # Fed by the connection.
 
     def _on_data(self, data: bytes, end_stream: bool) -> None:

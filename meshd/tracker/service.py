@@ -35,7 +35,6 @@ from protocol import (
     Refresh,
     Register,
     Rejoin,
-    RetryAfter,
     StatusReport,
     StatusRequest,
     check_token,
@@ -139,16 +138,18 @@ class Tracker:
         except TreeError as exc:
             return Goodbye(TREE_CODES[exc.code], str(exc) or exc.code.value)
 
-    def shed(self, now: float) -> RetryAfter:
-        """The answer when the server has too much in progress (logged once a second, so
-        an overload does not also flood the log)."""
-        self.total_shed += 1
-        self._shed_since_log += 1
+    def shed(self, now: float, count: int = 1) -> None:
+        """Count requests the server shed (RETRY_AFTER, or refused before the handshake);
+        logged once a second, so an overload does not also flood the log."""
+        self.total_shed += count
+        self._shed_since_log += count
         if now - self._last_shed_log >= 1.0:
-            logger.warning("shed: overloaded, answered RETRY_AFTER %d times", self._shed_since_log)
+            logger.warning(
+                "shed: overloaded, refused or answered RETRY_AFTER %d times",
+                self._shed_since_log,
+            )
             self._shed_since_log = 0
             self._last_shed_log = now
-        return RetryAfter(self.config.retry_after_ms, "tracker overloaded")
 
     def expire(self, now: float) -> None:
         """Drop nodes whose soft state ran out (they died without anyone reporting it),

@@ -81,33 +81,35 @@ class TrackerFront:
         return busy
 
     async def _handle_connection(self, conn: QuicConn) -> None:
-        self._active += 1
-        try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await self._exchange(conn)
-        finally:
-            self._active -= 1
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            await self._exchange(conn)
         await conn.aclose(ErrorCode.NO_ERROR)
 
     async def _exchange(self, conn: QuicConn) -> None:
+        """Answer the requests on the connection's stream. Only the time from a request's
+        bytes to its answer counts as load: a node keeps a connection open for its next
+        request (docs/spec.md §7.1), and an idle connection costs nothing."""
         stream = await conn.accept_stream()
         channel = TrackerChannel()
-        overloaded = self._active > self.config.max_pending
         for _ in range(MAX_REQUESTS_PER_CONNECTION):
             data = await stream.receive_some(65536)
+            self._active += 1
             try:
+                overloaded = self._active > self.config.max_pending
                 channel.receive_data(data)
                 while (request := channel.next_request()) is not None:
                     _check_replayable(request, stream)
                     channel.respond(await self._answer(request, overloaded))
+                reply = channel.data_to_send()
+                if reply:
+                    await stream.send_all(reply)
             except ProtocolError as exc:
                 logger.warning("bad request from %s: %s", conn.remote_address, exc)
                 await stream.send_all(frame(Goodbye(exc.code, str(exc)[:200])))
                 await conn.aclose(exc.code, str(exc)[:100])
                 return
-            reply = channel.data_to_send()
-            if reply:
-                await stream.send_all(reply)
+            finally:
+                self._active -= 1
             if not data:
                 return
 

@@ -150,11 +150,11 @@ class Node:
             # then kills everything. Same session, so the kernel's autogroup keeps the
             # whole room to one fair share beside other work on the machine.
             env = dict(os.environ)
-            if source is not None:  # a --baseline checkout of meshd
-                env["PYTHONPATH"] = str(source)
+            if source is not None:  # a --baseline checkout: run from there, or `-m meshd`
+                env["PYTHONPATH"] = str(source)  # finds this tree's meshd first
             self.popen = subprocess.Popen(
                 [*MESHD, *args], stdin=subprocess.DEVNULL, stdout=out_file, stderr=log_file,
-                process_group=0, env=env,
+                process_group=0, env=env, cwd=source,
             )  # fmt: skip
         self.playing = False
         self.killed = False

@@ -180,7 +180,7 @@ def tracker_process(
 
     With `source`, the tracker runs the meshd found there (a --baseline checkout)."""
     env = dict(os.environ)
-    if source is not None:
+    if source is not None:  # from there, or `-m meshd` finds this tree's first
         env["PYTHONPATH"] = str(source)
     command = [sys.executable]
     command += ["-m", "meshd"] if profile is None else ["-c", PROFILED_MESHD, str(profile)]
@@ -188,7 +188,12 @@ def tracker_process(
     log = workdir / f"{name}.log"
     with log.open("wb") as log_file:
         popen = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, env=env
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=source,
         )
     try:
         assert popen.stdout is not None

@@ -66,7 +66,8 @@ class TrackerConfig:
     max_skew_ms: int = 300_000
     backups: int = 3
     max_pending: int = 256
-    """Requests in progress at once before the server answers RETRY_AFTER."""
+    """Handshakes and requests in progress at once (per worker) before new connections are
+    refused before the handshake (and requests that slip past answered RETRY_AFTER)."""
     retry_after_ms: int = 1_000
 
 

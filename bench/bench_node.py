@@ -643,11 +643,15 @@ class CpuResult:
 
 
 def run_cpu(workdir: Path, audio: Path, source: Path | None = None) -> CpuResult:
-    """origin (capacity 1) -> relay -> 4 leaves; the relay's CPU and RSS in steady state."""
+    """origin (capacity 1) -> relay -> 4 leaves; the relay's CPU and RSS in steady state.
+
+    The relay declares one slot more than it will use: the tracker keeps a tree's last
+    free slot for a relay, so a fifth slot is what lets the fourth leaf in.
+    """
     log(f"relay CPU: origin -> relay -> 4 leaves ({source or 'this tree'})")
     with room(workdir, audio, source=source) as r:
         origin = r.open(1)
-        relay = r.listener("relay", MAX_CHILDREN)
+        relay = r.listener("relay", MAX_CHILDREN + 1)
         if not wait_until(relay.is_playing, 20):
             raise RuntimeError(f"the relay does not play:\n{relay.tail()}")
         leaves = [r.listener(f"leaf{i}", 0) for i in range(MAX_CHILDREN)]

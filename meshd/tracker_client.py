@@ -39,7 +39,7 @@ REUSE_FOR = 3.0
 """Seconds a tracker connection is reused after it opened (the tracker closes it at 5)."""
 REUSE_REQUESTS = 15  # the tracker answers 16 on one connection
 REPLAYABLE = (Refresh, StatusRequest)
-"""Requests that may go in 0-RTT: replaying them changes nothing (docs/spec.md §2)."""
+"""Requests that may go in 0-RTT: a replay is harmless (docs/spec.md §2)."""
 
 
 class TrackerConnections:

@@ -43,7 +43,8 @@ SESSION_TICKETS = 100_000
 REPLY_DELAY = 0.01
 """A request's ACK waits this long for its answer, so both leave in one packet."""
 REPLAYABLE = (Refresh, StatusRequest)
-"""The requests a front takes from 0-RTT data: replaying them changes nothing (§7.1)."""
+"""The requests a front takes from 0-RTT data: a replay costs at most a soft-state
+update the node's next REFRESH corrects (docs/spec.md §2)."""
 
 Decide = Callable[[TrackerRequest], Awaitable[TrackerResponse]]
 
@@ -122,7 +123,7 @@ class TrackerFront:
 
 
 def _check_replayable(request: TrackerRequest, stream: QuicStream) -> None:
-    """Only a request whose replay changes nothing may come in 0-RTT (docs/spec.md §2)."""
+    """Only a request whose replay is harmless may come in 0-RTT (docs/spec.md §2)."""
     if stream.received_0rtt and not isinstance(request, REPLAYABLE):
         raise RemoteProtocolError(
             f"{type(request).__name__} in 0-RTT data (only REFRESH and STATUS may be)",

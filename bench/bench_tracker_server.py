@@ -587,7 +587,7 @@ PROFILE_AREAS = [
     ),
     ("  TLS handshake messages (aioquic.tls)", "aioquic/tls.py", "handle_message"),
     ("aioquic datagrams_to_send (building packets)", "connection.py", "datagrams_to_send"),
-    ("Tracker.handle (all requests)", "tracker/service.py", "handle"),
+    ("TrackerFront._answer (checks and decision)", "tracker/front.py", "_answer"),
     ("  JOIN signature check (verify_message)", "protocol/signing.py", "verify_message"),
     ("  tree decision (StreamTree.join)", "tracker/tree.py", "join"),
     ("logging calls (Logger._log, join lines incl.)", "logging/__init__.py", "_log"),

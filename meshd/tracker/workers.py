@@ -10,10 +10,10 @@ with `Tracker.decide`. One process holds each tree, so decisions are made one at
 on one consistent view, exactly as with no workers; nothing is shared or locked.
 
 The link carries length-prefixed msgpack arrays. The coordinator sends INIT (the key,
-the config) and the worker answers READY once it serves; then REQUEST (id, encoded
-request) one way and RESPONSE (id, encoded response) back, and SHED (how many requests
-were shed) now and then. A worker whose link closes exits; a worker that dies is started
-again.
+the config, the log levels) and the worker answers READY once it serves; then REQUEST
+(id, encoded request) one way and RESPONSE (id, encoded response) back, and SHED (how
+many requests were shed) now and then. A worker whose link closes exits; a worker that
+dies is started again.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ async def _run_worker(
     link = Link(ours)
     try:
         with trio.fail_after(STARTUP_TIMEOUT):
-            level = logging.getLogger("meshd").getEffectiveLevel()
-            await link.send([INIT, _private_bytes(key), _config_fields(tracker.config), level])
+            levels = [logging.getLogger(name).getEffectiveLevel() for name in ("meshd", "quic")]
+            await link.send([INIT, _private_bytes(key), _config_fields(tracker.config), levels])
             if (await link.receive())[0] != READY:
                 raise RuntimeError(f"tracker worker {index} did not start")
         task_status.started()
@@ -263,7 +263,7 @@ class Coordinator:
 async def worker(udp_fd: int, link_fd: int) -> None:
     """A worker process: serve the port until the coordinator's link closes."""
     link = Link(socket.socket(fileno=link_fd))
-    kind, private, fields, level = await link.receive()
+    kind, private, fields, (level, quic_level) = await link.receive()
     if kind != INIT:
         raise RuntimeError("the coordinator did not start with INIT")
     logging.basicConfig(
@@ -271,6 +271,9 @@ async def worker(udp_fd: int, link_fd: int) -> None:
         format=f"%(asctime)s.%(msecs)03d meshd worker {os.getpid()}: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # As in the coordinator: `meshd tracker` keeps aioquic's per-connection lines (three
+    # for every request) out of the log unless --verbose.
+    logging.getLogger("quic").setLevel(quic_level)
     fields["host_keys"] = tuple(Ed25519PublicKey.from_public_bytes(k) for k in fields["host_keys"])
     config = TrackerConfig(**fields)
     key = Ed25519PrivateKey.from_private_bytes(private)

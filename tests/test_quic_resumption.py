@@ -19,7 +19,7 @@ async def answer_once(conn: QuicConn) -> None:
     """Read one message and answer it, saying whether it came in 0-RTT."""
     stream = await conn.accept_stream()
     data = await stream.receive_some()
-    await stream.send_all((b"0rtt:" if stream.received_0rtt else b"1rtt:") + data)
+    await stream.send_all((b"0rtt:" if stream.early_data_end else b"1rtt:") + data)
     await conn.wait_closed()
 
 

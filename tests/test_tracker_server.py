@@ -30,6 +30,7 @@ from protocol import (
     Rejoin,
     StatusReport,
     StatusRequest,
+    frame,
     issue_token,
     key_id,
     sign_message,
@@ -101,6 +102,33 @@ async def test_join_rejoin_leave_and_status() -> None:
         assert status.audience == 4 and status.total_joins == 5
         assert status.total_rejoins == 1 and status.total_leaves == 1
         assert status.origin_children <= 2
+
+
+async def test_a_request_after_the_0rtt_one_on_a_reused_connection_is_answered() -> None:
+    """Only the bytes that came in 0-RTT are replayable: a JOIN sent on the same stream
+    after a REFRESH in 0-RTT (a node reusing its connection) is answered, not refused."""
+    async with room() as r:
+        await r.register()
+        key = Ed25519PrivateKey.generate()
+        await r.join(key)  # that connection left a session ticket: the next one resumes
+        refresh = Refresh(STREAM, key_id(key), None, 2, "127.0.0.1:10", now_ms())
+        conn = await r.client.connect(
+            r.address, early_data=frame(sign_message(refresh, key)), replay_safe=True
+        )
+        stream = conn.first_stream
+        assert stream is not None and conn.session_resumed
+        reader = MessageReader()
+
+        async def answer() -> object:
+            while (message := reader.next_message()) is None:
+                reader.receive_data(await stream.receive_some())
+            return message
+
+        assert isinstance(await answer(), Ack | Assigned)
+        join = Join(STREAM, key_id(key), 2, "127.0.0.1:10", None, now_ms())
+        await stream.send_all(frame(sign_message(join, key)))
+        assert isinstance(await answer(), Assigned)
+        await conn.aclose()
 
 
 async def test_refresh_of_an_unknown_node_is_refused_with_unknown_peer() -> None:

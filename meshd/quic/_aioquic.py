@@ -39,8 +39,9 @@ class MeshQuicConnection(QuicConnection):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._consumed: dict[int, int] = {}
-        self.early_streams: set[int] = set()
-        """Streams that received data in 0-RTT packets, which an attacker can replay."""
+        self.early_data_end: dict[int, int] = {}
+        """Per stream, the offset up to which data came in 0-RTT packets (an attacker can
+        replay those); streams without 0-RTT data are absent."""
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -52,9 +53,15 @@ class MeshQuicConnection(QuicConnection):
         self, context: QuicReceiveContext, frame_type: int, buf: Buffer
     ) -> None:
         if context.epoch is tls.Epoch.ZERO_RTT:
+            # STREAM frame: id, then offset and length if their type bits say so (RFC 9000
+            # §19.8); without a length the data runs to the end of the packet.
             start = buf.tell()
-            self.early_streams.add(buf.pull_uint_var())
+            stream_id = buf.pull_uint_var()
+            offset = buf.pull_uint_var() if frame_type & 0x04 else 0
+            length = buf.pull_uint_var() if frame_type & 0x02 else buf.capacity - buf.tell()
             buf.seek(start)
+            end = max(self.early_data_end.get(stream_id, 0), offset + length)
+            self.early_data_end[stream_id] = end
         super()._handle_stream_frame(context, frame_type, buf)
 
     def stream_consumed(self, stream_id: int, size: int) -> bool:

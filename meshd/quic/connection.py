@@ -479,8 +479,8 @@ class QuicConn:
 
     # Called by QuicStream
 
-    def _received_0rtt(self, stream_id: int) -> bool:
-        return stream_id in self._quic.early_streams
+    def _early_data_end(self, stream_id: int) -> int:
+        return self._quic.early_data_end.get(stream_id, 0)
 
     def _send_room(self, stream_id: int) -> int:
         return self._config.stream_send_buffer - _aioquic.unacked_send_bytes(self._quic, stream_id)

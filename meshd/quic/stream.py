@@ -46,9 +46,10 @@ class QuicStream(trio.abc.HalfCloseableStream):
         return stream_is_unidirectional(self.stream_id)
 
     @property
-    def received_0rtt(self) -> bool:
-        """Whether the peer sent data on this stream in 0-RTT, which can be replayed."""
-        return self._conn._received_0rtt(self.stream_id)
+    def early_data_end(self) -> int:
+        """The offset up to which the peer's data on this stream came in 0-RTT packets,
+        which can be replayed (0: none did); what follows came once the handshake was done."""
+        return self._conn._early_data_end(self.stream_id)
 
     # Fed by the connection.
 

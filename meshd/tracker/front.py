@@ -99,7 +99,7 @@ class TrackerFront:
                 overloaded = self._active > self.config.max_pending
                 channel.receive_data(data)
                 while (request := channel.next_request()) is not None:
-                    _check_replayable(request, stream)
+                    _check_replayable(request, channel.request_offset, stream)
                     channel.respond(await self._answer(request, overloaded))
                 reply = channel.data_to_send()
                 if reply:
@@ -122,9 +122,11 @@ class TrackerFront:
         return refusal or await self._decide(request)
 
 
-def _check_replayable(request: TrackerRequest, stream: QuicStream) -> None:
-    """Only a request whose replay is harmless may come in 0-RTT (docs/spec.md §2)."""
-    if stream.received_0rtt and not isinstance(request, REPLAYABLE):
+def _check_replayable(request: TrackerRequest, offset: int, stream: QuicStream) -> None:
+    """Only a request whose replay is harmless may come in 0-RTT (docs/spec.md §2); one
+    that starts after the 0-RTT data (sent on the stream once the handshake was done, a
+    reused connection's next request) is not 0-RTT data."""
+    if offset < stream.early_data_end and not isinstance(request, REPLAYABLE):
         raise RemoteProtocolError(
             f"{type(request).__name__} in 0-RTT data (only REFRESH and STATUS may be)",
             ErrorCode.UNEXPECTED_MESSAGE,

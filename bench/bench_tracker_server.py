@@ -134,6 +134,11 @@ class TrackerProcess:
         """User + system CPU so far of the tracker and its worker processes."""
         return sum(process_cpu_ticks(pid) for pid in process_tree(self.popen.pid)) / CLOCK_TICKS
 
+    def coordinator_cpu_seconds(self) -> float:
+        """User + system CPU so far of the tracker's own process (with workers: the
+        coordinator, which decides; without: everything)."""
+        return process_cpu_ticks(self.popen.pid) / CLOCK_TICKS
+
     def log_lines(self, pattern: str) -> int:
         text = self.log.read_text(errors="replace")
         return len(re.findall(pattern, text, flags=re.MULTILINE))
@@ -463,6 +468,7 @@ class Load:
     clients: list[ClientResult]
     elapsed: float
     server_cpu: float
+    coordinator_cpu: float
     machine_cpu: float
     """All CPU used on the machine during the window, ours and anyone else's."""
 
@@ -503,6 +509,7 @@ def run_load(tracker: TrackerProcess, specs: list[ClientSpec]) -> Load:
                 raise RuntimeError("a client process did not get ready")
         tracker.window(started=True)
         cpu_before, machine_before = tracker.cpu_seconds(), machine_busy()
+        coordinator_before = tracker.coordinator_cpu_seconds()
         start = time.perf_counter()
         for pipe in pipes:
             pipe.send("go")
@@ -512,12 +519,13 @@ def run_load(tracker: TrackerProcess, specs: list[ClientSpec]) -> Load:
                 raise RuntimeError("a client process did not finish")
             results.append(ClientResult(**pipe.recv()))
         elapsed = time.perf_counter() - start
-        server_cpu, machine_cpu = (
+        server_cpu, coordinator_cpu, machine_cpu = (
             tracker.cpu_seconds() - cpu_before,
+            tracker.coordinator_cpu_seconds() - coordinator_before,
             machine_busy() - machine_before,
         )
         tracker.window(started=False)
-        return Load(results, elapsed, server_cpu, machine_cpu)
+        return Load(results, elapsed, server_cpu, coordinator_cpu, machine_cpu)
     finally:
         for pipe in pipes:
             pipe.close()
@@ -730,6 +738,7 @@ def main() -> None:
         print(
             f"  {'tracker':<16} {'JOINs':>6} {'JOINs/s':>8} {'server CPU':>11} {'per CPU-s':>10}"
             f" {'clients CPU':>12} {'machine busy':>13} {'p50 latency':>12}"
+            f" {'coordinator/JOIN':>17}"
         )
         for run in fresh:
             load = run.load
@@ -739,9 +748,14 @@ def main() -> None:
                 f"  {run.label:<16} {load.completed:>6,} {run.per_second:>8,.0f}"
                 f" {load.server_cpu:>9.2f} s {run.per_cpu:>10,.0f} {client_cpu:>10.2f} s"
                 f" {load.machine_cpu / (load.elapsed * CPUS):>12.0%} {lat:>9.1f} ms"
+                f" {load.coordinator_cpu / max(load.completed, 1) * 1e6:>14,.0f} us"
             )
             if run.status.total_joins != load.completed or load.total("gave_up"):
                 print(f"    ! tracker counted {run.status.total_joins} joins; {load.refused()}")
+        print(
+            "  (coordinator/JOIN: CPU of the tracker's own process per JOIN; with workers,"
+            " the decisions and the link to the workers)"
+        )
         one, two = fresh[-2], fresh[-1]
         best = max(run.per_cpu for run in fresh if run.label.startswith("--workers"))
         print(

@@ -6,6 +6,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -33,6 +34,7 @@ from protocol import StatusReport, StatusRequest, issue_token, key_from_text, ke
 from protocol.identity import public_key_from_id
 
 logger = logging.getLogger("meshd")
+MAX_WORKERS = 256
 
 EPILOG = """\
 A whole room on one machine:
@@ -133,6 +135,15 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of workers from 0 to {MAX_WORKERS}"
+            f" (hint: one per core, {os.cpu_count()} here; 0 serves in one process)"
+        )
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -219,7 +230,17 @@ def _add_tracker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=int,
         default=256,
         metavar="N",
-        help="requests in progress before answering RETRY_AFTER (default 256)",
+        help="requests and handshakes in progress (per worker) before new connections "
+        "are refused and clients back off (default 256)",
+    )
+    command.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes that share the port and do the QUIC handshakes and checks, while "
+        "this one makes the decisions; 0: all in this process (default: one per core, "
+        f"{os.cpu_count() or 1} here)",
     )
 
 
@@ -235,7 +256,9 @@ def run_tracker(args: argparse.Namespace) -> int:
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            address = await nursery.start(serve_tracker, Tracker(config), key, *args.listen)
+            address = await nursery.start(
+                serve_tracker, Tracker(config), key, *args.listen, args.workers
+            )
             mode = "tokens required" if args.host_key else "open mode"
             print(f"listening on {format_address(address)}", flush=True)
             logger.info("tracker %s ready (%s)", key_to_text(key_id(key)), mode)

@@ -7,6 +7,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -35,6 +36,7 @@ from protocol import StatusReport, StatusRequest, issue_token, key_from_text, ke
 from protocol.identity import public_key_from_id
 
 logger = logging.getLogger("meshd")
+MAX_WORKERS = 256
 
 EPILOG = """\
 A whole room on one machine:
@@ -136,6 +138,15 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of workers from 0 to {MAX_WORKERS}"
+            f" (hint: one per core, {os.cpu_count()} here; 0 serves in one process)"
+        )
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -222,7 +233,34 @@ def _add_tracker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         type=int,
         default=256,
         metavar="N",
-        help="requests in progress before answering RETRY_AFTER (default 256)",
+        help="requests and handshakes in progress (per worker) before new connections "
+        "are refused and clients back off (default 256)",
+    )
+    command.add_argument(
+        "--joins-per-network",
+        type=float,
+        default=20.0,
+        metavar="RATE",
+        help="JOINs per second from one source network (IPv4 /24, IPv6 /48) per worker, "
+        "after a burst of --join-burst; beyond, clients are told to retry later, so one "
+        "machine cannot flood the tree with fresh identities (default 20; 0: no limit)",
+    )
+    command.add_argument(
+        "--join-burst",
+        type=int,
+        default=100,
+        metavar="N",
+        help="JOINs one source network may send at once before --joins-per-network "
+        "applies, e.g. a household or an office starting together (default 100)",
+    )
+    command.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes that share the port and do the QUIC handshakes and checks, while "
+        "this one makes the decisions; 0: all in this process (default: one per core, "
+        f"{os.cpu_count() or 1} here)",
     )
 
 
@@ -233,12 +271,16 @@ def run_tracker(args: argparse.Namespace) -> int:
         peer_ttl=args.peer_ttl,
         host_keys=tuple(public_key_from_id(k) for k in args.host_key),
         max_pending=args.max_pending,
+        joins_per_network_s=args.joins_per_network,
+        join_burst_per_network=args.join_burst,
     )
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            address = await nursery.start(serve_tracker, Tracker(config), key, *args.listen)
+            address = await nursery.start(
+                serve_tracker, Tracker(config), key, *args.listen, args.workers
+            )
             mode = "tokens required" if args.host_key else "open mode"
             print(f"listening on {format_address(address)}", flush=True)
             logger.info("tracker %s ready (%s)", key_to_text(key_id(key)), mode)

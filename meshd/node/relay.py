@@ -36,7 +36,7 @@ from meshd.node.report import report_periodically
 from meshd.node.stats import ChunkTrace
 from meshd.node.upstream import ParentConnection
 from meshd.quic import QuicEndpoint, open_quic_endpoint
-from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
+from meshd.tracker_client import TrackerConnections, TrackerRefused, ask_tracker, now_ms
 from protocol import Goodbye, key_id, sign_message
 from protocol.messages import TrackerResponse
 
@@ -112,6 +112,8 @@ class Relay:
         self._no_parents = trio.Event()
         self._done = trio.Event()
         self._finished: Finished | None = None
+        self._tracker_connections = TrackerConnections()
+        """A node asks the tracker in bursts while joining or failing over: one handshake."""
 
     def leave(self) -> None:
         """Start a graceful leave (SIGINT/SIGTERM): children are moved first."""
@@ -249,6 +251,7 @@ class Relay:
                 rng=self.core.rng,
                 give_up_after=min(60.0, self.settings.join_timeout),
                 tracker_key=self.settings.tracker_key,
+                connections=self._tracker_connections,
             )
         except TrackerRefused as exc:
             answer = Goodbye(exc.code, exc.reason)

@@ -14,12 +14,12 @@ from meshd.node.core import Phase
 from meshd.sim.clock import Scheduler
 from meshd.sim.flow.media import Media
 from meshd.sim.flow.node import FlowNode
-from meshd.sim.flow.tracker import QueuedTracker, UnsignedTracker
+from meshd.sim.flow.tracker import QueuedTracker
 from meshd.sim.hosts import wall_ms
 from meshd.sim.metrics import EgressSample, Results, TrackerLoad
 from meshd.sim.population import WIRE_BYTES_PER_S, Listener
 from meshd.sim.scenarios import Plan, Shock, ShockKind
-from meshd.tracker.service import TrackerConfig
+from meshd.tracker.service import Tracker, TrackerConfig
 from protocol import Register
 from protocol.limits import MAX_PATH
 
@@ -63,7 +63,7 @@ class FlowRoom:
         self.tracker = QueuedTracker(
             self.scheduler,
             self.rng,
-            UnsignedTracker(TrackerConfig(refresh_s=options.refresh_s)),
+            Tracker(TrackerConfig(refresh_s=options.refresh_s)),
             rate=options.tracker_rate,
             delay=SERVER_DELAY,
             load=self.load,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from meshd.sim.clock import Scheduler
-from meshd.sim.hosts import PROBE_INTERVAL, PROBE_TIMEOUT
+from meshd.sim.hosts import EXPIRY_INTERVAL, PROBE_INTERVAL, PROBE_TIMEOUT
 from meshd.sim.metrics import TrackerLoad
 from meshd.tracker.service import Tracker
 from meshd.tracker_client import ATTEMPT_TIMEOUT
@@ -32,7 +32,6 @@ from protocol.messages import TrackerRequest, TrackerResponse
 from protocol.tracker import RETRYABLE_CODES
 
 GIVE_UP = 60.0  # as `ask_tracker`: a request not answered in this long fails
-EXPIRY_INTERVAL = 5.0
 SHED_COST = 0.8
 """A RETRY_AFTER costs the server this much of a full request: the QUIC handshake, the
 bulk of the work, happens before the server can say no."""

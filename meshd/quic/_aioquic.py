@@ -113,3 +113,9 @@ def max_datagram_payload(quic: QuicConnection) -> int:
     if remote is None:
         return 0
     return max(0, min(in_packet, remote - _DATAGRAM_FRAME_OVERHEAD))
+
+
+def smoothed_rtt(quic: QuicConnection) -> float | None:
+    """aioquic's smoothed round-trip time in seconds; None before the first sample."""
+    loss = quic._loss
+    return loss._rtt_smoothed if loss._rtt_initialized else None

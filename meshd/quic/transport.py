@@ -13,6 +13,9 @@ from typing import Any, Protocol
 
 import trio
 
+from meshd.addresses import format_address
+from meshd.errors import BindError
+
 Address = tuple[Any, ...]
 
 _BATCH = 64
@@ -45,13 +48,19 @@ class UdpTransport:
     @classmethod
     async def bind(cls, host: str, port: int) -> UdpTransport:
         """Bind a socket of the family ``host`` resolves to."""
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise BindError(format_address((host, port)), exc) from None
         family, _, _, _, sockaddr = infos[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
             sock.bind(sockaddr)
+        except OSError as exc:
+            sock.close()
+            raise BindError(format_address((host, port)), exc) from None
         except BaseException:
             sock.close()
             raise

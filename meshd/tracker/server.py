@@ -14,10 +14,11 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
+from meshd.logs import log_as
 from meshd.quic import QuicConn, QuicEndpoint, open_quic_endpoint
 from meshd.tracker.service import Tracker
 from meshd.tracker.tree import PeerRef
-from protocol import ErrorCode, Goodbye, ProtocolError, TrackerChannel, frame
+from protocol import ErrorCode, Goodbye, ProtocolError, TrackerChannel, frame, key_id, short_id
 from protocol.messages import TrackerRequest, TrackerResponse
 
 logger = logging.getLogger("meshd.tracker")
@@ -122,6 +123,7 @@ async def serve_tracker(
         tracker = Tracker(TrackerConfig(refresh_s=120))
         host, port = await nursery.start(serve_tracker, tracker, key, "0.0.0.0", 4433)
     """
+    log_as("tracker", short_id(key_id(key)))
     async with open_quic_endpoint(key, host, port) as endpoint, trio.open_nursery() as nursery:
         await nursery.start(TrackerServer(tracker, endpoint).serve)
         task_status.started(endpoint.address)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import random
 import time
 import tracemalloc
@@ -104,6 +105,32 @@ def failures(tree: StreamTree, members: list[bytes], count: int, rng: random.Ran
     return done / elapsed
 
 
+def rebalance(tree: StreamTree, rounds: int) -> tuple[float, int]:
+    """Every peer refreshes `rounds` times, 180 s apart, following each move it is told
+    of (REFRESH answers ASSIGNED to rebalance, docs/spec.md §7.3). Returns REFRESH
+    decisions per second and the number of moves."""
+    now = 1_000.0  # past promote_after: every relay counts as stable
+    refreshes = moves = 0
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for peer in [p for p in tree if p != ORIGIN]:
+            parent = tree.parent_of(peer)
+            refreshes += 1
+            while tree.refresh(peer, now, parent=parent) is not None:
+                parent = tree.parent_of(peer)  # it moved there, and says so
+                refreshes += 1
+                moves += 1
+        now += 180.0
+    return refreshes / (time.perf_counter() - start), moves
+
+
+def depth_bound(tree: StreamTree) -> int:
+    """ceil(log_b N) + 2, b the mean capacity over all peers (relays and leaves)."""
+    peers = [p for p in tree if p != ORIGIN]
+    mean = sum(tree.capacity_of(p) for p in peers) / len(peers)
+    return math.ceil(math.log(len(peers), mean)) + 2
+
+
 def memory_per_peer(size: int) -> float:
     """tracemalloc'd bytes held by the tree per peer, ids and addresses included."""
     rng = random.Random(SEED)
@@ -126,13 +153,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--churn", type=int, default=50_000, help="join+leave pairs per size")
     parser.add_argument("--reports", type=int, default=20_000, help="max REJOINs per size")
+    parser.add_argument("--rounds", type=int, default=3, help="refresh rounds after churn")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
     print(f"tracker core bench (seed {SEED}); decisions/s, higher is better\n")
     print(
         f"{'peers':>9} {'join/s':>9} {'join/s@end':>10} {'churn/s':>9} {'report/s':>9}"
-        f" {'depth built':>11} {'churned':>8} {'RSS B/peer':>10}"
+        f" {'depth built':>11} {'churned':>8} {'rebal.':>7} {'bound':>5} {'moves':>7}"
+        f" {'refresh/s':>9} {'RSS B/peer':>10}"
     )
     for size in sizes:
         rng = random.Random(SEED)
@@ -146,9 +175,12 @@ def main() -> None:
         churn_rate = steady_state(tree, members, peers[size:], rng)
         churned_depth = depth_figures(tree)
         report_rate = failures(tree, members, min(args.reports, size // 10), rng)
+        refresh_rate, moves = rebalance(tree, args.rounds)
         print(
             f"{size:>9,} {join_rate:>9,.0f} {join_rate_end:>10,.0f} {churn_rate:>9,.0f}"
-            f" {report_rate:>9,.0f} {built_depth:>11} {churned_depth:>8} {rss_per_peer:>10,.0f}"
+            f" {report_rate:>9,.0f} {built_depth:>11} {churned_depth:>8}"
+            f" {depth_figures(tree):>7} {depth_bound(tree):>5} {moves:>7,}"
+            f" {refresh_rate:>9,.0f} {rss_per_peer:>10,.0f}"
         )
         del tree, members, peers
         gc.collect()
@@ -157,8 +189,11 @@ def main() -> None:
     print("\njoin/s: building the tree from empty; join/s@end: its last 10 % of joins;")
     print("churn/s: leave+join decisions at constant size (each leave re-homes children);")
     print("report/s: REJOINs from the children of crashed relays (move, evict, re-home);")
-    print("depth: max/mean peer depth after building and after churn (moved subtrees land")
-    print("  at the shallowest free slot, usually the frontier); RSS: growth while building.")
+    print("depth: max/mean peer depth after building, after churn (moved subtrees land")
+    print("  at the shallowest free slot, usually the frontier), and after the churn and")
+    print(f"  the reports, rebalanced by {args.rounds} rounds of REFRESH (stable relays move")
+    print("  up, leaves down; moves: how many); bound: ceil(log_b N) + 2, b = mean capacity;")
+    print("refresh/s: REFRESH decisions, rebalancing included; RSS: growth while building.")
     print(f"tracemalloc at 100,000 peers: {traced:,.0f} bytes per peer (ids, addresses incl.)")
 
 

@@ -17,6 +17,8 @@ from meshd.sim.hosts import NodeHost, wall_ms
 from meshd.sim.world import RoomSpec, World
 from protocol import ChunkSigner, Leave, VerifiedChunk, sign_message
 
+STALL_BUDGET = 1.1  # seconds: the issue's p99 budget is 1 s, on real processes
+
 
 @pytest.fixture(autouse=True)
 def quiet_logs() -> Iterator[None]:
@@ -39,7 +41,11 @@ def room(listeners: int, seed: int, **spec: object) -> World:
 def test_killing_the_origins_children_costs_no_survivor_any_audio(seed: int) -> None:
     """The field's case: origin capacity 2, 14 listeners relaying to 2, both of the
     origin's children killed together. Their orphans used to form a cycle in each
-    other's subtrees, kept alive by their own heartbeats."""
+    other's subtrees, kept alive by their own heartbeats. The stall each survivor hears
+    stays about the issue's 1 s budget (virtual time: the silence timeout, 0.6 s, is
+    most of it): the origin frees a silent child's slot for a newcomer after 0.5 s, the
+    tracker is asked 0.25 s into a failover, and a move under way survives its parent's
+    failure."""
     world = room(14, seed, relay_share=1.0, max_children=2)
     top = world.origin_children()
     assert len(top) == 2
@@ -47,6 +53,8 @@ def test_killing_the_origins_children_costs_no_survivor_any_audio(seed: int) -> 
     world.run(15)
     assert not world.problems(), world.problems()
     assert sum(node.core.stats.failovers for node in world.live()) >= 2
+    worst = max(node.core.playout.worst for node in world.live())
+    assert worst < STALL_BUDGET, f"a survivor stalled {worst:.2f} s"
 
 
 def relays_below_a_relay(world: World) -> tuple[NodeHost, list[NodeHost], list[NodeHost]]:

@@ -7,7 +7,9 @@ partitions, lossy links — then heals the network and checks, within a bounded 
 that every live node is back on a loop-free path to the origin that the tracker agrees
 with, and has played every chunk, in order, with none skipped.
 
-MESHD_SIM_EXAMPLES and MESHD_SIM_MAX_NODES run a longer hunt by hand (e.g. 200, 200).
+By default the examples are derandomized: every run (CI too) checks the same schedules,
+so a red run is a change's fault and replays as is. MESHD_SIM_EXAMPLES and
+MESHD_SIM_MAX_NODES run a longer, random hunt by hand (e.g. 200, 200).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from meshd.sim.hosts import NodeHost
 from meshd.sim.world import RoomSpec, World
 
+HUNT = "MESHD_SIM_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("MESHD_SIM_EXAMPLES", "12"))
 pytestmark = pytest.mark.timeout(300 + 30 * EXAMPLES)
 MAX_NODES = int(os.environ.get("MESHD_SIM_MAX_NODES", "40"))
 SETTLE = 8.0  # seconds after the first joins before any fault
 RECOVERY = 20.0  # seconds after the last fault within which everything must be well again
 MAX_FAULT = 5.0  # the longest a single stop or partition lasts
+SETTLE_CHECKS = 10  # one a second, for a moment when the tracker and the nodes agree
+REFRESH = 20  # seconds between a node's REFRESHes (short, so soft state settles soon)
 
 
 class TreeUnderFaults(RuleBasedStateMachine):
@@ -44,7 +49,9 @@ class TreeUnderFaults(RuleBasedStateMachine):
         max_children=st.integers(3, 4),
     )
     def build(self, size: int, seed: int, relay_share: float, max_children: int) -> None:
-        spec = RoomSpec(size, seed, relay_share=relay_share, max_children=max_children)
+        spec = RoomSpec(
+            size, seed, relay_share=relay_share, max_children=max_children, refresh_s=REFRESH
+        )
         self.world = World(spec)
         self.world.start()
         self.world.run(SETTLE)
@@ -117,13 +124,24 @@ class TreeUnderFaults(RuleBasedStateMachine):
             return  # some must wait for a slot: that is no fault of the repair
         assert not problems.get("cut off"), problems
         assert not problems.get("path wrong"), problems
-        assert not problems.get("tracker disagrees"), problems
         assert not problems.get("stuck"), problems
         assert not problems.get("lost"), problems
+        # The tracker's view is soft state: a node it forgot (it could not re-home it) or
+        # placed by a guess is set right by the node's next REFRESH, one period later.
+        # A REFRESH may also start a rebalancing move, which the subtree follows within
+        # a few seconds: the views must agree at some moment, not at any given one.
+        world.run(world.spec.refresh_s + 15)
+        for _ in range(SETTLE_CHECKS):
+            disagreeing = world.problems().get("tracker disagrees")
+            if not disagreeing:
+                break
+            world.run(1.0)
+        assert not disagreeing, world.problems()
 
 
 TreeUnderFaults.TestCase.settings = settings(
     max_examples=EXAMPLES,
+    derandomize=not HUNT,
     stateful_step_count=5,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -133,6 +134,15 @@ def check_buckets(tree: StreamTree, depths: dict[bytes, int]) -> None:
             assert node.pos == position and node.slot_depth == depth
             indexed[node.ref.peer_id] = depth
     assert indexed == {p: d for p, d in depths.items() if has_room(tree, p)}
+
+
+def check_rebalanced(tree: StreamTree, peer: bytes, depth: int, got: Assignment) -> None:
+    """A REFRESH answered with a move: a relay went 2+ levels up, a leaf 2+ levels down."""
+    assert got.parent.peer_id == tree.parent_of(peer) and tree.is_orphaned(peer)
+    if tree.capacity_of(peer) > 0:
+        assert got.depth <= depth - 2, "a relay is only moved up, and by 2 levels or more"
+    else:
+        assert got.depth >= depth + 2, "a leaf is only moved down, and by 2 levels or more"
 
 
 def suspected(tree: StreamTree) -> set[bytes]:
@@ -433,9 +443,15 @@ def test_probe_results() -> None:
     assert tree.suspects(1.0) == [parent_of_4]
     assert tree.probe_result(parent_of_4, True, 2.0) == []
     assert tree.suspects(2.0) == [] and parent_of_4 in tree
-    assert tree.probe_result(pid(2), False, 3.0) == [pid(2)]
-    assert pid(2) not in tree
-    assert tree.probe_result(pid(2), False, 3.0) == []
+    assert tree.probe_result(pid(2), False, 3.0) == []  # not a suspect: a stale probe
+    assert pid(2) in tree
+    tree.report_failure(pid(4), parent_of_4, 4.0)
+    tree.refresh(parent_of_4, 4.5)  # it speaks for itself meanwhile: no longer a suspect
+    assert tree.probe_result(parent_of_4, False, 5.0) == [] and parent_of_4 in tree
+    tree.report_failure(pid(2), pid(1), 6.0)
+    assert tree.probe_result(pid(1), False, 7.0) == [pid(1)]
+    assert pid(1) not in tree
+    assert tree.probe_result(pid(1), False, 7.0) == []
     with pytest.raises(InvalidRequest):
         tree.probe_result(ORIGIN, False, 3.0)
     check_invariants(tree)
@@ -647,6 +663,8 @@ class TreeMachine(RuleBasedStateMachine):
         if peer is not None:
             self.tree.refresh(peer, self.now)  # its last words: the model knows last_seen
             self.crashed[peer] = self.now
+            self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
+            self.lied_about.discard(peer)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data(), use_backup=st.booleans())
@@ -661,6 +679,7 @@ class TreeMachine(RuleBasedStateMachine):
         # A reporter we only told to go there never streamed from it: a refusal, no report.
         refused = self.tree.is_orphaned(reporter)
         backup_ok = backup in eligible_parents(self.tree, reporter, None if refused else dead)
+        room_outside = bool(eligible_parents(self.tree, reporter, dead, offered=True) - {dead})
         reports = self.reports.setdefault(dead, {})
         if not refused:
             reports[reporter] = self.now
@@ -671,13 +690,14 @@ class TreeMachine(RuleBasedStateMachine):
         except NoCapacity:
             event("report: no capacity")
             assert reporter not in self.tree or not eligible_parents(
-                self.tree, reporter, None if refused else dead, offered=True
+                self.tree, reporter, None, offered=True
             ) - {dead}
             assert (dead not in self.tree) == confirmed
             return
         assert (dead not in self.tree) == confirmed
         event("report: evicted" if confirmed else "report: suspected")
-        if not confirmed and not refused:
+        if not confirmed and not refused and room_outside:
+            # (With no room elsewhere it may stay below `dead`: it may yet be alive.)
             assert reporter not in subtree(self.tree, dead)
         if backup_ok and not confirmed:
             assert got.parent.peer_id == backup
@@ -711,9 +731,8 @@ class TreeMachine(RuleBasedStateMachine):
             assert not eligible - {victim}
         event("lie")
         assert victim in self.tree, "one lying child evicted a healthy relay"
-        assert (victim in self.tree.suspects(self.now)) == (
-            not refused or victim in self.lied_about
-        )
+        # A report, or a refusal (it gets the parent probed): a suspect either way.
+        assert victim in self.tree.suspects(self.now)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -733,13 +752,19 @@ class TreeMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.uniform_k is None)
     @rule()
     def orphans_confirm(self) -> None:
-        """Peers placed by the tracker move there and say so (REFRESH naming it)."""
+        """Peers placed by the tracker move there and say so (REFRESH naming it); the
+        answer may place them once more (rebalancing), until it is just ACK."""
         for peer in self.live():
-            if self.tree.is_orphaned(peer):
+            while self.tree.is_orphaned(peer):
                 event("placement confirmed")
                 before = self.tree.parent_of(peer)
-                assert self.tree.refresh(peer, self.now, parent=before) is None
-                assert self.tree.parent_of(peer) == before and not self.tree.is_orphaned(peer)
+                depth = self.tree.depth_of(peer)
+                answer = self.tree.refresh(peer, self.now, parent=before)
+                if answer is None:
+                    assert self.tree.parent_of(peer) == before
+                    assert not self.tree.is_orphaned(peer)
+                else:
+                    check_rebalanced(self.tree, peer, depth, answer)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -749,24 +774,29 @@ class TreeMachine(RuleBasedStateMachine):
             return
         claimed = data.draw(st.sampled_from(sorted(self.tree)))
         before = self.tree.parent_of(peer)
-        valid = claimed in eligible_parents(self.tree, peer)
+        valid = claimed == before or claimed in eligible_parents(self.tree, peer)
         guessed_in_the_way = any(self.tree.is_orphaned(p) for p in self.tree)
+        if valid:
+            depth_there = self.tree.depth_of(claimed) + 1
         answer = self.tree.refresh(peer, self.now, parent=claimed)
         after = self.tree.parent_of(peer)
-        if valid:
-            assert after == claimed
-        elif after != before:  # a tentative placement made room for the truth
-            event("refresh: a guess gave way")
-            assert after == claimed and guessed_in_the_way
-        assert (answer is None) == (after == claimed)
-        if answer is not None:
-            check_assignment(self.tree, peer, answer)
+        if answer is None:  # the claim stands (or was already our view)
+            assert after == claimed and not self.tree.is_orphaned(peer)
+            return
+        check_assignment(self.tree, peer, answer)
+        if valid:  # taken, then moved on: rebalancing
+            event("refresh: rebalanced")
+            check_rebalanced(self.tree, peer, depth_there, answer)
+        else:  # refused (our view stands), or a guess gave way and it was moved on
+            assert after == before or (guessed_in_the_way and self.tree.is_orphaned(peer))
 
     @rule(seconds=st.sampled_from([1.0, 30.0, 200.0, 700.0]))
     def tick(self, seconds: float) -> None:
         self.now += seconds
         for peer in self.live():
             self.tree.refresh(peer, self.now)
+            self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
+            self.lied_about.discard(peer)
         removed = self.tree.expire(self.now)
         if removed:
             event("tick: expired")
@@ -788,6 +818,70 @@ class UniformTreeMachine(TreeMachine):
     uniform_k = 3
 
 
+class ChurnMachine(RuleBasedStateMachine):
+    """Uniform capacity k under churn (joins, leaves, crashes and their reports): REFRESH
+    rebalances, so after every peer has refreshed a few times (a few refresh periods
+    without churn) the depth is back within ceil(log_k N) + 2."""
+
+    k = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tree = StreamTree(ORIGIN, "origin:4433", self.k, peer_ttl=TTL, promote_after=60.0)
+        self.now = 0.0
+        self.next_id = 1
+
+    def peers(self) -> list[bytes]:
+        return sorted(p for p in self.tree if p != ORIGIN)
+
+    @rule(count=st.integers(1, 40))
+    def join(self, count: int) -> None:
+        for _ in range(count):
+            self.tree.join(pid(self.next_id), self.k, addr(self.next_id), self.now)
+            self.next_id += 1
+
+    @rule(data=st.data(), count=st.integers(1, 10))
+    def leave(self, data: st.DataObject, count: int) -> None:
+        for _ in range(count):
+            peers = self.peers()
+            if peers:
+                self.tree.leave(data.draw(st.sampled_from(peers)), self.now)
+
+    @rule(data=st.data())
+    def crash(self, data: st.DataObject) -> None:
+        peers = self.peers()
+        if not peers:
+            return
+        dead = data.draw(st.sampled_from(peers))
+        for child in self.tree.children_of(dead):
+            with contextlib.suppress(NoCapacity):
+                self.tree.report_failure(child, dead, self.now)
+        if dead in self.tree:
+            self.tree.probe_result(dead, False, self.now)
+
+    @rule(seconds=st.sampled_from([1.0, 30.0, 61.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+    @invariant()
+    def structure_holds(self) -> None:
+        check_invariants(self.tree)
+
+    def teardown(self) -> None:
+        """Quiet for a while: everyone refreshes (following every move it is told of)
+        round after round; the depth must come back within the bound."""
+        self.now += 61.0
+        for _ in range(6):
+            for peer in sorted(self.peers(), key=self.tree.depth_of):
+                parent = self.tree.parent_of(peer)
+                while self.tree.refresh(peer, self.now, parent=parent) is not None:
+                    parent = self.tree.parent_of(peer)  # it moved there: it confirms
+            self.now += 180.0
+        check_invariants(self.tree)
+        snap = self.tree.snapshot()
+        assert snap.max_depth <= depth_bound(snap.audience, self.k), snap
+
+
 TreeMachine.TestCase.settings = settings(
     max_examples=300,
     stateful_step_count=60,
@@ -800,5 +894,12 @@ UniformTreeMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+ChurnMachine.TestCase.settings = settings(
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_tree_machine = TreeMachine.TestCase
+test_depth_stays_bounded_under_churn = ChurnMachine.TestCase
 test_uniform_tree_machine = UniformTreeMachine.TestCase

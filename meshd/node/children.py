@@ -206,7 +206,7 @@ class Children:
                         logger.info("child %s: %s", self._name(child), event.reason)
                 self._after(child, link, now)
         for child, (request, deadline) in list(self._waiting.items()):
-            if now >= deadline:
+            if now >= deadline and child in self._waiting and not self._let_go_a_silent_child(now):
                 del self._waiting[child]
                 self._admit(child, request, now, last_try=True)
 
@@ -281,7 +281,9 @@ class Children:
             self._admit(child, request, now)
 
     def _silent_child_deadline(self, now: float) -> float | None:
-        """When the first child we have not heard from lately will be let go, if any."""
+        """When the quietest child we have not heard from lately will be let go for a
+        newcomer, if any: after half the child timeout, since the tracker sending someone
+        here says it counts that child as gone already."""
         quiet = now - 2 * self.config.heartbeat_interval
         deadlines = []
         for child in self._streaming:
@@ -290,8 +292,28 @@ class Children:
             if heard is not None:
                 link.child_heard(heard)
             if link.child_heard_at < quiet:
-                deadlines.append(link.child_heard_at + self.config.child_timeout)
+                deadlines.append(link.child_heard_at + self.config.child_timeout / 2)
         return min(deadlines, default=None)
+
+    def _let_go_a_silent_child(self, now: float) -> bool:
+        """Free the slot of the quietest child silent for half the child timeout, so the
+        newcomers held for it are admitted (True), if there is one."""
+        silent = [
+            (link.child_heard_at, child)
+            for child in self._streaming
+            if (link := self._links[child]).child_heard_at + self.config.child_timeout / 2 <= now
+        ]
+        if not silent:
+            return False
+        _, child = min(silent)
+        link = self._links[child]
+        quiet = now - link.child_heard_at
+        logger.info(
+            "child %s: nothing heard for %.1f s; its slot is wanted", self._name(child), quiet
+        )
+        link.goodbye(ErrorCode.CHILD_TIMEOUT, f"nothing heard from the child for {quiet:.1f} s")
+        self._after(child, link, now)
+        return True
 
     def _repair(self, child: int, seqs: tuple[int, ...]) -> None:
         link = self._links[child]

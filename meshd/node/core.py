@@ -75,7 +75,7 @@ STORM_WINDOW = 30.0  # seconds during which failovers lengthen the silence timeo
 UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 LEAVE_TIMEOUT = 3.0  # how long a leaving node waits for the tracker's MOVED
 STALL_SLACK = 0.5  # a parent stalled this much less than us still counts as stalled too
-FAILOVER_ASK_AFTER = 0.5  # a failover not done by then asks the tracker too
+FAILOVER_ASK_AFTER = 0.25  # a failover not done by then asks the tracker too
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -604,15 +604,21 @@ class NodeCore:
     # -- attaching ---------------------------------------------------------------------
 
     def _start_round(
-        self, purpose: Purpose, candidates: list[Peer], now: float, *, dead: Peer | None = None
+        self,
+        purpose: Purpose,
+        candidates: list[Peer],
+        now: float,
+        *,
+        dead: Peer | None = None,
+        trying: set[int] | None = None,
     ) -> None:
         """Attach to the first candidate that accepts us ("happy eyeballs": the next
         candidate is tried when the previous one fails or after a stagger, so a dead one
         costs a fraction of a second). A failover tries all backups at once: they are
         equals, and time is audio; the tracker is asked in parallel soon after (see
-        `_ask_during_failover`)."""
+        `_ask_during_failover`). `trying`: links already on their way (a move)."""
         stagger = 0.0 if purpose is Purpose.FAILOVER else ATTACH_STAGGER
-        self._round = AttachRound(purpose, [], stagger, now, dead=dead)
+        self._round = AttachRound(purpose, [], stagger, now, dead=dead, trying=trying or set())
         self._add_candidates(self._round, candidates, now)
         if not self._round.trying:
             self._round_failed(self._round, now)
@@ -636,6 +642,16 @@ class NodeCore:
             round_.next_at = now + round_.stagger
             if round_.stagger > 0:
                 return
+
+    def _moving_to(self) -> dict[bytes, int]:
+        """A move to where the tracker placed us that is on its way: node -> link. When
+        the parent fails meanwhile, that link is the best candidate there is."""
+        round_ = self._round
+        if round_ is None or round_.purpose not in (Purpose.FOLLOW, Purpose.REDIRECT):
+            return {}
+        moving = {self._links[link].peer.node: link for link in round_.trying}
+        round_.trying.clear()  # handed over, not cancelled
+        return moving
 
     def _cancel_round(self) -> None:
         round_ = self._round
@@ -707,7 +723,8 @@ class NodeCore:
                 self._reconcile_at = now + self._follow_retry.next_delay()
             return
         delay = self._round_retry.next_delay()
-        dead = round_.dead or (round_.full[0] if round_.full else None) or self.assigned
+        # Name the latest parent that failed us: the tracker's choice, else the old one.
+        dead = (round_.full[0] if round_.full else None) or self.assigned or round_.dead
         if self._asking(Purpose.PLACE):
             return  # a failover asked already: its answer starts the next round
         if self._round_retry.attempt > 1:  # the first round asks the tracker at once
@@ -825,11 +842,19 @@ class NodeCore:
         self.stats.failovers += 1
         self.stats.bad_peers += bad
         self._failovers.append(now)
+        moving = self._moving_to()
         self._cancel_round()
-        self.assigned = None
+        if self.assigned is not None and self.assigned.node not in moving:
+            self.assigned = None
         self._reconcile_at = None
         candidates = [peer for peer in self.backups if peer.node != up.peer.node]
-        self._start_round(Purpose.FAILOVER, candidates, now, dead=up.peer)
+        if refused == ErrorCode.CHILD_TIMEOUT:
+            # It let us go because it heard nothing from us (we were stopped or starved):
+            # it is alive, and the first place to try again.
+            candidates.insert(0, up.peer)
+        self._start_round(
+            Purpose.FAILOVER, candidates, now, dead=up.peer, trying=set(moving.values())
+        )
 
     def _close(self, up: Upstream, code: int, reason: str) -> None:
         """Close a link ourselves (GOODBYE first if it got that far)."""

@@ -46,6 +46,8 @@ class RoomSpec:
     loss: float = 0.0
     join_spread: float = 3.0
     """Listeners start spread over this many seconds."""
+    refresh_s: int = 60
+    """How often nodes refresh their soft state at the tracker."""
     config: NodeConfig = field(default_factory=NodeConfig)
 
 
@@ -61,7 +63,7 @@ class World:
         self.scheduler = Scheduler()
         self.network = Network(self.scheduler, random.Random(self.rng.random()), loss=spec.loss)
         self.tracker = TrackerHost(
-            self.network, Tracker(TrackerConfig(refresh_s=60)), self._delay()
+            self.network, Tracker(TrackerConfig(refresh_s=spec.refresh_s)), self._delay()
         )
         self.network.add(self.tracker)
         self.origin = OriginHost(

@@ -12,8 +12,9 @@ depth is at most ceil(log_k N) + 1.
 Repairs move only the nodes the protocol lets us tell (the reporter of a failure, the
 children of a leaver); each moved node keeps its subtree and goes to the shallowest free
 slot outside its own subtree (and outside the failed node's subtree). In a full tree that
-slot is near the frontier, so churn makes the tree deeper than log_k N (see
-bench/bench_tracker_core.py); only moving peers that asked for nothing could undo that.
+slot is near the frontier, so churn makes the tree deeper than log_k N. REFRESH undoes
+that (`_better_place`): stable relays move up into shallow free slots, leaves move down
+out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 
 Failure reports are hearsay until confirmed: a node reported dead is evicted only after
 `report_quorum` distinct children reported it within `report_window`, when its soft state
@@ -61,6 +62,9 @@ __all__ = [
 _BACKUP_SCAN = 32
 # Backups rotate through the `backups * _BACKUP_POOL` shallowest eligible candidates.
 _BACKUP_POOL = 3
+# In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
+# it gets the suspect probed, but is no witness towards evicting it.
+_UNSURE = b""
 
 
 class TreeErrorCode(StrEnum):
@@ -142,6 +146,7 @@ class _Node:
         "capacity",
         "children",
         "depth",
+        "joined",
         "last_seen",
         "orphaned",
         "parent",
@@ -158,6 +163,7 @@ class _Node:
         self.parent = parent
         self.children: list[_Node] = []
         self.depth = depth
+        self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
@@ -191,6 +197,7 @@ class StreamTree:
         peer_ttl: float = 600.0,
         report_quorum: int = 2,
         report_window: float = 60.0,
+        promote_after: float = 60.0,
     ) -> None:
         if origin_capacity < 0 or backups < 0 or report_quorum < 1:
             raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
@@ -201,6 +208,7 @@ class StreamTree:
         self._ttl = peer_ttl
         self._quorum = report_quorum
         self._window = report_window
+        self._promote_after = promote_after
         origin = _Node(PeerRef(origin_id, origin_address), origin_capacity, None, 0, 0.0)
         self._origin = origin
         self._peers: dict[bytes, _Node] = {origin_id: origin}
@@ -347,9 +355,12 @@ class StreamTree:
         self._update(node, now, capacity, address)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
-        if banned is not None and node.parent is banned and node.orphaned:
+        refused = node.parent is suspect and node.orphaned
+        if banned is not None and refused:
             # We only told it to go there: it never streamed from that parent, which
-            # refused it. That is no failure of the parent; just place the node elsewhere.
+            # refused it or never answered. That is no failure report: place the node
+            # elsewhere, and let the probe tell whether that parent is there at all.
+            self._doubt(banned, now)
             banned = None
         if banned is not None and node.parent is banned:
             self._record_report(banned, reporter, now)  # may evict it and re-home us
@@ -358,19 +369,31 @@ class StreamTree:
         claim = self._claim(node, attached_to, banned)
         if node.parent is suspect:
             target = claim or self._pick_parent(node, node.capacity, banned=banned, avoid=suspect)
+            if target is None and banned is not None:
+                # Only `dead`'s subtree has room: it may yet be alive (its probe tells).
+                target = self._pick_parent(node, node.capacity, avoid=suspect)
+            if target is None and self._under_a_guess(node) is not None:
+                self._set_orphaned(node, True)
+                return self._assignment(node)  # moved below its own guessed subtree
+            if target is None and refused:
+                # Nowhere else: the refusal may have been for a moment (a child of that
+                # parent was leaving, say). It may try there again.
+                return self._assignment(node)
             if target is None:
                 raise NoCapacity("no free slot outside the reporter's subtree")
             self._move(node, target)
         elif claim is not None and claim is not node.parent:
             self._move(node, claim)
         # Where it streams from now is a fact; anywhere else we just told it to go.
-        self._set_orphaned(node, node.parent is not claim)
+        self._set_orphaned(node, node.parent is None or node.parent.ref.peer_id != attached_to)
         return self._assignment(node)
 
     def probe_result(self, peer_id: bytes, alive: bool, now: float) -> list[bytes]:
         """The host probed a suspect: clear the suspicion, or evict it.
 
-        Returns the peers removed (the suspect, plus any subtree with nowhere to go).
+        A failed probe of a peer that is no longer a suspect is stale (it spoke for itself
+        meanwhile, e.g. back from a SIGSTOP) and changes nothing. Returns the peers
+        removed (the suspect, plus any subtree with nowhere to go).
         """
         node = self._peers.get(peer_id)
         if node is None:
@@ -380,6 +403,8 @@ class StreamTree:
         if alive:
             self._reports.pop(node, None)
             self._touch(node, now)
+            return []
+        if node not in self._reports:
             return []
         return self._evict(node)
 
@@ -434,7 +459,12 @@ class StreamTree:
         if claim is not node.parent:
             self._move(node, claim)
         self._set_orphaned(node, False)
-        return None
+        better = self._better_place(node, now)
+        if better is None:
+            return None
+        self._move(node, better)  # make before break: the node moves when told, then confirms
+        self._set_orphaned(node, True)
+        return self._assignment(node)
 
     def expire(self, now: float) -> list[bytes]:
         """Remove peers not heard from for more than `peer_ttl`; returns the removed ids.
@@ -473,7 +503,8 @@ class StreamTree:
             self._expiry.append((now, node))
 
     def _update(self, node: _Node, now: float, capacity: int | None, address: str | None) -> None:
-        """Apply what a request from the peer itself tells us."""
+        """Apply what a request from the peer itself tells us (it is alive, too)."""
+        self._reports.pop(node, None)
         self._touch(node, now)
         if address is not None and address != node.ref.address:
             node.ref = PeerRef(node.ref.peer_id, address)
@@ -600,6 +631,48 @@ class StreamTree:
             self._move(node, parent)
             self._attach(guess, old)
         return parent
+
+    def _better_place(self, node: _Node, now: float) -> _Node | None:
+        """Rebalancing, one refreshing peer at a time, so churn does not deepen the tree.
+
+        A relay up for `promote_after` moves to a free slot at least two levels above
+        its own (stable relays migrate toward the root, pulling their subtrees up); a
+        leaf holding a slot two or more levels above the deepest free one moves down
+        there (the shallow slot goes to a relay). Every move is make-before-break: the
+        peer hears of it in the REFRESH answer, moves, and confirms.
+        """
+        parent = node.parent
+        if parent is None:
+            return None
+        if node.capacity > 0:
+            if now - node.joined < self._promote_after:
+                return None
+            target = self._pick_parent(node, node.capacity, avoid=parent)
+            if target is not None and target.depth + 2 < node.depth:
+                return target
+            return None
+        target = self._pick_parent(node, 0, avoid=parent)
+        if target is not None and target.depth > node.depth:  # it lands 2+ levels deeper
+            return target
+        return None
+
+    def _under_a_guess(self, node: _Node) -> _Node | None:
+        """When the only free slots lie in `node`'s own subtree: one below a tentative
+        link there is below `node` only by our guess. Move `node` to that slot and the
+        guessed piece into the slot `node` leaves (a guess for a guess, no cycle)."""
+        old = node.parent
+        if old is None or old in self._reports:
+            return None
+        for free in self._free_nodes(shallow_first=node.capacity > 0):
+            if free is node or not _within(free, node):
+                continue
+            guess = self._tentative_link(free, node)
+            if guess is not None:
+                self._detach(guess)
+                self._move(node, free)
+                self._attach(guess, old)
+                return free
+        return None
 
     def _tentative_link(self, low: _Node, high: _Node) -> _Node | None:
         """The first tentatively placed node on the way up from `low` to `high`."""
@@ -789,8 +862,15 @@ class StreamTree:
         reports = self._reports.setdefault(suspect, {})
         reports[reporter] = now
         self._prune_reports(reports, now)
-        if len(reports) >= self._quorum or now - suspect.last_seen > self._ttl:
+        witnesses = len(reports) - (_UNSURE in reports)
+        if witnesses >= self._quorum or now - suspect.last_seen > self._ttl:
             self._evict(suspect)
+
+    def _doubt(self, node: _Node, now: float) -> None:
+        """A peer we sent someone to did not take them: probe it, without counting that
+        as a failure report (it may just be full, or the view of it stale)."""
+        if node is not self._origin:
+            self._reports.setdefault(node, {})[_UNSURE] = now
 
     def _place_unknown(
         self,
@@ -814,6 +894,9 @@ class StreamTree:
             or (banned is not None and _within(parent, banned))
         ):
             parent = self._pick_parent(None, capacity, banned=banned)
+        if parent is None and banned is not None:
+            # `dead` may be alive (it only let the peer go): better under it than nowhere.
+            parent = self._pick_parent(None, capacity, avoid=banned)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
         return self._assignment(self._insert(peer_id, capacity, address, parent, now))

@@ -1,0 +1,60 @@
+"""A parent's child slots (meshd/node/children.py), driven in memory with a fake clock."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.node.children import Children, CloseChild
+from meshd.node.config import NodeConfig
+from meshd.node.stats import NodeStats
+from protocol import ChildLink, ChunkRing, ChunkSigner, ErrorCode
+
+PARENT = b"\x05" * 32
+
+
+class Parent:
+    """A relay with one child slot, its header and path known."""
+
+    def __init__(self) -> None:
+        signer = ChunkSigner(Ed25519PrivateKey.generate())
+        self.stream = signer.stream_id
+        self.heard: dict[int, float] = {}
+        self.children = Children(
+            self.stream,
+            ChunkRing(span_samples=480_000),
+            1,
+            NodeConfig(),
+            NodeStats("relay", "", ""),
+        )
+        self.children.last_heard = self.heard.get
+        self.children.set_info(signer.stream_info(b"OpusHead-test"), 0.0)
+        self.children.set_path((self.stream, PARENT), 0.0)
+
+    def subscribe(self, child: int, now: float) -> None:
+        link = ChildLink(self.stream, bytes([child]) * 32, None, parent=PARENT, now=now)
+        self.children.open(child, 1200, now)
+        self.heard[child] = now
+        self.children.receive_data(child, link.data_to_send(), now)
+
+
+def test_a_newcomer_gets_the_slot_of_a_child_silent_for_half_the_child_timeout() -> None:
+    parent = Parent()
+    parent.subscribe(1, now=0.0)
+    assert parent.children.streaming_nodes() == {b"\x01" * 32}
+    parent.subscribe(2, now=0.45)  # child 1 silent for 0.45 s: held, not refused
+    assert parent.children.take_closes() == []
+    parent.children.handle_timer(0.49)
+    assert parent.children.take_closes() == []
+    parent.children.handle_timer(0.5)  # half the 1 s child timeout
+    assert parent.children.take_closes() == [CloseChild(1, ErrorCode.CHILD_TIMEOUT)]
+    assert parent.children.streaming_nodes() == {b"\x02" * 32}
+
+
+def test_a_child_heard_from_keeps_its_slot_and_the_newcomer_is_refused() -> None:
+    parent = Parent()
+    parent.subscribe(1, now=0.0)
+    parent.subscribe(2, now=0.45)
+    parent.heard[1] = 0.48  # its ACKs came in after all
+    parent.children.handle_timer(0.5)
+    assert parent.children.take_closes() == [CloseChild(2, ErrorCode.NO_CAPACITY)]
+    assert parent.children.streaming_nodes() == {b"\x01" * 32}

@@ -13,23 +13,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeAlias
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from prometheus_client.registry import CollectorRegistry
 
 from meshd import __version__
 from meshd.addresses import format_address, parse_address
 from meshd.errors import EXIT_FAILED, NodeError, UsageError
 from meshd.keys import KeyFileError, load_key, write_new_key
 from meshd.logs import LOG_FORMATS, configure_logging, log_as
-from meshd.metrics import NodeCollector, node_metrics, serve_metrics, tracker_metrics
 from meshd.node.config import NodeConfig
 from meshd.node.origin import Origin, OriginSettings
 from meshd.node.output import AudioSink, check_output_path
 from meshd.node.relay import Relay, RelaySettings
-from meshd.node.stats import ChunkTrace
+from meshd.node.stats import ChunkTrace, NodeStats
 from meshd.quic import open_quic_endpoint
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
@@ -51,6 +49,9 @@ from protocol import (
 )
 from protocol.identity import public_key_from_id
 from protocol.limits import MAX_TREE_NODES
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 logger = logging.getLogger("meshd")
 
@@ -342,7 +343,7 @@ def run_tracker(args: argparse.Namespace) -> int:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
             address = await nursery.start(serve_tracker, tracker, key, *args.listen)
             if args.metrics:
-                await _start_metrics(nursery, tracker_metrics(tracker), args.metrics)
+                await _serve_tracker_metrics(nursery, tracker, args.metrics)
             mode = "tokens required" if args.host_id else "open to everyone"
             print(f"listening on {format_address(address)}", flush=True)
             logger.info("tracker %s ready (%s)", key_to_text(key_id(key)), mode)
@@ -351,9 +352,39 @@ def run_tracker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start_metrics(
+# meshd.metrics is imported only when --metrics asks for it: prometheus_client adds a
+# tenth to every start-up, which a room of processes starting at once feels.
+
+
+async def _serve_tracker_metrics(
+    nursery: trio.Nursery, tracker: Tracker, address: tuple[str, int]
+) -> None:
+    from meshd.metrics import tracker_metrics
+
+    await _serve_metrics(nursery, tracker_metrics(tracker), address)
+
+
+async def _serve_node_metrics(
+    nursery: trio.Nursery,
+    stats: NodeStats,
+    address: tuple[str, int],
+    relay: Relay | None = None,
+) -> None:
+    from meshd.metrics import NodeCollector, node_metrics
+
+    collector = (
+        NodeCollector(stats)
+        if relay is None
+        else NodeCollector(stats, relay.parent_rtt, relay.refresh_stats)
+    )
+    await _serve_metrics(nursery, node_metrics(collector), address)
+
+
+async def _serve_metrics(
     nursery: trio.Nursery, registry: CollectorRegistry, address: tuple[str, int]
 ) -> None:
+    from meshd.metrics import serve_metrics
+
     bound = await nursery.start(serve_metrics, registry, *address)
     logger.info("metrics on http://%s/metrics", format_address(bound))
 
@@ -487,8 +518,7 @@ def run_origin(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signal, origin.stop)
             if args.metrics:
-                registry = node_metrics(NodeCollector(origin.stats))
-                await _start_metrics(nursery, registry, args.metrics)
+                await _serve_node_metrics(nursery, origin.stats, args.metrics)
             await origin.run()
             nursery.cancel_scope.cancel()
 
@@ -634,8 +664,7 @@ def run_listen(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signal, relay.leave)
             if args.metrics:
-                collector = NodeCollector(relay.stats, relay.parent_rtt, relay.refresh_stats)
-                await _start_metrics(nursery, node_metrics(collector), args.metrics)
+                await _serve_node_metrics(nursery, relay.stats, args.metrics, relay)
             await relay.run()
             nursery.cancel_scope.cancel()
 

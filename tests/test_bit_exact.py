@@ -58,8 +58,9 @@ def test_listeners_that_wait_for_the_stream_get_all_of_it_bit_exact(tmp_path: Pa
         tracker_proc, tracker = room.tracker("--metrics", "127.0.0.1:0", "--log-format", "json")
         key, stream = room.keygen("origin")
         first = room.listener("first", tracker, stream, "--metrics", "127.0.0.1:0")
-        first.wait_for_output("does not know stream")  # it is waiting for the stream
         second = room.listener("second", tracker, stream, "--max-children", "0")
+        for listener in (first, second):  # both are waiting for the stream
+            listener.wait_for_output("does not know stream", timeout=30)
         origin = room.start(
             "origin", "origin", "--tracker", tracker, "--key", str(key), "--input", str(TONE),
             "--metrics", "127.0.0.1:0",

@@ -97,7 +97,7 @@ class Relay:
         self.reporter = StatsReporter(
             self.stats, self.config.stats_interval, stats_file, self.refresh_stats
         )
-        self.fanout = Fanout(self.core.children, self._pump)
+        self.fanout = Fanout(self.core.children, self._pump, self._child_closed)
         self.playing = trio.Event()
         """Set once the first chunk has been played."""
         self._parents: dict[int, ParentConnection] = {}
@@ -148,6 +148,9 @@ class Relay:
         if self._finished.status != 0:
             raise NodeError(self._finished.message, self._finished.status)
         logger.info("%s", self._finished.message)
+
+    def _child_closed(self, child: int) -> None:
+        self.core.child_closed(child, trio.current_time())
 
     def refresh_stats(self) -> None:
         """Bring the time-dependent figures (the stall) up to date."""

@@ -1,4 +1,4 @@
-"""The `meshd` command: keygen, tracker, origin, listen, status, token, demo."""
+"""The `meshd` command: keygen, tracker, origin, listen, status, token, demo, conformance."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd import __version__
 from meshd.addresses import format_address, parse_address
+from meshd.conformance.command import register as register_conformance
 from meshd.errors import EXIT_FAILED, NodeError, UsageError
 from meshd.keys import KeyFileError, load_key, write_new_key
 from meshd.logs import LOG_FORMATS, configure_logging, log_as
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_keygen, _add_tracker, _add_origin, _add_listen, _add_status, _add_token):
         add(sub, common)
     _add_demo(sub, common)
+    register_conformance(sub, _address, _key_id)
     return parser
 
 

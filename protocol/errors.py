@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     BAD_PATH = 0x14
     PARENT_STALLED = 0x15
     CHILD_TIMEOUT = 0x16
+    BAD_REPAIR = 0x17
 
 
 class ProtocolError(Exception):

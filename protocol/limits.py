@@ -17,3 +17,4 @@ MAX_TREE_NODES = 256  # per TREE_REPORT: 256 of the largest records fit one mess
 MAX_PATH = 64  # node ids in a PATH, the origin included: the deepest a node may be
 MAX_STALLED_MS = 2**32 - 1
 MAX_UINT64 = 2**64 - 1
+REPAIR_BURST_BYTES = 65_536  # a child's repairs may exceed the live bytes it got by this

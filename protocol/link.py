@@ -27,7 +27,7 @@ from protocol.events import (
     SubscribeRequested,
 )
 from protocol.framing import MessageReader, frame, frame_bytes
-from protocol.limits import MAX_PATH, MAX_STALLED_MS
+from protocol.limits import MAX_PATH, MAX_STALLED_MS, REPAIR_BURST_BYTES
 from protocol.media import StreamVerifier, VerifiedChunk
 from protocol.messages import (
     Chunk,
@@ -167,14 +167,22 @@ class ChildLink(_Link):
         self._silence_timeout = silence_timeout
         self._last_heard = now
         self._silence_reported = False
+        self.announced: int | None = None
+        """The highest sequence number this parent announced (chunk or HEARTBEAT)."""
         self._send(Subscribe(stream, from_seq, node))
+
+    def _announce(self, seq: int | None) -> None:
+        if seq is not None and (self.announced is None or seq > self.announced):
+            self.announced = seq
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         """A datagram from the parent: one CHUNK, only once streaming. Raises ProtocolError."""
         if self.state is not LinkState.STREAMING:
             return  # a datagram may overtake STREAM_INFO or trail GOODBYE; nothing is lost
         self._last_heard = now
-        self._events.append(ChunkReceived(self._verifier.verify_datagram(data)))
+        item = self._verifier.verify_datagram(data)
+        self._announce(item.seq)
+        self._events.append(ChunkReceived(item))
 
     def _handle(self, msg: Message, raw: bytes, now: float) -> None:
         self._last_heard = now
@@ -182,10 +190,13 @@ class ChildLink(_Link):
             self._verifier.verify_info(msg)
             self._events.append(InfoReceived(msg))
         elif isinstance(msg, Chunk):
-            self._events.append(ChunkReceived(self._verifier.verify_chunk(msg, raw)))
+            item = self._verifier.verify_chunk(msg, raw)
+            self._announce(item.seq)
+            self._events.append(ChunkReceived(item))
         elif isinstance(msg, PathUpdate):
             self._check_path(msg.nodes)
         elif isinstance(msg, Heartbeat):
+            self._announce(msg.latest_seq)
             self._events.append(HeartbeatReceived(msg.latest_seq, msg.stalled_ms))
         elif isinstance(msg, Missing):
             self._events.append(RepairUnavailable(msg.seqs))
@@ -212,9 +223,14 @@ class ChildLink(_Link):
         self._events.append(LinkClosed(ErrorCode.BAD_PATH, reason))
 
     def request_repair(self, seqs: Iterable[int]) -> None:
-        """Ask the parent for chunks again (at most 64 per REPAIR)."""
-        wanted = tuple(seqs)
-        if self.state is not LinkState.STREAMING or not wanted:
+        """Ask the parent for chunks again (at most 64 per REPAIR): only those it announced
+        (asking for more is a protocol error; a parent we just moved to may lag behind
+        the old one, and its HEARTBEATs tell when it has them)."""
+        announced = self.announced
+        if self.state is not LinkState.STREAMING or announced is None:
+            return
+        wanted = tuple(seq for seq in seqs if seq <= announced)
+        if not wanted:
             return
         for start in range(0, len(wanted), 64):
             self._send(Repair(wanted[start : start + 64]))
@@ -245,12 +261,14 @@ class ParentLink(_Link):
         max_datagram: int = 0,
         heartbeat_interval: float = 0.25,
         child_timeout: float | None = None,
+        subscribe_timeout: float | None = None,
     ) -> None:
         super().__init__()
         self._stream = stream
         self._max_datagram = max_datagram
         self._heartbeat_interval = heartbeat_interval
         self._child_timeout = child_timeout
+        self._subscribe_by = None if subscribe_timeout is None else now + subscribe_timeout
         self._last_sent = now
         self._last_heartbeat = now
         self._datagrams: list[bytes] = []
@@ -261,6 +279,8 @@ class ParentLink(_Link):
         """When we last heard from the child (the driver adds what the transport saw)."""
         self.stalled_since: float | None = None
         """Since when our own playback is stalled (reported in HEARTBEAT), if it is."""
+        self._live_bytes = 0
+        self._repair_bytes = 0
 
     def receive_data(self, data: bytes, now: float) -> None:
         self.child_heard(now)
@@ -281,6 +301,10 @@ class ParentLink(_Link):
                 return
             self._events.append(SubscribeRequested(msg.from_seq, msg.node))
         elif isinstance(msg, Repair):
+            if self.latest_seq is None or max(msg.seqs) > self.latest_seq:
+                raise RemoteProtocolError(
+                    "REPAIR for a chunk this parent never announced", ErrorCode.BAD_REPAIR
+                )
             self._events.append(RepairRequested(msg.seqs))
 
     def accept(
@@ -304,6 +328,7 @@ class ParentLink(_Link):
 
     def _send_on_stream(self, item: VerifiedChunk) -> None:
         self._outgoing += frame_bytes(item.raw)
+        self._live_bytes += len(item.raw)
         if self.latest_seq is None or item.seq > self.latest_seq:
             self.latest_seq = item.seq
 
@@ -313,21 +338,33 @@ class ParentLink(_Link):
             return
         if len(item.raw) <= self._max_datagram:
             self._datagrams.append(item.raw)
+            self._live_bytes += len(item.raw)
             if self.latest_seq is None or item.seq > self.latest_seq:
                 self.latest_seq = item.seq
         else:
             self._send_on_stream(item)
         self._last_sent = now
 
-    def answer_repair(self, found: Iterable[VerifiedChunk], missing: Iterable[int]) -> None:
-        """Resend what we hold on the stream; say MISSING for the rest."""
+    def answer_repair(
+        self, found: Iterable[VerifiedChunk], missing: Iterable[int]
+    ) -> list[VerifiedChunk]:
+        """Resend what we hold on the stream, within the child's repair budget (the live
+        bytes it got, plus a burst); say MISSING for the rest. Returns the chunks sent."""
         if self.state is not LinkState.STREAMING:
-            return
+            return []
+        lost = list(missing)
+        sent = []
         for item in found:
-            self._send_on_stream(item)
-        lost = tuple(missing)
+            if self._repair_bytes + len(item.raw) > self._live_bytes + REPAIR_BURST_BYTES:
+                lost.append(item.seq)
+                continue
+            self._repair_bytes += len(item.raw)
+            self._outgoing += frame_bytes(item.raw)
+            sent.append(item)
+        lost.sort()
         for start in range(0, len(lost), 64):
-            self._send(Missing(lost[start : start + 64]))
+            self._send(Missing(tuple(lost[start : start + 64])))
+        return sent
 
     def redirect(self, parent: Peer, backups: tuple[Peer, ...]) -> None:
         """Graceful leave: tell the child where to go; keep streaming until it says GOODBYE."""
@@ -348,6 +385,8 @@ class ParentLink(_Link):
         if self.state is LinkState.CLOSED:
             return None
         deadlines = []
+        if self._subscribe_by is not None and self.child is None:
+            deadlines.append(self._subscribe_by)
         if self._child_timeout is not None and self.child is not None:
             deadlines.append(self.child_heard_at + self._child_timeout)
         if self.state is LinkState.STREAMING:
@@ -364,6 +403,11 @@ class ParentLink(_Link):
 
     def handle_timer(self, now: float) -> None:
         if self.state is LinkState.CLOSED:
+            return
+        if self._subscribe_by is not None and self.child is None and now >= self._subscribe_by:
+            reason = "no SUBSCRIBE in time"  # a slow or idle peer holds no connection long
+            self.goodbye(ErrorCode.CHILD_TIMEOUT, reason)
+            self._events.append(LinkClosed(ErrorCode.CHILD_TIMEOUT, reason))
             return
         timeout = self._child_timeout
         if timeout is not None and self.child is not None and now >= self.child_heard_at + timeout:

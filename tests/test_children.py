@@ -58,3 +58,22 @@ def test_a_child_heard_from_keeps_its_slot_and_the_newcomer_is_refused() -> None
     parent.children.handle_timer(0.5)
     assert parent.children.take_closes() == [CloseChild(2, ErrorCode.NO_CAPACITY)]
     assert parent.children.streaming_nodes() == {b"\x01" * 32}
+
+
+def test_a_connection_that_never_subscribes_is_closed_and_only_a_few_may_wait() -> None:
+    """Slowloris: connections that send nothing (or a byte of a frame) hold no slot and
+    little memory for long."""
+    parent = Parent()
+    limit = NodeConfig().max_unsubscribed
+    for child in range(limit + 3):
+        parent.children.open(child, 1200, now=0.0)
+        parent.children.receive_data(child, b"\x05", now=0.0)  # a byte of a frame header
+    refused = parent.children.take_closes()
+    assert refused == [CloseChild(c, ErrorCode.OVERLOADED) for c in range(limit, limit + 3)]
+    parent.children.handle_timer(1.9)
+    assert parent.children.take_closes() == []
+    parent.children.handle_timer(NodeConfig().subscribe_timeout)
+    closed = parent.children.take_closes()
+    assert closed == [CloseChild(c, ErrorCode.CHILD_TIMEOUT) for c in range(limit)]
+    parent.subscribe(99, now=2.5)  # an honest child still gets in
+    assert parent.children.streaming_nodes() == {bytes([99]) * 32}

@@ -19,6 +19,7 @@ from protocol import (
     Peer,
     ProtocolError,
     ReorderBuffer,
+    Repair,
     VerifiedChunk,
     encode_message,
     frame,
@@ -36,7 +37,7 @@ from protocol.events import (
     RepairUnavailable,
     SubscribeRequested,
 )
-from protocol.limits import MAX_PATH
+from protocol.limits import MAX_PATH, REPAIR_BURST_BYTES
 
 PACKET = b"\xfc" + b"\x11" * 79
 CHILD = b"\x02" * 32
@@ -195,6 +196,48 @@ def test_a_lost_datagram_is_repaired_over_the_stream() -> None:
             buffer.add(event.item, now=0.3)
     assert [i.seq for i in buffer.pop_ready()] == [1, 2]
     assert RepairUnavailable((99,)) in child_events
+
+
+def test_a_child_asks_only_for_what_its_parent_announced() -> None:
+    """After a move the new parent may lag behind the old one: asking it for chunks it
+    never announced would be a protocol error, so those wait for its HEARTBEATs."""
+    origin = Origin()
+    origin.produce(3)
+    pair = Pair(origin, from_seq=None)
+    pair.accept(now=0.0)
+    assert pair.child.announced == 2
+    pair.child.request_repair([1, 5, 6])
+    parent_events, _ = pair.pump(now=0.1)
+    assert parent_events == [RepairRequested((1,))]
+
+
+def test_a_repair_for_a_chunk_never_announced_is_a_protocol_error() -> None:
+    origin = Origin()
+    origin.produce(3)
+    pair = Pair(origin, from_seq=None)
+    pair.accept(now=0.0)
+    with pytest.raises(ProtocolError) as refused:  # the driver says GOODBYE with its code
+        pair.parent.receive_data(frame(Repair((2, 3))), 0.1)
+    assert refused.value.code == ErrorCode.BAD_REPAIR
+
+
+def test_a_leech_gets_no_more_repairs_than_live_bytes_plus_a_burst() -> None:
+    origin = Origin()
+    items = origin.produce(8)
+    pair = Pair(origin, from_seq=0)
+    pair.accept(now=0.0)  # 8 chunks of backlog: the live bytes so far
+    live = sum(len(item.raw) for item in items)
+    sent = 0
+    for _ in range(1_000):  # the same chunks, over and over
+        sent += sum(len(item.raw) for item in pair.parent.answer_repair(items, []))
+    assert live + REPAIR_BURST_BYTES - len(items[0].raw) < sent <= live + REPAIR_BURST_BYTES
+    assert pair.parent.answer_repair(items, []) == []  # the rest: MISSING
+    _, child_events = pair.pump(now=0.1)
+    assert RepairUnavailable(tuple(item.seq for item in items)) in child_events
+    more = origin.produce(4)
+    for item in more:  # the budget grows with the live stream
+        pair.parent.send_chunk(item, now=0.2)
+    assert pair.parent.answer_repair(more, []) == more
 
 
 def test_redirect_then_goodbye_is_make_before_break() -> None:

@@ -146,8 +146,9 @@ def check_rebalanced(tree: StreamTree, peer: bytes, depth: int, got: Assignment)
 
 
 def suspected(tree: StreamTree) -> set[bytes]:
-    """White box: peers with pending failure reports, which are never offered as parents."""
-    return {node.ref.peer_id for node in tree._reports}
+    """White box: peers never offered as parents: those with pending failure reports, and
+    those reported yet alive (unproven)."""
+    return {node.ref.peer_id for node in [*tree._reports, *tree._unproven]}
 
 
 def eligible_parents(
@@ -364,8 +365,9 @@ def test_a_suspect_that_rejoins_is_cleared() -> None:
     tree.report_failure(pid(2), pid(1), 1.0)
     tree.join(pid(1), 3, addr(1), 2.0)  # it speaks for itself
     assert tree.suspects(2.0) == []
+    assert tree.is_unproven(pid(1)), "alive, but a child said it does not deliver"
     tree.report_failure(pid(3), pid(1), 3.0)
-    assert pid(1) in tree, "the earlier report no longer counts"
+    assert pid(1) in tree
 
 
 def test_reports_outside_the_window_do_not_combine() -> None:
@@ -443,17 +445,39 @@ def test_probe_results() -> None:
     assert tree.suspects(1.0) == [parent_of_4]
     assert tree.probe_result(parent_of_4, True, 2.0) == []
     assert tree.suspects(2.0) == [] and parent_of_4 in tree
+    assert tree.is_unproven(parent_of_4)  # alive, yet its child said it did not deliver
     assert tree.probe_result(pid(2), False, 3.0) == []  # not a suspect: a stale probe
     assert pid(2) in tree
     tree.report_failure(pid(4), parent_of_4, 4.0)
     tree.refresh(parent_of_4, 4.5)  # it speaks for itself meanwhile: no longer a suspect
     assert tree.probe_result(parent_of_4, False, 5.0) == [] and parent_of_4 in tree
-    tree.report_failure(pid(2), pid(1), 6.0)
-    assert tree.probe_result(pid(1), False, 7.0) == [pid(1)]
+    tree.suspects(66.0)  # 3 (unproven since 2.0) may take children again
+    tree.report_failure(pid(2), pid(1), 66.0)
+    assert tree.probe_result(pid(1), False, 67.0) == [pid(1)]
     assert pid(1) not in tree
-    assert tree.probe_result(pid(1), False, 7.0) == []
+    assert tree.probe_result(pid(1), False, 67.0) == []
     with pytest.raises(InvalidRequest):
         tree.probe_result(ORIGIN, False, 3.0)
+    check_invariants(tree)
+
+
+def test_an_unproven_relay_gets_no_new_children_until_a_child_vouches_or_time_passes() -> None:
+    """A wedged relay answers the probe, yet its children left it for not delivering:
+    newcomers go elsewhere until a child says it streams from it, or `report_window`."""
+    tree = make_tree(origin_capacity=2, report_window=30.0)
+    build(tree, {1: (0, 3), 5: (0, 3), 2: (1, 3), 3: (1, 3)})
+    tree.report_failure(pid(2), pid(1), 1.0)  # 2 left 1: moved under 5
+    assert tree.parent_of(pid(2)) == pid(5)
+    tree.probe_result(pid(1), True, 2.0)
+    assert tree.is_unproven(pid(1))
+    assert tree.join(pid(4), 2, addr(4), 3.0).parent.peer_id == pid(5)
+    tree.suspects(33.0)  # the host's probe round prunes the doubt once its window passed
+    assert not tree.is_unproven(pid(1))
+    tree.report_failure(pid(3), pid(1), 40.0)  # a lie, or a moment's trouble
+    tree.probe_result(pid(1), True, 41.0)
+    assert tree.is_unproven(pid(1)) and tree.parent_of(pid(3)) != pid(1)
+    assert tree.refresh(pid(3), 42.0, parent=pid(1)) is None  # it streams from 1 after all
+    assert not tree.is_unproven(pid(1)) and tree.parent_of(pid(3)) == pid(1)
     check_invariants(tree)
 
 

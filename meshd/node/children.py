@@ -104,9 +104,19 @@ class Children:
             max_datagram=max_datagram,
             heartbeat_interval=self.config.heartbeat_interval,
             child_timeout=self.config.child_timeout,
+            subscribe_timeout=self.config.subscribe_timeout,
         )
         link.stalled_since = self._stalled_since
+        unsubscribed = sum(
+            1
+            for other in self._links.values()
+            if other.child is None and other.state is not LinkState.CLOSED
+        )
         self._links[child] = link
+        if unsubscribed >= self.config.max_unsubscribed:
+            # Connections that say nothing cost memory and slots: a bounded number wait.
+            link.goodbye(ErrorCode.OVERLOADED, "too many connections not subscribed yet")
+            self._after(child, link, now)
 
     def receive_data(self, child: int, data: bytes, now: float) -> None:
         """Stream bytes from a child (b"" when it ended its stream)."""
@@ -319,9 +329,12 @@ class Children:
         link = self._links[child]
         found = [item for seq in seqs if (item := self.ring.get(seq)) is not None]
         held = {item.seq for item in found}
-        link.answer_repair(found, [seq for seq in seqs if seq not in held])
-        self.stats.chunks_out += len(found)
-        self.stats.bytes_out += sum(len(item.raw) for item in found)
+        sent = link.answer_repair(found, [seq for seq in seqs if seq not in held])
+        if len(sent) < len(found):
+            self.stats.repairs_refused += len(found) - len(sent)
+            logger.debug("child %s is over its repair budget", self._name(child))
+        self.stats.chunks_out += len(sent)
+        self.stats.bytes_out += sum(len(item.raw) for item in sent)
 
     def _after(self, child: int, link: ParentLink, now: float) -> None:
         """Mark the child for sending; once its link closed, ask the driver to close it."""

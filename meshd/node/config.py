@@ -18,6 +18,10 @@ class NodeConfig:
     """How much longer a child waits on a parent that says it is stalled too."""
     child_timeout: float = 1.0
     """A parent lets a child go after hearing nothing from its connection for this long."""
+    subscribe_timeout: float = 2.0
+    """A parent closes a connection that has not sent a whole SUBSCRIBE by then."""
+    max_unsubscribed: int = 16
+    """Connections a parent holds at once that have not subscribed yet; more are refused."""
     buffer_seconds: float = 10.0
     """Audio kept in the ring buffer, for resuming children and repairs."""
     connect_timeout: float = 2.0

@@ -122,7 +122,9 @@ class Origin:
                         refresh_s = await self._register_first()
                         nursery.start_soon(self._keep_registered, refresh_s)
                         self.core.set_head(head, trio.current_time())
-                        logger.info("streaming from %s", self.address)
+                        logger.info(
+                            "streaming %s from %s", key_to_text(self.stream_id), self.address
+                        )
                         await self._stream(packets)
                 finally:
                     with trio.CancelScope(shield=True):

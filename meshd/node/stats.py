@@ -32,6 +32,8 @@ class NodeStats:
     duplicates: int = 0
     gaps: int = 0
     repairs_requested: int = 0
+    repairs_refused: int = 0
+    """Chunks children asked for again beyond their repair budget (answered MISSING)."""
     lost: int = 0
     parent_switches: int = 0
     failovers: int = 0

@@ -101,6 +101,12 @@ def close_state(quic: QuicConnection) -> tuple[ConnectionTerminated, bool] | Non
     return event, quic._state is QuicConnectionState.DRAINING
 
 
+def remote_max_datagram_frame_size(quic: QuicConnection) -> int | None:
+    """The peer's max_datagram_frame_size transport parameter, once the handshake has it."""
+    size: int | None = quic._remote_max_datagram_frame_size
+    return size
+
+
 def max_datagram_payload(quic: QuicConnection) -> int:
     """The largest DATAGRAM payload that fits one packet and the peer's limit."""
     in_packet = (

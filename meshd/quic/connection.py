@@ -21,6 +21,7 @@ import trio
 from aioquic.quic import events
 from aioquic.quic.connection import stream_is_client_initiated
 from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from cryptography import x509
 
 from meshd.quic import _aioquic
 from meshd.quic.config import EndpointConfig
@@ -127,6 +128,16 @@ class QuicConn:
     def max_datagram_payload(self) -> int:
         """The largest payload ``send_datagram`` accepts (fits one QUIC packet)."""
         return _aioquic.max_datagram_payload(self._quic)
+
+    @property
+    def peer_max_datagram_frame_size(self) -> int | None:
+        """The peer's ``max_datagram_frame_size`` transport parameter (None: not sent)."""
+        return _aioquic.remote_max_datagram_frame_size(self._quic)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The leaf certificate the peer presented (client side)."""
+        return _aioquic.peer_certificate(self._quic)
 
     async def open_stream(self, unidirectional: bool = False) -> QuicStream:
         """A new stream; the peer sees it when the first data (or FIN) arrives."""

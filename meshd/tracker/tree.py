@@ -16,11 +16,15 @@ slot is near the frontier, so churn makes the tree deeper than log_k N. REFRESH 
 that (`_better_place`): stable relays move up into shallow free slots, leaves move down
 out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 
-Failure reports are hearsay until confirmed: a node reported dead is evicted only after
-`report_quorum` distinct children reported it within `report_window`, when its soft state
-has expired, or when the host's probe says it is unreachable. An evicted node's remaining
-children keep their subtrees; the tracker re-homes each one at once so that every peer
-always reaches the origin in the tracker's view.
+Failure reports are hearsay until confirmed: a node reported dead becomes a suspect
+(nobody is sent to it) and is evicted only after `report_quorum` distinct children
+reported it within `report_window`, when its soft state has expired, or when the host's
+probe says it is unreachable. A suspect found alive (by the probe, or because it spoke
+for itself) after a child reported it is *unproven*: alive, but maybe not delivering (a
+wedged relay answers handshakes), so it gets no new children for `report_window`, or
+until a child claims it as its actual parent. An evicted node's remaining children keep
+their subtrees; the tracker re-homes each one at once so that every peer always reaches
+the origin in the tracker's view.
 
 Placements the tracker chose for a node that already streams from somewhere (an
 evicted node's children, a leaver's children, a REJOIN answered with another parent
@@ -225,6 +229,8 @@ class StreamTree:
         self._expiry: deque[tuple[float, _Node]] = deque()
         # Suspects: reporter id -> time of its report, per reported node.
         self._reports: dict[_Node, dict[bytes, float]] = {}
+        # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
+        self._unproven: dict[_Node, float] = {}
         self._index(origin)
 
     # ------------------------------------------------------------------ queries
@@ -278,7 +284,14 @@ class StreamTree:
             self._prune_reports(reports, now)
             if not reports:
                 del self._reports[node]
+        for node, since in list(self._unproven.items()):
+            if since < now - self._window:
+                del self._unproven[node]
         return [node.ref.peer_id for node in self._reports]
+
+    def is_unproven(self, peer_id: bytes) -> bool:
+        """True if a child reported this live peer and it gets no new children for now."""
+        return self._get(peer_id) in self._unproven
 
     def snapshot(self) -> TreeSnapshot:
         counts = self._depth_count
@@ -310,7 +323,6 @@ class StreamTree:
         if node is self._origin:
             raise InvalidRequest("the origin cannot join its own stream")
         if node is not None:
-            self._reports.pop(node, None)  # it speaks for itself: it is alive
             self._update(node, now, capacity, address)
             self._set_orphaned(node, False)
             return self._assignment(node)
@@ -367,6 +379,7 @@ class StreamTree:
             if self._peers.get(reporter) is not node:
                 raise NoCapacity("no free slot left for the reporter")
         claim = self._claim(node, attached_to, banned)
+        self._proven_by_child(claim)
         if node.parent is suspect:
             target = claim or self._pick_parent(node, node.capacity, banned=banned, avoid=suspect)
             if target is None and banned is not None:
@@ -401,7 +414,7 @@ class StreamTree:
         if node is self._origin:
             raise InvalidRequest("the origin is never evicted")
         if alive:
-            self._reports.pop(node, None)
+            self._clear_suspicion(node, now)
             self._touch(node, now)
             return []
         if node not in self._reports:
@@ -454,6 +467,7 @@ class StreamTree:
         if parent is None or node.parent is None:
             return None
         claim = self._claim(node, parent, None)
+        self._proven_by_child(claim)
         if claim is None:
             return self._assignment(node)
         if claim is not node.parent:
@@ -504,7 +518,7 @@ class StreamTree:
 
     def _update(self, node: _Node, now: float, capacity: int | None, address: str | None) -> None:
         """Apply what a request from the peer itself tells us (it is alive, too)."""
-        self._reports.pop(node, None)
+        self._clear_suspicion(node, now)
         self._touch(node, now)
         if address is not None and address != node.ref.address:
             node.ref = PeerRef(node.ref.peer_id, address)
@@ -547,9 +561,10 @@ class StreamTree:
     def _free_nodes(self, shallow_first: bool) -> Iterator[_Node]:
         """Nodes with a free slot, by depth; within a depth, the latest indexed first.
 
-        Suspects (reported dead, not yet confirmed either way) are left out: nobody is
-        sent to a node that is probably gone."""
+        Suspects (reported dead, not yet confirmed either way) and unproven nodes (alive
+        but reported) are left out: nobody is sent to a node that may not deliver."""
         suspects = self._reports
+        unproven = self._unproven
         free = self._free
         if shallow_first:
             depth = self._shallowest
@@ -565,7 +580,7 @@ class StreamTree:
             depths = range(depth, -1, -1)
         for d in depths:
             for node in reversed(free[d]):
-                if node not in suspects:
+                if node not in suspects and node not in unproven:
                     yield node
 
     def _pick_parent(
@@ -805,6 +820,7 @@ class StreamTree:
         self._count_depth(node.depth, -1)
         self._free_slots -= node.capacity - len(node.children)
         self._reports.pop(node, None)
+        self._unproven.pop(node, None)
         self._set_orphaned(node, False)
 
     def _drop_subtree(self, root: _Node) -> list[bytes]:
@@ -865,6 +881,17 @@ class StreamTree:
         witnesses = len(reports) - (_UNSURE in reports)
         if witnesses >= self._quorum or now - suspect.last_seen > self._ttl:
             self._evict(suspect)
+
+    def _proven_by_child(self, parent: _Node | None) -> None:
+        """A child says it streams from `parent`: it delivers after all."""
+        if parent is not None:
+            self._unproven.pop(parent, None)
+
+    def _clear_suspicion(self, node: _Node, now: float) -> None:
+        """The node is alive. If a child reported it, it stays unproven for a while."""
+        reports = self._reports.pop(node, None)
+        if reports and any(reporter != _UNSURE for reporter in reports):
+            self._unproven[node] = now
 
     def _doubt(self, node: _Node, now: float) -> None:
         """A peer we sent someone to did not take them: probe it, without counting that

@@ -1,0 +1,142 @@
+"""`meshd conformance`: the suite from the command line.
+
+Only the parser is built when `meshd` starts; the suite itself is imported when the
+command runs, so other commands do not pay for loading it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from meshd.keys import load_key
+
+if TYPE_CHECKING:
+    from meshd.conformance.report import Report
+
+DESCRIPTION = """\
+Test another meshd/1 implementation (or this one) against docs/spec.md, over the
+wire only: real QUIC connections to HOST:PORT, numbered cases tied to spec sections
+(e.g. 4.2-zero-length), each MUST / SHOULD / INFO, each reported with what was sent,
+what the spec expects and what came back. Verdicts: pass, fail, non-strict (acceptable
+but not exactly the spec, or a missed SHOULD), informational (the spec leaves it
+open), skipped (the target cannot be tested that way).
+
+Targets:
+  --tracker HOST:PORT [--tracker-id ID] [--host-key FILE]
+      the implementation is a tracker; the suite plays origins and nodes, each case
+      with a stream of its own. Give the host key whose id the tracker accepts tokens
+      from (--host-key) to run the admission token cases.
+  --parent HOST:PORT --parent-id ID --stream ID
+      the implementation is an origin or a node serving children of a live stream;
+      the suite plays children, one at a time (--concurrency N needs N free slots).
+
+Exit status: 0 if every MUST case passed, 1 if one failed, 2 on a usage error.
+docs/conformance.md lists every case.
+"""
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    address: Callable[[str], tuple[str, int]],
+    key_id: Callable[[str], bytes],
+) -> None:
+    """Add the `conformance` command (meshd.cli passes its argument parsers)."""
+    command = sub.add_parser(
+        "conformance",
+        help="test an implementation against the meshd/1 spec",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    command.set_defaults(run=run, conformance_parser=command)
+    target = command.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tracker", type=address, metavar="HOST:PORT", help="test a tracker")
+    target.add_argument(
+        "--parent", type=address, metavar="HOST:PORT", help="test an origin or node as a parent"
+    )
+    command.add_argument(
+        "--tracker-id", type=key_id, metavar="ID", help="the tracker's key id (checked)"
+    )
+    command.add_argument(
+        "--host-key", type=Path, metavar="FILE", help="host key file, to issue tokens"
+    )
+    command.add_argument("--parent-id", type=key_id, metavar="ID", help="the parent's node id")
+    command.add_argument("--stream", type=key_id, metavar="ID", help="the stream it serves")
+    command.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="run only cases whose id starts with PREFIX (repeatable), e.g. 4.2 or 6.1-accept",
+    )
+    command.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="how long to wait for an answer (default 3)",
+    )
+    command.add_argument(
+        "--close-wait",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="how long after a GOODBYE to wait for the connection's close (default 1)",
+    )
+    command.add_argument(
+        "--child-timeout",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="the parent's child timeout, §6.6 (default 1)",
+    )
+    command.add_argument(
+        "--concurrency", type=int, metavar="N", help="cases at once (tracker 8, parent 1)"
+    )
+    command.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    command.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML report")
+    command.add_argument(
+        "--all", action="store_true", help="show every case, not only those that did not pass"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.parent is not None and (args.parent_id is None or args.stream is None):
+        args.conformance_parser.error("--parent needs --parent-id and --stream")
+    report = trio.run(_run, args)
+    print(report.format(verbose=args.all))
+    if args.json:
+        report.write_json(args.json)
+    if args.junit:
+        report.write_junit(args.junit)
+    return 0 if report.ok else 1
+
+
+async def _run(args: argparse.Namespace) -> Report:
+    from meshd.conformance.runner import check_parent, check_tracker
+
+    if args.tracker is not None:
+        host_key = load_key(args.host_key) if args.host_key else None
+        return await check_tracker(
+            args.tracker,
+            tracker_id=args.tracker_id,
+            host_key=host_key,
+            only=args.case,
+            reply_wait=args.timeout,
+            close_wait=args.close_wait,
+            concurrency=args.concurrency or 8,
+        )
+    return await check_parent(
+        args.parent,
+        parent_id=args.parent_id,
+        stream=args.stream,
+        only=args.case,
+        reply_wait=args.timeout,
+        close_wait=args.close_wait,
+        child_timeout=args.child_timeout,
+        concurrency=args.concurrency or 1,
+    )

@@ -1,0 +1,69 @@
+"""Entry points: run the cases of one target and get a `Report` back."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.addresses import format_address
+from meshd.conformance.parent import CASES as PARENT_CASES
+from meshd.conformance.parent import ParentTarget
+from meshd.conformance.report import Report
+from meshd.conformance.suite import run_cases
+from meshd.conformance.tracker import CASES as TRACKER_CASES
+from meshd.conformance.tracker import TrackerTarget
+from meshd.quic import open_quic_endpoint
+from protocol import key_to_text
+
+
+async def check_tracker(
+    address: tuple[str, int],
+    *,
+    tracker_id: bytes | None = None,
+    host_key: Ed25519PrivateKey | None = None,
+    only: Collection[str] = (),
+    reply_wait: float = 3.0,
+    close_wait: float = 1.0,
+    concurrency: int = 8,
+) -> Report:
+    """Run the tracker cases (those whose id starts with one of `only`, if given);
+    `reply_wait` is how long to wait for any answer."""
+    name = f"tracker {format_address(address)}"
+    if tracker_id is not None:
+        name += f" ({key_to_text(tracker_id)})"
+    async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
+        target = TrackerTarget(endpoint, address, tracker_id, reply_wait, close_wait, host_key)
+        return await run_cases(
+            name,
+            TRACKER_CASES.select(only),
+            target,
+            case_timeout=10 * reply_wait,
+            concurrency=concurrency,
+        )
+
+
+async def check_parent(
+    address: tuple[str, int],
+    *,
+    parent_id: bytes,
+    stream: bytes,
+    only: Collection[str] = (),
+    reply_wait: float = 3.0,
+    close_wait: float = 1.0,
+    child_timeout: float = 1.0,
+    concurrency: int = 1,
+) -> Report:
+    """Run the parent cases; `concurrency` > 1 needs that many free child slots."""
+    name = f"parent {format_address(address)} ({key_to_text(parent_id)})"
+    async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
+        target = ParentTarget(
+            endpoint, address, parent_id, reply_wait, close_wait, stream, child_timeout
+        )
+        return await run_cases(
+            name,
+            PARENT_CASES.select(only),
+            target,
+            case_timeout=10 * reply_wait,
+            concurrency=concurrency,
+        )

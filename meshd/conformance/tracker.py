@@ -1,0 +1,804 @@
+"""Cases for a tracker (`meshd conformance --tracker HOST:PORT`).
+
+The suite plays origins and nodes. Every case that needs a stream registers a fresh
+one (a new stream key), so cases share no state and run concurrently. Node addresses
+handed to the tracker are loopback ports nobody listens on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from meshd.conformance.common import Target, add_common_cases
+from meshd.conformance.report import Level, Outcome, Verdict
+from meshd.conformance.suite import CaseList, Mismatch, Reply, Unmet, expect_message, read_reply
+from meshd.conformance.wire import describe, framed, packb, signed
+from meshd.tracker_client import now_ms
+from protocol import (
+    Ack,
+    Assigned,
+    ErrorCode,
+    Moved,
+    StatusReport,
+    issue_token,
+    key_id,
+)
+
+SKEW_MS = 300_000
+_ports = itertools.count(20_000)
+
+
+def _address() -> str:
+    return f"127.0.0.1:{next(_ports)}"
+
+
+@dataclass
+class Stream:
+    key: Ed25519PrivateKey
+    id: bytes
+    address: str
+    capacity: int
+
+
+@dataclass
+class Node:
+    key: Ed25519PrivateKey
+    id: bytes
+    address: str
+    capacity: int
+    assigned: Assigned | None = field(default=None)
+
+
+@dataclass
+class TrackerTarget(Target):
+    host_key: Ed25519PrivateKey | None = None
+    """The host's key, to issue admission tokens (tokens are sent only with it)."""
+
+    async def ask(self, data: bytes) -> Reply:
+        """One framed request on a new connection; the reply."""
+        return await self.send_and_read(framed(data))
+
+    async def ask_for(self, data: bytes, kind: type[Any], sent: str) -> Any:
+        """Send a request that must be answered with `kind`; Mismatch otherwise."""
+        reply = await self.ask(data)
+        goodbye = reply.goodbye
+        if goodbye is not None and goodbye.code == ErrorCode.TOKEN_REQUIRED:
+            raise Unmet("the tracker requires admission tokens: give the suite --host-key")
+        return expect_message(reply, sent, kind, _article(kind)).message
+
+    def token(self, stream: bytes, node: bytes) -> bytes | None:
+        if self.host_key is None:
+            return None
+        return issue_token(self.host_key, stream, node, now_ms() + 3_600_000)
+
+    async def new_stream(self, capacity: int = 4) -> Stream:
+        """Register a fresh stream (a precondition: a refusal skips the case)."""
+        key = Ed25519PrivateKey.generate()
+        stream = Stream(key, key_id(key), _address(), capacity)
+        reply = await self.ask(register(stream, now_ms()))
+        first = reply.first_message()
+        if first is None or not isinstance(first.message, Ack):
+            raise Unmet(f"REGISTER was not acknowledged: {reply.describe()}")
+        return stream
+
+    async def join(self, stream: Stream, capacity: int = 2) -> Node:
+        key = Ed25519PrivateKey.generate()
+        node = Node(key, key_id(key), _address() if capacity else "", capacity)
+        node.assigned = await self.ask_for(
+            join(stream.id, node, now_ms(), self.token(stream.id, node.id)),
+            Assigned,
+            f"JOIN(capacity={capacity})",
+        )
+        return node
+
+    async def status(self, stream: Stream) -> StatusReport:
+        report: StatusReport = await self.ask_for(packb([0x15, stream.id]), StatusReport, "STATUS")
+        return report
+
+
+def _article(kind: type[Any]) -> str:
+    return {Ack: "ACK", Assigned: "ASSIGNED", Moved: "MOVED", StatusReport: "STATUS_REPORT"}.get(
+        kind, kind.__name__
+    )
+
+
+# -- request encodings -------------------------------------------------------------------
+
+
+def register(stream: Stream, time_ms: int, key: Ed25519PrivateKey | None = None) -> bytes:
+    items = [0x10, stream.id, stream.address, stream.capacity, time_ms]
+    return signed(items, key or stream.key)
+
+
+def join(
+    stream: bytes,
+    node: Node,
+    time_ms: int,
+    token: bytes | None,
+    *,
+    key: Ed25519PrivateKey | None = None,
+    context: bytes = b"",
+) -> bytes:
+    items = [0x11, stream, node.id, node.capacity, node.address, token, time_ms]
+    return signed(items, key or node.key, context)
+
+
+def rejoin(
+    stream: bytes,
+    node: Node,
+    dead: bytes,
+    attached: bytes | None,
+    token: bytes | None,
+    key: Ed25519PrivateKey | None = None,
+) -> bytes:
+    items = [0x12, stream, node.id, dead, attached, node.capacity, node.address, token, now_ms()]
+    return signed(items, key or node.key)
+
+
+def leave(stream: bytes, node: bytes, key: Ed25519PrivateKey) -> bytes:
+    return signed([0x13, stream, node, now_ms()], key)
+
+
+def refresh(
+    stream: bytes, node: Node, parent: bytes | None, key: Ed25519PrivateKey | None = None
+) -> bytes:
+    items = [0x14, stream, node.id, parent, node.capacity, node.address, now_ms()]
+    return signed(items, key or node.key)
+
+
+def _new_node(capacity: int = 2) -> Node:
+    key = Ed25519PrivateKey.generate()
+    return Node(key, key_id(key), _address(), capacity)
+
+
+CASES: CaseList[TrackerTarget] = CaseList()
+add_common_cases(CASES, packb([0x15, bytes(32)]), "STATUS")
+case = CASES.case
+
+
+Build = Callable[[TrackerTarget, Stream], tuple[bytes, str]]
+"""A request's encoding and its description, given the target and a registered stream."""
+
+
+def _error(
+    case_id: str,
+    section: str,
+    title: str,
+    codes: set[ErrorCode],
+    *,
+    refusal: bool = False,
+    level: Level = Level.MUST,
+) -> Callable[[Build], Build]:
+    """A case whose request (built by the decorated function) must be answered with
+    GOODBYE(one of `codes`)."""
+
+    def decorate(build: Build) -> Build:
+        async def run(target: TrackerTarget) -> Outcome:
+            stream = await target.new_stream()
+            data, sent = build(target, stream)
+            return await target.expect_error(framed(data), codes, sent, refusal=refusal)
+
+        case(case_id, section, level, title)(run)
+        return build
+
+    return decorate
+
+
+# -- strict decoding (§4.1, §8) -------------------------------------------------------------
+
+
+@_error("4.1-arity-short", "4.1", "a message with too few fields is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _arity_short(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    return packb([0x15]), "STATUS with no field (91 15)"
+
+
+@_error("4.1-arity-long", "4.1", "a message with an extra field is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _arity_long(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    return packb([0x15, stream.id, 0]), "STATUS(stream, 0): one field too many"
+
+
+@_error("4.1-str-for-bin", "4.1", "a str where bin is required is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _str_for_bin(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    return packb([0x15, "a" * 32]), "STATUS with the stream as a 32-character str"
+
+
+@_error("4.1-key-length", "4.1", "a key that is not 32 bytes is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _key_length(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    return packb([0x15, stream.id[:31]]), "STATUS with a 31-byte stream id"
+
+
+@_error("4.1-bool-for-int", "4.1", "a boolean where an integer is required is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _bool_for_int(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    items = [0x10, stream.id, stream.address, True, now_ms()]
+    return signed(items, stream.key), "REGISTER with capacity = true (c3), signed"
+
+
+@_error("4.1-float-for-int", "4.1", "a float where an integer is required is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _float_for_int(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    items = [0x11, stream.id, node.id, 2.0, node.address, None, now_ms()]
+    return signed(items, node.key), "JOIN with capacity = 2.0 (float 64), signed"
+
+
+@_error("4.1-negative-int", "4.1", "a negative integer is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _negative_int(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    items = [0x11, stream.id, node.id, 2, node.address, None, -1]
+    return signed(items, node.key), "JOIN with time_ms = -1, signed"
+
+
+@_error("4.1-nil-not-optional", "4.1", "nil in a field that is not optional is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _nil_field(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    items = [0x10, stream.id, None, stream.capacity, now_ms()]
+    return signed(items, stream.key), "REGISTER with address = nil, signed"
+
+
+@_error("8-capacity-limit", "8", "a declared capacity above 1,024 is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _capacity_limit(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node(1025)
+    return join(stream.id, node, now_ms(), None), "JOIN with capacity = 1025, signed"
+
+
+@_error("8-address-limit", "8", "an address over 128 bytes is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _address_limit(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    node.address = "a" * 124 + ":4433"
+    return join(stream.id, node, now_ms(), None), "JOIN with a 129-byte address"
+
+
+@_error("8-token-limit", "8", "a token over 512 bytes is MALFORMED_MESSAGE",
+        {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
+def _token_limit(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    return join(stream.id, node, now_ms(), bytes(513)), "JOIN with a 513-byte token"
+
+
+# -- signatures (§4.3) ------------------------------------------------------------------------
+
+_BAD_SIG = {ErrorCode.BAD_SIGNATURE}
+
+
+@_error("4.3-register-signature", "4.3", "REGISTER signed by another key is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _register_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    other = Ed25519PrivateKey.generate()
+    return register(stream, now_ms(), other), "REGISTER signed by a key other than the stream's"
+
+
+@_error("4.3-register-context", "4.3", "REGISTER signs with an empty context",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _register_context(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    items = [0x10, stream.id, stream.address, stream.capacity, now_ms()]
+    data = signed(items, stream.key, stream.id)
+    return data, "REGISTER signed by the stream key with the stream id as context"
+
+
+@_error("4.3-join-signature", "4.3", "JOIN signed by a key other than `node` is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _join_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    data = join(stream.id, node, now_ms(), target.token(stream.id, node.id), key=stream.key)
+    return data, "JOIN signed by another key"
+
+
+@_error("4.3-join-context", "4.3", "JOIN signs with an empty context",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _join_context(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    token = target.token(stream.id, node.id)
+    data = join(stream.id, node, now_ms(), token, context=stream.id)
+    return data, "JOIN signed by its node with the stream id as context"
+
+
+@_error("4.3-join-altered", "4.3", "a JOIN altered after signing is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _join_altered(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    token = target.token(stream.id, node.id)
+    return _altered_join(stream, node, token), "JOIN signed with capacity 2, sent with capacity 3"
+
+
+def _altered_join(stream: Stream, node: Node, token: bytes | None) -> bytes:
+    items: list[Any] = [0x11, stream.id, node.id, 2, node.address, token, now_ms()]
+    signature = signed(items, node.key)[-64:]
+    items[3] = 3
+    return packb([*items, signature])
+
+
+@_error("4.3-rejoin-signature", "4.3", "REJOIN signed by another key is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _rejoin_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    token = target.token(stream.id, node.id)
+    data = rejoin(stream.id, node, stream.id, None, token, key=stream.key)
+    return data, "REJOIN signed by another key"
+
+
+@_error("4.3-leave-signature", "4.3", "LEAVE signed by another key is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _leave_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    return leave(stream.id, node.id, stream.key), "LEAVE for a node, signed by another key"
+
+
+@_error("4.3-origin-leave-signature", "4.3", "the origin's LEAVE must be signed by the stream key",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _origin_leave_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    other = Ed25519PrivateKey.generate()
+    return leave(stream.id, stream.id, other), "LEAVE(node = stream) signed by another key"
+
+
+@_error("4.3-refresh-signature", "4.3", "REFRESH signed by another key is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _refresh_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    return refresh(stream.id, node, stream.id, key=stream.key), "REFRESH signed by another key"
+
+
+# -- the exchange (§5.2, §5.3, §7) ---------------------------------------------------------------
+
+
+@_error("5.2-stale-past", "5.2", "a request more than 300 s old is STALE_REQUEST",
+        {ErrorCode.STALE_REQUEST}, refusal=True)  # fmt: skip
+def _stale_past(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    data = join(stream.id, node, now_ms() - SKEW_MS - 30_000, target.token(stream.id, node.id))
+    return data, "JOIN with time_ms 330 s in the past"
+
+
+@_error("5.2-stale-future", "5.2", "a request more than 300 s ahead is STALE_REQUEST",
+        {ErrorCode.STALE_REQUEST}, refusal=True)  # fmt: skip
+def _stale_future(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    data = join(stream.id, node, now_ms() + SKEW_MS + 30_000, target.token(stream.id, node.id))
+    return data, "JOIN with time_ms 330 s in the future"
+
+
+@_error("7.2-join-unknown-stream", "7.2", "JOIN for a stream never registered is UNKNOWN_STREAM",
+        {ErrorCode.UNKNOWN_STREAM}, refusal=True)  # fmt: skip
+def _join_unknown(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    other = key_id(Ed25519PrivateKey.generate())
+    return join(other, node, now_ms(), target.token(other, node.id)), "JOIN for an unknown stream"
+
+
+@_error("7.2-status-unknown-stream", "7.2", "STATUS for a stream never registered is "
+        "UNKNOWN_STREAM", {ErrorCode.UNKNOWN_STREAM}, refusal=True)  # fmt: skip
+def _status_unknown(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    return packb([0x15, key_id(Ed25519PrivateKey.generate())]), "STATUS for an unknown stream"
+
+
+@_error("7.2-refresh-unknown-parent", "7.2", "REFRESH from an unknown node under an unknown "
+        "parent is UNKNOWN_PEER", {ErrorCode.UNKNOWN_PEER}, refusal=True)  # fmt: skip
+def _refresh_unknown(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    parent = key_id(Ed25519PrivateKey.generate())
+    return refresh(stream.id, node, parent), "REFRESH from a node the tracker never saw"
+
+
+@_error("7.1-response-to-tracker", "7.1", "a message that is not a request is "
+        "UNEXPECTED_MESSAGE", {ErrorCode.UNEXPECTED_MESSAGE})  # fmt: skip
+def _response_to_tracker(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    return packb([0x1A, 60]), "ACK(60) as a request"
+
+
+@case("5.2-register-ack", "5.2", Level.MUST, "REGISTER is answered ACK with refresh_s > 0")
+async def _register_ack(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    stream = Stream(key, key_id(key), _address(), 2)
+    ack = await target.ask_for(register(stream, now_ms()), Ack, "REGISTER")
+    verdict = Verdict.PASS if ack.refresh_s > 0 else Verdict.FAIL
+    return Outcome(verdict, "REGISTER(capacity 2)", "ACK(refresh_s > 0)", describe(ack))
+
+
+@case("5.2-within-skew", "5.2", Level.MUST, "a request 200 s old is within the allowed skew")
+async def _within_skew(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    stream = Stream(key, key_id(key), _address(), 2)
+    sent = "REGISTER with time_ms 200 s in the past"
+    ack = await target.ask_for(register(stream, now_ms() - 200_000), Ack, sent)
+    return Outcome(Verdict.PASS, sent, "ACK", describe(ack))
+
+
+@case("5.2-status-report", "5.2", Level.MUST,
+      "STATUS is answered STATUS_REPORT for the stream, the origin at depth 0")  # fmt: skip
+async def _status_report(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=3)
+    await target.join(stream)
+    report = await target.status(stream)
+    sent = "REGISTER(capacity 3), one JOIN, then STATUS"
+    expected = "STATUS_REPORT(stream, audience 1, origin 1/3, depth_histogram [1, 1])"
+    ok = (
+        report.stream == stream.id
+        and report.audience == 1
+        and (report.origin_children, report.origin_capacity) == (1, 3)
+        and report.depth_histogram[:2] == (1, 1)
+    )
+    return Outcome(Verdict.PASS if ok else Verdict.FAIL, sent, expected, describe(report))
+
+
+@case("5.2-register-replaces", "5.2", Level.MUST,
+      "a second REGISTER replaces the origin's address and capacity")  # fmt: skip
+async def _register_replaces(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=1)
+    stream.capacity = 5
+    await target.ask_for(register(stream, now_ms()), Ack, "REGISTER(capacity 5)")
+    report = await target.status(stream)
+    ok = report.origin_capacity == 5
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER(capacity 1), REGISTER(capacity 5), STATUS",
+        "STATUS_REPORT with origin_capacity 5",
+        describe(report),
+    )
+
+
+@case("5.2-join-assigned", "5.2", Level.MUST,
+      "the first JOIN is ASSIGNED the origin (node = stream id) at depth 1")  # fmt: skip
+async def _join_assigned(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = await target.join(stream)
+    assigned = node.assigned
+    assert assigned is not None
+    ok = (
+        assigned.parent.node == stream.id
+        and assigned.parent.address == stream.address
+        and assigned.depth == 1
+        and assigned.refresh_s > 0
+    )
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER, then JOIN(capacity 2)",
+        f"ASSIGNED(parent=(stream id, {stream.address!r}), depth 1, refresh_s > 0)",
+        describe(assigned),
+    )
+
+
+@case("7.3-origin-capacity", "7.3", Level.MUST,
+      "the origin never gets more children than its capacity, nor nodes")  # fmt: skip
+async def _capacities(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=1)
+    nodes = [await target.join(stream, capacity=1) for _ in range(3)]
+    parents = [n.assigned.parent.node for n in nodes if n.assigned is not None]
+    expected_parents = [stream.id, nodes[0].id, nodes[1].id]
+    report = await target.status(stream)
+    ok = parents == expected_parents and report.origin_children <= 1
+    names = {stream.id: "origin", **{n.id: f"node{i}" for i, n in enumerate(nodes)}}
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER(capacity 1), then three JOIN(capacity 1)",
+        "a chain: parents origin, node0, node1",
+        "parents " + ", ".join(names.get(p, p.hex()[:8]) for p in parents),
+    )
+
+
+@case("7.3-leaf-last-slot", "7.3", Level.MUST,
+      "a leaf never takes the tree's last free slot: NO_CAPACITY")  # fmt: skip
+async def _leaf_last_slot(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=1)
+    node = _new_node(0)
+    node.address = ""
+    data = join(stream.id, node, now_ms(), target.token(stream.id, node.id))
+    return await target.expect_error(
+        framed(data),
+        {ErrorCode.NO_CAPACITY},
+        "REGISTER(capacity 1), then JOIN(capacity 0)",
+        refusal=True,
+    )
+
+
+@case("7.3-backups", "7.3", Level.MUST,
+      "ASSIGNED holds >= 2 backups when that many exist, never the node or its parent")  # fmt: skip
+async def _backups(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=3)
+    first = [await target.join(stream, capacity=2) for _ in range(2)]
+    node = await target.join(stream, capacity=2)
+    assigned = node.assigned
+    assert assigned is not None
+    backups = {b.node for b in assigned.backups}
+    ok = len(backups) >= 2 and not backups & {node.id, assigned.parent.node}
+    ok = ok and backups <= {n.id for n in first} | {stream.id}
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER(capacity 3), two JOIN(capacity 2), a third JOIN(capacity 2)",
+        "the third ASSIGNED names the two earlier nodes as backups",
+        describe(assigned),
+    )
+
+
+@case("7.3-rejoin-dead-parent", "7.3", Level.MUST,
+      "a REJOIN reporting its parent dead is ASSIGNED another parent")  # fmt: skip
+async def _rejoin_dead_parent(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=1)
+    relay = await target.join(stream, capacity=2)
+    other = await target.join(stream, capacity=2)
+    node = await target.join(stream, capacity=2)
+    assert node.assigned is not None
+    dead = node.assigned.parent.node
+    token = target.token(stream.id, node.id)
+    sent = "origin(1) ← relay(2) ← two nodes(2); a node's REJOIN(dead = its parent)"
+    assigned = await target.ask_for(rejoin(stream.id, node, dead, None, token), Assigned, sent)
+    ok = assigned.parent.node not in (dead, node.id)
+    del relay, other
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ASSIGNED with a parent other than the dead one",
+        describe(assigned),
+    )
+
+
+@case("7.3-rejoin-attached", "7.3", Level.MUST,
+      "a REJOIN whose `attached` has room is confirmed there")  # fmt: skip
+async def _rejoin_attached(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=2)
+    first = await target.join(stream, capacity=2)
+    second = await target.join(stream, capacity=2)
+    node = await target.join(stream, capacity=2)
+    assert node.assigned is not None
+    dead = node.assigned.parent.node
+    attached = second.id if dead == first.id else first.id
+    token = target.token(stream.id, node.id)
+    sent = "REJOIN(dead = its parent, attached = the origin's other child, which has room)"
+    assigned = await target.ask_for(rejoin(stream.id, node, dead, attached, token), Assigned, sent)
+    ok = assigned.parent.node == attached
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ASSIGNED with parent = attached",
+        describe(assigned),
+    )
+
+
+@case("7.2-refresh-ack", "7.2", Level.MUST, "REFRESH naming the assigned parent is ACKed")
+async def _refresh_ack(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = await target.join(stream)
+    sent = "JOIN, then REFRESH(parent = the assigned one)"
+    answer = await target.ask_for(refresh(stream.id, node, stream.id), Ack, sent)
+    return Outcome(Verdict.PASS, sent, "ACK", describe(answer))
+
+
+@case("7.2-refresh-reinserts", "7.2", Level.MUST,
+      "REFRESH from an unknown node under a known parent with room re-inserts it")  # fmt: skip
+async def _refresh_reinserts(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = _new_node()
+    sent = "REFRESH(parent = origin) from a node that never joined (a tracker restart)"
+    answer = await target.ask_for(refresh(stream.id, node, stream.id), Ack, sent)
+    report = await target.status(stream)
+    ok = report.audience == 1
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent + ", then STATUS",
+        "ACK, then STATUS_REPORT with audience 1",
+        f"{describe(answer)}, then audience {report.audience}",
+    )
+
+
+@case("5.2-leave-leaf", "5.2", Level.MUST, "LEAVE from a node with no children: MOVED([])")
+async def _leave_leaf(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = await target.join(stream)
+    moved = await target.ask_for(leave(stream.id, node.id, node.key), Moved, "LEAVE")
+    report = await target.status(stream)
+    ok = moved.moves == () and report.audience == 0
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "JOIN, LEAVE, STATUS",
+        "MOVED([]), then audience 0",
+        f"{describe(moved)}, then audience {report.audience}",
+    )
+
+
+@case("7.3-leave-moves-children", "7.3", Level.MUST,
+      "LEAVE: MOVED gives each child a new parent outside the leaver and its subtree")  # fmt: skip
+async def _leave_moves(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=2)
+    relays = [await target.join(stream, capacity=1) for _ in range(2)]
+    child = await target.join(stream, capacity=1)
+    assert child.assigned is not None
+    leaver = next(r for r in relays if r.id == child.assigned.parent.node)
+    moved = await target.ask_for(leave(stream.id, leaver.id, leaver.key), Moved, "LEAVE")
+    moves = {m.child: m.parent.node for m in moved.moves}
+    ok = set(moves) == {child.id} and moves[child.id] not in (leaver.id, child.id)
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "origin(2) ← two relays(1) ← a child; the child's parent sends LEAVE",
+        "MOVED([child → a parent other than the leaver])",
+        describe(moved),
+    )
+
+
+@case("7.2-origin-leave-ends", "7.2", Level.MUST,
+      "the origin's LEAVE ends the stream: MOVED([]), then STREAM_ENDED")  # fmt: skip
+async def _origin_leave(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    moved = await target.ask_for(leave(stream.id, stream.id, stream.key), Moved, "origin LEAVE")
+    node = _new_node()
+    reply = await target.ask(join(stream.id, node, now_ms(), target.token(stream.id, node.id)))
+    goodbye = reply.goodbye
+    ok = moved.moves == () and goodbye is not None and goodbye.code == ErrorCode.STREAM_ENDED
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER, LEAVE(node = stream, signed by the stream key), JOIN",
+        "MOVED([]), then GOODBYE(STREAM_ENDED)",
+        f"{describe(moved)}, then {reply.describe()}",
+    )
+
+
+@case("7.1-several-requests", "7.1", Level.MUST,
+      "further requests on the same stream are each answered")  # fmt: skip
+async def _several_requests(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    sent = "STATUS, then (after its answer) STATUS again on the same stream"
+    got: list[str] = []
+    async with target.link() as link:
+        for _ in range(2):
+            await link.send(framed(packb([0x15, stream.id])))
+            reply = await read_reply(link, target.timeout, 0)
+            got.append(reply.describe())
+            if not isinstance(getattr(reply.first_message(), "message", None), StatusReport):
+                raise Mismatch(sent, "two STATUS_REPORTs", ", then ".join(got))
+    return Outcome(Verdict.PASS, sent, "two STATUS_REPORTs", ", then ".join(got))
+
+
+@case("10-request-as-datagram", "10", Level.MUST,
+      "a datagram that is not a CHUNK is UNEXPECTED_MESSAGE")  # fmt: skip
+async def _request_as_datagram(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    sent = "STATUS as a QUIC datagram, then STATUS on the stream"
+    expected = "the connection closed with UNEXPECTED_MESSAGE"
+    async with target.link() as link:
+        link.send_datagram(packb([0x15, stream.id]))
+        await link.send(framed(packb([0x15, stream.id])))
+        reply = await read_reply(link, target.timeout, target.close_wait)
+    closed = reply.closed
+    if closed is not None and closed.code == ErrorCode.UNEXPECTED_MESSAGE:
+        return Outcome(Verdict.PASS, sent, expected, reply.describe())
+    first = reply.first_message()
+    if first is not None and isinstance(first.message, StatusReport):
+        note = "the datagram was ignored and the exchange went on"
+        return Outcome(Verdict.NON_STRICT, sent, expected, reply.describe(), note)
+    return Outcome(Verdict.FAIL, sent, expected, reply.describe())
+
+
+@case("7.2-leave-unknown-node", "7.2", Level.INFO, "LEAVE from a node the tracker does not know")
+async def _leave_unknown(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = _new_node()
+    reply = await target.ask(leave(stream.id, node.id, node.key))
+    return Outcome(Verdict.PASS, "LEAVE from an unknown node", "unspecified", reply.describe())
+
+
+@case("7.1-goodbye-to-tracker", "7.1", Level.INFO, "GOODBYE sent to the tracker as a request")
+async def _goodbye_to_tracker(target: TrackerTarget) -> Outcome:
+    reply = await target.ask(packb([0x08, 0, "bye"]))
+    return Outcome(Verdict.PASS, "GOODBYE(NO_ERROR, 'bye')", "unspecified", reply.describe())
+
+
+@case("7.3-address-validation", "7.3", Level.INFO,
+      "JOIN with capacity > 0 and an address that is not HOST:PORT")  # fmt: skip
+async def _address_validation(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = _new_node()
+    node.address = "garbage"
+    reply = await target.ask(join(stream.id, node, now_ms(), target.token(stream.id, node.id)))
+    return Outcome(
+        Verdict.PASS, "JOIN(capacity 2, address 'garbage')", "unspecified", reply.describe()
+    )
+
+
+# -- admission tokens (§5.4) -------------------------------------------------------------------
+
+
+def _token_case(case_id: str, title: str, code: ErrorCode, build: Any) -> None:
+    async def run(target: TrackerTarget) -> Outcome:
+        if target.host_key is None:
+            raise Unmet("token cases need the host's key (--host-key)")
+        stream = await target.new_stream()
+        node = _new_node()
+        token, sent = build(target.host_key, stream.id, node.id)
+        data = join(stream.id, node, now_ms(), token)
+        return await target.expect_error(framed(data), {code}, sent, refusal=True)
+
+    case(case_id, "5.4", Level.MUST, title)(run)
+
+
+def _later() -> int:
+    return now_ms() + 3_600_000
+
+
+_token_case(
+    "5.4-token-required",
+    "JOIN without a token is TOKEN_REQUIRED when the tracker has host keys",
+    ErrorCode.TOKEN_REQUIRED,
+    lambda host, stream, node: (None, "JOIN with token = nil"),
+)
+_token_case(
+    "5.4-token-other-node",
+    "a token for another node is TOKEN_INVALID",
+    ErrorCode.TOKEN_INVALID,
+    lambda host, stream, node: (
+        issue_token(host, stream, bytes(32), _later()),
+        "JOIN with a host-signed token for another node",
+    ),
+)
+_token_case(
+    "5.4-token-other-stream",
+    "a token for another stream is TOKEN_INVALID",
+    ErrorCode.TOKEN_INVALID,
+    lambda host, stream, node: (
+        issue_token(host, bytes(32), node, _later()),
+        "JOIN with a host-signed token for another stream",
+    ),
+)
+_token_case(
+    "5.4-token-not-host-signed",
+    "a token not signed by a host key is TOKEN_INVALID",
+    ErrorCode.TOKEN_INVALID,
+    lambda host, stream, node: (
+        issue_token(Ed25519PrivateKey.generate(), stream, node, _later()),
+        "JOIN with a token signed by an unknown key",
+    ),
+)
+_token_case(
+    "5.4-token-garbage",
+    "a token that is not a TOKEN message is TOKEN_INVALID",
+    ErrorCode.TOKEN_INVALID,
+    lambda host, stream, node: (b"\x92\x15\xc0", "JOIN with token 9215c0"),
+)
+_token_case(
+    "5.4-token-expired",
+    "an expired token is TOKEN_EXPIRED",
+    ErrorCode.TOKEN_EXPIRED,
+    lambda host, stream, node: (
+        issue_token(host, stream, node, now_ms() - 1000),
+        "JOIN with a host-signed token that expired 1 s ago",
+    ),
+)
+
+
+@case("5.4-token-accepted", "5.4", Level.MUST, "JOIN with a valid token is ASSIGNED")
+async def _token_accepted(target: TrackerTarget) -> Outcome:
+    if target.host_key is None:
+        raise Unmet("token cases need the host's key (--host-key)")
+    stream = await target.new_stream()
+    node = await target.join(stream)
+    assert node.assigned is not None
+    return Outcome(Verdict.PASS, "JOIN with a valid token", "ASSIGNED", describe(node.assigned))
+
+
+@case("5.4-open-mode", "5.4", Level.MUST, "a tracker without host keys ignores tokens")
+async def _open_mode(target: TrackerTarget) -> Outcome:
+    if target.host_key is not None:
+        raise Unmet("the tracker has host keys (--host-key was given)")
+    stream = await target.new_stream()
+    node = _new_node()
+    reply = await target.ask(join(stream.id, node, now_ms(), b"\x92\x15\xc0"))
+    goodbye = reply.goodbye
+    if goodbye is not None and goodbye.code == ErrorCode.TOKEN_REQUIRED:
+        raise Unmet("the tracker requires tokens: give the suite --host-key")
+    first = reply.first_message()
+    ok = first is not None and isinstance(first.message, Assigned)
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "JOIN with token 9215c0 (not a TOKEN)",
+        "ASSIGNED (open mode ignores tokens)",
+        reply.describe(),
+    )

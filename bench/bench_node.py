@@ -1,6 +1,7 @@
 """Whole-room figures with real `meshd` processes on loopback.
 
 Run: .venv/bin/python bench/bench_node.py [--sizes 10,50,100,200] [--quick] [--keep]
+     .venv/bin/python bench/bench_node.py --cpu-only [--baseline main]
      .venv/bin/python bench/bench_node.py --faults [--listeners 20] [--loss 0.03]
 
 For each N it starts a tracker, an origin (--capacity 4) and N `meshd listen` processes
@@ -80,6 +81,7 @@ HOP_BUDGET_MS = (2.0, 10.0)  # p50, p99
 JOIN_BUDGET_MS = 300.0  # p50
 GAP_BUDGET_MS = 1000.0  # p99
 CPU_BUDGET_PERCENT = 3.0
+LEAF_BUDGET_PERCENT = 1.5
 RSS_BUDGET_MB = 60.0
 SERVING = "serving children on "  # a relay's log line, with its real address
 
@@ -126,7 +128,15 @@ def read_trace(path: Path) -> dict[int, int]:
 class Node:
     """One meshd process; its stats file, trace and log live in the room's directory."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path, *, node: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        workdir: Path,
+        *,
+        node: bool = True,
+        source: Path | None = None,
+    ) -> None:
         self.name = name
         self.stats_path = workdir / f"{name}.json"
         self.trace_path = workdir / f"{name}.trace"
@@ -139,9 +149,12 @@ class Node:
             # Own process group: a Ctrl-C on the terminal reaches only the bench, which
             # then kills everything. Same session, so the kernel's autogroup keeps the
             # whole room to one fair share beside other work on the machine.
+            env = dict(os.environ)
+            if source is not None:  # a --baseline checkout: run from there, or `-m meshd`
+                env["PYTHONPATH"] = str(source)  # finds this tree's meshd first
             self.popen = subprocess.Popen(
                 [*MESHD, *args], stdin=subprocess.DEVNULL, stdout=out_file, stderr=log_file,
-                process_group=0,
+                process_group=0, env=env, cwd=source,
             )  # fmt: skip
         self.playing = False
         self.killed = False
@@ -219,7 +232,14 @@ class Room:
     it: the node advertises the front, and `route` tells the proxy the node's real port.
     """
 
-    def __init__(self, workdir: Path, audio: Path, proxy: UdpProxy | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        audio: Path,
+        proxy: UdpProxy | None = None,
+        source: Path | None = None,
+    ) -> None:
+        self.source = source
         self.workdir = workdir
         self.audio = audio
         self.proxy = proxy
@@ -233,7 +253,7 @@ class Room:
         if self.proxy is not None and node:
             front = self.proxy.add_front()
             args = [*args, "--listen", "127.0.0.1:0", "--advertise", f"127.0.0.1:{front[1]}"]
-        proc = Node(name, args, self.workdir, node=node)
+        proc = Node(name, args, self.workdir, node=node, source=self.source)
         self.nodes.append(proc)
         if front is not None:
             self.unrouted[proc] = front
@@ -295,9 +315,11 @@ class Room:
 
 
 @contextmanager
-def room(workdir: Path, audio: Path, proxy: UdpProxy | None = None) -> Iterator[Room]:
+def room(
+    workdir: Path, audio: Path, proxy: UdpProxy | None = None, source: Path | None = None
+) -> Iterator[Room]:
     workdir.mkdir()
-    running = Room(workdir, audio, proxy)
+    running = Room(workdir, audio, proxy, source)
     try:
         yield running
     finally:
@@ -620,12 +642,16 @@ class CpuResult:
     origin_cpu: float
 
 
-def run_cpu(workdir: Path, audio: Path) -> CpuResult:
-    """origin (capacity 1) -> relay -> 4 leaves; the relay's CPU and RSS in steady state."""
-    log("relay CPU: origin -> relay -> 4 leaves")
-    with room(workdir, audio) as r:
+def run_cpu(workdir: Path, audio: Path, source: Path | None = None) -> CpuResult:
+    """origin (capacity 1) -> relay -> 4 leaves; the relay's CPU and RSS in steady state.
+
+    The relay declares one slot more than it will use: the tracker keeps a tree's last
+    free slot for a relay, so a fifth slot is what lets the fourth leaf in.
+    """
+    log(f"relay CPU: origin -> relay -> 4 leaves ({source or 'this tree'})")
+    with room(workdir, audio, source=source) as r:
         origin = r.open(1)
-        relay = r.listener("relay", MAX_CHILDREN)
+        relay = r.listener("relay", MAX_CHILDREN + 1)
         if not wait_until(relay.is_playing, 20):
             raise RuntimeError(f"the relay does not play:\n{relay.tail()}")
         leaves = [r.listener(f"leaf{i}", 0) for i in range(MAX_CHILDREN)]
@@ -827,6 +853,30 @@ def ms(values: list[float], q: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}"
 
 
+def checkout(workdir: Path, ref: str) -> Path:
+    """meshd and protocol as they are at git `ref`, to run today's code beside this tree's."""
+    root = Path(__file__).resolve().parents[1]
+    target = workdir / "baseline"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "meshd", "protocol"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def report_cpu(label: str, cpu: CpuResult) -> None:
+    print(
+        f"relay at {BITRATE // 1000} kbps with {cpu.children} children ({label}):"
+        f" CPU {cpu.relay_cpu:.2f}% of one core (budget {CPU_BUDGET_PERCENT:g}%),"
+        f" RSS {cpu.relay_rss_mb:.1f} MB (budget {RSS_BUDGET_MB:g} MB);"
+        f" a leaf {cpu.leaf_cpu:.2f}% (budget {LEAF_BUDGET_PERCENT:g}%),"
+        f" the origin {cpu.origin_cpu:.2f}%"
+    )
+
+
 def report(results: list[ScaleResult], cpu: CpuResult | None, bitrate: float) -> None:
     budget = ORIGIN_CAPACITY * bitrate / 8 * EGRESS_SLACK
     print(f"\ninput: {bitrate / 1000:.1f} kbit/s Opus payload ({BITRATE // 1000} kbps CBR tone)")
@@ -899,21 +949,8 @@ def report(results: list[ScaleResult], cpu: CpuResult | None, bitrate: float) ->
         )
 
     if cpu is not None:
-        print(
-            f"\nrelay at {BITRATE // 1000} kbps with {cpu.children} children:"
-            f" CPU {cpu.relay_cpu:.1f}% of one core (budget {CPU_BUDGET_PERCENT:g}%),"
-            f" RSS {cpu.relay_rss_mb:.1f} MB (budget {RSS_BUDGET_MB:g} MB);"
-            f" for comparison a leaf {cpu.leaf_cpu:.1f}%,"
-            f" the origin {cpu.origin_cpu:.1f}%"
-        )
-
-    notes = [f"N={res.size}: {note}" for res in results for note in res.notes]
-    if notes:
-        print("\nnotes:")
-        for note in notes[:40]:
-            print(f"  {note}")
-        if len(notes) > 40:
-            print(f"  ... and {len(notes) - 40} more")
+        print()
+        report_cpu("this tree", cpu)
 
 
 def report_faults(results: list[FaultResult], size: int, bitrate: float) -> None:
@@ -975,6 +1012,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only N = 10 and 50")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, traces)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the relay CPU run")
+    parser.add_argument("--cpu-only", action="store_true", help="only the relay CPU run")
+    parser.add_argument(
+        "--baseline", metavar="REF", help="relay CPU of this git ref too (today's code)"
+    )
     parser.add_argument(
         "--faults", action="store_true", help="run the five fault scenarios instead"
     )
@@ -1002,9 +1043,20 @@ def main() -> None:
             ]
             report_faults(faults, args.listeners, bitrate)
         else:
+            sizes = [] if args.cpu_only else sizes
             results = [run_size(workdir / f"n{size}", audio, size) for size in sizes]
+            before = None
+            if args.baseline and not args.no_cpu:
+                source = checkout(workdir, args.baseline)
+                before = run_cpu(workdir / "cpu-baseline", audio, source)
             cpu = None if args.no_cpu else run_cpu(workdir / "cpu", audio)
-            report(results, cpu, bitrate)
+            if results:
+                report(results, cpu, bitrate)
+            elif cpu is not None:
+                print()
+                report_cpu("this tree", cpu)
+            if before is not None:
+                report_cpu(f"{args.baseline}, today's code, same run", before)
         print(f"\ntotal {time.monotonic() - started:.0f} s")
     finally:
         if args.keep:

@@ -5,8 +5,9 @@ Run: .venv/bin/python bench/bench_quic.py
 The server runs in a child process and the client in this one, so each side
 has its own interpreter (and core, on a multi-core machine). Prints echo round
 trip p50/p99 for 160-byte datagrams and 160-byte stream messages, handshakes/s
-the server completes, and UDP packets/s per core of server CPU during a bulk
-stream echo.
+the server completes, UDP packets/s per core of server CPU during a bulk
+stream echo, and what the bare system calls (sendto and recvfrom, no QUIC) cost per
+datagram: the most that batching sends (sendmmsg, GSO) could save.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import socket
 import statistics
 import sys
 import time
@@ -29,6 +31,7 @@ ROUND_TRIPS = 3000
 HANDSHAKE_SECONDS = 5.0
 HANDSHAKE_CONCURRENCY = 16
 BULK_BYTES = 32 * 1024 * 1024
+RAW_DATAGRAMS = 50_000
 
 
 def cpu_seconds() -> float:
@@ -170,7 +173,31 @@ async def bench(pipe: Connection, address: tuple[str, int]) -> None:
         )
 
 
+def raw_udp_cost() -> float:
+    """CPU seconds per 1,100-byte datagram for a bare sendto plus the recvfrom that
+    drains it, both on loopback in this process (the kernel's delivery included)."""
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+    ):
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        address = receiver.getsockname()
+        data = os.urandom(1100)
+        start = cpu_seconds()
+        for i in range(RAW_DATAGRAMS):
+            sender.sendto(data, address)
+            if i % 32 == 31:
+                while True:
+                    try:
+                        receiver.recvfrom(2048)
+                    except BlockingIOError:
+                        break
+        return (cpu_seconds() - start) / RAW_DATAGRAMS
+
+
 def main() -> None:
+    raw = raw_udp_cost()
     parent, child = multiprocessing.get_context("spawn").Pipe()
     server = multiprocessing.get_context("spawn").Process(target=_server_main, args=(child,))
     server.start()
@@ -178,6 +205,10 @@ def main() -> None:
         address = parent.recv()
         print(f"meshd QUIC bench: python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
         trio.run(bench, parent, address)
+        print(
+            f"bare UDP, no QUIC: sendto + recvfrom of a 1,100 B datagram {raw * 1e6:.1f} us"
+            " of CPU (the bound on what batched sends can save per datagram)"
+        )
         parent.send("stop")
     finally:
         server.join(timeout=10)

@@ -1,28 +1,37 @@
-"""Tracker server JOINs/s over real QUIC on loopback: throughput, latency, CPU, overload.
+"""Tracker server JOINs/s over real QUIC on loopback: throughput, workers, resumption, shedding.
 
-Run: .venv/bin/python bench/bench_tracker_server.py [--seconds 10] [--clients 2]
+Run: .venv/bin/python bench/bench_tracker_server.py [--seconds 8] [--clients 2] [--baseline main]
 
-Budget (the issue): the tracker server answers >= 300 JOINs per second per core of its CPU.
+Budgets (issue 12): >= 600 fresh JOINs and >= 1,500 resumed requests per server CPU-second;
+2 workers >= 1.7x the JOINs/s of 1 worker; a shed connection <= 10 % of a JOIN's CPU.
 
-The tracker is the real `meshd tracker` command in its own process, with its default
-logging (one INFO line per join, to a log file). Client processes each own one QUIC
-endpoint and run many JOINs at once through `ask_tracker`: every JOIN is a fresh
-connection, a full handshake and one request/response, as a node does it. Node keys and
-signed JOINs (time_ms = now) are made before the clock starts. Server CPU is read from
-/proc/<pid>/stat; "per core" is JOINs per second of server CPU.
+The tracker is the real `meshd tracker` command in its own process (with --workers, plus
+its worker processes), with its default logging (one INFO line per join, to a log file).
+Client processes run many requests at once through `ask_tracker`: every fresh JOIN is a
+new connection, a full handshake and one request/response, as a node does it. Node keys
+and signed requests are made before the clock starts. Server CPU is read from /proc for
+the tracker and all its children; "per CPU-s" is requests per second of that CPU.
 
-Three runs, each against a fresh tracker with one registered stream:
-  throughput  default --max-pending, a fixed window, few enough JOINs in flight that
-              nothing is shed (then one JOIN at a time, for the latency without queueing);
+Runs, each against a fresh tracker with one registered stream:
+  fresh       JOINs for --seconds, with --workers 0, 1 and 2 (and the --baseline git ref's
+              tracker, today's code, for comparison) in one run: per CPU-s and JOINs/s;
+  resumed     each simulated node (its own endpoint, as a real node) JOINs once untimed,
+              then REFRESHes on a new connection again and again: resumed TLS session,
+              REFRESH in 0-RTT;
+  shed        --max-pending 0: every connection is refused before the handshake; server
+              CPU per refusal against a fresh JOIN's;
   overload    --max-pending 8 and many more JOINs in flight; a fixed number of JOINs
-              that must all complete by backing off after RETRY_AFTER;
-  profile     the throughput load against a tracker under cProfile: where its CPU goes.
+              that must all complete by backing off;
+  profile     the fresh load against a one-process tracker under cProfile.
+On this 2-core machine the clients need about as much CPU as the tracker, so JOINs/s with
+2 workers is bounded by the machine, not by the tracker; the report says how busy it was.
 (bench_tracker_core.py measures the tree decisions alone, in process.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import multiprocessing
@@ -49,7 +58,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd import tracker_client
-from meshd.quic import open_quic_endpoint
+from meshd.quic import HandshakeFailed, open_quic_endpoint
 from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
 from protocol import (
     Ack,
@@ -57,6 +66,7 @@ from protocol import (
     ErrorCode,
     ExchangeState,
     Join,
+    Refresh,
     Register,
     StatusReport,
     StatusRequest,
@@ -65,7 +75,11 @@ from protocol import (
     sign_message,
 )
 
-BUDGET_PER_CORE = 300.0
+BUDGET_PER_CORE = 600.0
+BUDGET_RESUMED = 1500.0
+BUDGET_SHED_SHARE = 0.10
+BUDGET_SCALING = 1.7
+SEED_JOINS_PER_S = 1700.0
 ORIGIN_ADDRESS = "127.0.0.1:9"
 ORIGIN_CAPACITY = 8
 NODE_CAPACITY = 4  # relays, so the tree never runs out of room
@@ -117,28 +131,74 @@ class TrackerProcess:
                 time.sleep(0.05)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the tracker process so far (fields 14 and 15 of stat)."""
-        stat = Path(f"/proc/{self.popen.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """User + system CPU so far of the tracker and its worker processes."""
+        return sum(process_cpu_ticks(pid) for pid in process_tree(self.popen.pid)) / CLOCK_TICKS
+
+    def coordinator_cpu_seconds(self) -> float:
+        """User + system CPU so far of the tracker's own process (with workers: the
+        coordinator, which decides; without: everything)."""
+        return process_cpu_ticks(self.popen.pid) / CLOCK_TICKS
 
     def log_lines(self, pattern: str) -> int:
         text = self.log.read_text(errors="replace")
         return len(re.findall(pattern, text, flags=re.MULTILINE))
 
 
+def _stat_fields(pid: int) -> list[str]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_cpu_ticks(pid: int) -> int:
+    """utime + stime of one process (fields 14 and 15 of stat); 0 once it is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[11]) + int(fields[12]) if fields else 0
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants (the tracker's workers)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
+            parents[int(entry.name)] = int(fields[1])
+    tree, frontier = [root], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree += children
+        frontier += children
+    return tree
+
+
 @contextmanager
 def tracker_process(
-    workdir: Path, name: str, *extra: str, profile: Path | None = None
+    workdir: Path,
+    name: str,
+    *extra: str,
+    profile: Path | None = None,
+    source: Path | None = None,
 ) -> Iterator[TrackerProcess]:
-    """`meshd tracker` on 127.0.0.1, port 0; stopped with SIGINT (killed if it lingers)."""
+    """`meshd tracker` on 127.0.0.1, port 0; stopped with SIGINT (killed if it lingers).
+
+    With `source`, the tracker runs the meshd found there (a --baseline checkout)."""
+    env = dict(os.environ)
+    if source is not None:  # from there, or `-m meshd` finds this tree's first
+        env["PYTHONPATH"] = str(source)
     command = [sys.executable]
     command += ["-m", "meshd"] if profile is None else ["-c", PROFILED_MESHD, str(profile)]
     command += ["tracker", "--listen", "127.0.0.1:0", "--refresh", "180", *extra]
     log = workdir / f"{name}.log"
     with log.open("wb") as log_file:
         popen = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL
+            command,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=source,
         )
     try:
         assert popen.stdout is not None
@@ -217,6 +277,9 @@ class ClientSpec:
     """Pre-signed JOINs; with `seconds`, a pool that should outlast the window."""
     seconds: float | None
     """Stop starting JOINs after this long; None: run all of them."""
+    mode: str = "join"
+    """join: fresh JOINs; refresh: resumed REFRESHes, each task one node with its own
+    endpoint; refused: connections the tracker refuses before the handshake."""
 
 
 @dataclass
@@ -306,16 +369,95 @@ def process_cpu() -> float:
 
 
 def client_main(pipe: Connection, spec: ClientSpec) -> None:
-    """A client process: sign its JOINs, say ready, wait for "go", run, send the result."""
+    """A client process: sign its requests, say ready, wait for "go", run, send the result."""
     tracker_client.TrackerExchange = CountingExchange  # type: ignore[attr-defined]
-    joins = make_joins(spec.stream, spec.joins)
-    pipe.send("ready")
-    if pipe.recv() != "go":
-        return
-    cpu = process_cpu()
-    result = trio.run(drive, spec, joins)
-    result.cpu = process_cpu() - cpu
+    joins = make_joins(spec.stream, spec.joins if spec.mode == "join" else 0)
+    trio.run(client_run, pipe, spec, joins)
+
+
+async def client_run(pipe: Connection, spec: ClientSpec, joins: list[Join]) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        nodes: list[tuple[Any, Refresh]] = []
+        if spec.mode == "refresh":  # untimed: every node joins once, and gets a ticket
+            for _ in range(spec.concurrency):
+                key = Ed25519PrivateKey.generate()
+                endpoint = await stack.enter_async_context(
+                    open_quic_endpoint(Ed25519PrivateKey.generate(), "127.0.0.1", 0)
+                )
+                node = key_id(key)
+                join = Join(spec.stream, node, NODE_CAPACITY, NODE_ADDRESS, None, now_ms())
+                answer = await ask_tracker(
+                    endpoint, spec.address, sign_message(join, key), give_up_after=GIVE_UP_AFTER
+                )
+                assert isinstance(answer, Assigned)
+                refresh = Refresh(
+                    spec.stream, node, answer.parent.node, NODE_CAPACITY, NODE_ADDRESS, now_ms()
+                )
+                nodes.append((endpoint, sign_message(refresh, key)))
+        pipe.send("ready")
+        if await trio.to_thread.run_sync(pipe.recv) != "go":
+            return
+        cpu = process_cpu()
+        if spec.mode == "refresh":
+            result = await drive_refresh(spec, nodes)
+        elif spec.mode == "refused":
+            result = await drive_refused(spec)
+        else:
+            result = await drive(spec, joins)
+        result.cpu = process_cpu() - cpu
     pipe.send(dataclasses.asdict(result))
+
+
+async def drive_refresh(spec: ClientSpec, nodes: list[tuple[Any, Refresh]]) -> ClientResult:
+    """Each node REFRESHes on a new connection, one after another, until the window ends
+    (a real node does so every few minutes: its session ticket is from its last request)."""
+    result = ClientResult()
+    assert spec.seconds is not None
+    deadline = trio.current_time() + spec.seconds
+    start = time.perf_counter()
+
+    async def node(endpoint: Any, refresh: Refresh) -> None:
+        while trio.current_time() < deadline:
+            started = time.perf_counter()
+            try:
+                answer = await ask_tracker(
+                    endpoint, spec.address, refresh, give_up_after=GIVE_UP_AFTER
+                )
+            except TrackerRefused as exc:
+                name = ErrorCode(exc.code).name
+                result.refused[name] = result.refused.get(name, 0) + 1
+            else:
+                assert isinstance(answer, Ack | Assigned)
+                result.completed += 1
+                result.latencies.append(time.perf_counter() - started)
+
+    async with trio.open_nursery() as nursery:
+        for endpoint, refresh in nodes:
+            nursery.start_soon(node, endpoint, refresh)
+    result.elapsed = time.perf_counter() - start
+    return result
+
+
+async def drive_refused(spec: ClientSpec) -> ClientResult:
+    """Open connections against a tracker that refuses every one (no backoff: the load)."""
+    result = ClientResult()
+    assert spec.seconds is not None
+    deadline = trio.current_time() + spec.seconds
+    start = time.perf_counter()
+    async with open_quic_endpoint(Ed25519PrivateKey.generate(), "127.0.0.1", 0) as endpoint:
+
+        async def worker() -> None:
+            while trio.current_time() < deadline:
+                try:
+                    await endpoint.connect(spec.address)
+                except HandshakeFailed:
+                    result.completed += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(spec.concurrency):
+                nursery.start_soon(worker)
+    result.elapsed = time.perf_counter() - start
+    return result
 
 
 # -- a load run --------------------------------------------------------------------------
@@ -326,6 +468,7 @@ class Load:
     clients: list[ClientResult]
     elapsed: float
     server_cpu: float
+    coordinator_cpu: float
     machine_cpu: float
     """All CPU used on the machine during the window, ours and anyone else's."""
 
@@ -366,6 +509,7 @@ def run_load(tracker: TrackerProcess, specs: list[ClientSpec]) -> Load:
                 raise RuntimeError("a client process did not get ready")
         tracker.window(started=True)
         cpu_before, machine_before = tracker.cpu_seconds(), machine_busy()
+        coordinator_before = tracker.coordinator_cpu_seconds()
         start = time.perf_counter()
         for pipe in pipes:
             pipe.send("go")
@@ -375,12 +519,13 @@ def run_load(tracker: TrackerProcess, specs: list[ClientSpec]) -> Load:
                 raise RuntimeError("a client process did not finish")
             results.append(ClientResult(**pipe.recv()))
         elapsed = time.perf_counter() - start
-        server_cpu, machine_cpu = (
+        server_cpu, coordinator_cpu, machine_cpu = (
             tracker.cpu_seconds() - cpu_before,
+            tracker.coordinator_cpu_seconds() - coordinator_before,
             machine_busy() - machine_before,
         )
         tracker.window(started=False)
-        return Load(results, elapsed, server_cpu, machine_cpu)
+        return Load(results, elapsed, server_cpu, coordinator_cpu, machine_cpu)
     finally:
         for pipe in pipes:
             pipe.close()
@@ -450,7 +595,7 @@ PROFILE_AREAS = [
     ),
     ("  TLS handshake messages (aioquic.tls)", "aioquic/tls.py", "handle_message"),
     ("aioquic datagrams_to_send (building packets)", "connection.py", "datagrams_to_send"),
-    ("Tracker.handle (all requests)", "tracker/service.py", "handle"),
+    ("TrackerFront._answer (checks and decision)", "tracker/front.py", "_answer"),
     ("  JOIN signature check (verify_message)", "protocol/signing.py", "verify_message"),
     ("  tree decision (StreamTree.join)", "tracker/tree.py", "join"),
     ("logging calls (Logger._log, join lines incl.)", "logging/__init__.py", "_log"),
@@ -516,44 +661,164 @@ def specs_for(
     concurrency: int,
     joins: int,
     seconds: float | None,
+    mode: str = "join",
 ) -> list[ClientSpec]:
-    return [ClientSpec(tracker.address, stream, concurrency, joins, seconds)] * clients
+    return [ClientSpec(tracker.address, stream, concurrency, joins, seconds, mode)] * clients
+
+
+def checkout(workdir: Path, ref: str) -> Path:
+    """meshd and protocol as they are at git `ref` (today's code, for the baseline)."""
+    root = Path(__file__).resolve().parents[1]
+    target = workdir / "baseline"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref, "meshd", "protocol"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+@dataclass
+class Fresh:
+    label: str
+    load: Load
+    status: StatusReport
+
+    @property
+    def per_cpu(self) -> float:
+        return self.load.completed / self.load.server_cpu if self.load.server_cpu else math.nan
+
+    @property
+    def per_second(self) -> float:
+        return self.load.completed / self.load.elapsed
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="throughput window")
+    parser.add_argument("--seconds", type=float, default=8.0, help="each measuring window")
     parser.add_argument("--clients", type=int, default=2, help="client processes")
-    parser.add_argument("--concurrency", type=int, default=32, help="JOINs in flight/client")
-    parser.add_argument("--pool", type=int, default=8000, help="pre-signed JOINs per client")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight/client")
+    parser.add_argument("--pool", type=int, default=6000, help="pre-signed JOINs per client")
+    parser.add_argument("--baseline", metavar="REF", help="also run the tracker of this git ref")
     parser.add_argument("--overload-concurrency", type=int, default=128)
-    parser.add_argument("--overload-joins", type=int, default=500, help="per client")
-    parser.add_argument("--profile-seconds", type=float, default=6.0)
+    parser.add_argument("--overload-joins", type=int, default=300, help="per client")
+    parser.add_argument("--profile-seconds", type=float, default=5.0)
     args = parser.parse_args()
 
     print(
-        f"meshd tracker server bench: python {sys.version.split()[0]}, {os.cpu_count()} CPUs;"
-        " `meshd tracker` in its own process, clients in others, all on 127.0.0.1"
+        f"meshd tracker server bench: python {sys.version.split()[0]}, {CPUS} CPUs;"
+        " `meshd tracker` in its own processes, clients in others, all on 127.0.0.1"
     )
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmp:
         workdir = Path(tmp)
+        configs: list[tuple[str, tuple[str, ...], Path | None]] = []
+        if args.baseline:
+            configs.append((f"{args.baseline} (before)", (), checkout(workdir, args.baseline)))
+        configs += [(f"--workers {n}", ("--workers", str(n)), None) for n in (0, 1, 2)]
 
         print(
-            f"\nthroughput: {args.clients} client processes x {args.concurrency} JOINs in flight"
-            f" for {args.seconds:g} s; default --max-pending (256)"
+            f"\nfresh JOINs: {args.clients} client processes x {args.concurrency} in flight"
+            f" for {args.seconds:g} s each; every JOIN a new connection and a full handshake"
         )
-        with tracker_process(workdir, "throughput") as tracker:
+        fresh: list[Fresh] = []
+        for index, (label, extra, source) in enumerate(configs):
+            with tracker_process(workdir, f"fresh{index}", *extra, source=source) as tracker:
+                stream = register_stream(tracker.address)
+                specs = specs_for(
+                    tracker, stream, args.clients, args.concurrency, args.pool, args.seconds
+                )
+                load = run_load(tracker, specs)
+                fresh.append(Fresh(label, load, stream_status(tracker.address, stream)))
+        print(
+            f"  {'tracker':<16} {'JOINs':>6} {'JOINs/s':>8} {'server CPU':>11} {'per CPU-s':>10}"
+            f" {'clients CPU':>12} {'machine busy':>13} {'p50 latency':>12}"
+            f" {'coordinator/JOIN':>17}"
+        )
+        for run in fresh:
+            load = run.load
+            client_cpu = sum(c.cpu for c in load.clients)
+            lat = statistics.median(load.latencies) * 1e3 if load.latencies else math.nan
+            print(
+                f"  {run.label:<16} {load.completed:>6,} {run.per_second:>8,.0f}"
+                f" {load.server_cpu:>9.2f} s {run.per_cpu:>10,.0f} {client_cpu:>10.2f} s"
+                f" {load.machine_cpu / (load.elapsed * CPUS):>12.0%} {lat:>9.1f} ms"
+                f" {load.coordinator_cpu / max(load.completed, 1) * 1e6:>14,.0f} us"
+            )
+            if run.status.total_joins != load.completed or load.total("gave_up"):
+                print(f"    ! tracker counted {run.status.total_joins} joins; {load.refused()}")
+        print(
+            "  (coordinator/JOIN: CPU of the tracker's own process per JOIN; with workers,"
+            " the decisions and the link to the workers)"
+        )
+        one, two = fresh[-2], fresh[-1]
+        best = max(run.per_cpu for run in fresh if run.label.startswith("--workers"))
+        print(
+            f"  fresh JOINs per server CPU-s: {best:,.0f}"
+            f" (budget >= {BUDGET_PER_CORE:,.0f}: {verdict(best >= BUDGET_PER_CORE)})"
+        )
+        scaling = two.per_second / one.per_second
+        print(
+            f"  2 workers / 1 worker, JOINs/s: {scaling:.2f}x (budget >= {BUDGET_SCALING}x:"
+            f" {verdict(scaling >= BUDGET_SCALING)}); per CPU-s"
+            f" {two.per_cpu / one.per_cpu:.2f}x. The clients run on the same {CPUS} cores"
+            " and need about as much CPU per JOIN as the tracker, so JOINs/s here is"
+            " bounded by the machine (see 'machine busy')."
+        )
+        per_worker = one.per_cpu
+        cores = SEED_JOINS_PER_S / per_worker
+        print(
+            f"  the seed's {SEED_JOINS_PER_S:,.0f} JOINs/s: at {per_worker:,.0f} JOINs per CPU-s"
+            f" (--workers 1, coordinator included) that is {SEED_JOINS_PER_S:,.0f} /"
+            f" {per_worker:,.0f} = {cores:.1f} cores busy; with workers at 70 % load,"
+            f" {math.ceil(cores / 0.7)} workers on as many cores"
+        )
+
+        print(
+            f"\nresumed: {args.clients} client processes x {args.concurrency} nodes, each"
+            f" with its own endpoint, REFRESHing on a new connection for {args.seconds:g} s"
+            " (resumed TLS session, REFRESH in 0-RTT); --workers 1"
+        )
+        with tracker_process(workdir, "resumed", "--workers", "1") as tracker:
             stream = register_stream(tracker.address)
             specs = specs_for(
-                tracker, stream, args.clients, args.concurrency, args.pool, args.seconds
+                tracker, stream, args.clients, args.concurrency, 0, args.seconds, "refresh"
             )
             load = run_load(tracker, specs)
-            report(load, stream_status(tracker.address, stream), tracker)
-            idle = run_load(tracker, specs_for(tracker, stream, 1, 1, args.pool, IDLE_SECONDS))
-            print(
-                f"  one JOIN at a time     {latency_figures(idle.latencies)}"
-                f" ({idle.completed} JOINs in {IDLE_SECONDS:g} s, no queueing)"
-            )
+        per_cpu = load.completed / load.server_cpu
+        print(
+            f"  {load.completed:,} REFRESHes in {load.elapsed:.1f} s, {load.server_cpu:.2f} s"
+            f" server CPU: {per_cpu:,.0f} per CPU-s (budget >= {BUDGET_RESUMED:,.0f}:"
+            f" {verdict(per_cpu >= BUDGET_RESUMED)}); {per_cpu / one.per_cpu:.2f}x a fresh"
+            f" JOIN; refused {load.refused() or 0}; p50 latency"
+            f" {statistics.median(load.latencies) * 1e3 if load.latencies else math.nan:.1f} ms"
+        )
+
+        print(
+            f"\nshed: --max-pending 0 --workers 1, {args.clients} client processes x"
+            f" {args.concurrency} connections in flight for {args.seconds:g} s, all refused"
+            " before the handshake"
+        )
+        with tracker_process(workdir, "shed", "--max-pending", "0", "--workers", "1") as tracker:
+            stream_key = Ed25519PrivateKey.generate()
+            specs = specs_for(
+                tracker, key_id(stream_key), args.clients, args.concurrency, 0, args.seconds,
+                "refused",
+            )  # fmt: skip
+            load = run_load(tracker, specs)
+        per_refusal = load.server_cpu / max(load.completed, 1)
+        share = per_refusal * one.per_cpu
+        print(
+            f"  {load.completed:,} refusals, {load.server_cpu:.2f} s server CPU:"
+            f" {per_refusal * 1e6:.0f} us each = {share:.1%} of a fresh JOIN's"
+            f" {1e6 / one.per_cpu:.0f} us (budget <= {BUDGET_SHED_SHARE:.0%}:"
+            f" {verdict(share <= BUDGET_SHED_SHARE)})"
+        )
 
         print(
             f"\noverload: --max-pending 8; {args.clients} client processes x"
@@ -577,10 +842,11 @@ def main() -> None:
             print(f"  {load.completed:,} of {wanted:,} JOINs answered ASSIGNED: {outcome}")
 
         print(
-            f"\nprofile: the throughput load for {args.profile_seconds:g} s, tracker under cProfile"
+            f"\nprofile: the fresh load for {args.profile_seconds:g} s, a one-process tracker"
+            " (--workers 0) under cProfile"
         )
         profile = workdir / "tracker.prof"
-        with tracker_process(workdir, "profile", profile=profile) as tracker:
+        with tracker_process(workdir, "profile", "--workers", "0", profile=profile) as tracker:
             stream = register_stream(tracker.address)
             specs = specs_for(
                 tracker, stream, args.clients, args.concurrency, args.pool, args.profile_seconds

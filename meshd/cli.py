@@ -6,6 +6,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import random
 import signal
 import socket
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
 logger = logging.getLogger("meshd")
+MAX_WORKERS = 256
 
 EPILOG = """\
 A whole room on one machine (each in its own terminal):
@@ -217,6 +219,15 @@ def _children(text: str) -> int:
     return int(text)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of workers from 0 to {MAX_WORKERS}"
+            f" (hint: one per core, {os.cpu_count()} here; 0 serves in one process)"
+        )
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -324,7 +335,17 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         type=int,
         default=256,
         metavar="N",
-        help="requests in progress before answering RETRY_AFTER (default 256)",
+        help="requests and handshakes in progress (per worker) before new connections "
+        "are refused and clients back off (default 256)",
+    )
+    command.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="processes that share the port and do the QUIC handshakes and checks, while "
+        "this one makes the decisions; 0: all in this process (default: one per core, "
+        f"{os.cpu_count() or 1} here)",
     )
     _add_metrics_option(command, "the audience, joins, failures and tree depth")
 
@@ -343,7 +364,7 @@ def run_tracker(args: argparse.Namespace) -> int:
         log_as("tracker", short_id(key_id(key)))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            address = await nursery.start(serve_tracker, tracker, key, *args.listen)
+            address = await nursery.start(serve_tracker, tracker, key, *args.listen, args.workers)
             if args.metrics:
                 await _serve_tracker_metrics(nursery, tracker, args.metrics)
             mode = "tokens required" if args.host_id else "open to everyone"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import struct
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,29 +65,17 @@ class AudioError(ValueError):
     """The input is not a valid (or not a supported) Ogg Opus stream or Opus packet."""
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
-        table.append(crc & 0xFFFFFFFF)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
+# Ogg's CRC-32 is zlib's with every bit mirrored: zlib's polynomial 0xEDB88320 is
+# 0x04C11DB7 reversed, and zlib shifts right where Ogg shifts left. Mirroring each input
+# byte and the result turns one into the other, so the loop runs in zlib's C code.
+_MIRROR = bytes(int(f"{byte:08b}"[::-1], 2) for byte in range(256))
 
 
 def ogg_crc32(data: bytes | bytearray | memoryview) -> int:
-    """CRC-32 as Ogg computes it: polynomial 0x04C11DB7, MSB first, no init or final xor.
-
-    It is not zlib's CRC-32 (that one is bit-reflected), hence the table.
-    """
-    crc = 0
-    table = _CRC_TABLE
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ byte]
-    return crc
+    """CRC-32 as Ogg computes it: polynomial 0x04C11DB7, MSB first, no init or final xor."""
+    # Starting zlib at 0xFFFFFFFF cancels its initial inversion; the final one is undone.
+    mirrored = zlib.crc32(bytes(data).translate(_MIRROR), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int.from_bytes(mirrored.to_bytes(4, "little").translate(_MIRROR), "big")
 
 
 # Samples per frame for each TOC configuration (RFC 6716 §3.1, table 2).

@@ -13,7 +13,7 @@ from enum import Enum
 
 from protocol.backoff import Backoff
 from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from protocol.framing import MessageReader, frame
+from protocol.framing import LENGTH_SIZE, MessageReader, frame
 from protocol.messages import (
     Ack,
     Assigned,
@@ -140,6 +140,9 @@ class TrackerChannel:
         self.state = ChannelState.AWAITING_REQUEST
         self._reader = MessageReader()
         self._outgoing = bytearray()
+        self._taken = 0
+        self.request_offset = 0
+        """Where on the stream the request `next_request` returned last began."""
 
     def receive_data(self, data: bytes) -> None:
         self._reader.receive_data(data)
@@ -158,6 +161,8 @@ class TrackerChannel:
                 f"{type(msg).__name__} is not a tracker request", ErrorCode.UNEXPECTED_MESSAGE
             )
         self.state = ChannelState.RESPONDING
+        self.request_offset = self._taken
+        self._taken += LENGTH_SIZE + len(self._reader.last_raw)
         return msg  # type: ignore[return-value]
 
     def respond(self, response: TrackerResponse) -> None:

@@ -100,7 +100,13 @@ class Cluster:
         return proc
 
     def tracker(self, *extra: str) -> tuple[Proc, str]:
-        proc = self.start(f"tracker{len(self.procs)}", "tracker", "--listen", "127.0.0.1:0", *extra)
+        # One process: these rooms test the nodes, and worker processes starting beside
+        # a dozen listeners slow the room's start on 2 cores (test_tracker_workers.py
+        # and test_faults.py's restarted tracker run workers).
+        proc = self.start(
+            f"tracker{len(self.procs)}", "tracker", "--listen", "127.0.0.1:0", "--workers", "0",
+            *extra,
+        )  # fmt: skip
         address = proc.wait_for_output(r"listening on (\S+)").group(1)
         return proc, address
 

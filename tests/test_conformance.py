@@ -22,9 +22,10 @@ from meshd.conformance.runner import check_parent, check_tracker
 from meshd.keys import load_key
 from meshd.node.origin import Origin, OriginSettings
 from meshd.tracker.server import serve_tracker
-from meshd.tracker.service import Tracker
-from protocol import ErrorCode, ProtocolError, issue_token, key_from_text
+from meshd.tracker.service import Tracker, TrackerConfig
+from protocol import ErrorCode, Goodbye, issue_token, key_from_text
 from protocol.media import ChunkRing, VerifiedChunk
+from protocol.messages import TrackerRequest
 from tests.procs import MESHD, Cluster, cluster
 
 DATA = Path(__file__).parent / "data"
@@ -177,11 +178,18 @@ async def test_a_tracker_that_skips_signature_checks_fails(
 
 
 async def test_a_tracker_answering_the_wrong_code_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    def wrong_code(self: Tracker, time_ms: int, wall_ms: int) -> None:
-        if abs(time_ms - wall_ms) > 300_000:
-            raise ProtocolError("stale", ErrorCode.UNKNOWN_STREAM)
+    from meshd.tracker import service
 
-    monkeypatch.setattr(Tracker, "_check_fresh", wrong_code)
+    checks = service.check_request
+
+    def wrong_code(request: TrackerRequest, config: TrackerConfig, wall_ms: int) -> Goodbye | None:
+        answer = checks(request, config, wall_ms)
+        if answer is not None and answer.code == ErrorCode.STALE_REQUEST:
+            return Goodbye(ErrorCode.UNKNOWN_STREAM, "stale")
+        return answer
+
+    monkeypatch.setattr(service, "check_request", wrong_code)
+    monkeypatch.setattr("meshd.tracker.front.check_request", wrong_code)
     async with tracker_in_process() as address:
         report = await check_tracker(address, only=["5.2-"])
     assert _failed(report) == {"5.2-stale-past", "5.2-stale-future"}
@@ -247,3 +255,12 @@ async def test_a_parent_forwarding_altered_chunks_fails(monkeypatch: pytest.Monk
         report = await _check_origin(origin, ["5.1-chunks-signed"])
     assert _failed(report) == {"5.1-chunks-signed"}
     assert "do not verify" in report.by_id("5.1-chunks-signed").got
+
+
+async def test_a_parent_without_a_repair_budget_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leech's way in: repairs as often as asked (the budget as good as unbounded)."""
+    monkeypatch.setattr("protocol.link.REPAIR_BURST_BYTES", 2**40)
+    async with origin_in_process() as origin:
+        report = await _check_origin(origin, ["6.4-repair"])
+    assert _failed(report) == {"6.4-repair-budget"}
+    assert "still more chunks" in report.by_id("6.4-repair-budget").got

@@ -136,6 +136,23 @@ def test_crc_matches_reference_check_value() -> None:
     assert ogg_crc32(b"") == 0
 
 
+def _bitwise_ogg_crc(data: bytes) -> int:
+    """The CRC as the Ogg spec (RFC 3533) describes it, one bit at a time."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+@given(st.binary(max_size=300))
+def test_crc_matches_the_bitwise_definition(data: bytes) -> None:
+    assert ogg_crc32(data) == _bitwise_ogg_crc(data)
+    assert ogg_crc32(bytearray(data)) == ogg_crc32(memoryview(data)) == ogg_crc32(data)
+
+
 @pytest.mark.parametrize(
     ("packet", "samples"),
     [

@@ -42,7 +42,7 @@ from protocol import (
     StreamVerifier,
     key_id,
 )
-from protocol.limits import MAX_PATH
+from protocol.limits import MAX_PATH, REPAIR_BURST_BYTES
 
 SILENCE_TIMEOUT = 0.6  # §6.2: the child's default silence timeout
 _NOT_NOW = {ErrorCode.NO_CAPACITY, ErrorCode.NOT_AVAILABLE, ErrorCode.GOING_AWAY}
@@ -306,6 +306,49 @@ async def _repair_unannounced(target: ParentTarget) -> Outcome:
         reply = await read_until_closed(link, target.timeout, target.close_wait)
     return judge_error(
         reply, f"SUBSCRIBE, accepted; then REPAIR([{ahead}])", {ErrorCode.BAD_REPAIR}
+    )
+
+
+_IN_FLIGHT = 8_192  # live chunk bytes the parent sent that the suite has not read yet
+
+
+@case("6.4-repair-budget", "6.4", Level.MUST,
+      "a child gets no more repaired bytes than live ones plus 65,536: MISSING beyond")  # fmt: skip
+async def _repair_budget(target: ParentTarget) -> Outcome:
+    """A leech asks for the same announced chunks again and again. The parent counts the
+    live bytes it sent, some still on their way: the suite allows `_IN_FLIGHT` more."""
+    async with target.link() as link:
+        await target.subscribe(link, None)
+        chunks = await target.chunks(link, until=lambda c: len(c) >= 3)
+        wanted = sorted({_seq(c) for c in chunks})
+        live = sum(len(c.raw) for c in chunks)
+        repaired = 0
+        refused = False
+        deadline = trio.current_time() + 4 * target.timeout
+        while not refused and repaired <= live + REPAIR_BURST_BYTES + _IN_FLIGHT:
+            await link.send(framed(packb([0x05, wanted])))
+            answered = 0
+            while answered < len(wanted):
+                event = await link.next_message(deadline - trio.current_time())
+                if not isinstance(event, Received):
+                    return Outcome(Verdict.FAIL, f"REPAIR({wanted}) again and again",
+                                   "CHUNK or MISSING for each", _describe(event))  # fmt: skip
+                message = event.message
+                if isinstance(message, Chunk) and not event.datagram and message.seq in wanted:
+                    repaired += len(event.raw)
+                    answered += 1
+                elif isinstance(message, Chunk):
+                    live += len(event.raw)
+                elif isinstance(message, Missing):
+                    refused = refused or bool(set(message.seqs) & set(wanted))
+                    answered += len(message.seqs)
+    ok = refused and repaired <= live + REPAIR_BURST_BYTES + _IN_FLIGHT
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        f"REPAIR({wanted}) again and again",
+        f"MISSING once the repairs reach the live bytes + {REPAIR_BURST_BYTES}",
+        f"{repaired} bytes repaired against {live} live, then "
+        + ("MISSING" if refused else "still more chunks"),
     )
 
 

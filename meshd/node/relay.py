@@ -38,7 +38,13 @@ from meshd.node.report import StatsReporter
 from meshd.node.stats import ChunkTrace
 from meshd.node.upstream import ParentConnection
 from meshd.quic import QuicEndpoint, open_quic_endpoint
-from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker, now_ms
+from meshd.tracker_client import (
+    WARN_AFTER,
+    TrackerConnections,
+    TrackerRefused,
+    ask_tracker,
+    now_ms,
+)
 from protocol import Goodbye, key_id, short_id, sign_message
 from protocol.messages import TrackerResponse
 
@@ -107,6 +113,8 @@ class Relay:
         self._no_parents = trio.Event()
         self._done = trio.Event()
         self._finished: Finished | None = None
+        self._tracker_connections = TrackerConnections()
+        """A node asks the tracker in bursts while joining or failing over: one handshake."""
 
     def parent_rtt(self) -> float | None:
         """The round-trip time to the parent we stream from, in seconds, once measured."""
@@ -246,6 +254,7 @@ class Relay:
                 rng=self.core.rng,
                 give_up_after=min(60.0, self.settings.join_timeout),
                 tracker_key=self.settings.tracker_key,
+                connections=self._tracker_connections,
                 warn_after=WARN_AFTER,
             )
         except TrackerRefused as exc:

@@ -2,8 +2,9 @@
 
 aioquic's public sans-I/O API has no way to ask how much of a stream is still
 unacknowledged, whether the peer has already closed (it reports that only after
-the draining period), which certificate the peer presented, or to grant flow
-control credit as the application reads rather than as bytes arrive.
+the draining period), which certificate the peer presented, to grant flow
+control credit as the application reads rather than as bytes arrive, to choose the
+key exchange group, to tell 0-RTT stream data from 1-RTT, or to delay ACKs longer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from aioquic.quic.connection import QuicConnection, QuicConnectionState
+from aioquic import tls
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from _buffer
+from aioquic.quic.connection import QuicConnection, QuicConnectionState, QuicReceiveContext
 from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
@@ -36,6 +39,30 @@ class MeshQuicConnection(QuicConnection):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._consumed: dict[int, int] = {}
+        self.early_data_end: dict[int, int] = {}
+        """Per stream, the offset up to which data came in 0-RTT packets (an attacker can
+        replay those); streams without 0-RTT data are absent."""
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        # Only X25519 (docs/spec.md §2): a client makes one key share instead of four
+        # (P-256, P-384, X25519, X448), and no client can make a server do a costlier ECDH.
+        self.tls._supported_groups = [tls.Group.X25519]
+
+    def _handle_stream_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        if context.epoch is tls.Epoch.ZERO_RTT:
+            # STREAM frame: id, then offset and length if their type bits say so (RFC 9000
+            # §19.8); without a length the data runs to the end of the packet.
+            start = buf.tell()
+            stream_id = buf.pull_uint_var()
+            offset = buf.pull_uint_var() if frame_type & 0x04 else 0
+            length = buf.pull_uint_var() if frame_type & 0x02 else buf.capacity - buf.tell()
+            buf.seek(start)
+            end = max(self.early_data_end.get(stream_id, 0), offset + length)
+            self.early_data_end[stream_id] = end
+        super()._handle_stream_frame(context, frame_type, buf)
 
     def stream_consumed(self, stream_id: int, size: int) -> bool:
         """Record that the application read ``size`` bytes; True if credit is due."""
@@ -125,3 +152,13 @@ def smoothed_rtt(quic: QuicConnection) -> float | None:
     """aioquic's smoothed round-trip time in seconds; None before the first sample."""
     loss = quic._loss
     return loss._rtt_smoothed if loss._rtt_initialized else None
+
+
+def can_send_0rtt(quic: QuicConnection) -> bool:
+    """Whether a client connection resumed a session that lets it send 0-RTT data now."""
+    return bool(quic._cryptos[tls.Epoch.ZERO_RTT].send.is_valid())
+
+
+def set_ack_delay(quic: QuicConnection, seconds: float) -> None:
+    """Acknowledge received packets after this long (aioquic: 1 ms; the peer allows 25)."""
+    quic._ack_delay = seconds

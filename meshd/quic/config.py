@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 DEFAULT_ALPN = "meshd/1"
 # Large enough that the packet size, not the peer's limit, bounds a datagram.
 MAX_DATAGRAM_FRAME_SIZE = 65536
+# Below the 25 ms max_ack_delay aioquic advertises: holding a reply delays an ACK.
+MAX_REPLY_DELAY = 0.02
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,12 @@ class EndpointConfig:
     ``send_all`` waits; ``stream_receive_window`` is the credit granted to a
     peer beyond what the application has read, so a reader that stalls stalls
     its sender instead of growing our memory.
+
+    ``session_tickets`` is how many TLS session tickets a server keeps so that clients
+    can resume (0: it issues none). ``reply_delay`` is how long a server connection
+    that was handed stream data holds what it has to send (ACKs, HANDSHAKE_DONE), so
+    that the application's reply leaves in the same packet: a request/response server
+    (the tracker) then sends one packet per request instead of three.
     """
 
     alpn: str = DEFAULT_ALPN
@@ -36,6 +44,8 @@ class EndpointConfig:
     connection_receive_window: int = 4 * 1024 * 1024
     datagram_send_queue: int = 64
     datagram_receive_queue: int = 256
+    session_tickets: int = 0
+    reply_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.keepalive_interval is not None and not (
@@ -53,6 +63,10 @@ class EndpointConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.session_tickets < 0:
+            raise ValueError("session_tickets must be 0 (none) or more")
+        if not 0 <= self.reply_delay <= MAX_REPLY_DELAY:
+            raise ValueError(f"reply_delay must be from 0 to {MAX_REPLY_DELAY} s")
 
     def quic_configuration(
         self,

@@ -73,14 +73,22 @@ class QuicConn:
         *,
         is_client: bool,
         expected_peer_key: bytes | None = None,
+        early_data: bytes | None = None,
+        resumed_peer_key: bytes | None = None,
     ) -> None:
         self._owner = owner
         self._config = owner.config
         self._quic = quic
         self.is_client = is_client
         self._expected_peer_key = expected_peer_key
+        self._resumed_peer_key = resumed_peer_key
         self.peer_key: bytes | None = None
         """The peer's raw Ed25519 key (client side; None on the server side)."""
+        self.session_resumed = False
+        """Whether the handshake resumed a TLS session (no certificate was sent)."""
+        self._early_data = early_data
+        self.first_stream: QuicStream | None = None
+        """The stream that carries ``early_data`` (see ``QuicEndpoint.connect``)."""
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed_by_peer = False
@@ -110,6 +118,12 @@ class QuicConn:
         self._datagrams: deque[bytes] = deque()
         self._datagram_arrived = trio.lowlevel.ParkingLot()
         self._send_progress = trio.lowlevel.ParkingLot()
+        self._hold_until = math.inf
+        if early_data is not None:
+            stream_id = quic.get_next_available_stream_id()
+            self.first_stream = self._streams[stream_id] = QuicStream(
+                self, stream_id, is_client=is_client
+            )
 
     # Public API
 
@@ -279,7 +293,7 @@ class QuicConn:
 
     def _deadline(self) -> float:
         timer = self._quic.get_timer()
-        deadline = math.inf if timer is None else timer
+        deadline = min(self._hold_until, math.inf if timer is None else timer)
         if not self._handshake_complete:
             return min(deadline, self._handshake_deadline)
         if not self.is_closed:
@@ -302,6 +316,31 @@ class QuicConn:
             self._next_keepalive = now + interval
         self._pump()
 
+    def _send_early_data(self) -> None:
+        """Queue ``early_data`` once it can go: 0-RTT keys, or the handshake done."""
+        if self._early_data is None or self.first_stream is None:
+            return
+        if self._handshake_complete or _aioquic.can_send_0rtt(self._quic):
+            self._quic.send_stream_data(self.first_stream.stream_id, self._early_data)
+            self._early_data = None
+
+    def _pump_received(self) -> None:
+        """``_pump`` after datagrams arrived; with ``reply_delay`` a server connection
+        with stream data it has not read yet holds its output (at most that long) for the
+        reply: stream data that came in 0-RTT is read only once the handshake is done."""
+        self._process_events()
+        self._detect_close()
+        delay = self._config.reply_delay
+        if delay and not self.is_client and not self.is_closed and self._has_unread_data():
+            self._hold_until = min(self._hold_until, trio.current_time() + delay)
+            self._send_progress.unpark_all()
+            self._timer_scope.deadline = self._deadline()
+            return
+        self._pump()
+
+    def _has_unread_data(self) -> bool:
+        return any(stream._received for stream in self._streams.values())
+
     def _pump(self) -> int:
         """Process events, transmit, detect a close, re-arm the timer."""
         self._process_events()
@@ -313,6 +352,7 @@ class QuicConn:
         return sent
 
     def _transmit(self) -> int:
+        self._hold_until = math.inf
         datagrams = self._quic.datagrams_to_send(trio.current_time())
         for data, address in datagrams:
             self._owner.send_datagram(data, address)
@@ -354,7 +394,14 @@ class QuicConn:
         if self._config.keepalive_interval is not None:
             self._next_keepalive = trio.current_time() + self._config.keepalive_interval
         if self.is_client:
-            self.peer_key = certificate_raw_key(_aioquic.peer_certificate(self._quic))
+            # A resumed session sends no certificate: the ticket stands for the key
+            # its server proved when it issued it.
+            self.session_resumed = event.session_resumed
+            self.peer_key = (
+                self._resumed_peer_key
+                if event.session_resumed
+                else certificate_raw_key(_aioquic.peer_certificate(self._quic))
+            )
             expected = self._expected_peer_key
             if expected is not None and self.peer_key != expected:
                 self._quic.close(
@@ -364,6 +411,7 @@ class QuicConn:
                 )
                 self._fail(partial(PeerKeyMismatch, expected, self.peer_key))
                 return
+            self._send_early_data()  # 1-RTT keys are here: it leaves with our Finished
         self._established.set()
         self._owner.connection_established(self)
 
@@ -446,6 +494,9 @@ class QuicConn:
         self._sweep_at = max(64, 2 * len(self._streams))
 
     # Called by QuicStream
+
+    def _early_data_end(self, stream_id: int) -> int:
+        return self._quic.early_data_end.get(stream_id, 0)
 
     def _send_room(self, stream_id: int) -> int:
         return self._config.stream_send_buffer - _aioquic.unacked_send_bytes(self._quic, stream_id)

@@ -25,11 +25,12 @@ from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.quic import admission
-from meshd.quic._aioquic import MeshQuicConnection
+from meshd.quic._aioquic import MeshQuicConnection, set_ack_delay
 from meshd.quic.config import EndpointConfig
 from meshd.quic.connection import QuicConn
 from meshd.quic.errors import HandshakeFailed
 from meshd.quic.identity import RAW_KEY_SIZE, self_signed_certificate
+from meshd.quic.tickets import ClientTickets, ServerTickets
 from meshd.quic.transport import Address, DatagramTransport, UdpTransport
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class QuicEndpoint:
         )
         self._cid_length = self._server_config.connection_id_length
         self._retry = admission.RetryGate() if config.retry else None
+        self._server_tickets = ServerTickets(config.session_tickets)
+        self._client_tickets = ClientTickets()
         self._by_cid: dict[bytes, QuicConn] = {}
         self._conns: set[QuicConn] = set()
         self._server_conns = 0
@@ -85,6 +88,9 @@ class QuicEndpoint:
         self._accepted = trio.lowlevel.ParkingLot()
         self._closed = False
         self._receive_scope = trio.CancelScope()
+        self.refuse_when: Callable[[], bool] | None = None
+        """Asked for each new connection's first packet: True refuses it at once
+        (CONNECTION_REFUSED), before any handshake work; a server's load shedding."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -100,16 +106,27 @@ class QuicEndpoint:
         return len(self._pending)
 
     def connect(
-        self, address: tuple[str, int], expected_peer_key: bytes | None = None
+        self,
+        address: tuple[str, int],
+        expected_peer_key: bytes | None = None,
+        *,
+        early_data: bytes | None = None,
+        replay_safe: bool = False,
     ) -> _Connecting:
         """Open a connection; await it, or use it as an async context manager.
 
         With ``expected_peer_key`` (32 raw Ed25519 bytes) the handshake fails
         with PeerKeyMismatch unless the server's certificate carries that key.
+        A session ticket from an earlier connection to ``address`` resumes the TLS
+        session (no certificate work on either side).
+
+        ``early_data`` goes on the connection's first stream (``conn.first_stream``)
+        without waiting for the handshake: with the client's Finished, or, if
+        ``replay_safe`` and the ticket allows, in 0-RTT with the first packet.
         """
         if expected_peer_key is not None and len(expected_peer_key) != RAW_KEY_SIZE:
             raise ValueError(f"expected_peer_key must be {RAW_KEY_SIZE} raw bytes")
-        return _Connecting(self, address, expected_peer_key)
+        return _Connecting(self, address, expected_peer_key, early_data, replay_safe)
 
     async def accept(self) -> QuicConn:
         """The next incoming connection whose handshake completed."""
@@ -190,7 +207,13 @@ class QuicEndpoint:
 
     # Internals
 
-    async def _open(self, address: tuple[str, int], expected_peer_key: bytes | None) -> QuicConn:
+    async def _open(
+        self,
+        address: tuple[str, int],
+        expected_peer_key: bytes | None,
+        early_data: bytes | None,
+        replay_safe: bool,
+    ) -> QuicConn:
         if self._closed:
             raise trio.ClosedResourceError("the endpoint was closed")
         local_host = self.address[0]
@@ -206,11 +229,30 @@ class QuicEndpoint:
                 None, f"cannot reach {address[0]}: {exc}", by_peer=False
             ) from None
         remote: Address = tuple(infos[0][4])
-        quic = MeshQuicConnection(configuration=self._client_config)
-        conn = QuicConn(self, quic, is_client=True, expected_peer_key=expected_peer_key)
+        resume = self._client_tickets.take(
+            remote, expected_peer_key, early_data=replay_safe and early_data is not None
+        )
+        configuration = self._client_config
+        if resume is not None:
+            configuration = dataclasses.replace(configuration, session_ticket=resume[0])
+        quic = MeshQuicConnection(
+            configuration=configuration,
+            session_ticket_handler=lambda ticket: self._client_tickets.put(
+                remote, ticket, conn.peer_key
+            ),
+        )
+        conn: QuicConn = QuicConn(
+            self,
+            quic,
+            is_client=True,
+            expected_peer_key=expected_peer_key,
+            early_data=early_data,
+            resumed_peer_key=None if resume is None else resume[1],
+        )
         self._conns.add(conn)
         conn._register_cid(quic.host_cid)
         quic.connect(remote, now=trio.current_time())
+        conn._send_early_data()
         conn._pump()
         self._nursery.start_soon(conn._run_timer)
         await conn._wait_established()
@@ -228,7 +270,7 @@ class QuicEndpoint:
                     if conn is not None:
                         touched[conn] = None
                 for conn in touched:
-                    self._guarded(conn, conn._pump)
+                    self._guarded(conn, conn._pump_received)
 
     def _guarded(self, conn: QuicConn, action: Callable[[], object]) -> bool:
         """Run ``action``; a failure tears down that one connection, not the endpoint."""
@@ -272,7 +314,9 @@ class QuicEndpoint:
         if len(self._pending) >= self.config.max_pending_handshakes:
             self.stats.initials_over_pending_cap += 1
             return
-        if self._server_conns >= self.config.max_connections:
+        if self._server_conns >= self.config.max_connections or (
+            self.refuse_when is not None and self.refuse_when()
+        ):
             self.stats.connections_refused += 1
             self.send_datagram(admission.refusal(header), address)
             return
@@ -289,11 +333,16 @@ class QuicEndpoint:
                 self.send_datagram(reply, address)
                 return
             retry_scid = header.destination_cid
+        tickets = self._server_tickets if self._server_tickets.capacity else None
         quic = MeshQuicConnection(
             configuration=self._server_config,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
+            session_ticket_fetcher=None if tickets is None else tickets.take,
+            session_ticket_handler=None if tickets is None else tickets.add,
         )
+        if self.config.reply_delay:
+            set_ack_delay(quic, self.config.reply_delay)
         conn = QuicConn(self, quic, is_client=False)
         conn._receive(data, address, now)
         if conn._pump() == 0:
@@ -312,18 +361,22 @@ class _Connecting:
     """``await ep.connect(...)`` or ``async with ep.connect(...) as conn``."""
 
     def __init__(
-        self, endpoint: QuicEndpoint, address: tuple[str, int], expected_peer_key: bytes | None
+        self,
+        endpoint: QuicEndpoint,
+        address: tuple[str, int],
+        expected_peer_key: bytes | None,
+        early_data: bytes | None,
+        replay_safe: bool,
     ) -> None:
         self._endpoint = endpoint
-        self._address = address
-        self._expected_peer_key = expected_peer_key
+        self._args = (address, expected_peer_key, early_data, replay_safe)
         self._conn: QuicConn | None = None
 
     def __await__(self) -> Generator[Any, None, QuicConn]:
-        return self._endpoint._open(self._address, self._expected_peer_key).__await__()
+        return self._endpoint._open(*self._args).__await__()
 
     async def __aenter__(self) -> QuicConn:
-        self._conn = await self._endpoint._open(self._address, self._expected_peer_key)
+        self._conn = await self._endpoint._open(*self._args)
         return self._conn
 
     async def __aexit__(

@@ -45,6 +45,12 @@ class QuicStream(trio.abc.HalfCloseableStream):
     def is_unidirectional(self) -> bool:
         return stream_is_unidirectional(self.stream_id)
 
+    @property
+    def early_data_end(self) -> int:
+        """The offset up to which the peer's data on this stream came in 0-RTT packets,
+        which can be replayed (0: none did); what follows came once the handshake was done."""
+        return self._conn._early_data_end(self.stream_id)
+
     # Fed by the connection.
 
     def _on_data(self, data: bytes, end_stream: bool) -> None:

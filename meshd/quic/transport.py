@@ -37,6 +37,33 @@ class DatagramTransport(Protocol):
     def close(self) -> None: ...
 
 
+async def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A UDP socket of the family ``host`` resolves to, bound to ``host:port``.
+
+    With ``reuse_port`` several sockets (in several processes) can bind the same port,
+    and the kernel spreads the peers across them (SO_REUSEPORT, Linux).
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise BindError(format_address((host, port)), exc) from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise BindError(format_address((host, port)), exc) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class UdpTransport:
     """A non-blocking UDP socket, read in batches to coalesce the replies."""
 
@@ -48,23 +75,7 @@ class UdpTransport:
     @classmethod
     async def bind(cls, host: str, port: int) -> UdpTransport:
         """Bind a socket of the family ``host`` resolves to."""
-        try:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except OSError as exc:
-            raise BindError(format_address((host, port)), exc) from None
-        family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-            sock.bind(sockaddr)
-        except OSError as exc:
-            sock.close()
-            raise BindError(format_address((host, port)), exc) from None
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
+        return cls(await bind_udp(host, port))
 
     @property
     def local_address(self) -> tuple[str, int]:

@@ -1,111 +1,64 @@
-"""The tracker over QUIC: `serve_tracker` answers node requests on one endpoint.
+"""The tracker over QUIC: `serve_tracker` answers node requests on a UDP port.
 
 Every request arrives on a short-lived connection (no per-listener connection is kept).
-The server caps the connections it works on at once and answers RETRY_AFTER beyond the
-cap, so a join storm slows down (clients back off with jitter) instead of melting it.
+`TrackerFront` (meshd.tracker.front) does the handshakes and the checks; `Tracker.decide`
+owns every stream's tree. With ``workers=0`` both run in this process; with ``workers=N``
+N processes share the port and run fronts, and this process only decides
+(`meshd.tracker.workers`).
 """
 
 from __future__ import annotations
-
-import logging
-import time
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
 from meshd.logs import log_as
-from meshd.quic import QuicConn, QuicEndpoint, open_quic_endpoint
+from meshd.quic import QuicEndpoint, open_quic_endpoint
+from meshd.tracker.front import TrackerFront, endpoint_config
 from meshd.tracker.service import Tracker
 from meshd.tracker.tree import PeerRef
-from protocol import ErrorCode, Goodbye, ProtocolError, TrackerChannel, frame, key_id, short_id
+from meshd.tracker.workers import serve_workers
+from protocol import key_id, short_id
 from protocol.messages import TrackerRequest, TrackerResponse
-
-logger = logging.getLogger("meshd.tracker")
 
 EXPIRY_INTERVAL = 5.0
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
-REQUEST_TIMEOUT = 5.0  # as long as a client waits for one attempt
-MAX_REQUESTS_PER_CONNECTION = 16
 
 
-class TrackerServer:
-    """Moves bytes between QUIC connections and a `Tracker`."""
+async def maintain(tracker: Tracker, endpoint: QuicEndpoint) -> None:
+    """The tracker's own work: expiring soft state, and probing nodes reported dead
+    (a handshake pinned to their key) so a lying child cannot evict a healthy relay."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_expire_loop, tracker)
+        nursery.start_soon(_probe_loop, tracker, endpoint)
 
-    def __init__(self, tracker: Tracker, endpoint: QuicEndpoint) -> None:
-        self.tracker = tracker
-        self.endpoint = endpoint
-        self._active = 0
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _expire_loop(tracker: Tracker) -> None:
+    while True:
+        await trio.sleep(EXPIRY_INTERVAL)
+        tracker.expire(trio.current_time())
+
+
+async def _probe_loop(tracker: Tracker, endpoint: QuicEndpoint) -> None:
+    while True:
+        await trio.sleep(PROBE_INTERVAL)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._expire_loop)
-            nursery.start_soon(self._probe_loop)
-            await nursery.start(self.endpoint.serve, self._handle_connection)
-            task_status.started()
+            for stream_id, ref in tracker.suspects(trio.current_time()):
+                nursery.start_soon(_probe, tracker, endpoint, stream_id, ref)
 
-    async def _expire_loop(self) -> None:
-        while True:
-            await trio.sleep(EXPIRY_INTERVAL)
-            self.tracker.expire(trio.current_time())
 
-    async def _probe_loop(self) -> None:
-        """Check nodes reported dead by trying a handshake pinned to their key: a lying
-        child cannot get a healthy relay evicted, and a real failure is confirmed fast."""
-        while True:
-            await trio.sleep(PROBE_INTERVAL)
-            async with trio.open_nursery() as nursery:
-                for stream_id, ref in self.tracker.suspects(trio.current_time()):
-                    nursery.start_soon(self._probe, stream_id, ref)
-
-    async def _probe(self, stream_id: bytes, ref: PeerRef) -> None:
-        alive = False
-        with trio.move_on_after(PROBE_TIMEOUT):
-            try:
-                address = parse_address(ref.address)
-                async with self.endpoint.connect(address, expected_peer_key=ref.peer_id):
-                    alive = True
-            except (ValueError, OSError, trio.BrokenResourceError):
-                alive = False
-        self.tracker.probed(stream_id, ref.peer_id, alive, trio.current_time())
-
-    async def _handle_connection(self, conn: QuicConn) -> None:
-        self._active += 1
+async def _probe(tracker: Tracker, endpoint: QuicEndpoint, stream_id: bytes, ref: PeerRef) -> None:
+    alive = False
+    with trio.move_on_after(PROBE_TIMEOUT):
         try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await self._exchange(conn)
-        finally:
-            self._active -= 1
-        await conn.aclose(ErrorCode.NO_ERROR)
-
-    async def _exchange(self, conn: QuicConn) -> None:
-        stream = await conn.accept_stream()
-        channel = TrackerChannel()
-        overloaded = self._active > self.tracker.config.max_pending
-        for _ in range(MAX_REQUESTS_PER_CONNECTION):
-            data = await stream.receive_some(65536)
-            try:
-                channel.receive_data(data)
-                while (request := channel.next_request()) is not None:
-                    channel.respond(
-                        self.tracker.shed(trio.current_time())
-                        if overloaded
-                        else self._answer(request)
-                    )
-            except ProtocolError as exc:
-                logger.warning("bad request from %s: %s", conn.remote_address, exc)
-                await stream.send_all(frame(Goodbye(exc.code, str(exc)[:200])))
-                await conn.aclose(exc.code, str(exc)[:100])
-                return
-            reply = channel.data_to_send()
-            if reply:
-                await stream.send_all(reply)
-            if not data:
-                return
-
-    def _answer(self, request: TrackerRequest) -> TrackerResponse:
-        return self.tracker.handle(request, trio.current_time(), int(time.time() * 1000))
+            address = parse_address(ref.address)
+            async with endpoint.connect(address, expected_peer_key=ref.peer_id):
+                alive = True
+        except (ValueError, OSError, trio.BrokenResourceError):
+            alive = False
+    tracker.probed(stream_id, ref.peer_id, alive, trio.current_time())
 
 
 async def serve_tracker(
@@ -113,6 +66,7 @@ async def serve_tracker(
     key: Ed25519PrivateKey,
     host: str = "127.0.0.1",
     port: int = 0,
+    workers: int = 0,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -122,8 +76,35 @@ async def serve_tracker(
 
         tracker = Tracker(TrackerConfig(refresh_s=120))
         host, port = await nursery.start(serve_tracker, tracker, key, "0.0.0.0", 4433)
+
+    With `workers=N` (N >= 1), N worker processes share the port (SO_REUSEPORT) and do
+    the handshakes and checks, while this process keeps `tracker` and makes every
+    decision (so `tracker.status(...)` works here as before). docs/deployment.md says
+    how many a host needs.
     """
     log_as("tracker", short_id(key_id(key)))
-    async with open_quic_endpoint(key, host, port) as endpoint, trio.open_nursery() as nursery:
-        await nursery.start(TrackerServer(tracker, endpoint).serve)
-        task_status.started(endpoint.address)
+    if workers < 0:
+        raise ValueError("workers must be 0 (serve in this process) or more")
+    now = trio.current_time
+    if workers == 0:
+        async with (
+            open_quic_endpoint(key, host, port, config=endpoint_config()) as endpoint,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def decide(request: TrackerRequest) -> TrackerResponse:
+                return tracker.decide(request, now())
+
+            front = TrackerFront(tracker.config, endpoint, decide, lambda: tracker.shed(now()))
+            nursery.start_soon(maintain, tracker, endpoint)
+            await nursery.start(front.serve)
+            task_status.started(endpoint.address)
+        return
+    # The probes' own endpoint: the port itself belongs to the workers.
+    async with (
+        open_quic_endpoint(key, host, 0) as prober,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(maintain, tracker, prober)
+        address = await nursery.start(serve_workers, tracker, key, host, port, workers)
+        task_status.started(address)

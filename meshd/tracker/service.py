@@ -35,7 +35,6 @@ from protocol import (
     Refresh,
     Register,
     Rejoin,
-    RetryAfter,
     StatusReport,
     StatusRequest,
     TreeNode,
@@ -72,7 +71,8 @@ class TrackerConfig:
     max_skew_ms: int = 300_000
     backups: int = 3
     max_pending: int = 256
-    """Requests in progress at once before the server answers RETRY_AFTER."""
+    """Handshakes and requests in progress at once (per worker) before new connections are
+    refused before the handshake (and requests that slip past answered RETRY_AFTER)."""
     retry_after_ms: int = 1_000
 
 
@@ -130,18 +130,21 @@ class Tracker:
 
     def handle(self, request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
         """Answer one request; refusals are GOODBYE with the spec's error code."""
+        return check_request(request, self.config, wall_ms) or self.decide(request, now)
+
+    def decide(self, request: TrackerRequest, now: float) -> TrackerResponse:
+        """Answer a request that passed `check_request` (here, or in a worker process)."""
         try:
             if isinstance(request, StatusRequest):
                 return self.status(request.stream, now)
             if isinstance(request, TreeRequest):
                 return self.tree_report(request.stream, now, request.max_nodes)
-            self._check_fresh(request.time_ms, wall_ms)
             if isinstance(request, Register):
                 return self._register(request, now)
             if isinstance(request, Join):
-                return self._join(request, now, wall_ms)
+                return self._join(request, now)
             if isinstance(request, Rejoin):
-                return self._rejoin(request, now, wall_ms)
+                return self._rejoin(request, now)
             if isinstance(request, Leave):
                 return self._leave(request, now)
             return self._refresh(request, now)
@@ -150,16 +153,18 @@ class Tracker:
         except TreeError as exc:
             return Goodbye(TREE_CODES[exc.code], str(exc) or exc.code.value)
 
-    def shed(self, now: float) -> RetryAfter:
-        """The answer when the server has too much in progress (logged once a second, so
-        an overload does not also flood the log)."""
-        self.total_shed += 1
-        self._shed_since_log += 1
+    def shed(self, now: float, count: int = 1) -> None:
+        """Count requests the server shed (RETRY_AFTER, or refused before the handshake);
+        logged once a second, so an overload does not also flood the log."""
+        self.total_shed += count
+        self._shed_since_log += count
         if now - self._last_shed_log >= 1.0:
-            logger.warning("shed: overloaded, answered RETRY_AFTER %d times", self._shed_since_log)
+            logger.warning(
+                "shed: overloaded, refused or answered RETRY_AFTER %d times",
+                self._shed_since_log,
+            )
             self._shed_since_log = 0
             self._last_shed_log = now
-        return RetryAfter(self.config.retry_after_ms, "tracker overloaded")
 
     def expire(self, now: float) -> None:
         """Drop nodes whose soft state ran out (they died without anyone reporting it),
@@ -254,7 +259,6 @@ class Tracker:
     # -- requests ----------------------------------------------------------------------
 
     def _register(self, request: Register, now: float) -> Ack:
-        verify_message(request, public_key_from_id(request.stream))
         state = self.streams.get(request.stream)
         if state is None:
             self.ended.pop(request.stream, None)  # the origin restarted the stream
@@ -280,8 +284,8 @@ class Tracker:
             )
         return Ack(self.config.refresh_s)
 
-    def _join(self, request: Join, now: float, wall_ms: int) -> Assigned:
-        state = self._admit(request, wall_ms)
+    def _join(self, request: Join, now: float) -> Assigned:
+        state = self._stream(request.stream)
         known = request.node in state.tree
         assignment = state.tree.join(request.node, request.capacity, request.address, now)
         state.seen(request.node, now)
@@ -299,8 +303,8 @@ class Tracker:
         )
         return self._assigned(assignment)
 
-    def _rejoin(self, request: Rejoin, now: float, wall_ms: int) -> Assigned:
-        state = self._admit(request, wall_ms)
+    def _rejoin(self, request: Rejoin, now: float) -> Assigned:
+        state = self._stream(request.stream)
         before = len(state.tree)
         dead_was_known = request.dead in state.tree
         assignment = state.tree.report_failure(
@@ -334,12 +338,10 @@ class Tracker:
 
     def _leave(self, request: Leave, now: float) -> Moved:
         if request.node == request.stream:
-            verify_message(request, public_key_from_id(request.stream))
             if request.stream in self.streams:
                 self._end(request.stream, now)
                 logger.info("end stream=%s (the origin left)", short_id(request.stream))
             return Moved(())
-        verify_message(request, public_key_from_id(request.node))
         state = self._stream(request.stream)
         if request.node not in state.tree:
             return Moved(())
@@ -361,7 +363,6 @@ class Tracker:
     def _refresh(self, request: Refresh, now: float) -> Ack | Assigned:
         """ACK; or ASSIGNED when our view places the node elsewhere than it says it is
         and cannot follow it (it then moves there)."""
-        verify_message(request, public_key_from_id(request.node))
         state = self._stream(request.stream)
         placement = state.tree.refresh(
             request.node,
@@ -376,13 +377,6 @@ class Tracker:
         return Ack(self.config.refresh_s)
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _check_fresh(self, time_ms: int, wall_ms: int) -> None:
-        if abs(time_ms - wall_ms) > self.config.max_skew_ms:
-            raise ProtocolError(
-                f"request time is {abs(time_ms - wall_ms) // 1000} s off the tracker's clock",
-                ErrorCode.STALE_REQUEST,
-            )
 
     def _unknown(self, stream_id: bytes) -> Goodbye:
         if stream_id in self.ended:
@@ -401,19 +395,6 @@ class Tracker:
         del self.streams[stream_id]
         self.ended[stream_id] = now
 
-    def _admit(self, request: Join | Rejoin, wall_ms: int) -> StreamState:
-        """Signature, stream, token: in that order, so an unsigned request learns nothing."""
-        verify_message(request, public_key_from_id(request.node))
-        state = self._stream(request.stream)
-        check_token(
-            request.token,
-            self.config.host_keys,
-            stream=request.stream,
-            node=request.node,
-            now_ms=wall_ms,
-        )
-        return state
-
     def _assigned(self, assignment: Assignment) -> Assigned:
         return Assigned(
             _peer(assignment.parent),
@@ -421,6 +402,36 @@ class Tracker:
             assignment.depth,
             self.config.refresh_s,
         )
+
+
+def check_request(request: TrackerRequest, config: TrackerConfig, wall_ms: int) -> Goodbye | None:
+    """The checks that need no tree: clock skew, signature, token (in that order, so an
+    unsigned request learns nothing). None if the request may go on to `Tracker.decide`.
+
+    They are most of a request's CPU after the handshake and need only the config, so
+    each worker process runs them and the one process that owns the trees does not.
+    """
+    if isinstance(request, StatusRequest | TreeRequest):
+        return None
+    skew = abs(request.time_ms - wall_ms)
+    if skew > config.max_skew_ms:
+        return Goodbye(
+            ErrorCode.STALE_REQUEST, f"request time is {skew // 1000} s off the tracker's clock"
+        )
+    signer = request.stream if isinstance(request, Register) else request.node
+    try:
+        verify_message(request, public_key_from_id(signer))
+        if isinstance(request, Join | Rejoin):
+            check_token(
+                request.token,
+                config.host_keys,
+                stream=request.stream,
+                node=request.node,
+                now_ms=wall_ms,
+            )
+    except ProtocolError as exc:
+        return Goodbye(exc.code, str(exc))
+    return None
 
 
 def _peer(ref: PeerRef) -> Peer:

@@ -168,6 +168,31 @@ async def test_refresh_of_an_unknown_node_is_refused_with_unknown_peer() -> None
         assert caught.value.code == ErrorCode.UNKNOWN_PEER
 
 
+async def test_with_tokens_a_refresh_never_brings_in_a_stranger() -> None:
+    """The trial's admission bypass: a REFRESH from an unknown node naming the origin as
+    its parent took origin slots without a token. It must JOIN, token and all."""
+    host = Ed25519PrivateKey.generate()
+    async with room(TrackerConfig(host_keys=(host.public_key(),))) as r:
+        await r.register()
+        stranger = Ed25519PrivateKey.generate()
+        refresh = Refresh(STREAM, key_id(stranger), STREAM, 4, "127.0.0.1:11", now_ms())
+        with pytest.raises(TrackerRefused) as caught:
+            await r.ask(sign_message(refresh, stranger))
+        assert caught.value.code == ErrorCode.UNKNOWN_PEER
+        assert key_id(stranger) not in r.tracker.streams[STREAM].tree
+        token = issue_token(host, STREAM, key_id(stranger), now_ms() + 60_000)
+        await r.join(stranger, token=token)
+        assert isinstance(await r.ask(sign_message(refresh, stranger)), Ack)
+
+
+async def test_the_origin_re_registers_within_seconds() -> None:
+    """A restarted tracker knows the stream again at the origin's next REGISTER."""
+    async with room() as r:
+        request = Register(STREAM, "127.0.0.1:9", 2, now_ms())
+        answer = await r.ask(sign_message(request, STREAM_KEY))
+        assert isinstance(answer, Ack) and answer.refresh_s <= 5
+
+
 async def test_unknown_stream_bad_signature_and_stale_time_are_refused() -> None:
     async with room() as r:
         key = Ed25519PrivateKey.generate()

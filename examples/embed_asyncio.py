@@ -3,12 +3,15 @@
 Run: python examples/embed_asyncio.py [--seconds S]
 meshd is trio-only; an asyncio service runs `trio.run` in a thread and talks to it
 through trio's thread-safe `trio.from_thread` calls (here: reading the status, stopping).
+Ctrl-C stops it cleanly.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import threading
 
 import trio
@@ -59,14 +62,18 @@ class TrackerThread:
 async def asyncio_host(seconds: float) -> None:
     tracker = TrackerThread()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a host shuts down cleanly on both
+        loop.add_signal_handler(signum, stop.set)
     await loop.run_in_executor(None, tracker.start)
     assert tracker.address is not None
     print(f"tracker listening on {format_address(tracker.address)}", flush=True)
     deadline = loop.time() + seconds
-    while loop.time() < deadline:
+    while loop.time() < deadline and not stop.is_set():
         audience = await loop.run_in_executor(None, tracker.audience)
         print(f"audience: {audience}", flush=True)
-        await asyncio.sleep(min(1.0, max(deadline - loop.time(), 0)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=min(1.0, max(deadline - loop.time(), 0)))
     await loop.run_in_executor(None, tracker.stop)
     print("tracker stopped", flush=True)
 

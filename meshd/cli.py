@@ -10,80 +10,114 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshd import __version__
 from meshd.addresses import format_address, parse_address
 from meshd.conformance.command import register as register_conformance
+from meshd.errors import EXIT_FAILED, NodeError, UsageError
 from meshd.keys import KeyFileError, load_key, write_new_key
+from meshd.logs import LOG_FORMATS, configure_logging, log_as
 from meshd.node.config import NodeConfig
 from meshd.node.origin import Origin, OriginSettings
-from meshd.node.output import AudioSink
-from meshd.node.relay import NodeError, Relay, RelaySettings
-from meshd.node.stats import ChunkTrace
+from meshd.node.output import AudioSink, check_output_path
+from meshd.node.relay import Relay, RelaySettings
+from meshd.node.stats import ChunkTrace, NodeStats
 from meshd.quic import open_quic_endpoint
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
-from meshd.tracker_client import TrackerRefused, ask_tracker
-from protocol import StatusReport, StatusRequest, issue_token, key_from_text, key_id, key_to_text
+from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker
+from meshd.view import format_status, status_dict
+from protocol import (
+    ProtocolError,
+    StatusReport,
+    StatusRequest,
+    Token,
+    TreeReport,
+    TreeRequest,
+    decode_message,
+    issue_token,
+    key_from_text,
+    key_id,
+    key_to_text,
+    short_id,
+)
 from protocol.identity import public_key_from_id
+from protocol.limits import MAX_TREE_NODES
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
 
 logger = logging.getLogger("meshd")
 MAX_WORKERS = 256
 
 EPILOG = """\
-A whole room on one machine:
-  meshd keygen --out origin.key            # prints the stream id
+A whole room on one machine (each in its own terminal):
+  meshd keygen --out origin.key            # prints the stream id, STREAM_ID
   meshd tracker --listen 127.0.0.1:4433
   meshd origin --tracker 127.0.0.1:4433 --key origin.key --input talk.opus
   meshd listen --tracker 127.0.0.1:4433 --stream STREAM_ID --output - | ffplay -nodisp -
+  meshd status --tracker 127.0.0.1:4433 --stream STREAM_ID
 Or just: meshd demo
+
+Exit status: 0 done; 1 it ran but achieved nothing (no tracker, refused, no audio);
+2 a bad command line (an option, a file, an address); 3 `listen` missed audio;
+130 stopped at once (a second Ctrl-C).
 """
-
-
-class UsageError(Exception):
-    """A bad option value; reported like argparse's own errors (exit status 2)."""
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose, args.quiet)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    configure_logging(level, args.log_format, sys.stderr)
     try:
         code = args.run(args)
-    except UsageError as exc:
-        parser.exit(2, f"meshd: error: {exc}\n")
-    except FATAL as exc:
-        parser.exit(_exit_status(exc), f"meshd: error: {exc or type(exc).__name__}\n")
-    except BaseExceptionGroup as group:  # raised from inside a trio nursery
-        fatal = group.subgroup(lambda exc: isinstance(exc, FATAL))
-        if fatal is None:
+    except BaseException as exc:  # sorted by _outcome: a bug is raised again
+        status, message = _outcome(exc)
+        if status is None:
             raise
-        leaf = _first_leaf(fatal)
-        parser.exit(_exit_status(leaf), f"meshd: error: {leaf}\n")
+        parser.exit(status, f"meshd: error: {message}\n" if message else None)
     sys.exit(code)
 
 
-def _exit_status(exc: BaseException) -> int:
-    return exc.exit_status if isinstance(exc, NodeError) else 1
+FATAL = (NodeError, KeyFileError, TrackerRefused, OSError, trio.TooSlowError)
 
 
-FATAL = (KeyFileError, NodeError, TrackerRefused, OSError, trio.TooSlowError)
+def _outcome(exc: BaseException) -> tuple[int | None, str]:
+    """(exit status, message) for what ended a command; (None, "") for a bug.
 
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+    Errors from inside trio nurseries come wrapped in exception groups: the first
+    fatal one speaks for the group."""
+    if isinstance(exc, BaseExceptionGroup):
+        outcomes = [_outcome(inner) for inner in exc.exceptions]
+        if any(status is None for status, _ in outcomes):
+            return None, ""
+        return outcomes[0]
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, ""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_FAILED, ""
+    if isinstance(exc, NodeError):
+        return exc.exit_status, str(exc)
+    if isinstance(exc, FATAL):
+        return EXIT_FAILED, str(exc) or type(exc).__name__
+    return None, ""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common_options(common, argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="meshd",
         description="Live audio to huge audiences: every listener relays the stream to a "
@@ -91,31 +125,68 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument("--version", action="version", version=f"meshd {__version__}")
+    _add_common_options(parser, None)
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    _add_keygen(sub)
-    _add_tracker(sub)
-    _add_origin(sub)
-    _add_listen(sub)
-    _add_status(sub)
-    _add_token(sub)
-    _add_demo(sub)
-    _add_sim(sub)
+    for add in (_add_keygen, _add_tracker, _add_origin, _add_listen, _add_status, _add_token):
+        add(sub, common)
+    _add_demo(sub, common)
+    _add_sim(sub, common)
     register_conformance(sub, _address, _key_id)
     return parser
 
 
+def _add_common_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """Logging options, accepted before or after the command (`meshd -q listen ...` or
+    `meshd listen -q ...`): the subcommands' copies only override when given."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default if default is not None else False,
+        help="log debug detail",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default if default is not None else False,
+        help="log warnings only",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=default if default is not None else "text",
+        help="log lines for people (text, the default) or one JSON object per line (json)",
+    )
+
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
 def _command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: Subparsers,
+    common: argparse.ArgumentParser,
     name: str,
     run: Callable[[argparse.Namespace], int],
     summary: str,
     description: str,
 ) -> argparse.ArgumentParser:
-    command = sub.add_parser(name, help=summary, description=description)
+    command = sub.add_parser(name, help=summary, description=description, parents=[common])
     command.set_defaults(run=run)
     return command
+
+
+def _reachable(text: str) -> tuple[str, int]:
+    """HOST:PORT whose host resolves here (a typo'd name fails now, clearly)."""
+    host, port = _address(text)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot resolve the host {host!r} ({exc.strerror or exc})"
+        ) from None
+    return host, port
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -123,6 +194,11 @@ def _address(text: str) -> tuple[str, int]:
         return parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _advertised(text: str) -> str:
+    _address(text)
+    return text
 
 
 def _key_id(text: str) -> bytes:
@@ -135,6 +211,14 @@ def _key_id(text: str) -> bytes:
 def _count(text: str) -> int:
     if not text.isdigit() or int(text) > 1024:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1024")
+    return int(text)
+
+
+def _children(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1024:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number from 1 to 1024 (the origin must feed someone)"
+        )
     return int(text)
 
 
@@ -157,19 +241,38 @@ def _positive(text: str) -> float:
     return value
 
 
+def _add_metrics_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--metrics",
+        type=_reachable,
+        metavar="HOST:PORT",
+        help=f"serve {what} for Prometheus at http://HOST:PORT/metrics (port 0: any free "
+        "one; the address is logged)",
+    )
+
+
 # -- keygen ---------------------------------------------------------------------------------
 
 
-def _add_keygen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_keygen(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "keygen",
         run_keygen,
         "create an Ed25519 key file",
-        "Write a new Ed25519 key (mode 0600) and print its id. For an origin key, the id "
-        "is the stream id that listeners pass to `meshd listen --stream`.",
+        "Write a new Ed25519 key (mode 0600) and print its id. An origin's id is the "
+        "STREAM_ID listeners pass to `meshd listen --stream`; a host's is the HOST_ID a "
+        "tracker trusts with `--host-id`; a listener's is the NODE_ID a host issues its "
+        "admission token for.",
     )
-    command.add_argument("--out", type=Path, required=True, metavar="FILE")
+    command.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="where to write the key (never replaces a file unless --force)",
+    )
     command.add_argument("--force", action="store_true", help="replace an existing file")
 
 
@@ -182,19 +285,20 @@ def run_keygen(args: argparse.Namespace) -> int:
 # -- tracker --------------------------------------------------------------------------------
 
 
-def _add_tracker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "tracker",
         run_tracker,
         "run a tracker",
         "Assign each joining listener a parent and backups, and repair the tree when "
         "listeners leave or die. Prints `listening on HOST:PORT` once ready; stops "
-        "cleanly on SIGINT/SIGTERM.",
+        "cleanly on Ctrl-C (SIGINT) or SIGTERM.",
     )
     command.add_argument(
         "--listen",
-        type=_address,
+        type=_reachable,
         default=("127.0.0.1", 4433),
         metavar="HOST:PORT",
         help="UDP address to serve on (default 127.0.0.1:4433; port 0 picks one)",
@@ -203,16 +307,17 @@ def _add_tracker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--key",
         type=Path,
         metavar="FILE",
-        help="the tracker's key file (default: a new key each run; nodes may pin its id)",
+        help="the tracker's key file (default: a new key each run); nodes may pin its id "
+        "with --tracker-id",
     )
     command.add_argument(
-        "--host-key",
+        "--host-id",
         type=_key_id,
         action="append",
         default=[],
-        metavar="ID",
-        help="accept admission tokens signed by this host key (repeatable); without "
-        "any, the tracker is open to everyone",
+        metavar="HOST_ID",
+        help="require admission tokens signed by this host (the id `meshd keygen` printed "
+        "for the host's key; repeatable); without any, the tracker is open to everyone",
     )
     command.add_argument(
         "--refresh",
@@ -262,6 +367,7 @@ def _add_tracker(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "this one makes the decisions; 0: all in this process (default: one per core, "
         f"{os.cpu_count() or 1} here)",
     )
+    _add_metrics_option(command, "the audience, joins, failures and tree depth")
 
 
 def run_tracker(args: argparse.Namespace) -> int:
@@ -269,24 +375,63 @@ def run_tracker(args: argparse.Namespace) -> int:
     config = TrackerConfig(
         refresh_s=args.refresh,
         peer_ttl=args.peer_ttl,
-        host_keys=tuple(public_key_from_id(k) for k in args.host_key),
+        host_keys=tuple(public_key_from_id(k) for k in args.host_id),
         max_pending=args.max_pending,
         joins_per_network_s=args.joins_per_network,
         join_burst_per_network=args.join_burst,
     )
+    tracker = Tracker(config)
 
     async def serve() -> None:
+        log_as("tracker", short_id(key_id(key)))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_signal, nursery.cancel_scope)
-            address = await nursery.start(
-                serve_tracker, Tracker(config), key, *args.listen, args.workers
-            )
-            mode = "tokens required" if args.host_key else "open mode"
+            address = await nursery.start(serve_tracker, tracker, key, *args.listen, args.workers)
+            if args.metrics:
+                await _serve_tracker_metrics(nursery, tracker, args.metrics)
+            mode = "tokens required" if args.host_id else "open to everyone"
             print(f"listening on {format_address(address)}", flush=True)
             logger.info("tracker %s ready (%s)", key_to_text(key_id(key)), mode)
 
     trio.run(serve)
     return 0
+
+
+# meshd.metrics is imported only when --metrics asks for it: prometheus_client adds a
+# tenth to every start-up, which a room of processes starting at once feels.
+
+
+async def _serve_tracker_metrics(
+    nursery: trio.Nursery, tracker: Tracker, address: tuple[str, int]
+) -> None:
+    from meshd.metrics import tracker_metrics
+
+    await _serve_metrics(nursery, tracker_metrics(tracker), address)
+
+
+async def _serve_node_metrics(
+    nursery: trio.Nursery,
+    stats: NodeStats,
+    address: tuple[str, int],
+    relay: Relay | None = None,
+) -> None:
+    from meshd.metrics import NodeCollector, node_metrics
+
+    collector = (
+        NodeCollector(stats)
+        if relay is None
+        else NodeCollector(stats, relay.parent_rtt, relay.refresh_stats)
+    )
+    await _serve_metrics(nursery, node_metrics(collector), address)
+
+
+async def _serve_metrics(
+    nursery: trio.Nursery, registry: CollectorRegistry, address: tuple[str, int]
+) -> None:
+    from meshd.metrics import serve_metrics
+
+    bound = await nursery.start(serve_metrics, registry, *address)
+    logger.info("metrics on http://%s/metrics", format_address(bound))
 
 
 async def _cancel_on_signal(scope: trio.CancelScope) -> None:
@@ -302,23 +447,29 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
 
 def _add_node_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
-        "--tracker", type=_address, required=True, metavar="HOST:PORT", help="the tracker"
+        "--tracker",
+        type=_reachable,
+        required=True,
+        metavar="HOST:PORT",
+        help="the tracker's address",
     )
     command.add_argument(
-        "--tracker-key",
+        "--tracker-id",
         type=_key_id,
         metavar="ID",
-        help="refuse a tracker whose key is not this id",
+        help="refuse a tracker whose key is not this id (`meshd keygen` printed it for "
+        "the tracker's --key)",
     )
     command.add_argument(
         "--listen",
-        type=_address,
+        type=_reachable,
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
         help="UDP address children connect to (default 127.0.0.1, any port)",
     )
     command.add_argument(
         "--advertise",
+        type=_advertised,
         metavar="HOST:PORT",
         help="address to give the tracker, if children must use another one (NAT, 0.0.0.0)",
     )
@@ -341,50 +492,68 @@ def _add_node_options(command: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds between stats log lines and stats-file updates (default 5)",
     )
+    _add_metrics_option(command, "bytes in and out, chunks played and lost, failovers, stall")
 
 
-def _add_origin(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _check_node_files(args: argparse.Namespace) -> None:
+    """Fail now, not at the end of the stream, if a stats or trace file cannot be written."""
+    for option, path in (("--stats-file", args.stats_file), ("--trace", args.trace)):
+        if path is not None:
+            check_output_path(str(path), option)
+
+
+def _add_origin(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "origin",
         run_origin,
         "stream an Ogg Opus input",
         "Read Ogg Opus from a file or stdin (e.g. `ffmpeg -re -i talk.mp3 -c:a libopus "
-        "-b:a 32k -page_duration 20000 -f ogg - | meshd origin ... --input -`), pace it "
-        "in real time, sign it, and feed at most --capacity children. Ends the stream "
-        "at the end of input (or on SIGINT/SIGTERM) and exits once its children have it.",
+        "-b:a 32k -page_duration 20000 -f ogg - | meshd origin ... --input -`), register "
+        "the stream at the tracker, then pace it in real time, sign it, and feed at most "
+        "--capacity children. Ends the stream at the end of input (or on Ctrl-C) and exits "
+        "once its children have it. Exits 1 without streaming if the tracker does not "
+        "accept the stream within --register-timeout.",
     )
     command.add_argument(
         "--key",
         type=Path,
         required=True,
         metavar="FILE",
-        help="the stream's key (its id is the stream id)",
+        help="the stream's key file (from `meshd keygen`; its id is the stream id)",
     )
     command.add_argument(
         "--input", required=True, metavar="PATH|-", help="Ogg Opus file, or - for stdin"
     )
     command.add_argument(
         "--capacity",
-        type=_count,
+        type=_children,
         default=4,
         metavar="N",
-        help="children the origin feeds itself (default 4)",
+        help="children the origin feeds itself, 1 to 1024 (default 4)",
+    )
+    command.add_argument(
+        "--register-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="give up if the tracker has not accepted the stream after this long (default 10)",
     )
     _add_node_options(command)
 
 
 def run_origin(args: argparse.Namespace) -> int:
     key = load_key(args.key)
-    if args.input != "-" and not Path(args.input).is_file():
-        raise UsageError(f"--input {args.input}: no such file")
+    _check_node_files(args)
     settings = OriginSettings(
         tracker=args.tracker,
         input=args.input,
         capacity=args.capacity,
         listen=args.listen,
         advertise=args.advertise,
-        tracker_key=args.tracker_key,
+        tracker_key=args.tracker_id,
+        register_timeout=args.register_timeout,
     )
     config = NodeConfig(stats_interval=args.stats_interval)
     trace = ChunkTrace(args.trace) if args.trace else None
@@ -393,6 +562,8 @@ def run_origin(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signal, origin.stop)
+            if args.metrics:
+                await _serve_node_metrics(nursery, origin.stats, args.metrics)
             await origin.run()
             nursery.cancel_scope.cancel()
 
@@ -414,37 +585,39 @@ async def _on_signal(action: Callable[[], None]) -> None:
 
 
 def _exit_now() -> None:
-    sys.exit(130)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 # -- listen ---------------------------------------------------------------------------------
 
 
-def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_listen(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "listen",
         run_listen,
         "play a stream and relay it",
-        "Join a stream at its live edge, write it as Ogg Opus to a file or stdout "
-        "(`--output - | ffplay -nodisp -`), and relay it to up to --max-children other "
-        "listeners. SIGINT/SIGTERM leaves gracefully (children are moved to other "
-        "parents first). Exit status: 0 after playing the whole stream (or a graceful "
-        "leave); 3 if the stream ended but audio was missed (cut off from it for "
-        "--join-timeout, or chunks lost); 1 if it never got going.",
+        "Join a stream (at its live edge; from its first packet if it has not started "
+        "yet), write it as Ogg Opus to a file or stdout (`--output - | ffplay -nodisp -`), "
+        "and relay it to up to --max-children other listeners. Ctrl-C (SIGINT) or SIGTERM "
+        "leaves gracefully: children are moved to other parents first. Exit status: 0 "
+        "after playing the whole stream (or a graceful leave); 3 if the stream ended but "
+        "audio was missed (cut off from it for --join-timeout, or chunks lost); 1 if it "
+        "never got going.",
     )
     command.add_argument(
         "--stream",
         type=_key_id,
         required=True,
         metavar="STREAM_ID",
-        help="the stream id (the origin's key id)",
+        help="the stream id (the origin's key id, as `meshd keygen` printed it)",
     )
     command.add_argument(
         "--output",
         required=True,
         metavar="PATH|-",
-        help="where to write the audio (Ogg Opus); - for stdout",
+        help="where to write the audio (Ogg Opus; created once audio arrives); - for stdout",
     )
     command.add_argument(
         "--max-children",
@@ -477,12 +650,16 @@ def _add_listen(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "says it is stalled too (default 2000; longer than --silence-timeout)",
     )
     command.add_argument(
-        "--key", type=Path, metavar="FILE", help="this node's key (default: a new key each run)"
+        "--key",
+        type=Path,
+        metavar="FILE",
+        help="this node's key file (default: a new key each run; needed with --token)",
     )
     command.add_argument(
         "--token",
         metavar="TOKEN",
-        help="admission token from the host (base64), if the stream needs one",
+        help="admission token from the host, if the tracker requires one (the text "
+        "`meshd token` printed for this stream and this --key's NODE_ID)",
     )
     command.add_argument(
         "--join-timeout",
@@ -502,8 +679,12 @@ def run_listen(args: argparse.Namespace) -> int:
         raise UsageError("--silence-timeout must be at least 100 ms")
     if args.stall_timeout <= args.silence_timeout:
         raise UsageError("--stall-timeout must be longer than --silence-timeout")
+    if args.token and not args.key:
+        raise UsageError("--token needs --key: a token admits the one node key it was issued for")
     key = load_key(args.key) if args.key else Ed25519PrivateKey.generate()
-    token = _decode_token(args.token) if args.token else None
+    token = _check_token(args.token, args.stream, key_id(key)) if args.token else None
+    output = AudioSink(args.output)
+    _check_node_files(args)
     config = NodeConfig(
         buffer_seconds=args.buffer / 1000,
         silence_timeout=args.silence_timeout / 1000,
@@ -518,17 +699,17 @@ def run_listen(args: argparse.Namespace) -> int:
         listen=args.listen,
         advertise=args.advertise,
         token=token,
-        tracker_key=args.tracker_key,
+        tracker_key=args.tracker_id,
         join_timeout=args.join_timeout,
     )
     trace = ChunkTrace(args.trace) if args.trace else None
-    relay = Relay(
-        key, settings, AudioSink(args.output), config, stats_file=args.stats_file, trace=trace
-    )
+    relay = Relay(key, settings, output, config, stats_file=args.stats_file, trace=trace)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signal, relay.leave)
+            if args.metrics:
+                await _serve_node_metrics(nursery, relay.stats, args.metrics, relay)
             await relay.run()
             nursery.cancel_scope.cancel()
 
@@ -536,91 +717,134 @@ def run_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decode_token(text: str) -> bytes:
+def _check_token(text: str, stream: bytes, node: bytes) -> bytes:
+    """The token's bytes, if it is one this node can use for this stream."""
+    hint = "copy it whole, as `meshd token` printed it"
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except ValueError:
-        raise UsageError("--token is not base64 (copy it as `meshd token` printed it)") from None
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        token = decode_message(data)
+    except (ValueError, ProtocolError):
+        raise UsageError(f"--token is not an admission token ({hint})") from None
+    if not isinstance(token, Token):
+        raise UsageError(f"--token is not an admission token ({hint})")
+    if token.stream != stream:
+        raise UsageError(f"--token was issued for stream {short_id(token.stream)}…, not this one")
+    if token.node != node:
+        raise UsageError(
+            f"--token was issued for node {short_id(token.node)}…, not for this --key "
+            f"({short_id(node)}…)"
+        )
+    if token.expires_ms <= time.time() * 1000:
+        expired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(token.expires_ms / 1000))
+        raise UsageError(f"--token expired at {expired}; ask the host for a new one")
+    return data
 
 
 # -- status ---------------------------------------------------------------------------------
 
 
-def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_status(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "status",
         run_status,
         "show a stream's tree",
-        "Ask the tracker for a stream's audience, tree depth, origin load and activity.",
+        "Ask the tracker for a stream's tree: the origin, the relays and their children, "
+        "each with its depth, children used of its capacity, address and uptime, as the "
+        "tracker sees them; plus the audience, the origin's load and recent activity. A "
+        "big audience is shown from the top, down to --limit nodes.",
     )
-    command.add_argument("--tracker", type=_address, required=True, metavar="HOST:PORT")
-    command.add_argument("--stream", type=_key_id, required=True, metavar="STREAM_ID")
-    command.add_argument("--json", action="store_true", help="print JSON")
+    command.add_argument(
+        "--tracker",
+        type=_reachable,
+        required=True,
+        metavar="HOST:PORT",
+        help="the tracker's address",
+    )
+    command.add_argument(
+        "--stream",
+        type=_key_id,
+        required=True,
+        metavar="STREAM_ID",
+        help="the stream id (the origin's key id)",
+    )
+    command.add_argument(
+        "--limit",
+        type=int,
+        default=40,
+        metavar="N",
+        help=f"show at most this many nodes of the tree, from the top (default 40, "
+        f"at most {MAX_TREE_NODES})",
+    )
+    command.add_argument(
+        "--json", action="store_true", help="print the figures and the listed nodes as JSON"
+    )
 
 
 def run_status(args: argparse.Namespace) -> int:
-    async def ask() -> object:
+    if not 1 <= args.limit <= MAX_TREE_NODES:
+        raise UsageError(f"--limit must be from 1 to {MAX_TREE_NODES}")
+
+    async def ask() -> tuple[object, object]:
         async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
-            return await ask_tracker(
-                endpoint, args.tracker, StatusRequest(args.stream), give_up_after=10.0
-            )
+            answers = []
+            for request in (StatusRequest(args.stream), TreeRequest(args.stream, args.limit)):
+                answers.append(
+                    await ask_tracker(
+                        endpoint,
+                        args.tracker,
+                        request,
+                        give_up_after=10.0,
+                        warn_after=WARN_AFTER,
+                    )
+                )
+            return answers[0], answers[1]
 
-    report = trio.run(ask)
-    assert isinstance(report, StatusReport)
+    report, tree = trio.run(ask)
+    assert isinstance(report, StatusReport) and isinstance(tree, TreeReport)
     if args.json:
-        print(json.dumps(status_dict(report)))
+        print(json.dumps(status_dict(report, tree)))
     else:
-        print(format_status(report))
+        print(format_status(report, tree, args.limit + 1))
     return 0
-
-
-def status_dict(report: StatusReport) -> dict[str, object]:
-    return {
-        "stream": key_to_text(report.stream),
-        "audience": report.audience,
-        "origin_children": report.origin_children,
-        "origin_capacity": report.origin_capacity,
-        "depth_histogram": list(report.depth_histogram),
-        "joins_per_s": report.joins_per_s,
-        "rejoins_per_s": report.rejoins_per_s,
-        "total_joins": report.total_joins,
-        "total_rejoins": report.total_rejoins,
-        "total_leaves": report.total_leaves,
-        "total_failures": report.total_failures,
-        "total_shed": report.total_shed,
-    }
-
-
-def format_status(report: StatusReport) -> str:
-    depths = " ".join(f"{d}:{n}" for d, n in enumerate(report.depth_histogram) if d)
-    return (
-        f"stream {key_to_text(report.stream)}\n"
-        f"  audience        {report.audience}\n"
-        f"  origin children {report.origin_children}/{report.origin_capacity}\n"
-        f"  depth histogram {depths or '-'}\n"
-        f"  joins/s {report.joins_per_s:.1f}  rejoins/s {report.rejoins_per_s:.1f}\n"
-        f"  totals: joins {report.total_joins}, rejoins {report.total_rejoins}, "
-        f"leaves {report.total_leaves}, failures {report.total_failures}, "
-        f"shed {report.total_shed}"
-    )
 
 
 # -- token ----------------------------------------------------------------------------------
 
 
-def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_token(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "token",
         run_token,
         "issue an admission token",
-        "As the host: sign a token that lets NODE join STREAM (for trackers started "
-        "with --host-key). Prints it in base64 for `meshd listen --token`.",
+        "As the host: sign a token that lets one listener (NODE_ID, the id `meshd keygen` "
+        "printed for its key) join one stream, on a tracker started with --host-id HOST_ID "
+        "(the id of this --host-key). Prints it in base64 for `meshd listen --token`.",
     )
-    command.add_argument("--host-key", type=Path, required=True, metavar="FILE")
-    command.add_argument("--stream", type=_key_id, required=True, metavar="STREAM_ID")
-    command.add_argument("--node", type=_key_id, required=True, metavar="NODE_ID")
+    command.add_argument(
+        "--host-key",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the host's key file (from `meshd keygen`); the tracker trusts its id",
+    )
+    command.add_argument(
+        "--stream",
+        type=_key_id,
+        required=True,
+        metavar="STREAM_ID",
+        help="the stream the listener may join",
+    )
+    command.add_argument(
+        "--node",
+        type=_key_id,
+        required=True,
+        metavar="NODE_ID",
+        help="the listener's id (its key's id; it runs `meshd listen --key` with that key)",
+    )
     command.add_argument(
         "--ttl",
         type=_positive,
@@ -641,14 +865,16 @@ def run_token(args: argparse.Namespace) -> int:
 # -- demo -----------------------------------------------------------------------------------
 
 
-def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_demo(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command = _command(
         sub,
+        common,
         "demo",
         run_demo,
         "see a whole room work on this machine",
         "Start a tracker, an origin playing a bundled sample and N listeners on this "
-        "machine, show the tree and the origin's egress live, and end with a summary.",
+        "machine, show the tree and the origin's egress live, and end with a summary. "
+        "The room's log lines go to a file (named on screen). Ctrl-C ends it early.",
     )
     command.add_argument(
         "--listeners", type=_count, default=12, metavar="N", help="listeners to start (default 12)"
@@ -660,12 +886,20 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="seconds of the sample to play (default 20)",
     )
+    command.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="where the room's log lines go (default: a new file in the temporary folder)",
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from meshd.demo import run_demo as demo
 
-    return demo(args.listeners, args.duration, random.Random())
+    if args.log is not None:
+        check_output_path(str(args.log), "--log")
+    return demo(args.listeners, args.duration, random.Random(), args.log, args.log_format)
 
 
 # -- sim ------------------------------------------------------------------------------------
@@ -695,12 +929,13 @@ Examples:
 """
 
 
-def _add_sim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_sim(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     from meshd.sim.run import CHUNK_LIMIT
     from meshd.sim.scenarios import SCENARIOS
 
     command = _command(
         sub,
+        common,
         "sim",
         run_sim,
         "simulate a room of any size on a virtual clock",
@@ -805,14 +1040,3 @@ def run_sim(args: argparse.Namespace) -> int:
         except PlotUnavailable as exc:
             raise UsageError(str(exc)) from None
     return 0
-
-
-def _configure_logging(verbose: bool, quiet: bool) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s.%(msecs)03d meshd: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    logging.getLogger("quic").setLevel(logging.DEBUG if verbose else logging.WARNING)

@@ -13,8 +13,10 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from meshd.errors import UsageError
 
-class KeyFileError(Exception):
+
+class KeyFileError(UsageError):
     """A key file is missing, unreadable, or not an Ed25519 key; the message says what to do."""
 
 
@@ -45,8 +47,10 @@ def load_key(path: Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
     try:
         key = load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path} is not a PEM private key: {exc}") from None
+    except (ValueError, TypeError):
+        raise KeyFileError(
+            f"{path} is not a key file (meshd reads the PEM files `meshd keygen` writes)"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, meshd needs an Ed25519 key")
     return key

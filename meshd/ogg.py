@@ -480,10 +480,12 @@ def read_ogg_opus(fileobj: BinaryIO) -> tuple[OpusHead, Iterator[OpusPacket]]:
 class OggOpusMuxer:
     """Sans-I/O Ogg Opus encoder: each call returns the pages to write, in order.
 
-    Granule positions count samples from this muxer's first packet, so a listener that
-    joins mid-stream still produces a valid stream of its own; the head's pre-skip is
-    kept as is (RFC 7845 §4.2: the decoder discards that many samples at the start,
-    which also hides the decoder's warm-up when joining mid-stream).
+    Granule positions either count samples from this muxer's first packet, or, when
+    `encode_packets` is given the source's granule position, carry the source's own: a
+    listener's file then has the origin's timing, its end trim included (RFC 7845 §4.5),
+    and one that joined mid-stream starts at the granule it joined at (§4.3 allows a
+    non-zero start). The head's pre-skip is kept as is (§4.2: the decoder discards that
+    many samples at the start, which also hides its warm-up when joining mid-stream).
     """
 
     def __init__(self, head: bytes, tags: bytes | None = None, serial: int | None = None):
@@ -498,11 +500,20 @@ class OggOpusMuxer:
         self.granule = 0
         self._seq = 0
         self._ended = False
+        self._audio = False
         self.headers = self._paginate([(head, 0)], bos=True) + self._paginate([(tags, 0)])
         """The OpusHead page (BOS, alone) and the OpusTags page(s): write these first."""
 
-    def encode_packets(self, packets: Sequence[bytes]) -> bytes:
-        """Pages holding these audio packets (as few as fit 255 segments each)."""
+    def encode_packets(
+        self, packets: Sequence[bytes], granule: int | None = None, *, last: bool = False
+    ) -> bytes:
+        """Pages holding these audio packets (as few as fit 255 segments each).
+
+        `granule` is the source's granule position at the end of the last packet: the
+        first call starts the stream there, a jump forward (audio that never came, before
+        these packets) is kept, and a position short of the packets' end trims the end,
+        which only the stream's `last` page may do (it gets the EOS flag; `end` then adds
+        nothing)."""
         if self._ended:
             raise ValueError("encode_packets() after end()")
         timed = []
@@ -510,7 +521,14 @@ class OggOpusMuxer:
             if len(packet) > MAX_PACKET_SIZE:
                 raise AudioError(f"Opus packet of {len(packet)} bytes is too large")
             timed.append((packet, opus_packet_samples(packet)))
-        return self._paginate(timed)
+        if granule is not None:
+            start = granule - sum(samples for _, samples in timed)
+            if not self._audio or start > self.granule:  # the start, or audio that never came
+                self.granule = max(0, start)
+        self._audio = self._audio or bool(timed)
+        pages = self._paginate(timed, end=granule, eos=last)
+        self._ended = last
+        return pages
 
     def end(self) -> bytes:
         """The final, empty page with the EOS flag; b"" if already ended."""
@@ -519,13 +537,21 @@ class OggOpusMuxer:
         self._ended = True
         return self._page(_FLAG_EOS, self.granule, [], b"")
 
-    def _paginate(self, packets: Sequence[tuple[bytes, int]], bos: bool = False) -> bytes:
+    def _paginate(
+        self,
+        packets: Sequence[tuple[bytes, int]],
+        bos: bool = False,
+        end: int | None = None,
+        eos: bool = False,
+    ) -> bytes:
+        """Pages for `packets`; with `end`, the last packet ends at that granule and none
+        before it ends later; with `eos`, the last page ends the stream."""
         pages: list[bytes] = []
         flags = _FLAG_BOS if bos else 0
         lacing: list[int] = []
         body = bytearray()
         granule = -1  # no packet ends on the page (yet)
-        for packet, samples in packets:
+        for index, (packet, samples) in enumerate(packets):
             laces = [255] * (len(packet) // 255) + [len(packet) % 255]
             for i, lace in enumerate(laces):
                 if len(lacing) == _MAX_SEGMENTS:
@@ -535,9 +561,11 @@ class OggOpusMuxer:
                 lacing.append(lace)
                 body += packet[i * 255 : i * 255 + lace]
             self.granule += samples
+            if end is not None:
+                self.granule = end if index == len(packets) - 1 else min(self.granule, end)
             granule = self.granule
         if lacing:
-            pages.append(self._page(flags, granule, lacing, body))
+            pages.append(self._page(flags | (_FLAG_EOS if eos else 0), granule, lacing, body))
         return b"".join(pages)
 
     def _page(self, flags: int, granule: int, lacing: list[int], body: bytes | bytearray) -> bytes:

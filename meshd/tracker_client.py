@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from meshd.addresses import format_address
-from meshd.quic import QuicConn, QuicEndpoint, QuicStream
+from meshd.quic import PeerKeyMismatch, QuicConn, QuicEndpoint, QuicStream
 from protocol import (
     ErrorCode,
     ExchangeState,
@@ -29,6 +29,7 @@ from protocol import (
     Rejoin,
     StatusRequest,
     TrackerExchange,
+    TreeRequest,
 )
 from protocol.messages import TrackerResponse
 
@@ -40,6 +41,9 @@ REUSE_FOR = 3.0
 REUSE_REQUESTS = 15  # the tracker answers 16 on one connection
 REPLAYABLE = (Refresh, StatusRequest)
 """Requests that may go in 0-RTT: a replay is harmless (docs/spec.md §2)."""
+WARN_AFTER = 3.0
+"""Callers that a person waits on pass this as `warn_after`: a silent wait is worse than
+a line saying what is being waited for."""
 
 
 class TrackerConnections:
@@ -99,17 +103,19 @@ def now_ms() -> int:
 async def ask_tracker(
     endpoint: QuicEndpoint,
     tracker: tuple[str, int],
-    request: Register | Join | Rejoin | Leave | Refresh | StatusRequest,
+    request: Register | Join | Rejoin | Leave | Refresh | StatusRequest | TreeRequest,
     *,
     rng: random.Random | None = None,
     give_up_after: float | None = 60.0,
     tracker_key: bytes | None = None,
     connections: TrackerConnections | None = None,
+    warn_after: float | None = None,
 ) -> TrackerResponse:
     """Send one (already signed) request until answered; raises TrackerRefused or TooSlowError.
 
     With `connections`, an open connection to the tracker is reused, and this one is
-    kept open for the next request.
+    kept open for the next request. With `warn_after`, a request still unanswered after
+    that many seconds logs one warning that names the tracker and what went wrong so far.
     """
     now = trio.current_time()
     exchange = TrackerExchange(
@@ -118,16 +124,39 @@ async def ask_tracker(
         now=now,
         deadline=None if give_up_after is None else now + give_up_after,
     )
-    while exchange.state is ExchangeState.WAITING:
-        assert exchange.next_attempt_at is not None
-        await trio.sleep_until(exchange.next_attempt_at)
-        await _attempt(endpoint, tracker, exchange, tracker_key, connections)
+    problem = _Problem()
+    async with trio.open_nursery() as nursery:
+        if warn_after is not None:
+            nursery.start_soon(problem.warn_at, now + warn_after, tracker)
+        while exchange.state is ExchangeState.WAITING:
+            assert exchange.next_attempt_at is not None
+            await trio.sleep_until(exchange.next_attempt_at)
+            await _attempt(endpoint, tracker, exchange, tracker_key, connections, problem)
+        nursery.cancel_scope.cancel()
     if exchange.response is not None:
         return exchange.response
     assert exchange.refusal is not None
     if exchange.refusal.code == ErrorCode.OVERLOADED:
-        raise trio.TooSlowError(f"the tracker at {format_address(tracker)} did not answer")
+        raise trio.TooSlowError(
+            f"the tracker at {format_address(tracker)} did not answer ({problem.text})"
+        )
     raise TrackerRefused(exchange.refusal.code, exchange.refusal.reason)
+
+
+class _Problem:
+    """What went wrong with the attempts so far, for the warning and the final error."""
+
+    def __init__(self) -> None:
+        self.text = "no reply"
+
+    async def warn_at(self, deadline: float, tracker: tuple[str, int]) -> None:
+        await trio.sleep_until(deadline)
+        logger.warning(
+            "no answer from the tracker at %s yet (%s); is it running, and is the address "
+            "right? Still trying",
+            format_address(tracker),
+            self.text,
+        )
 
 
 async def _attempt(
@@ -136,6 +165,7 @@ async def _attempt(
     exchange: TrackerExchange,
     tracker_key: bytes | None,
     connections: TrackerConnections | None,
+    problem: _Problem,
 ) -> None:
     payload = exchange.start_attempt(trio.current_time())
     link = None if connections is None else await connections.take(trio.current_time())
@@ -161,12 +191,25 @@ async def _attempt(
                 assert conn.first_stream is not None
                 link = _Open(conn, conn.first_stream, trio.current_time())
                 await _read_answer(link.stream, exchange)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+    except PeerKeyMismatch:
+        raise TrackerRefused(
+            ErrorCode.WRONG_PEER,
+            f"the server at {format_address(tracker)} is not the tracker whose id was given",
+        ) from None
+    except trio.TooSlowError:
+        problem.text = "no reply"
+        exchange.attempt_failed(trio.current_time())
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         logger.debug("tracker attempt failed: %s", exc)
+        problem.text = str(exc)
         exchange.attempt_failed(trio.current_time())
     except ProtocolError as exc:
         logger.warning("tracker sent something invalid: %s", exc)
+        problem.text = f"it sent something invalid: {exc}"
         exchange.attempt_failed(trio.current_time())
+    else:
+        if exchange.state is ExchangeState.WAITING:  # answered RETRY_AFTER or OVERLOADED
+            problem.text = "it is overloaded and asked us to retry later"
     if link is None:
         return
     link.used += 1

@@ -35,6 +35,9 @@ from protocol.messages import (
     StreamInfo,
     Subscribe,
     Token,
+    TreeNode,
+    TreeReport,
+    TreeRequest,
 )
 from protocol.signing import sign_message, verify_message
 from protocol.tokens import check_token, issue_token
@@ -80,6 +83,9 @@ __all__ = [
     "Token",
     "TrackerChannel",
     "TrackerExchange",
+    "TreeNode",
+    "TreeReport",
+    "TreeRequest",
     "VerifiedChunk",
     "check_token",
     "decode_message",

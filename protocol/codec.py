@@ -43,6 +43,9 @@ from protocol.messages import (
     StreamInfo,
     Subscribe,
     Token,
+    TreeNode,
+    TreeReport,
+    TreeRequest,
 )
 
 Check = Callable[[Any, str], Any]
@@ -137,6 +140,20 @@ def _move(value: Any, name: str) -> Move:
     )
 
 
+def _tree_node(value: Any, name: str) -> TreeNode:
+    if type(value) is not list or len(value) != 7:
+        raise _fail("expected [node, parent, address, capacity, children, depth, uptime_s]", name)
+    return TreeNode(
+        KEY(value[0], f"{name}.node"),
+        optional(KEY)(value[1], f"{name}.parent"),
+        ADDRESS(value[2], f"{name}.address"),
+        CAPACITY(value[3], f"{name}.capacity"),
+        CAPACITY(value[4], f"{name}.children"),
+        uint(0xFFFF)(value[5], f"{name}.depth"),
+        uint(0xFFFFFFFF)(value[6], f"{name}.uptime_s"),
+    )
+
+
 def _packets(value: Any, name: str) -> tuple[bytes, ...]:
     packets: tuple[bytes, ...] = array(
         blob(maximum=limits.MAX_PACKET_SIZE), limits.MAX_CHUNK_PACKETS
@@ -172,6 +189,7 @@ SCHEMA: dict[type[Any], tuple[Check, ...]] = {
     Leave: (KEY, KEY, uint(), SIG),
     Refresh: (KEY, KEY, optional(KEY), CAPACITY, ADDRESS, uint(), SIG),
     StatusRequest: (KEY,),
+    TreeRequest: (KEY, uint(limits.MAX_TREE_NODES)),
     Assigned: (_peer, PEERS, uint(0xFFFF), uint(0xFFFFFFFF)),
     Moved: (array(_move, limits.MAX_MOVES),),
     Ack: (uint(0xFFFFFFFF),),
@@ -190,17 +208,20 @@ SCHEMA: dict[type[Any], tuple[Check, ...]] = {
         uint(),
         uint(),
     ),
+    TreeReport: (KEY, uint(), array(_tree_node, limits.MAX_TREE_NODES)),
     Token: (KEY, KEY, uint(), SIG),
 }
 TYPES: dict[int, type[Any]] = {cls.TYPE: cls for cls in SCHEMA}
 
 
 def _dump(value: Any) -> Any:
-    """Dataclass-side value -> msgpack-side value (nested peers and moves become arrays)."""
+    """Dataclass-side value -> msgpack-side value (nested records become arrays)."""
     if isinstance(value, Peer):
         return [value.node, value.address]
     if isinstance(value, Move):
         return [value.child, _dump(value.parent), [_dump(p) for p in value.backups]]
+    if isinstance(value, TreeNode):
+        return [_dump(getattr(value, f.name)) for f in fields(value)]
     if isinstance(value, tuple):
         return [_dump(item) for item in value]
     if isinstance(value, IntEnum):

@@ -13,6 +13,7 @@ MAX_BACKUPS = 8
 MAX_MOVES = 1_024
 MAX_CAPACITY = 1_024  # declared children per node
 MAX_DEPTH_HISTOGRAM = 256
+MAX_TREE_NODES = 256  # per TREE_REPORT: 256 of the largest records fit one message
 MAX_PATH = 64  # node ids in a PATH, the origin included: the deepest a node may be
 MAX_STALLED_MS = 2**32 - 1
 MAX_UINT64 = 2**64 - 1

@@ -7,7 +7,7 @@ re-encoding it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -176,7 +176,8 @@ class ReorderBuffer:
         """We fell further behind than the window (a long outage): what lies between is
         gone, so count it lost and start again at `seq` rather than wait forever."""
         assert self.next_seq is not None
-        self.lost_count += seq - self.next_seq - len(self._pending)
+        if self._played_granule is not None:  # before the first chunk played, nothing is lost
+            self.lost_count += seq - self.next_seq - len(self._pending)
         self._pending.clear()
         self._gaps.clear()
         self.next_seq = seq
@@ -209,6 +210,19 @@ class ReorderBuffer:
                 break
             self.next_seq += 1
         return ready
+
+    def skip_start(self, unavailable: Iterable[int]) -> bool:
+        """Before anything was played, start after the leading sequence numbers the parent
+        says it does not hold (we asked from the stream's first chunk, and its ring has
+        moved on). They are not counted lost: they were never ours to miss. Returns
+        whether the start moved."""
+        if self._played_granule is not None or self.next_seq is None:
+            return False
+        gone = set(unavailable)
+        start = self.next_seq
+        while self.next_seq in gone and self._gaps.pop(self.next_seq, None) is not None:
+            self.next_seq += 1
+        return self.next_seq != start
 
     def _beyond_horizon(self) -> bool:
         """Whether the gap at `next_seq` is older than any ring buffer keeps: the audio

@@ -189,6 +189,15 @@ class StatusRequest:
     stream: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class TreeRequest:
+    """Anyone -> tracker (TREE): the top of a stream's tree, at most `max_nodes` nodes."""
+
+    TYPE: ClassVar[int] = 0x16
+    stream: bytes
+    max_nodes: int
+
+
 # -- tracker -> node responses ---------------------------------------------------------
 
 
@@ -256,6 +265,31 @@ class StatusReport:
     total_shed: int
 
 
+@dataclass(frozen=True, slots=True)
+class TreeNode:
+    """One node of a TREE_REPORT, as the tracker sees it (the origin: `parent` None)."""
+
+    node: bytes
+    parent: bytes | None
+    address: str
+    capacity: int
+    children: int
+    depth: int
+    uptime_s: int
+    """Seconds since the tracker first placed it (the origin: since it registered)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TreeReport:
+    """Answer to TREE: `nodes` from the origin down, breadth first (a parent always comes
+    before its children); fewer than `audience` + 1 means the deeper ones were left out."""
+
+    TYPE: ClassVar[int] = 0x1D
+    stream: bytes
+    audience: int
+    nodes: tuple[TreeNode, ...]
+
+
 # -- admission token (carried inside JOIN/REJOIN as bytes) -------------------------------
 
 
@@ -286,13 +320,15 @@ Message = (
     | Leave
     | Refresh
     | StatusRequest
+    | TreeRequest
     | Assigned
     | Moved
     | Ack
     | RetryAfter
     | StatusReport
+    | TreeReport
     | Token
 )
 SignedMessage = StreamInfo | Chunk | Register | Join | Rejoin | Leave | Refresh | Token
-TrackerRequest = Register | Join | Rejoin | Leave | Refresh | StatusRequest
-TrackerResponse = Assigned | Moved | Ack | RetryAfter | StatusReport | Goodbye
+TrackerRequest = Register | Join | Rejoin | Leave | Refresh | StatusRequest | TreeRequest
+TrackerResponse = Assigned | Moved | Ack | RetryAfter | StatusReport | TreeReport | Goodbye

@@ -29,6 +29,8 @@ from protocol.messages import (
     StatusRequest,
     TrackerRequest,
     TrackerResponse,
+    TreeReport,
+    TreeRequest,
 )
 
 EXPECTED_RESPONSE: dict[type[TrackerRequest], tuple[type[TrackerResponse], ...]] = {
@@ -38,6 +40,7 @@ EXPECTED_RESPONSE: dict[type[TrackerRequest], tuple[type[TrackerResponse], ...]]
     Rejoin: (Assigned,),
     Leave: (Moved,),
     StatusRequest: (StatusReport,),
+    TreeRequest: (TreeReport,),
 }
 RETRYABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.INTERNAL_ERROR})
 

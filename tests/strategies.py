@@ -80,6 +80,27 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         u64,
         u64,
     ),
+    messages.TreeRequest: st.builds(
+        messages.TreeRequest, keys, st.integers(0, limits.MAX_TREE_NODES)
+    ),
+    messages.TreeReport: st.builds(
+        messages.TreeReport,
+        keys,
+        u64,
+        st.lists(
+            st.builds(
+                messages.TreeNode,
+                keys,
+                st.none() | keys,
+                addresses,
+                capacities,
+                capacities,
+                st.integers(0, 0xFFFF),
+                st.integers(0, 0xFFFFFFFF),
+            ),
+            max_size=10,
+        ).map(tuple),
+    ),
     messages.Token: st.builds(messages.Token, keys, keys, u64, sigs),
 }
 any_message = st.one_of(*MESSAGES.values())

@@ -21,11 +21,14 @@ from protocol import (
     ProtocolError,
     Redirect,
     Subscribe,
+    TreeNode,
+    TreeReport,
+    TreeRequest,
     decode_message,
     encode_message,
 )
 from protocol.codec import SCHEMA, TYPES
-from protocol.limits import MAX_MESSAGE_SIZE
+from protocol.limits import MAX_MESSAGE_SIZE, MAX_TREE_NODES
 from tests.strategies import MESSAGES, any_message
 
 KEY = bytes(range(32))
@@ -56,6 +59,17 @@ def test_known_encodings() -> None:
     )
     chunk = Chunk(5, 960, 0, (b"\xfc\x01",), bytes(64))
     assert encode_message(chunk).hex() == ("960305cd03c00091c402fc01c440" + "00" * 64)
+    assert encode_message(TreeRequest(KEY, 16)).hex() == "9316c420" + KEY.hex() + "10"
+    report = TreeReport(KEY, 0, (TreeNode(KEY, None, "", 4, 0, 0, 5),))
+    assert encode_message(report).hex() == (
+        "941dc420" + KEY.hex() + "009197c420" + KEY.hex() + "c0a004000005"
+    )
+
+
+def test_the_largest_tree_report_fits_one_message() -> None:
+    record = TreeNode(KEY, KEY, "x" * 128, 1024, 1024, 0xFFFF, 0xFFFFFFFF)
+    report = TreeReport(KEY, 2**64 - 1, (record,) * MAX_TREE_NODES)
+    assert decode_message(encode_message(report)) == report
 
 
 @pytest.mark.parametrize(
@@ -81,6 +95,12 @@ def test_known_encodings() -> None:
         ([0x03, 1, 1, 0, [b"x" * 4000] * 5, bytes(64)], ErrorCode.MALFORMED_MESSAGE),
         ([0x03, 1, 1, 0, [], bytes(63)], ErrorCode.MALFORMED_MESSAGE),
         ([0x07, [KEY], []], ErrorCode.MALFORMED_MESSAGE),
+        ([0x16, KEY, 257], ErrorCode.MALFORMED_MESSAGE),  # TREE: at most 256 nodes
+        ([0x1D, KEY, 1, [[KEY, None, "", 1, 0, 0]]], ErrorCode.MALFORMED_MESSAGE),  # 6 fields
+        ([0x1D, KEY, 1, [[KEY, b"x", "", 1, 0, 0, 0]]], ErrorCode.MALFORMED_MESSAGE),
+        ([0x1D, KEY, 1, [[KEY, None, "", 1, 1025, 0, 0]]], ErrorCode.MALFORMED_MESSAGE),
+        ([0x1D, KEY, 1, [[KEY, None, "", 1, 0, 0, 2**32]]], ErrorCode.MALFORMED_MESSAGE),
+        ([0x1D, KEY, 1, [[KEY, None, "", 1, 0, 0, 0]] * 257], ErrorCode.MALFORMED_MESSAGE),
         ("not an array", ErrorCode.MALFORMED_MESSAGE),
         ({"a": 1}, ErrorCode.MALFORMED_MESSAGE),
     ],

@@ -65,7 +65,7 @@ def _start_room(procs: Cluster, workdir: Path) -> ReferenceRoom:
     origin_path, stream_text = procs.keygen("origin")
     relay_path, relay_text = procs.keygen("relay")
     stream, relay_id = key_from_text(stream_text), key_from_text(relay_text)
-    _, tracker = procs.tracker("--host-key", host_id)
+    _, tracker = procs.tracker("--host-id", host_id)
     origin = procs.start(
         "origin", "origin", "--tracker", tracker, "--key", str(origin_path),
         "--input", str(SAMPLE), "--capacity", "8",
@@ -218,11 +218,14 @@ async def test_a_decoder_that_accepts_a_wrong_type_fails(monkeypatch: pytest.Mon
 
 @asynccontextmanager
 async def origin_in_process() -> AsyncIterator[Origin]:
-    settings = OriginSettings(tracker=("127.0.0.1", 9), input=str(DATA / "tone12.opus"))
-    origin = Origin(Ed25519PrivateKey.generate(), settings)
+    """An origin streaming (it streams once its tracker has the stream)."""
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
+            tracker = await nursery.start(serve_tracker, Tracker(), Ed25519PrivateKey.generate())
+            settings = OriginSettings(tracker=tracker, input=str(DATA / "tone12.opus"))
+            origin = Origin(Ed25519PrivateKey.generate(), settings)
             await nursery.start(origin.run)
+            await origin.registered.wait()
             yield origin
             origin.stop()
             nursery.cancel_scope.cancel()

@@ -183,3 +183,21 @@ def test_falling_behind_the_window_resyncs_instead_of_stalling(signer: ChunkSign
     assert all(buffer.add(item, now=1.0) for item in late)
     assert [i.seq for i in buffer.pop_ready()] == [500, 501, 502]
     assert buffer.lost_count == 499 and buffer.gaps == 0
+
+
+def test_a_start_the_parent_no_longer_holds_is_skipped_not_lost(signer: ChunkSigner) -> None:
+    """A listener that asked from the stream's first chunk, when its parent's ring has
+    moved on, starts at the oldest chunk there is and counts nothing lost."""
+    items = [signer.sign([PACKET], 960 * (n + 1)) for n in range(8)]
+    buffer = ReorderBuffer(span_samples=SPAN, repair_delay=0.0)
+    buffer.next_seq = 0
+    for item in items[3:]:
+        buffer.add(item, now=0.0)
+    assert buffer.pop_ready() == []
+    assert buffer.due_repairs(now=0.0) == [0, 1, 2]
+    assert buffer.skip_start([0, 1])  # chunk 2 may still come: only 0 and 1 are skipped
+    assert buffer.next_seq == 2 and not buffer.skip_start([5])
+    buffer.add(items[2], now=0.1)
+    assert [i.seq for i in buffer.pop_ready()] == [2, 3, 4, 5, 6, 7]
+    assert buffer.lost_count == 0
+    assert not buffer.skip_start([8])  # once playing, a missing chunk is a gap to repair

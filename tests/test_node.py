@@ -27,9 +27,11 @@ async def test_thirty_listeners_get_every_packet_from_their_join_on(tmp_path: Pa
     for index, relay in enumerate(room.relays):
         assert_gap_free_tail(tmp_path / f"listener{index}.opus", source)
         assert relay.stats.lost == 0
-    # The origin fed only its 3 children: its egress is 3 copies, not 30.
-    per_copy = sum(relay.stats.bytes_in for relay in room.relays) / 30
-    assert room.origin.stats.bytes_out < 3.5 * per_copy
+    # The origin fed only its 3 children: its egress is 3 copies, not 30. (A copy is what
+    # the listener that got the most received: the origin's children get all of it; an
+    # average over listeners that joined later would make this depend on the join speed.)
+    full_copy = max(relay.stats.bytes_in for relay in room.relays)
+    assert room.origin.stats.bytes_out <= 3 * full_copy
 
 
 class TamperingRelay(Relay):

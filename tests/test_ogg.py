@@ -658,3 +658,26 @@ def test_fuzz_mutations_behind_valid_crcs(data: st.DataObject, chunks: list[int]
         i, j = data.draw(st.integers(0, len(pages) - 1)), data.draw(st.integers(0, len(pages) - 1))
         pages[i], pages[j] = pages[j], pages[i]
     check_robust(b"".join(pages), chunks)
+
+
+def test_muxer_carries_the_source_granules_and_its_end_trim() -> None:
+    """A listener's file keeps the origin's timing: the first page starts where the
+    source's packets did, a jump (audio that never came) stays, and the last page's
+    granule trims the end (RFC 7845 §4.5), here the tone's 648 samples."""
+    source = read_all(TONE)
+    assert source[-1].granule == 960 * len(source) - 648  # the fixture has an end trim
+    muxer = OggOpusMuxer(HEAD, serial=7)
+    batches = [source[10:20], source[20:30], source[40:-1], source[-1:]]
+    data = muxer.headers
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        data += muxer.encode_packets([p.data for p in batch], batch[-1].granule, last=last)
+    assert muxer.end() == b""  # the last page already ended the stream
+    written = [p for batch in batches for p in batch]
+    parsed = read_all(data)
+    assert [p.data for p in parsed] == [p.data for p in written]
+    assert [p.granule for p in parsed] == [p.granule for p in written]
+    pages = split_pages(data)
+    assert page_fields(pages[-1])[0] == 0x04 and page_fields(pages[-1])[1] == source[-1].granule
+    with pytest.raises(ValueError, match="after end"):
+        muxer.encode_packets([source[0].data])

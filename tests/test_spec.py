@@ -25,7 +25,12 @@ def test_error_code_table_matches_error_code_enum() -> None:
 
 def test_message_type_tables_match_the_codec() -> None:
     rows = {int(code, 16): name for code, name in ROW.findall(section("## 5. Messages"))}
-    spec_name = {"StatusRequest": "STATUS", "StatusReport": "STATUS_REPORT", "PathUpdate": "PATH"}
+    spec_name = {
+        "StatusRequest": "STATUS",
+        "StatusReport": "STATUS_REPORT",
+        "PathUpdate": "PATH",
+        "TreeRequest": "TREE",
+    }
     for cls in SCHEMA:
         expected = spec_name.get(cls.__name__) or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__)
         assert rows.get(cls.TYPE) == expected.upper(), cls.__name__

@@ -276,11 +276,12 @@ class Children:
             link.accept(self.info, path, backlog, now)
             self.stats.chunks_out += len(backlog)
             self.stats.bytes_out += sum(len(item.raw) for item in backlog)
+            start = "the live edge" if request.from_seq is None else f"chunk {request.from_seq}"
             logger.info(
-                "child %s subscribed from %s (%d chunks of backlog)",
+                "child %s subscribed from %s (%s of backlog)",
                 short_id(request.node),
-                request.from_seq,
-                len(backlog),
+                start,
+                _chunks(len(backlog)),
             )
         self._after(child, link, now)
 
@@ -351,3 +352,7 @@ class Children:
     def _name(self, child: int) -> str:
         node = self.node_of(child)
         return short_id(node) if node else f"#{child}"
+
+
+def _chunks(count: int) -> str:
+    return "1 chunk" if count == 1 else f"{count} chunks"

@@ -261,6 +261,11 @@ class NodeCore:
         self._follow_failed = False
         self._reconcile_at: float | None = None
         self._problem = "the tracker did not answer"
+        self._said: str | None = None
+        """The last placement problem logged as a warning (a repeat is not worth one)."""
+        self._before_start = False
+        """The tracker did not know the stream when we first asked: once it starts, it is
+        played from its first chunk."""
         self._refresh_at: float | None = None
         self._drain_until: float | None = None
         self._leave_deadline: float | None = None
@@ -312,6 +317,8 @@ class NodeCore:
         up = self._links.get(link)
         if up is None:
             return
+        if self.reorder.next_seq is None and self._before_start:
+            self.reorder.next_seq = 0  # it started since we asked: all of it is ours to play
         up.link = ChildLink(
             self.stream_id,
             self.node_id,
@@ -486,7 +493,14 @@ class NodeCore:
                 self._start_round(Purpose.PLACE, candidates, now, dead=self._place_dead)
             return
         self._problem = _why(answer)
-        logger.warning("%s; retrying", self._problem)
+        retrying = "retrying"
+        if isinstance(answer, Goodbye) and answer.code == ErrorCode.UNKNOWN_STREAM:
+            self._before_start = self.stats.joined_at is None
+            self._problem = f"the tracker does not know stream {short_id(self.stream_id)}"
+            retrying = "it has not started yet, or --stream is wrong; waiting for it"
+        if self._problem != self._said:
+            self._said = self._problem
+            logger.warning("%s: %s", self._problem, retrying)
         self._place_at = now + self._place_retry.next_delay()
 
     def _confirmed(self, answer: TrackerResponse | None, now: float) -> None:
@@ -764,7 +778,10 @@ class NodeCore:
                 if current and event.latest_seq is not None:
                     self.reorder.note_latest(event.latest_seq, now)
             elif isinstance(event, RepairUnavailable):
-                pass  # asked again after the repair timeout: the parent may have it by then
+                # Asked again after the repair timeout: the parent may have it by then. But
+                # a start the parent no longer holds was never ours to miss: start later.
+                if current and self.reorder.skip_start(event.seqs):
+                    self._play_ready(now)
             elif isinstance(event, Redirected):
                 if current:
                     self._redirected(event, now)

@@ -36,10 +36,18 @@ class _Session:
 class Fanout:
     """All child connections of one node; decisions are `children`'s."""
 
-    def __init__(self, children: Children, after_input: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        children: Children,
+        after_input: Callable[[], None],
+        on_closed: Callable[[int], None] | None = None,
+    ) -> None:
         self.children = children
         self._after_input = after_input
         """The owner's pump: takes the core's actions, flushes, re-arms its timer."""
+        self._on_closed = on_closed or children.closed
+        """Told when a child connection is gone (a relay's core, which may be draining
+        and then be done; by default just `children`)."""
         self._sessions: dict[int, _Session] = {}
         self._next_id = 0
         self._no_sessions = trio.Event()
@@ -69,7 +77,7 @@ class Fanout:
             await conn.aclose(session.close_code or ErrorCode.NO_ERROR)
         finally:
             del self._sessions[child]
-            self.children.closed(child)
+            self._on_closed(child)
             if not self._sessions:
                 self._no_sessions.set()
             self._after_input()

@@ -20,16 +20,17 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import format_address
+from meshd.errors import NodeError, UsageError
+from meshd.logs import log_as
 from meshd.node.config import NodeConfig
 from meshd.node.fanout import Fanout
-from meshd.node.relay import NodeError
-from meshd.node.report import report_periodically
+from meshd.node.report import StatsReporter
 from meshd.node.source import OriginCore
 from meshd.node.stats import ChunkTrace
 from meshd.ogg import AudioError, OggOpusParser, OpusPacket
 from meshd.quic import QuicEndpoint, open_quic_endpoint
-from meshd.tracker_client import TrackerRefused, ask_tracker, now_ms
-from protocol import Ack, Leave, Register, key_to_text, sign_message
+from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker, now_ms
+from protocol import Ack, Leave, Register, key_to_text, short_id, sign_message
 from protocol.backoff import Backoff
 from protocol.media import OPUS_RATE
 
@@ -49,6 +50,9 @@ class OriginSettings:
     advertise: str | None = None
     tracker_key: bytes | None = None
     pace: bool = True
+    register_timeout: float = 10.0
+    """Give up (NodeError) if the tracker has not accepted the stream by then: streaming
+    to a tracker nobody can reach would reach nobody."""
 
 
 class Origin:
@@ -66,10 +70,10 @@ class Origin:
         self.settings = settings
         self.config = config or NodeConfig()
         self.rng = rng or random.Random()
-        self.stats_file = stats_file
         self.core = OriginCore(key, settings.capacity, self.config)
         self.stream_id = self.core.stream_id
         self.stats = self.core.stats
+        self.reporter = StatsReporter(self.stats, self.config.stats_interval, stats_file)
         self.fanout = Fanout(self.core.children, self._pump)
         self.address = ""
         self.registered = trio.Event()
@@ -82,7 +86,28 @@ class Origin:
         self._input_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stream the whole input, then wait for the children to get the end, then exit."""
+        """Check the input, register the stream, stream the whole input, then wait for the
+        children to get the end. Raises NodeError if the input is not Ogg Opus or the
+        tracker does not accept the stream (then nothing is streamed)."""
+        log_as("origin", short_id(self.stream_id))
+        source = await _open_input(self.settings.input)
+        try:
+            parser = OggOpusParser()
+            first = await self._read_head(source, parser)
+            assert parser.head is not None
+            await self._serve(parser.head.raw, self._packets(source, parser, first), task_status)
+        finally:
+            await source.aclose()
+        self.reporter.report()
+        if self.trace is not None:
+            self.trace.close()
+
+    async def _serve(
+        self,
+        head: bytes,
+        packets: AsyncIterator[OpusPacket],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
         host, port = self.settings.listen
         async with open_quic_endpoint(self.key, host, port) as endpoint:
             self._endpoint = endpoint
@@ -90,25 +115,22 @@ class Origin:
             async with trio.open_nursery() as nursery:
                 await nursery.start(endpoint.serve, self.fanout.handle_connection)
                 nursery.start_soon(self._run_timer)
-                nursery.start_soon(self._register_loop)
-                nursery.start_soon(
-                    report_periodically, self.stats, self.config.stats_interval, self.stats_file
-                )
+                nursery.start_soon(self.reporter.run)
                 task_status.started()
-                logger.info("streaming %s from %s", key_to_text(self.stream_id), self.address)
                 try:
                     with self._input_scope:
-                        await self._stream(self._read_packets())
+                        refresh_s = await self._register_first()
+                        nursery.start_soon(self._keep_registered, refresh_s)
+                        self.core.set_head(head, trio.current_time())
+                        logger.info(
+                            "streaming %s from %s", key_to_text(self.stream_id), self.address
+                        )
+                        await self._stream(packets)
                 finally:
                     with trio.CancelScope(shield=True):
                         await self.fanout.wait_until_empty(self.config.leave_grace)
                         await self._unregister()
                         nursery.cancel_scope.cancel()
-        logger.info("%s", self.stats.line())
-        if self.stats_file is not None:
-            self.stats.write_json(self.stats_file)
-        if self.trace is not None:
-            self.trace.close()
 
     async def _stream(self, packets: AsyncIterator[OpusPacket]) -> None:
         """Group packets into chunks of <= 200 ms, sign, pace in real time, send; then END."""
@@ -154,49 +176,88 @@ class Origin:
                 self.core.handle_timer(trio.current_time())
                 self._pump()
 
-    async def _read_packets(self) -> AsyncIterator[OpusPacket]:
-        parser = OggOpusParser()
-        source = await _open_input(self.settings.input)
+    async def _read_head(
+        self, source: trio.abc.ReceiveStream, parser: OggOpusParser
+    ) -> list[OpusPacket]:
+        """Read up to the Opus headers, so a bad input fails before anything is streamed;
+        returns the audio packets that came with them."""
+        name = "-" if self.settings.input == "-" else self.settings.input
+        first: list[OpusPacket] = []
+        read = 0
         try:
-            while not parser.done:
+            while parser.tags is None:
+                packet = parser.next_packet()
+                if packet is not None:
+                    first.append(packet)
+                    continue
                 data = await source.receive_some(READ_SIZE)
+                read += len(data)
                 parser.feed(data)
-                while (packet := parser.next_packet()) is not None:
-                    if self.core.children.info is None and parser.head is not None:
-                        self.core.set_head(parser.head.raw, trio.current_time())
-                    yield packet
-                if not data:
-                    break
-        finally:
-            await source.aclose()
-        if parser.head is None:
-            raise NodeError(f"{self.settings.input}: no Ogg Opus stream found")
+        except AudioError as exc:
+            what = "it is empty" if read == 0 else f"not an Ogg Opus stream: {exc}"
+            raise UsageError(f"--input {name}: {what}") from None
+        return first
 
-    async def _register_loop(self) -> None:
-        """REGISTER now and every `refresh_s`; the stream plays meanwhile regardless."""
+    async def _packets(
+        self, source: trio.abc.ReceiveStream, parser: OggOpusParser, first: list[OpusPacket]
+    ) -> AsyncIterator[OpusPacket]:
+        for packet in first:
+            yield packet
+        while not parser.done:
+            data = await source.receive_some(READ_SIZE)
+            parser.feed(data)
+            while (more := parser.next_packet()) is not None:
+                yield more
+            if not data:
+                break
+
+    async def _register(self, give_up_after: float | None) -> Ack:
+        assert self._endpoint is not None
+        request = Register(self.stream_id, self.address, self.settings.capacity, now_ms())
+        answer = await ask_tracker(
+            self._endpoint,
+            self.settings.tracker,
+            sign_message(request, self.key),
+            rng=self.rng,
+            give_up_after=give_up_after,
+            tracker_key=self.settings.tracker_key,
+            warn_after=WARN_AFTER,
+        )
+        assert isinstance(answer, Ack)
+        return answer
+
+    async def _register_first(self) -> int:
+        """REGISTER before the first chunk; returns the refresh period."""
+        tracker = format_address(self.settings.tracker)
+        timeout = self.settings.register_timeout
+        try:
+            ack = await self._register(timeout)
+        except trio.TooSlowError:
+            raise NodeError(
+                f"the tracker at {tracker} did not answer in {timeout:g} s, so nobody could "
+                "join; nothing was streamed. Is it running, and is --tracker right?"
+            ) from None
+        except TrackerRefused as exc:
+            raise NodeError(f"the tracker at {tracker} refused the stream: {exc}") from None
+        logger.info("stream %s registered at the tracker", key_to_text(self.stream_id))
+        self.registered.set()
+        return ack.refresh_s
+
+    async def _keep_registered(self, refresh_s: int) -> None:
+        """REGISTER again every `refresh_s`; a tracker that went away meanwhile is retried
+        (with a warning) while the stream plays on for the listeners already in it."""
         retry = Backoff(self.rng, base=0.5, cap=30.0)
+        delay = refresh_s * self.rng.uniform(0.8, 1.0)
         while True:
-            assert self._endpoint is not None
-            request = Register(self.stream_id, self.address, self.settings.capacity, now_ms())
+            await trio.sleep(delay)
             try:
-                answer = await ask_tracker(
-                    self._endpoint,
-                    self.settings.tracker,
-                    sign_message(request, self.key),
-                    rng=self.rng,
-                    give_up_after=None,
-                    tracker_key=self.settings.tracker_key,
-                )
+                ack = await self._register(None)
             except TrackerRefused as exc:
                 logger.error("the tracker refused the stream: %s", exc)  # noqa: TRY400
-                await trio.sleep(retry.next_delay())
+                delay = retry.next_delay()
                 continue
-            assert isinstance(answer, Ack)
-            if not self.registered.is_set():
-                logger.info("stream %s registered at the tracker", key_to_text(self.stream_id))
-                self.registered.set()
             retry.reset()
-            await trio.sleep(answer.refresh_s * self.rng.uniform(0.8, 1.0))
+            delay = ack.refresh_s * self.rng.uniform(0.8, 1.0)
 
     async def _unregister(self) -> None:
         """Best effort: tell the tracker the stream is over."""
@@ -223,8 +284,12 @@ async def _open_input(path: str) -> trio.abc.ReceiveStream:
         return trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     try:
         return _FileStream(open(path, "rb"))  # noqa: ASYNC230 - opening is instant; reads use a thread
+    except FileNotFoundError:
+        raise UsageError(f"--input {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--input {path}: that is a folder, not an Ogg Opus file") from None
     except OSError as exc:
-        raise NodeError(f"cannot read {path}: {exc.strerror}") from None
+        raise UsageError(f"--input {path}: cannot read it ({exc.strerror})") from None
 
 
 class _FileStream(trio.abc.ReceiveStream):

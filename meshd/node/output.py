@@ -7,13 +7,17 @@ that stops reading our stdout stalls only the output, never relaying to children
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import trio
 
+from meshd.errors import UsageError
 from meshd.ogg import OggOpusMuxer
+from protocol import Chunk
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +25,15 @@ MAX_QUEUED_WRITES = 3000  # ten minutes of 200 ms chunks
 
 
 class AudioSink:
-    """Ogg Opus output to an open binary file (stdout for "-"), opened up front so that a
-    bad path fails at start-up with a clear error rather than when audio arrives."""
+    """Ogg Opus output to a file (stdout for "-"). The path is checked up front, so a bad
+    one fails at start-up with a clear error, but the file is only created once the
+    stream's header arrives: a node that never gets audio leaves no empty file behind."""
 
     def __init__(self, path: str) -> None:
+        if path != "-":
+            check_output_path(path, "--output")
         self.path = path
-        self._out: BinaryIO = sys.stdout.buffer if path == "-" else open(path, "wb")  # noqa: SIM115
+        self._out: BinaryIO | None = None
         self._muxer: OggOpusMuxer | None = None
         self._send, self._receive = trio.open_memory_channel[bytes](MAX_QUEUED_WRITES)
         self._dropped = 0
@@ -42,11 +49,13 @@ class AudioSink:
             self._muxer = OggOpusMuxer(head)
             self._queue(self._muxer.headers)
 
-    def write(self, packets: Sequence[bytes]) -> None:
+    def write(self, chunk: Chunk) -> None:
+        """The chunk's packets, on pages that carry the origin's granule positions (the
+        END chunk's on the last page, so its end trim holds)."""
         if self._muxer is None:
             raise RuntimeError("write() before start()")
-        if packets:
-            self._queue(self._muxer.encode_packets(packets))
+        if chunk.packets:
+            self._queue(self._muxer.encode_packets(chunk.packets, chunk.granule, last=chunk.is_end))
 
     def close(self) -> None:
         """End the Ogg stream (EOS page); `run` returns once everything is written."""
@@ -69,16 +78,32 @@ class AudioSink:
         `on_broken` is called, so the node can leave gracefully instead of crashing."""
         try:
             async for data in self._receive:
-                await trio.to_thread.run_sync(_write_and_flush, self._out, data)
+                await trio.to_thread.run_sync(self._write_and_flush, data)
         except OSError as exc:
             logger.warning("cannot write to %s (%s); leaving", self.path, exc.strerror or exc)
             self._send.close()
             self.on_broken()
         finally:
-            if self._out is not sys.stdout.buffer:
+            if self._out is not None and self._out is not sys.stdout.buffer:
                 self._out.close()
 
+    def _write_and_flush(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = sys.stdout.buffer if self.path == "-" else open(self.path, "wb")  # noqa: SIM115
+        self._out.write(data)
+        self._out.flush()
 
-def _write_and_flush(out: BinaryIO, data: bytes) -> None:
-    out.write(data)
-    out.flush()
+
+def check_output_path(path: str, option: str) -> None:
+    """Raise UsageError, saying why, unless `path` names a file we may create or replace."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise UsageError(f"{option} {path}: that is a folder; name a file in it")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise UsageError(f"{option} {path}: not allowed to write to it")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: not allowed to create files in {folder}")

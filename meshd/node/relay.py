@@ -20,6 +20,8 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import format_address
+from meshd.errors import NodeError
+from meshd.logs import log_as
 from meshd.node.config import NodeConfig
 from meshd.node.core import (
     AskTracker,
@@ -32,26 +34,23 @@ from meshd.node.core import (
 )
 from meshd.node.fanout import Fanout
 from meshd.node.output import AudioSink
-from meshd.node.report import report_periodically
+from meshd.node.report import StatsReporter
 from meshd.node.stats import ChunkTrace
 from meshd.node.upstream import ParentConnection
 from meshd.quic import QuicEndpoint, open_quic_endpoint
-from meshd.tracker_client import TrackerConnections, TrackerRefused, ask_tracker, now_ms
-from protocol import Goodbye, key_id, sign_message
+from meshd.tracker_client import (
+    WARN_AFTER,
+    TrackerConnections,
+    TrackerRefused,
+    ask_tracker,
+    now_ms,
+)
+from protocol import Goodbye, key_id, short_id, sign_message
 from protocol.messages import TrackerResponse
 
 logger = logging.getLogger(__name__)
 
 STARVED = 0.1  # a timer this late means our event loop, not the parent, was stuck
-
-
-class NodeError(Exception):
-    """The node cannot go on (e.g. the tracker refused our token); the message says why,
-    `exit_status` what the process should exit with."""
-
-    def __init__(self, message: str, exit_status: int = 1) -> None:
-        super().__init__(message)
-        self.exit_status = exit_status
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,6 @@ class Relay:
         self.output = output
         if output is not None:
             output.on_broken = self.leave
-        self.stats_file = stats_file
         self.trace = trace
         self.core = NodeCore(
             self.node_id,
@@ -102,7 +100,10 @@ class Relay:
         if trace is not None:
             self.core.on_arrival = trace.record
         self.stats = self.core.stats
-        self.fanout = Fanout(self.core.children, self._pump)
+        self.reporter = StatsReporter(
+            self.stats, self.config.stats_interval, stats_file, self.refresh_stats
+        )
+        self.fanout = Fanout(self.core.children, self._pump, self._child_closed)
         self.playing = trio.Event()
         """Set once the first chunk has been played."""
         self._parents: dict[int, ParentConnection] = {}
@@ -115,6 +116,12 @@ class Relay:
         self._tracker_connections = TrackerConnections()
         """A node asks the tracker in bursts while joining or failing over: one handshake."""
 
+    def parent_rtt(self) -> float | None:
+        """The round-trip time to the parent we stream from, in seconds, once measured."""
+        current = self.core.current
+        parent = None if current is None else self._parents.get(current.id)
+        return None if parent is None else parent.rtt
+
     def leave(self) -> None:
         """Start a graceful leave (SIGINT/SIGTERM): children are moved first."""
         self.core.leave(trio.current_time())
@@ -123,6 +130,7 @@ class Relay:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join, play and relay until the stream ends or `leave()` is called; raises
         NodeError if the node gives up."""
+        log_as(self.stats.role, short_id(self.node_id))
         host, port = self.settings.listen
         async with trio.open_nursery() as outer:
             if self.output is not None:
@@ -141,10 +149,7 @@ class Relay:
             finally:
                 if self.output is not None:
                     self.output.close()
-        self._update_stats()
-        logger.info("%s", self.stats.line())
-        if self.stats_file is not None:
-            self.stats.write_json(self.stats_file)
+        self.reporter.report()
         if self.trace is not None:
             self.trace.close()
         assert self._finished is not None
@@ -152,7 +157,11 @@ class Relay:
             raise NodeError(self._finished.message, self._finished.status)
         logger.info("%s", self._finished.message)
 
-    def _update_stats(self) -> None:
+    def _child_closed(self, child: int) -> None:
+        self.core.child_closed(child, trio.current_time())
+
+    def refresh_stats(self) -> None:
+        """Bring the time-dependent figures (the stall) up to date."""
         self.core.refresh_stats(trio.current_time())
 
     async def _run_node(self, endpoint: QuicEndpoint, task_status: trio.TaskStatus[None]) -> None:
@@ -160,13 +169,7 @@ class Relay:
             self._nursery = nursery
             if self.settings.capacity > 0:
                 await nursery.start(endpoint.serve, self.fanout.handle_connection)
-            nursery.start_soon(
-                report_periodically,
-                self.stats,
-                self.config.stats_interval,
-                self.stats_file,
-                self._update_stats,
-            )
+            nursery.start_soon(self.reporter.run)
             self.core.start(trio.current_time())
             self._pump()
             nursery.start_soon(self._run_timer)
@@ -200,7 +203,7 @@ class Relay:
         while (action := core.next_action()) is not None:
             if isinstance(action, Play):
                 if self.output is not None and self.output.started:
-                    self.output.write(action.item.chunk.packets)
+                    self.output.write(action.item.chunk)
                 self.playing.set()
             elif isinstance(action, Connect):
                 self._connect(action)
@@ -252,6 +255,7 @@ class Relay:
                 give_up_after=min(60.0, self.settings.join_timeout),
                 tracker_key=self.settings.tracker_key,
                 connections=self._tracker_connections,
+                warn_after=WARN_AFTER,
             )
         except TrackerRefused as exc:
             answer = Goodbye(exc.code, exc.reason)

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 
 @dataclass
@@ -51,9 +52,11 @@ class NodeStats:
     ended: bool = False
 
     def line(self) -> str:
+        """The figures as one log line (the log line itself names the node)."""
         parent = self.parent[:8] if self.parent else "-"
+        depth = "-" if self.depth is None else self.depth
         return (
-            f"{self.role} {self.node[:8]} parent={parent} depth={self.depth} "
+            f"stats parent={parent} depth={depth} "
             f"children={self.children} in={self.chunks_in}/{self.bytes_in}B "
             f"out={self.chunks_out}/{self.bytes_out}B played={self.packets_played} "
             f"gaps={self.gaps} repairs={self.repairs_requested} lost={self.lost} "
@@ -110,10 +113,14 @@ class ChunkTrace:
     comparing a parent's and a child's trace gives the latency a hop adds."""
 
     def __init__(self, path: Path) -> None:
-        self._file = path.open("w", buffering=64 * 1024)
+        self._path = path
+        self._file: TextIO | None = None  # created with the first chunk: no empty files
 
     def record(self, seq: int) -> None:
+        if self._file is None:
+            self._file = self._path.open("w", buffering=64 * 1024)
         self._file.write(f"{seq} {time.time_ns() // 1000}\n")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

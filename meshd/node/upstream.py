@@ -38,6 +38,11 @@ class ParentConnection:
         self._cancel = trio.CancelScope()
         self._accepted = trio.Event()
 
+    @property
+    def rtt(self) -> float | None:
+        """The connection's smoothed round-trip time in seconds, once measured."""
+        return None if self._conn is None else self._conn.rtt
+
     def wake(self) -> None:
         """The core queued bytes for this link."""
         self._wakeup.set()

@@ -148,6 +148,12 @@ def max_datagram_payload(quic: QuicConnection) -> int:
     return max(0, min(in_packet, remote - _DATAGRAM_FRAME_OVERHEAD))
 
 
+def smoothed_rtt(quic: QuicConnection) -> float | None:
+    """aioquic's smoothed round-trip time in seconds; None before the first sample."""
+    loss = quic._loss
+    return loss._rtt_smoothed if loss._rtt_initialized else None
+
+
 def can_send_0rtt(quic: QuicConnection) -> bool:
     """Whether a client connection resumed a session that lets it send 0-RTT data now."""
     return bool(quic._cryptos[tls.Epoch.ZERO_RTT].send.is_valid())

@@ -134,6 +134,11 @@ class QuicConn:
         return tuple(address)
 
     @property
+    def rtt(self) -> float | None:
+        """The smoothed round-trip time in seconds (None before it was measured)."""
+        return _aioquic.smoothed_rtt(self._quic)
+
+    @property
     def max_datagram_payload(self) -> int:
         """The largest payload ``send_datagram`` accepts (fits one QUIC packet)."""
         return _aioquic.max_datagram_payload(self._quic)

@@ -13,6 +13,9 @@ from typing import Any, Protocol
 
 import trio
 
+from meshd.addresses import format_address
+from meshd.errors import BindError
+
 Address = tuple[Any, ...]
 
 _BATCH = 64
@@ -40,7 +43,10 @@ async def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.
     With ``reuse_port`` several sockets (in several processes) can bind the same port,
     and the kernel spreads the peers across them (SO_REUSEPORT, Linux).
     """
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise BindError(format_address((host, port)), exc) from None
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
@@ -49,6 +55,9 @@ async def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise BindError(format_address((host, port)), exc) from None
     except BaseException:
         sock.close()
         raise

@@ -13,11 +13,13 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
+from meshd.logs import log_as
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker.front import TrackerFront, endpoint_config
 from meshd.tracker.service import Tracker
 from meshd.tracker.tree import PeerRef
 from meshd.tracker.workers import serve_workers
+from protocol import key_id, short_id
 from protocol.messages import TrackerRequest, TrackerResponse
 
 EXPIRY_INTERVAL = 5.0
@@ -80,6 +82,7 @@ async def serve_tracker(
     decision (so `tracker.status(...)` works here as before). docs/deployment.md says
     how many a host needs.
     """
+    log_as("tracker", short_id(key_id(key)))
     if workers < 0:
         raise ValueError("workers must be 0 (serve in this process) or more")
     now = trio.current_time

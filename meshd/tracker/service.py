@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -37,15 +37,20 @@ from protocol import (
     Rejoin,
     StatusReport,
     StatusRequest,
+    TreeNode,
+    TreeReport,
+    TreeRequest,
     check_token,
     short_id,
     verify_message,
 )
 from protocol.identity import public_key_from_id
+from protocol.limits import MAX_TREE_NODES
 from protocol.messages import TrackerRequest, TrackerResponse
 
 logger = logging.getLogger("meshd.tracker")
 
+NO_SUCH_STREAM = "no such stream: its origin has not registered here (not started yet?)"
 REGISTER_REFRESH_S = 5  # how often the origin re-registers (a restarted tracker learns fast)
 RATE_WINDOW = 10.0  # seconds over which joins/s and rejoins/s are measured
 TREE_CODES = {
@@ -107,6 +112,13 @@ class StreamState:
     total_rejoins: int = 0
     total_leaves: int = 0
     total_failures: int = 0
+    since: dict[bytes, float] = field(default_factory=dict)
+    """When the tracker first placed each node (its uptime in TREE_REPORT); nodes that
+    left the tree are pruned by `Tracker.expire`."""
+
+    def seen(self, node: bytes, now: float) -> None:
+        if node in self.tree:
+            self.since.setdefault(node, now)
 
 
 class Tracker:
@@ -131,6 +143,8 @@ class Tracker:
         try:
             if isinstance(request, StatusRequest):
                 return self.status(request.stream, now)
+            if isinstance(request, TreeRequest):
+                return self.tree_report(request.stream, now, request.max_nodes)
             if isinstance(request, Register):
                 return self._register(request, now)
             if isinstance(request, Join):
@@ -177,6 +191,8 @@ class Tracker:
                     short_id(stream_id),
                     short_id(peer),
                 )
+            if len(state.since) > len(state.tree):  # some of them left the tree
+                state.since = {n: t for n, t in state.since.items() if n in state.tree}
 
     def suspects(self, now: float) -> list[tuple[bytes, PeerRef]]:
         """(stream, peer) pairs reported dead but not confirmed: the server probes them."""
@@ -204,9 +220,7 @@ class Tracker:
     def status(self, stream_id: bytes, now: float) -> StatusReport | Goodbye:
         state = self.streams.get(stream_id)
         if state is None:
-            if stream_id in self.ended:
-                return Goodbye(ErrorCode.STREAM_ENDED, "the stream has ended")
-            return Goodbye(ErrorCode.UNKNOWN_STREAM, "no such stream")
+            return self._unknown(stream_id)
         snapshot = state.tree.snapshot()
         return StatusReport(
             stream_id,
@@ -223,6 +237,31 @@ class Tracker:
             self.total_shed,
         )
 
+    def tree_report(
+        self, stream_id: bytes, now: float, max_nodes: int = MAX_TREE_NODES
+    ) -> TreeReport | Goodbye:
+        """The top of the stream's tree: at most `max_nodes` nodes, breadth first from
+        the origin, so a big audience is cut at its deepest levels."""
+        state = self.streams.get(stream_id)
+        if state is None:
+            return self._unknown(stream_id)
+        limit = min(max_nodes, MAX_TREE_NODES)
+        tree = state.tree
+        nodes = []
+        for node in _breadth_first(tree, stream_id, limit):
+            nodes.append(
+                TreeNode(
+                    node,
+                    tree.parent_of(node),
+                    tree.ref_of(node).address,
+                    tree.capacity_of(node),
+                    len(tree.children_of(node)),
+                    tree.depth_of(node),
+                    int(now - state.since.get(node, now)),
+                )
+            )
+        return TreeReport(stream_id, len(tree) - 1, tuple(nodes))
+
     # -- requests ----------------------------------------------------------------------
 
     def _register(self, request: Register, now: float) -> Ack:
@@ -237,6 +276,7 @@ class Tracker:
                 peer_ttl=self.config.peer_ttl,
             )
             self.streams[request.stream] = StreamState(tree, now)
+            self.streams[request.stream].seen(request.stream, now)
             logger.info(
                 "register stream=%s origin=%s capacity=%d",
                 short_id(request.stream),
@@ -256,6 +296,7 @@ class Tracker:
         state = self._stream(request.stream)
         known = request.node in state.tree
         assignment = state.tree.join(request.node, request.capacity, request.address, now)
+        state.seen(request.node, now)
         if known:  # a retried JOIN (its answer was lost): the same place, not a new join
             return self._assigned(assignment)
         state.total_joins += 1
@@ -282,6 +323,7 @@ class Tracker:
             capacity=request.capacity,
             address=request.address,
         )
+        state.seen(request.node, now)
         state.total_rejoins += 1
         state.rejoins.tick(now)
         if dead_was_known and request.dead not in state.tree:
@@ -341,18 +383,24 @@ class Tracker:
             capacity=request.capacity,
             address=request.address,
         )
+        state.seen(request.node, now)
         if placement is not None:
             return self._assigned(placement)
         return Ack(self.config.refresh_s)
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _unknown(self, stream_id: bytes) -> Goodbye:
+        if stream_id in self.ended:
+            return Goodbye(ErrorCode.STREAM_ENDED, "the stream has ended")
+        return Goodbye(ErrorCode.UNKNOWN_STREAM, NO_SUCH_STREAM)
+
     def _stream(self, stream_id: bytes) -> StreamState:
         state = self.streams.get(stream_id)
         if state is None:
             if stream_id in self.ended:
                 raise ProtocolError("the stream has ended", ErrorCode.STREAM_ENDED)
-            raise ProtocolError("no such stream (not registered yet?)", ErrorCode.UNKNOWN_STREAM)
+            raise ProtocolError(NO_SUCH_STREAM, ErrorCode.UNKNOWN_STREAM)
         return state
 
     def _end(self, stream_id: bytes, now: float) -> None:
@@ -375,7 +423,7 @@ def check_request(request: TrackerRequest, config: TrackerConfig, wall_ms: int) 
     They are most of a request's CPU after the handshake and need only the config, so
     each worker process runs them and the one process that owns the trees does not.
     """
-    if isinstance(request, StatusRequest):
+    if isinstance(request, StatusRequest | TreeRequest):
         return None
     skew = abs(request.time_ms - wall_ms)
     if skew > config.max_skew_ms:
@@ -400,3 +448,12 @@ def check_request(request: TrackerRequest, config: TrackerConfig, wall_ms: int) 
 
 def _peer(ref: PeerRef) -> Peer:
     return Peer(ref.peer_id, ref.address)
+
+
+def _breadth_first(tree: StreamTree, root: bytes, limit: int) -> Iterator[bytes]:
+    queue = deque([root])
+    while queue and limit > 0:
+        node = queue.popleft()
+        yield node
+        limit -= 1
+        queue.extend(tree.children_of(node))

@@ -157,8 +157,9 @@ class Link:
         self.conn.send_datagram(data)
 
     async def next_event(self, within: float) -> Event | None:
-        """The next thing the implementation did, or None if it did nothing `within` s."""
-        with trio.move_on_after(within):
+        """The next thing the implementation did, or None if it did nothing `within` s
+        (callers pass what is left of a deadline: it may already have passed)."""
+        with trio.move_on_after(max(0.0, within)):
             return await self._receive_events.receive()
         return None
 

@@ -231,6 +231,22 @@ def _workers(text: str) -> int:
     return int(text)
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate per second (0: no limit)")
+    return value
+
+
+def _burst(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -343,7 +359,7 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--joins-per-network",
-        type=float,
+        type=_rate,
         default=20.0,
         metavar="RATE",
         help="JOINs per second from one source network (IPv4 /24, IPv6 /48) per worker, "
@@ -352,7 +368,7 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--join-burst",
-        type=int,
+        type=_burst,
         default=100,
         metavar="N",
         help="JOINs one source network may send at once before --joins-per-network "

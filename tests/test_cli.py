@@ -82,6 +82,8 @@ LISTEN = ["listen", "--tracker", "127.0.0.1:9", "--stream", STREAM]
             "meshd keygen",
         ),
         (["status", "--tracker", "127.0.0.1:1"], 2, "--stream"),
+        (["tracker", "--joins-per-network", "-1"], 2, "not a rate per second"),
+        (["tracker", "--join-burst", "0"], 2, "at least 1"),
         (
             [*LISTEN, "--output", os.devnull, "--join-timeout", "1"],
             1,

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from bench_node import checkout  # bench/ is on the path when a bench script runs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd import tracker_client
@@ -666,20 +667,6 @@ def specs_for(
     mode: str = "join",
 ) -> list[ClientSpec]:
     return [ClientSpec(tracker.address, stream, concurrency, joins, seconds, mode)] * clients
-
-
-def checkout(workdir: Path, ref: str) -> Path:
-    """meshd and protocol as they are at git `ref` (today's code, for the baseline)."""
-    root = Path(__file__).resolve().parents[1]
-    target = workdir / "baseline"
-    target.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(root), "archive", ref, "meshd", "protocol"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
-    return target
 
 
 @dataclass

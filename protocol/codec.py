@@ -8,6 +8,7 @@ own length limits stop oversized containers before they are allocated.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from enum import IntEnum
@@ -118,7 +119,21 @@ KEY = blob(exact=KEY_SIZE)
 SIG = blob(exact=SIGNATURE_SIZE)
 SEQ = uint()
 CAPACITY = uint(limits.MAX_CAPACITY)
-ADDRESS = text(limits.MAX_ADDRESS_BYTES)
+_ADDRESS_TEXT = text(limits.MAX_ADDRESS_BYTES)
+_HOST_PORT = re.compile(r"([0-9A-Za-z._-]+|\[[0-9A-Fa-f:.]+(?:%[0-9A-Za-z._-]+)?\]):([0-9]{1,5})")
+
+
+def _address(value: Any, name: str) -> str:
+    """`host:port` (an IPv6 host in brackets), or "" for "accepts no connections"."""
+    address: str = _ADDRESS_TEXT(value, name)
+    if address:
+        match = _HOST_PORT.fullmatch(address)
+        if match is None or not 1 <= int(match[2]) <= 65535:
+            raise _fail("expected HOST:PORT (port 1..65535, an IPv6 host in brackets) or ''", name)
+    return address
+
+
+ADDRESS: Check = _address
 
 
 def _peer(value: Any, name: str) -> Peer:
@@ -275,7 +290,19 @@ def _check_items(cls: type[Any], items: list[Any]) -> list[Any]:
             ErrorCode.MALFORMED_MESSAGE,
         )
     names = [field.name for field in fields(cls)]
-    return [check(value, name) for check, value, name in zip(checks, items[1:], names, strict=True)]
+    values = [check(item, name) for check, item, name in zip(checks, items[1:], names, strict=True)]
+    if cls in SERVING:
+        _check_serving(dict(zip(names, values, strict=True)))
+    return values
+
+
+SERVING = (Register, Join, Rejoin, Refresh)
+"""Messages that declare a capacity and the address where children reach the sender."""
+
+
+def _check_serving(values: dict[str, Any]) -> None:
+    if values["capacity"] > 0 and not values["address"]:
+        raise _fail("a capacity above 0 needs an address children can reach", "address")
 
 
 def decode_message(data: bytes) -> Message:

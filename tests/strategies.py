@@ -14,12 +14,19 @@ seqs = st.integers(0, limits.MAX_UINT64)
 u64 = st.integers(0, limits.MAX_UINT64)
 capacities = st.integers(0, limits.MAX_CAPACITY)
 reasons = st.text(max_size=60)
-addresses = st.sampled_from(["", "127.0.0.1:4433", "[::1]:9", "relay.example:65535"])
+served_addresses = st.sampled_from(["127.0.0.1:4433", "[::1]:9", "relay.example:65535"])
+addresses = st.just("") | served_addresses
 tokens = st.none() | st.binary(max_size=limits.MAX_TOKEN_SIZE)
 peers = st.builds(messages.Peer, keys, addresses)
 backups = st.lists(peers, max_size=limits.MAX_BACKUPS).map(tuple)
 seq_lists = st.lists(seqs, min_size=1, max_size=limits.MAX_SEQS_PER_MESSAGE).map(tuple)
 packets = st.lists(st.binary(max_size=200), max_size=20).map(tuple)
+
+
+def serving(messages: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Only a sender that takes no children may leave its address empty."""
+    return messages.filter(lambda m: m.capacity == 0 or m.address)
+
 
 MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     messages.Subscribe: st.builds(messages.Subscribe, keys, st.none() | seqs, keys),
@@ -37,23 +44,29 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     messages.Missing: st.builds(messages.Missing, seq_lists),
     messages.Redirect: st.builds(messages.Redirect, peers, backups),
     messages.Goodbye: st.builds(messages.Goodbye, st.integers(0, 0xFFFF), reasons),
-    messages.Register: st.builds(messages.Register, keys, addresses, capacities, u64, sigs),
-    messages.Join: st.builds(messages.Join, keys, keys, capacities, addresses, tokens, u64, sigs),
-    messages.Rejoin: st.builds(
-        messages.Rejoin,
-        keys,
-        keys,
-        keys,
-        st.none() | keys,
-        capacities,
-        addresses,
-        tokens,
-        u64,
-        sigs,
+    messages.Register: serving(
+        st.builds(messages.Register, keys, addresses, capacities, u64, sigs)
+    ),
+    messages.Join: serving(
+        st.builds(messages.Join, keys, keys, capacities, addresses, tokens, u64, sigs)
+    ),
+    messages.Rejoin: serving(
+        st.builds(
+            messages.Rejoin,
+            keys,
+            keys,
+            keys,
+            st.none() | keys,
+            capacities,
+            addresses,
+            tokens,
+            u64,
+            sigs,
+        )
     ),
     messages.Leave: st.builds(messages.Leave, keys, keys, u64, sigs),
-    messages.Refresh: st.builds(
-        messages.Refresh, keys, keys, st.none() | keys, capacities, addresses, u64, sigs
+    messages.Refresh: serving(
+        st.builds(messages.Refresh, keys, keys, st.none() | keys, capacities, addresses, u64, sigs)
     ),
     messages.StatusRequest: st.builds(messages.StatusRequest, keys),
     messages.Assigned: st.builds(

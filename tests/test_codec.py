@@ -20,6 +20,7 @@ from protocol import (
     Peer,
     ProtocolError,
     Redirect,
+    StatusRequest,
     Subscribe,
     TreeNode,
     TreeReport,
@@ -67,7 +68,7 @@ def test_known_encodings() -> None:
 
 
 def test_the_largest_tree_report_fits_one_message() -> None:
-    record = TreeNode(KEY, KEY, "x" * 128, 1024, 1024, 0xFFFF, 0xFFFFFFFF)
+    record = TreeNode(KEY, KEY, "x" * 122 + ":65535", 1024, 1024, 0xFFFF, 0xFFFFFFFF)
     report = TreeReport(KEY, 2**64 - 1, (record,) * MAX_TREE_NODES)
     assert decode_message(encode_message(report)) == report
 
@@ -101,6 +102,14 @@ def test_the_largest_tree_report_fits_one_message() -> None:
         ([0x1D, KEY, 1, [[KEY, None, "", 1, 1025, 0, 0]]], ErrorCode.MALFORMED_MESSAGE),
         ([0x1D, KEY, 1, [[KEY, None, "", 1, 0, 0, 2**32]]], ErrorCode.MALFORMED_MESSAGE),
         ([0x1D, KEY, 1, [[KEY, None, "", 1, 0, 0, 0]] * 257], ErrorCode.MALFORMED_MESSAGE),
+        ([-1], ErrorCode.UNKNOWN_MESSAGE),  # an integer type code, just not one of §5
+        *(
+            ([0x11, KEY, KEY, 2, address, None, 0, bytes(64)], ErrorCode.MALFORMED_MESSAGE)
+            for address in ("garbage", "host", ":80", "h:0", "h:65536", "h:+1", "::1:80", "[::1")
+        ),
+        ([0x11, KEY, KEY, 2, "", None, 0, bytes(64)], ErrorCode.MALFORMED_MESSAGE),  # serves
+        ([0x10, KEY, "", 4, 0, bytes(64)], ErrorCode.MALFORMED_MESSAGE),  # an origin serves
+        ([0x18, [KEY, "x"], [], 1, 1], ErrorCode.MALFORMED_MESSAGE),  # a parent's address
         ("not an array", ErrorCode.MALFORMED_MESSAGE),
         ({"a": 1}, ErrorCode.MALFORMED_MESSAGE),
     ],
@@ -109,6 +118,27 @@ def test_invalid_messages_are_rejected_with_a_code(items: Any, code: ErrorCode) 
     with pytest.raises(ProtocolError) as caught:
         decode_message(msgpack.packb(items, use_bin_type=True))
     assert caught.value.code == code
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1:4433", "[::1]:9", "[fe80::1%eth0]:4433", "relay.example:65535"]
+)
+def test_addresses_that_name_a_host_and_port_are_accepted(address: str) -> None:
+    join = [0x11, KEY, KEY, 2, address, None, 0, bytes(64)]
+    assert decode_message(msgpack.packb(join, use_bin_type=True)).address == address  # type: ignore[attr-defined]
+
+
+def test_a_leaf_may_leave_its_address_empty() -> None:
+    join = [0x11, KEY, KEY, 0, "", None, 0, bytes(64)]
+    assert decode_message(msgpack.packb(join, use_bin_type=True)).address == ""  # type: ignore[attr-defined]
+
+
+def test_non_shortest_encodings_are_accepted() -> None:
+    """§4.1: only senders must be canonical; a receiver verifies signatures over its own
+    canonical re-encoding, so a longer form changes nothing it checks."""
+    assert decode_message(bytes.fromhex("93 cc04 cd0007 00")) == Heartbeat(7, 0)
+    status = bytes.fromhex("92 15 c50020") + KEY  # the key with a bin 16 header
+    assert decode_message(status) == StatusRequest(KEY)
 
 
 def test_trailing_bytes_are_rejected() -> None:

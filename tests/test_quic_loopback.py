@@ -142,6 +142,20 @@ async def test_datagram_queues_are_bounded_and_drop_oldest() -> None:
             assert first > 8  # the oldest ones were the ones dropped
 
 
+async def test_a_server_that_takes_no_datagrams_closes_on_one() -> None:
+    config = EndpointConfig(client_datagram_error=0x05)
+    with trio.fail_after(10):
+        async with (
+            endpoints(None, server_config=config) as (server, client),
+            client.connect(server.address) as client_conn,
+        ):
+            server_conn = await server.accept()
+            client_conn.send_datagram(b"not for a server")
+            await client_conn.wait_closed()
+            assert (client_conn.close_code, client_conn.closed_by_peer) == (0x05, True)
+            assert server_conn.is_closed and server_conn.close_code == 0x05
+
+
 async def test_close_code_and_reason_reach_the_peer() -> None:
     seen: list[ConnectionLost] = []
     server_done = trio.Event()

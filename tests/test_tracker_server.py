@@ -200,12 +200,14 @@ async def test_unknown_stream_bad_signature_and_stale_time_are_refused() -> None
             await r.join(key)
         assert caught.value.code == ErrorCode.UNKNOWN_STREAM
         await r.register()
-        forged = Join(STREAM, key_id(key), 2, "", None, now_ms())
+        forged = Join(STREAM, key_id(key), 2, "127.0.0.1:9", None, now_ms())
         forged = sign_message(forged, Ed25519PrivateKey.generate())
         with pytest.raises(TrackerRefused) as caught:
             await r.ask(forged)
         assert caught.value.code == ErrorCode.BAD_SIGNATURE
-        stale = sign_message(Join(STREAM, key_id(key), 2, "", None, now_ms() - 3_600_000), key)
+        stale = sign_message(
+            Join(STREAM, key_id(key), 2, "127.0.0.1:9", None, now_ms() - 3_600_000), key
+        )
         with pytest.raises(TrackerRefused) as caught:
             await r.ask(stale)
         assert caught.value.code == ErrorCode.STALE_REQUEST
@@ -276,7 +278,7 @@ async def test_a_single_report_is_checked_by_a_probe(relay_is_alive: bool) -> No
             if not relay_is_alive:
                 await relay.aclose()
             dead = key_id(relay_key)
-            rejoin = Rejoin(STREAM, key_id(child_key), dead, None, 1, "", None, now_ms())
+            rejoin = Rejoin(STREAM, key_id(child_key), dead, None, 1, "127.0.0.1:9", None, now_ms())
             moved = await r.ask(sign_message(rejoin, child_key))
             assert isinstance(moved, Assigned) and moved.parent.node != dead
             tree = r.tracker.streams[STREAM].tree
@@ -297,7 +299,7 @@ async def test_an_unusable_address_is_probed_as_dead_without_harm() -> None:
         await r.register(capacity=2)
         await r.join(Ed25519PrivateKey.generate())
         dead = key_id(liar_key)
-        rejoin = Rejoin(STREAM, key_id(child_key), dead, None, 1, "", None, now_ms())
+        rejoin = Rejoin(STREAM, key_id(child_key), dead, None, 1, "127.0.0.1:9", None, now_ms())
         await r.ask(sign_message(rejoin, child_key))
         tree = r.tracker.streams[STREAM].tree
         with trio.fail_after(10):

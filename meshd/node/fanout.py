@@ -13,10 +13,13 @@ from collections.abc import Callable
 import trio
 
 from meshd.node.children import Children
-from meshd.quic import DatagramTooLarge, QuicConn, QuicStream
+from meshd.quic import DatagramTooLarge, EndpointConfig, QuicConn, QuicStream
 from protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
+
+NODE_ENDPOINT = EndpointConfig(client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE)
+"""A node's endpoint: a child never sends datagrams to its parent (docs/spec.md §10)."""
 
 SUBSCRIBE_TIMEOUT = 5.0
 

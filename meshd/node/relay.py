@@ -32,7 +32,7 @@ from meshd.node.core import (
     Play,
     StartOutput,
 )
-from meshd.node.fanout import Fanout
+from meshd.node.fanout import NODE_ENDPOINT, Fanout
 from meshd.node.output import AudioSink
 from meshd.node.report import StatsReporter
 from meshd.node.stats import ChunkTrace
@@ -136,7 +136,9 @@ class Relay:
             if self.output is not None:
                 outer.start_soon(self.output.run)
             try:
-                async with open_quic_endpoint(self.key, host, port) as endpoint:
+                async with open_quic_endpoint(
+                    self.key, host, port, config=NODE_ENDPOINT
+                ) as endpoint:
                     self._endpoint = endpoint
                     self.core.address = self.settings.advertise or format_address(endpoint.address)
                     if self.settings.capacity > 0:

@@ -30,6 +30,10 @@ class EndpointConfig:
     that was handed stream data holds what it has to send (ACKs, HANDSHAKE_DONE), so
     that the application's reply leaves in the same packet: a request/response server
     (the tracker) then sends one packet per request instead of three.
+
+    ``client_datagram_error``, when set, is the application error code a server
+    connection closes with when its client sends a DATAGRAM frame (None: datagrams are
+    delivered). In meshd/1 datagrams flow only from a parent to its child.
     """
 
     alpn: str = DEFAULT_ALPN
@@ -46,6 +50,7 @@ class EndpointConfig:
     datagram_receive_queue: int = 256
     session_tickets: int = 0
     reply_delay: float = 0.0
+    client_datagram_error: int | None = None
 
     def __post_init__(self) -> None:
         if self.keepalive_interval is not None and not (

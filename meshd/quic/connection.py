@@ -207,13 +207,8 @@ class QuicConn:
     async def aclose(self, error_code: int = 0, reason: str = "") -> None:
         """Close with an application error code and reason the peer will see."""
         if not self.is_closed:
-            self._closed_locally = True
-            self.close_code = error_code
-            self.close_reason = reason
-            self._quic.close(error_code=error_code, reason_phrase=reason)
+            self._close(error_code, reason)
             self._pump()
-            self._wake_all()
-            self._closed.set()
         await trio.lowlevel.checkpoint()
 
     async def wait_closed(self) -> None:
@@ -272,12 +267,18 @@ class QuicConn:
     def _abandon(self, error_code: int = 0, reason: str = "") -> None:
         """Close and forget at once (endpoint shutdown): no draining period."""
         if not self.is_closed:
-            self._closed_locally = True
-            self.close_code = error_code
-            self.close_reason = reason
-            self._quic.close(error_code=error_code, reason_phrase=reason)
+            self._close(error_code, reason)
             self._transmit()
         self._finish()
+
+    def _close(self, error_code: int, reason: str) -> None:
+        """Queue our CONNECTION_CLOSE and wake every waiter; the caller transmits."""
+        self._closed_locally = True
+        self.close_code = error_code
+        self.close_reason = reason
+        self._quic.close(error_code=error_code, reason_phrase=reason)
+        self._wake_all()
+        self._closed.set()
 
     # Internals
 
@@ -365,6 +366,11 @@ class QuicConn:
                 if stream is not None:
                     stream._on_data(event.data, event.end_stream)
             elif isinstance(event, events.DatagramFrameReceived):
+                refusal = self._config.client_datagram_error
+                if refusal is not None and not self.is_client:
+                    if not self.is_closed:
+                        self._close(refusal, "a datagram from a client")
+                    continue
                 if len(self._datagrams) >= self._config.datagram_receive_queue:
                     self._datagrams.popleft()
                     self.datagrams_dropped += 1

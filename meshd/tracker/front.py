@@ -54,8 +54,13 @@ Decide = Callable[[TrackerRequest], Awaitable[TrackerResponse]]
 
 
 def endpoint_config() -> EndpointConfig:
-    """A tracker endpoint: session tickets for resumption, replies coalesced with ACKs."""
-    return EndpointConfig(session_tickets=SESSION_TICKETS, reply_delay=REPLY_DELAY)
+    """A tracker endpoint: session tickets for resumption, replies coalesced with ACKs,
+    and a datagram (a request sent the wrong way) closes the connection (docs/spec.md §10)."""
+    return EndpointConfig(
+        session_tickets=SESSION_TICKETS,
+        reply_delay=REPLY_DELAY,
+        client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE,
+    )
 
 
 class TrackerFront:

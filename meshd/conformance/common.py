@@ -176,6 +176,14 @@ def add_common_cases(cases: CaseList[T], first: bytes, first_name: str) -> None:
         {ErrorCode.MALFORMED_MESSAGE},
     )
     error_case(
+        "8-chunk-packet-bytes",
+        "8",
+        "a CHUNK whose packets hold more than 16,384 bytes in all is MALFORMED_MESSAGE",
+        framed(packb([0x03, 0, 0, 0, [bytes(4000)] * 5, bytes(64)])),
+        "CHUNK with 5 packets of 4,000 bytes (each within its limit, 20,000 in all)",
+        {ErrorCode.MALFORMED_MESSAGE},
+    )
+    error_case(
         "4.1-unknown-type",
         "4.1",
         "an unknown type code is UNKNOWN_MESSAGE",

@@ -755,6 +755,39 @@ async def _refusal_keeps_connection(target: TrackerTarget) -> Outcome:
     return Outcome(Verdict.PASS if ok else Verdict.FAIL, sent, expected, ", then ".join(got))
 
 
+# -- the order of the checks (§7.1): each case makes two checks fail ---------------------
+
+
+@_error("7.1-order-stale-first", "7.1", "a stale request with a bad signature is STALE_REQUEST",
+        {ErrorCode.STALE_REQUEST}, refusal=True)  # fmt: skip
+def _stale_first(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    data = join(stream.id, node, now_ms() - SKEW_MS - 30_000, target.token(stream.id, node.id),
+                key=stream.key)  # fmt: skip
+    return data, "JOIN 330 s old and signed by another key"
+
+
+@_error("7.1-order-signature-before-stream", "7.1", "a badly signed JOIN for an unknown "
+        "stream is BAD_SIGNATURE", _BAD_SIG, refusal=True)  # fmt: skip
+def _signature_before_stream(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node = _new_node()
+    other = Ed25519PrivateKey.generate()
+    data = join(key_id(other), node, now_ms(), target.token(key_id(other), node.id), key=other)
+    return data, "JOIN for an unknown stream, signed by another key"
+
+
+@case("7.1-order-token-before-stream", "7.1", Level.MUST,
+      "a JOIN without a token for an unknown stream is TOKEN_REQUIRED")  # fmt: skip
+async def _token_before_stream(target: TrackerTarget) -> Outcome:
+    if target.host_key is None:
+        raise Unmet("token cases need the host's key (--host-key)")
+    node = _new_node()
+    unknown = key_id(Ed25519PrivateKey.generate())
+    data = join(unknown, node, now_ms(), None)
+    sent = "JOIN for an unknown stream, token = nil"
+    return await target.expect_error(framed(data), {ErrorCode.TOKEN_REQUIRED}, sent, refusal=True)
+
+
 # -- admission tokens (§5.4) -------------------------------------------------------------------
 
 

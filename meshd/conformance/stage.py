@@ -267,13 +267,11 @@ class FakeParent:
             stream = await conn.accept_stream()
         except (ConnectionLost, trio.BrokenResourceError):
             return
+        # The link's pumps end once the connection is closed (or the scene ends).
         async with trio.open_nursery() as nursery:
             link = NodeLink(Link(conn, stream, nursery), self.media, self)
             self.links.append(link)
             self._send.send_nowait(link)
-            await conn.wait_closed()
-            await trio.sleep(0.1)  # let the pumps report the close
-            nursery.cancel_scope.cancel()
 
 
 # -- the node ----------------------------------------------------------------------------
@@ -356,7 +354,7 @@ class Scene:
         self.parents.append(parent)
         return parent
 
-    async def start(self, within: float) -> NodeProcess:
+    async def start(self) -> NodeProcess:
         """Run the node's command."""
         values = {
             "tracker": format_address(self.tracker.endpoint.address),
@@ -365,7 +363,10 @@ class Scene:
             "output": str(self.workdir / f"{self.name}.ogg"),
         }
         argv = node_command(self.command, values)
-        self.node = await NodeProcess.start(argv, self.workdir / f"{self.name}.log")
+        try:
+            self.node = await NodeProcess.start(argv, self.workdir / f"{self.name}.log")
+        except OSError as exc:
+            raise Mismatch(" ".join(argv), "a running node", f"it did not start: {exc}") from None
         return self.node
 
     async def joined(self, parent: FakeParent, backups: Sequence[FakeParent] = (), *,
@@ -373,7 +374,7 @@ class Scene:
         """Assign `parent` (and `backups`), start the node, and wait for its first
         request, which must be a JOIN."""
         self.tracker.assign(parent.peer, [b.peer for b in backups])
-        await self.start(within)
+        await self.start()
         request = await self.request(within, "the node started")
         if not isinstance(request.message, Join):
             raise Mismatch("the node started", "JOIN", describe_request(request))

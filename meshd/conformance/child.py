@@ -544,7 +544,12 @@ async def _left(
 ) -> tuple[Subscribe, str]:
     """The SUBSCRIBE at `backup` (within `within` s of `since`), and how the failed link
     ended."""
-    subscribe = await target.failed_over(backup, since, sent, within)
+    try:
+        subscribe = await target.failed_over(backup, since, sent, within)
+    except Mismatch as exc:
+        old = await read_until_closed(link.link, 0, 0)
+        got = f"{exc.outcome.got}; on the old link: {old.describe()}"
+        raise Mismatch(sent, f"a backup tried within {within:g} s", got) from None
     waited = trio.current_time() - since
     if waited > within:
         got = f"{describe(subscribe)} at the backup only after {waited:.1f} s"

@@ -7,6 +7,8 @@ command runs, so other commands do not pay for loading it.
 from __future__ import annotations
 
 import argparse
+import shlex
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +19,12 @@ from meshd.keys import load_key
 
 if TYPE_CHECKING:
     from meshd.conformance.report import Report
+
+REFERENCE_NODE = (
+    "meshd listen --tracker {tracker} --tracker-id {tracker_id} --stream {stream} "
+    "--output {output} -q"
+)
+
 
 DESCRIPTION = """\
 Test another meshd/1 implementation (or this one) against docs/spec.md, over the
@@ -34,10 +42,22 @@ Targets:
   --parent HOST:PORT --parent-id ID --stream ID
       the implementation is an origin or a node serving children of a live stream;
       the suite plays children, one at a time (--concurrency N needs N free slots).
+  --child --child-command CMD
+      the implementation is a node (its child side); the suite plays the tracker and
+      the node's parents, on 127.0.0.1. Each case runs CMD (split like a shell would,
+      but run without one) with these placeholders filled in:
+        {tracker}     the suite's tracker, HOST:PORT
+        {tracker_id}  the tracker's key id
+        {stream}      the stream id (a new stream per case)
+        {output}      a file the node may write the audio to
+      The node must JOIN the tracker for {stream} and keep the default timers (or
+      pass --silence-timeout/--stall-timeout). The suite kills it (and its process
+      group) at the end of each case. The reference node:
+        --child-command "{reference}"
 
 Exit status: 0 if every MUST case passed, 1 if one failed, 2 on a usage error.
 docs/conformance.md lists every case.
-"""
+""".replace("{reference}", REFERENCE_NODE)
 
 
 def register(
@@ -57,6 +77,28 @@ def register(
     target.add_argument("--tracker", type=address, metavar="HOST:PORT", help="test a tracker")
     target.add_argument(
         "--parent", type=address, metavar="HOST:PORT", help="test an origin or node as a parent"
+    )
+    target.add_argument(
+        "--child", action="store_true", help="test a node as a child (needs --child-command)"
+    )
+    command.add_argument(
+        "--child-command",
+        metavar="CMD",
+        help="the node to test with --child, a command with placeholders (see above)",
+    )
+    command.add_argument(
+        "--silence-timeout",
+        type=float,
+        default=0.6,
+        metavar="S",
+        help="--child: the node's silence timeout, §6.2 (default 0.6)",
+    )
+    command.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="--child: the node's stall timeout, §6.2 (default 2)",
     )
     command.add_argument(
         "--tracker-id", type=key_id, metavar="ID", help="the tracker's key id (checked)"
@@ -95,7 +137,7 @@ def register(
         help="the parent's child timeout, §6.6 (default 1)",
     )
     command.add_argument(
-        "--concurrency", type=int, metavar="N", help="cases at once (tracker 8, parent 1)"
+        "--concurrency", type=int, metavar="N", help="cases at once (tracker 8, others 1)"
     )
     command.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     command.add_argument("--junit", type=Path, metavar="FILE", help="write a JUnit XML report")
@@ -107,6 +149,8 @@ def register(
 def run(args: argparse.Namespace) -> int:
     if args.parent is not None and (args.parent_id is None or args.stream is None):
         args.conformance_parser.error("--parent needs --parent-id and --stream")
+    if args.child:
+        args.child_command = _child_command(args)
     report = trio.run(_run, args)
     print(report.format(verbose=args.all))
     if args.json:
@@ -116,8 +160,41 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _child_command(args: argparse.Namespace) -> list[str]:
+    """--child-command as an argv template; a usage error unless it is one."""
+    parser = args.conformance_parser
+    if not args.child_command:
+        parser.error(
+            "--child needs --child-command CMD: the command that starts the node, with "
+            "placeholders the suite fills in for each case, e.g.\n"
+            f'  --child-command "{REFERENCE_NODE}"'
+        )
+    from meshd.conformance.stage import PLACEHOLDERS, node_command
+
+    try:
+        argv = shlex.split(args.child_command)
+        node_command(argv, {name: name for name in PLACEHOLDERS})
+    except (ValueError, KeyError, IndexError) as exc:
+        known = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+        parser.error(f"--child-command: {exc!r} (the placeholders are {known})")
+    if not argv or shutil.which(argv[0]) is None:
+        parser.error(f"--child-command: cannot run {argv[0] if argv else 'an empty command'}")
+    return argv
+
+
 async def _run(args: argparse.Namespace) -> Report:
-    from meshd.conformance.runner import check_parent, check_tracker
+    from meshd.conformance.runner import check_child, check_parent, check_tracker
+
+    if args.child:
+        return await check_child(
+            args.child_command,
+            only=args.case,
+            reply_wait=args.timeout,
+            close_wait=args.close_wait,
+            silence_timeout=args.silence_timeout,
+            stall_timeout=args.stall_timeout,
+            concurrency=args.concurrency or 1,
+        )
 
     if args.tracker is not None:
         host_key = load_key(args.host_key) if args.host_key else None

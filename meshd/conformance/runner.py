@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Sequence
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import format_address
+from meshd.conformance.child import CASES as CHILD_CASES
+from meshd.conformance.child import ChildTarget
 from meshd.conformance.parent import CASES as PARENT_CASES
 from meshd.conformance.parent import ParentTarget
 from meshd.conformance.report import Report
@@ -65,5 +69,35 @@ async def check_parent(
             PARENT_CASES.select(only),
             target,
             case_timeout=10 * reply_wait,
+            concurrency=concurrency,
+        )
+
+
+async def check_child(
+    command: Sequence[str],
+    *,
+    only: Collection[str] = (),
+    reply_wait: float = 3.0,
+    close_wait: float = 1.0,
+    silence_timeout: float = 0.6,
+    stall_timeout: float = 2.0,
+    concurrency: int = 1,
+) -> Report:
+    """Run the child cases, each against a node started from `command` (an argv
+    template, see `meshd.conformance.stage.PLACEHOLDERS`)."""
+    with tempfile.TemporaryDirectory(prefix="meshd-conformance-") as workdir:
+        target = ChildTarget(
+            command,
+            Path(workdir),
+            reply_wait,
+            close_wait,
+            silence_timeout=silence_timeout,
+            stall_timeout=stall_timeout,
+        )
+        return await run_cases(
+            f"child: {' '.join(command)}",
+            CHILD_CASES.select(only),
+            target,
+            case_timeout=target.start_timeout + 10 * reply_wait,
             concurrency=concurrency,
         )

@@ -1,0 +1,47 @@
+"""Broken nodes for tests/test_conformance_child.py: the reference `meshd` with one rule
+of the child side switched off. Run as `python tests/child_variants.py VARIANT listen …`
+(the suite starts it through --child-command)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from protocol.link import ChildLink
+from protocol.media import StreamVerifier, VerifiedChunk
+from protocol.messages import Chunk
+
+
+def accepts_path_through_itself() -> None:
+    """Checks every PATH rule but the one that refuses a cycle (§6.5)."""
+    check = ChildLink._check_path
+
+    def without_cycle_check(self: ChildLink, nodes: tuple[bytes, ...]) -> None:
+        node, self._node = self._node, bytes(32)  # an id no PATH here holds
+        try:
+            check(self, nodes)
+        finally:
+            self._node = node
+
+    setattr(ChildLink, "_check_path", without_cycle_check)  # noqa: B010
+
+
+def skips_chunk_signatures() -> None:
+    """Plays and forwards chunks without checking their signature (§4.3, §6.2)."""
+
+    def unchecked(self: StreamVerifier, chunk: Chunk, raw: bytes) -> VerifiedChunk:
+        return VerifiedChunk(chunk, raw)
+
+    setattr(StreamVerifier, "verify_chunk", unchecked)  # noqa: B010
+
+
+VARIANTS: dict[str, Callable[[], None]] = {
+    "accepts-path-through-itself": accepts_path_through_itself,
+    "skips-chunk-signatures": skips_chunk_signatures,
+}
+
+if __name__ == "__main__":
+    VARIANTS[sys.argv[1]]()
+    from meshd.cli import main
+
+    main(sys.argv[2:])

@@ -169,6 +169,7 @@ async def _attempt(
 ) -> None:
     payload = exchange.start_attempt(trio.current_time())
     link = None if connections is None else await connections.take(trio.current_time())
+    close_code = ErrorCode.NO_ERROR
     try:
         with trio.fail_after(ATTEMPT_TIMEOUT):
             if link is not None:
@@ -207,6 +208,7 @@ async def _attempt(
         logger.warning("tracker sent something invalid: %s", exc)
         problem.text = f"it sent something invalid: {exc}"
         exchange.attempt_failed(trio.current_time())
+        close_code = exc.code  # the error ends the connection with its code (spec §2)
     else:
         if exchange.state is ExchangeState.WAITING:  # answered RETRY_AFTER or OVERLOADED
             problem.text = "it is overloaded and asked us to retry later"
@@ -215,7 +217,7 @@ async def _attempt(
     link.used += 1
     answered = exchange.state is ExchangeState.DONE
     if not (answered and connections is not None and connections.give_back(link)):
-        await link.conn.aclose()
+        await link.conn.aclose(close_code)
 
 
 async def _read_answer(stream: QuicStream, exchange: TrackerExchange) -> None:

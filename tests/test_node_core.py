@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshd.node.config import NodeConfig
 from meshd.node.core import EXIT_MISSED_AUDIO
 from meshd.sim.hosts import NodeHost, wall_ms
 from meshd.sim.world import RoomSpec, World
@@ -134,6 +135,22 @@ def test_a_wedged_relay_is_left_by_its_children_and_only_by_them(
     assert not {k: v for k, v in problems.items() if "wedged" not in str(v)}, problems
     for node in [*children, *grandchildren]:
         assert node.core.stats.lost == 0
+
+
+def test_a_parent_that_does_not_claim_a_stall_is_left_at_the_stall_timeout() -> None:
+    """Its heartbeats say `stalled_ms` 0: they must not buy it the stall grace too. The
+    children feed nobody, so no timer of their own wakes them up early."""
+    world = room(30, 3, relay_share=1.0, max_children=3)
+    wedged, children = next(
+        (node, children)
+        for node in world.live()
+        if (children := world.children_of(node.node_id))
+        and not any(world.children_of(child.node_id) for child in children)
+    )
+    wedge(wedged, None)
+    world.run(NodeConfig().stall_timeout + 0.3)  # virtual seconds: the grace is 4 s more
+    for child in children:
+        assert child.core.stats.failovers >= 1, "the child waited out the stall grace"
 
 
 def test_lost_datagrams_cost_latency_never_audio() -> None:

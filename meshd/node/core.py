@@ -900,8 +900,8 @@ class NodeCore:
         if up is None or up.attached_at is None:
             return None
         first, last = self._stall_limits(up)
-        if up.stalled is None:
-            return first
+        if up.stalled is None or not self._parent_stalled_too(up, max(first, up.stalled[1])):
+            return first  # a parent that does not claim a stall as long as ours: no delay
         # While the parent says it is stalled too, look again when that report goes stale.
         return max(first, min(last, up.stalled[1] + 3 * self.config.heartbeat_interval))
 

@@ -133,4 +133,3 @@ async def test_a_tracker_without_a_join_limit_is_non_strict() -> None:
     result = report.by_id("7.3-join-rate-limit")
     assert result.verdict is Verdict.NON_STRICT, report.format(verbose=True)
     assert result.got == "all 60 JOINs ASSIGNED"
-

@@ -67,8 +67,10 @@ async def tracker_in_process(config: TrackerConfig | None = None) -> AsyncIterat
 
 def _tree_defaults(monkeypatch: pytest.MonkeyPatch, **defaults: float) -> None:
     """Every StreamTree the tracker makes from now on gets these settings."""
+    keywords = StreamTree.__init__.__kwdefaults__
+    assert keywords is not None
     for name, value in defaults.items():
-        monkeypatch.setitem(StreamTree.__init__.__kwdefaults__, name, value)
+        monkeypatch.setitem(keywords, name, value)
 
 
 async def test_rebalancing_passes_with_a_short_promote_after(

@@ -87,16 +87,8 @@ def _start_room(procs: Cluster, workdir: Path) -> ReferenceRoom:
     )
 
 
-async def test_reference_tracker_passes_every_must(reference: ReferenceRoom) -> None:
-    report = await check_tracker(reference.tracker, host_key=reference.host_key)
-    assert report.ok, report.format()
-    assert not [r.id for r in report.results if r.verdict is Verdict.FAIL], report.format()
-    skipped = [r.id for r in report.results if r.verdict is Verdict.SKIPPED]
-    assert sorted(skipped) == ["5.4-open-mode", "7.2-refresh-reinserts"], report.format()
-    assert all(case.startswith(KNOWN_NON_STRICT) for case in non_strict(report)), report.format()
-    assert sum(r.level is Level.MUST for r in report.results) >= 50
-
-
+# The parents first: the origin's sample lasts about 25 s, and the tracker cases take
+# a while (they register streams of their own, so they do not need the origin).
 @pytest.mark.parametrize("role", ["origin", "relay"])
 async def test_reference_parents_pass_every_must(reference: ReferenceRoom, role: str) -> None:
     address, node = (
@@ -108,8 +100,30 @@ async def test_reference_parents_pass_every_must(reference: ReferenceRoom, role:
     assert report.ok, report.format()
     verdicts = {r.id: r.verdict for r in report.results}
     assert Verdict.FAIL not in verdicts.values(), report.format()
-    assert Verdict.SKIPPED not in verdicts.values(), report.format()
+    # A parent sends HEARTBEAT only on a link idle for 200 ms: chunks every 200 ms may
+    # leave none in the case's 3 s.
+    skipped = {case for case, verdict in verdicts.items() if verdict is Verdict.SKIPPED}
+    assert skipped <= {"5.1-heartbeat-form"}, report.format()
     assert all(case.startswith(KNOWN_NON_STRICT) for case in non_strict(report))
+
+
+async def test_reference_tracker_passes_every_must(reference: ReferenceRoom) -> None:
+    report = await check_tracker(reference.tracker, host_key=reference.host_key)
+    assert report.ok, report.format()
+    assert not [r.id for r in report.results if r.verdict is Verdict.FAIL], report.format()
+    skipped = [r.id for r in report.results if r.verdict is Verdict.SKIPPED]
+    # Open mode is tested in process; the cases that wait for peer_ttl and promote_after
+    # in tests/test_conformance_tracker_state.py.
+    assert sorted(skipped) == [
+        "5.4-open-mode",
+        "7.2-ended-stream-forgotten",
+        "7.2-peer-ttl-expiry",
+        "7.2-refresh-reinserts",
+        "7.2-stream-expiry",
+        "7.3-rebalance-relay",
+    ], report.format()
+    assert all(case.startswith(KNOWN_NON_STRICT) for case in non_strict(report)), report.format()
+    assert sum(r.level is Level.MUST for r in report.results) >= 50
 
 
 def test_command_writes_json_and_junit_and_exit_status(

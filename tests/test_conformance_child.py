@@ -19,6 +19,7 @@ NODE_ARGS = [
 ]  # fmt: skip
 VARIANTS = Path(__file__).parent / "child_variants.py"
 
+
 def _verdicts(report: Report, verdict: Verdict) -> set[str]:
     return {r.id for r in report.results if r.verdict is verdict}
 

@@ -422,14 +422,14 @@ def _path_through_child(scene: Scene) -> bytes:
 @case("6.5-path-deepest", "6.5", Level.MUST,
       f"a PATH of {MAX_PATH - 1} ids is accepted (the child at depth {MAX_PATH - 1})")  # fmt: skip
 async def _path_deepest(target: ChildTarget) -> Outcome:
-    sent = f"STREAM_INFO, PATH([stream, {MAX_PATH - 3} others, parent]), chunks 0…4"
+    sent = f"STREAM_INFO, PATH([stream, {MAX_PATH - 3} others, parent]), then live chunks"
     async with target.scene() as scene:
         parent = await scene.parent()
         await scene.joined(parent, within=target.start_timeout)
         link = await parent.subscribed(target.timeout)
         await link.accept([scene.stream, *_others(MAX_PATH - 3), parent.node])
         await link.chunks(range(PLAYED), datagram=True)
-        scene.background(lambda: link.heartbeats(PLAYED - 1))
+        scene.background(lambda: link.live(PLAYED))
         reply = await read_until_closed(link.link, target.timeout, 0)
     ok = reply.goodbye is None and reply.closed is None
     got = "the link stayed up" if ok else reply.describe()

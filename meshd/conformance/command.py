@@ -35,10 +35,12 @@ but not exactly the spec, or a missed SHOULD), informational (the spec leaves it
 open), skipped (the target cannot be tested that way).
 
 Targets:
-  --tracker HOST:PORT [--tracker-id ID] [--host-key FILE]
+  --tracker HOST:PORT [--tracker-id ID] [--host-key FILE] [--peer-ttl S]
+          [--join-burst N] [--promote-after S]
       the implementation is a tracker; the suite plays origins and nodes, each case
       with a stream of its own. Give the host key whose id the tracker accepts tokens
-      from (--host-key) to run the admission token cases.
+      from (--host-key) to run the admission token cases, and the tracker's settings
+      (--peer-ttl, --join-burst, --promote-after) for the cases that depend on them.
   --parent HOST:PORT --parent-id ID --stream ID
       the implementation is an origin or a node serving children of a live stream;
       the suite plays children, one at a time (--concurrency N needs N free slots).
@@ -105,6 +107,29 @@ def register(
     )
     command.add_argument(
         "--host-key", type=Path, metavar="FILE", help="host key file, to issue tokens"
+    )
+    command.add_argument(
+        "--peer-ttl",
+        type=float,
+        metavar="S",
+        help="the tracker's peer_ttl (§7.2), to run the soft-state expiry cases, which "
+        "wait about that long (they are skipped without it; a short one keeps them quick)",
+    )
+    command.add_argument(
+        "--join-burst",
+        type=int,
+        default=100,
+        metavar="N",
+        help="JOINs the tracker takes from one source network at once (§7.3): the "
+        "RETRY_AFTER case sends N + 50 (default 100, the reference's)",
+    )
+    command.add_argument(
+        "--promote-after",
+        type=float,
+        metavar="S",
+        help="how long a relay must be in the tree before the tracker moves it up "
+        "(§7.3, the reference's promote_after: 60): the relay rebalancing case waits "
+        "that long (skipped without it)",
     )
     command.add_argument("--parent-id", type=key_id, metavar="ID", help="the parent's node id")
     command.add_argument("--stream", type=key_id, metavar="ID", help="the stream it serves")
@@ -202,6 +227,9 @@ async def _run(args: argparse.Namespace) -> Report:
             args.tracker,
             tracker_id=args.tracker_id,
             host_key=host_key,
+            peer_ttl=args.peer_ttl,
+            join_burst=args.join_burst,
+            promote_after=args.promote_after,
             only=args.case,
             reply_wait=args.timeout,
             close_wait=args.close_wait,

@@ -599,3 +599,68 @@ async def _dead_child(target: ParentTarget) -> Outcome:
         reply = await read_until_closed(link, target.timeout, target.close_wait)
     outcome = judge_error(reply, sent, {ErrorCode.CHILD_TIMEOUT})
     return Outcome(outcome.verdict, sent, expected, outcome.got)
+
+
+def _own_id(target: ParentTarget) -> bytes:
+    assert target.peer_key is not None, "a parent target always has its node id"
+    return target.peer_key
+
+
+_refused_first(
+    "6.5-subscribe-from-self",
+    "6.5",
+    "SUBSCRIBE whose node is the parent itself (the end of its own path) is BAD_PATH",
+    {ErrorCode.BAD_PATH},
+    lambda t: t.subscribe_bytes(None, node=_own_id(t)),
+)
+
+
+HEARTBEAT_WAIT = 3.0  # how long the suite listens for HEARTBEATs between chunks
+
+
+@case("5.1-heartbeat-form", "5.1", Level.MUST,
+      "HEARTBEAT while the stream advances: latest_seq = a chunk sent, stalled_ms 0")  # fmt: skip
+async def _heartbeat_form(target: ParentTarget) -> Outcome:
+    """`latest_seq` is at least the newest chunk the parent sent on the stream before the
+    HEARTBEAT and at most the newest chunk it sent at all; `stalled_ms` is 0 unless the
+    parent's playback stood still for 2 heartbeat intervals, which it cannot have done
+    for longer than the suite saw no new chunk."""
+    heartbeats: list[tuple[Heartbeat, int | None, float]] = []
+    newest: int | None = None  # the highest seq so far, any way it came
+    on_stream: int | None = None  # the highest seq so far on the stream
+    last_new = longest_pause = 0.0
+    async with target.link() as link:
+        await target.subscribe(link, None)
+        start = last_new = trio.current_time()
+        end = start + HEARTBEAT_WAIT
+        while (now := trio.current_time()) < end:
+            event = await link.next_event(end - now)
+            if not isinstance(event, Received):
+                break
+            message, now = event.message, trio.current_time()
+            if isinstance(message, Chunk) and (newest is None or message.seq > newest):
+                newest, last_new = message.seq, now
+            if isinstance(message, Chunk) and not event.datagram:
+                on_stream = max(message.seq, on_stream or 0)
+            longest_pause = max(longest_pause, now - last_new)
+            if isinstance(message, Heartbeat):
+                heartbeats.append((message, on_stream, longest_pause))
+                end = max(end, now + target.close_wait)  # its latest_seq must arrive too
+    if not heartbeats:
+        raise Unmet(f"no HEARTBEAT in {HEARTBEAT_WAIT:g} s: chunks left no interval idle")
+    bad = [
+        describe(heartbeat)
+        for heartbeat, low, pause in heartbeats
+        if heartbeat.latest_seq is None
+        or newest is None
+        or not (low or 0) <= heartbeat.latest_seq <= newest
+        or heartbeat.stalled_ms > pause * 1000
+    ]
+    got = f"{len(heartbeats)} HEARTBEATs, chunks up to {newest}"
+    return Outcome(
+        Verdict.FAIL if bad else Verdict.PASS,
+        f"SUBSCRIBE, then listen {HEARTBEAT_WAIT:g} s while the stream advances",
+        "each HEARTBEAT's latest_seq between the newest chunk on the stream before it and "
+        "the newest chunk sent; stalled_ms 0 (at most the longest pause between new chunks)",
+        got + (f"; wrong: {', '.join(bad[:3])}" if bad else ""),
+    )

@@ -26,23 +26,39 @@ async def check_tracker(
     *,
     tracker_id: bytes | None = None,
     host_key: Ed25519PrivateKey | None = None,
+    peer_ttl: float | None = None,
+    join_burst: int = 100,
+    promote_after: float | None = None,
     only: Collection[str] = (),
     reply_wait: float = 3.0,
     close_wait: float = 1.0,
     concurrency: int = 8,
 ) -> Report:
     """Run the tracker cases (those whose id starts with one of `only`, if given);
-    `reply_wait` is how long to wait for any answer."""
+    `reply_wait` is how long to wait for any answer. `peer_ttl`, `join_burst` and
+    `promote_after` are the tracker's settings, for the cases that depend on them."""
     name = f"tracker {format_address(address)}"
     if tracker_id is not None:
         name += f" ({key_to_text(tracker_id)})"
     async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
-        target = TrackerTarget(endpoint, address, tracker_id, reply_wait, close_wait, host_key)
+        target = TrackerTarget(
+            endpoint,
+            address,
+            tracker_id,
+            reply_wait,
+            close_wait,
+            host_key,
+            peer_ttl=peer_ttl,
+            join_burst=join_burst,
+            promote_after=promote_after,
+        )
+        # The soft-state cases wait up to twice peer_ttl; the rebalancing one promote_after.
+        waits = 2 * (peer_ttl or 0) + (promote_after or 0)
         return await run_cases(
             name,
             TRACKER_CASES.select(only),
             target,
-            case_timeout=10 * reply_wait,
+            case_timeout=10 * reply_wait + waits,
             concurrency=concurrency,
         )
 

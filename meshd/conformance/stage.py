@@ -11,6 +11,7 @@ At the end of the scene the node's process group is killed and every socket clos
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import struct
@@ -197,6 +198,13 @@ class NodeLink:
                 self.send_datagram(data)
             else:
                 await self.send(framed(data))
+
+    async def live(self, first_seq: int) -> None:
+        """A new chunk (datagram) every 200 ms from `first_seq` until cancelled: a parent
+        whose stream advances, so the node has no stall to act on."""
+        for seq in itertools.count(first_seq):
+            self.send_datagram(self.media.chunk(seq))
+            await trio.sleep(0.2)
 
     async def heartbeats(self, latest_seq: int | None, stalled_ms: int = 0) -> None:
         """A HEARTBEAT every 200 ms until cancelled (stalled_ms grows, if not 0)."""

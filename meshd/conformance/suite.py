@@ -51,6 +51,9 @@ class Case(Generic[C]):
     level: Level
     title: str
     run: Callable[[C], Awaitable[Outcome]]
+    alone: bool = False
+    """Run after the others, by itself: it disturbs what other cases measure (e.g. it
+    spends a tracker's JOIN allowance for the suite's network)."""
 
 
 class CaseList(Generic[C]):
@@ -60,12 +63,12 @@ class CaseList(Generic[C]):
         self.cases: list[Case[C]] = []
 
     def case(
-        self, case_id: str, section: str, level: Level, title: str
+        self, case_id: str, section: str, level: Level, title: str, *, alone: bool = False
     ) -> Callable[[Callable[[C], Awaitable[Outcome]]], Callable[[C], Awaitable[Outcome]]]:
         def add(run: Callable[[C], Awaitable[Outcome]]) -> Callable[[C], Awaitable[Outcome]]:
             if any(c.id == case_id for c in self.cases):
                 raise ValueError(f"duplicate case id {case_id}")
-            self.cases.append(Case(case_id, section, level, title, run))
+            self.cases.append(Case(case_id, section, level, title, run, alone))
             return run
 
         return add
@@ -85,7 +88,8 @@ async def run_cases(
     case_timeout: float,
     concurrency: int,
 ) -> Report:
-    """Run `cases` against one target, `concurrency` at a time, each within `case_timeout`."""
+    """Run `cases` against one target, `concurrency` at a time, each within `case_timeout`;
+    then those that must run alone, one by one."""
     results: dict[str, CaseResult] = {}
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -95,7 +99,11 @@ async def run_cases(
 
     async with trio.open_nursery() as nursery:
         for case in cases:
-            nursery.start_soon(run_one, case)
+            if not case.alone:
+                nursery.start_soon(run_one, case)
+    for case in cases:
+        if case.alone:
+            results[case.id] = await _run_case(case, context, case_timeout)
     return Report(target, tuple(results[case.id] for case in cases))
 
 

@@ -2,19 +2,23 @@
 
 The suite plays origins and nodes. Every case that needs a stream registers a fresh
 one (a new stream key), so cases share no state and run concurrently. Node addresses
-handed to the tracker are loopback ports nobody listens on.
+handed to the tracker are loopback ports nobody listens on, except where a case about
+the tracker's probes puts a stand-in there (meshd.conformance.peers).
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.conformance.common import Target, add_common_cases
+from meshd.conformance.peers import answering, silent
 from meshd.conformance.report import Level, Outcome, Verdict
 from meshd.conformance.suite import CaseList, Mismatch, Reply, Unmet, expect_message, read_reply
 from meshd.conformance.wire import describe, framed, packb, signed
@@ -24,10 +28,13 @@ from protocol import (
     Assigned,
     ErrorCode,
     Moved,
+    RetryAfter,
     StatusReport,
+    TreeReport,
     issue_token,
     key_id,
 )
+from protocol.limits import MAX_TREE_NODES
 
 SKEW_MS = 300_000
 _ports = itertools.count(20_000)
@@ -58,6 +65,28 @@ class Node:
 class TrackerTarget(Target):
     host_key: Ed25519PrivateKey | None = None
     """The host's key, to issue admission tokens (tokens are sent only with it)."""
+    peer_ttl: float | None = None
+    """The tracker's peer_ttl (§7.2), if the user gave it: the expiry cases need it."""
+    join_burst: int = 100
+    """The JOINs the tracker takes from one network at once (§7.3; the reference's 100)."""
+    promote_after: float | None = None
+    """How long a relay is in the tree before it may move up (§7.3), if given."""
+
+    async def send_and_read(self, data: bytes, *, eof: bool = False) -> Reply:
+        """Like `Target.send_and_read`, but a RETRY_AFTER is followed as a client does
+        (§7.4: wait delay_ms x uniform(1, 1.5), then ask again), for up to 4 x `timeout`
+        in all: a tracker that limits JOINs per network (§7.3) slows the suite down
+        rather than failing its cases."""
+        deadline = trio.current_time() + 4 * self.timeout
+        while True:
+            reply = await super().send_and_read(data, eof=eof)
+            first = reply.first_message()
+            if first is None or not isinstance(first.message, RetryAfter):
+                return reply
+            delay = first.message.delay_ms / 1000 * random.uniform(1, 1.5)
+            if trio.current_time() + delay > deadline:
+                return reply
+            await trio.sleep(delay)
 
     async def ask(self, data: bytes) -> Reply:
         """One framed request on a new connection; the reply."""
@@ -885,4 +914,527 @@ async def _open_mode(target: TrackerTarget) -> Outcome:
         "JOIN with token 9215c0 (not a TOKEN)",
         "ASSIGNED (open mode ignores tokens)",
         reply.describe(),
+    )
+
+
+# -- suspects and probes (§7.3) ------------------------------------------------------------
+#
+# S is a relay that its children report dead. At S's address the suite puts a stand-in
+# (meshd.conformance.peers): a QUIC server with S's key (S is alive), one with another
+# key (an impostor), or a port that answers nothing (S is gone).
+
+
+def _probe_wait(target: TrackerTarget) -> float:
+    """How long the suite gives a tracker to probe a suspect and act on the result (the
+    spec states no deadline; the reference probes every second, for at most 2 s)."""
+    return 4 * target.timeout
+
+
+def _host(target: TrackerTarget) -> str:
+    """Where the suite's stand-ins listen: the host its own endpoint is bound to."""
+    return target.endpoint.address[0]
+
+
+async def _join_as(target: TrackerTarget, stream: Stream, node: Node) -> None:
+    node.assigned = await target.ask_for(
+        join(stream.id, node, now_ms(), target.token(stream.id, node.id)),
+        Assigned,
+        f"JOIN(capacity={node.capacity})",
+    )
+
+
+def _parent(node: Node) -> bytes:
+    assert node.assigned is not None
+    return node.assigned.parent.node
+
+
+async def _tree(target: TrackerTarget, stream: Stream) -> TreeReport:
+    report: TreeReport = await target.ask_for(
+        packb([0x16, stream.id, MAX_TREE_NODES]), TreeReport, "TREE"
+    )
+    return report
+
+
+def _parents(report: TreeReport) -> dict[bytes, bytes | None]:
+    """Each node TREE_REPORT lists, with its parent."""
+    return {record.node: record.parent for record in report.nodes}
+
+
+class _Names:
+    """The suite's names for the nodes of a case, for its report."""
+
+    def __init__(self, **nodes: bytes) -> None:
+        self._names = {node: name for name, node in nodes.items()}
+
+    def __call__(self, node: bytes | None) -> str:
+        if node is None:
+            return "nil"
+        return self._names.get(node, node[:4].hex() + "…")
+
+    def placed(self, nodes: list[Node]) -> str:
+        return ", ".join(f"{self(n.id)} under {self(_parent(n))}" for n in nodes)
+
+    def assigned(self, answer: Assigned) -> str:
+        backups = ", ".join(self(b.node) for b in answer.backups)
+        return f"ASSIGNED(parent {self(answer.parent.node)}, backups [{backups}])"
+
+
+@dataclass
+class _Suspected:
+    stream: Stream
+    suspect: Node
+    children: list[Node]
+    """C1, C2, C3: S's children."""
+    other: Node
+    """T: the other relay under the origin."""
+
+    def names(self) -> _Names:
+        c1, c2, c3 = (c.id for c in self.children)
+        return _Names(
+            origin=self.stream.id, S=self.suspect.id, T=self.other.id, C1=c1, C2=c2, C3=c3
+        )
+
+
+_SUSPECTED = "origin(1) ← S(3) ← C1, C2, C3 (capacity 1 each); REGISTER(capacity 2); T(1)"
+
+
+async def _suspected(target: TrackerTarget, key: Ed25519PrivateKey, address: str) -> _Suspected:
+    """The tree `_SUSPECTED`: once C1 leaves S, S is the only free slot at depth 1, so a
+    JOIN would go there if S were not a suspect."""
+    stream = await target.new_stream(capacity=1)
+    suspect = Node(key, key_id(key), address, 3)
+    await _join_as(target, stream, suspect)
+    children = [await target.join(stream, capacity=1) for _ in range(3)]
+    stream.capacity = 2
+    await target.ask_for(register(stream, now_ms()), Ack, "REGISTER(capacity 2)")
+    other = await target.join(stream, capacity=1)
+    tree = _Suspected(stream, suspect, children, other)
+    nodes = [suspect, *children, other]
+    if [_parent(n) for n in nodes] != [stream.id, *[suspect.id] * 3, stream.id]:
+        expected = "S and T under the origin, C1-C3 under S (§7.3 placement)"
+        raise Mismatch(_SUSPECTED, expected, tree.names().placed(nodes))
+    return tree
+
+
+async def _report_dead(target: TrackerTarget, tree: _Suspected, child: Node) -> Assigned:
+    token = target.token(tree.stream.id, child.id)
+    data = rejoin(tree.stream.id, child, tree.suspect.id, None, token)
+    answer: Assigned = await target.ask_for(data, Assigned, "REJOIN(dead = S, attached = nil)")
+    return answer
+
+
+def _offers(answer: Assigned, node: bytes) -> bool:
+    return answer.parent.node == node or any(b.node == node for b in answer.backups)
+
+
+async def _until_unlisted(
+    target: TrackerTarget, stream: Stream, node: bytes, within: float
+) -> TreeReport:
+    """TREE, again and again until it no longer lists `node` or `within` s have passed."""
+    deadline = trio.current_time() + within
+    while node in _parents(report := await _tree(target, stream)):
+        if trio.current_time() >= deadline:
+            break
+        await trio.sleep(0.25)
+    return report
+
+
+def _rehomed(report: TreeReport, gone: bytes, children: list[Node]) -> bool:
+    """Every child of the removed node is listed under a node that is listed itself."""
+    parents = _parents(report)
+    return all(
+        c.id in parents and parents[c.id] != gone and parents[c.id] in parents for c in children
+    )
+
+
+@case("7.3-suspect-not-offered", "7.3", Level.MUST,
+      "a relay one child reports dead is offered to nobody, and not removed")  # fmt: skip
+async def _suspect_not_offered(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    async with answering(key, _host(target)) as alive:
+        tree = await _suspected(target, key, alive.address)
+        first = await _report_dead(target, tree, tree.children[0])
+        newcomer = await target.join(tree.stream, capacity=1)
+        report = await _tree(target, tree.stream)
+    assert newcomer.assigned is not None
+    names = tree.names()
+    offered = _offers(first, tree.suspect.id) or _offers(newcomer.assigned, tree.suspect.id)
+    listed = tree.suspect.id in _parents(report)
+    return Outcome(
+        Verdict.FAIL if offered or not listed else Verdict.PASS,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S); a new JOIN(capacity 1); TREE "
+        "(S answers handshakes at its address)",
+        "neither C1 nor the newcomer is placed under S or given S as a backup; TREE still lists S",
+        f"C1 {names.assigned(first)}, newcomer {names.assigned(newcomer.assigned)}; "
+        f"TREE {'lists' if listed else 'does not list'} S",
+    )
+
+
+@case("7.3-suspect-probed", "7.3", Level.MUST,
+      "the tracker probes a suspect with a QUIC handshake to its address")  # fmt: skip
+async def _suspect_probed(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    wait = _probe_wait(target)
+    async with answering(key, _host(target)) as alive:
+        tree = await _suspected(target, key, alive.address)
+        before = alive.packets
+        await _report_dead(target, tree, tree.children[0])
+        probed = await alive.probe_over(before, wait)
+    return Outcome(
+        Verdict.PASS if probed else Verdict.FAIL,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S), while a QUIC server with S's key answers at "
+        "S's address",
+        f"a QUIC connection to S's address within {wait:g} s, then closed",
+        f"{alive.packets - before} packets reached S's address"
+        + ("" if probed else ("; still connected" if alive.connected else "")),
+    )
+
+
+@case("7.3-unproven-not-offered", "7.3", Level.MUST,
+      "a suspect that answers the probe is kept, but offered to nobody for 60 s")  # fmt: skip
+async def _unproven_not_offered(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    wait = _probe_wait(target)
+    async with answering(key, _host(target)) as alive:
+        tree = await _suspected(target, key, alive.address)
+        before = alive.packets
+        await _report_dead(target, tree, tree.children[0])
+        if not await alive.probe_over(before, wait):
+            raise Unmet(f"no probe reached S within {wait:g} s (see 7.3-suspect-probed)")
+        newcomer = await target.join(tree.stream, capacity=1)
+        report = await _tree(target, tree.stream)
+    assert newcomer.assigned is not None
+    names = tree.names()
+    offered = _offers(newcomer.assigned, tree.suspect.id)
+    listed = tree.suspect.id in _parents(report)
+    return Outcome(
+        Verdict.FAIL if offered or not listed else Verdict.PASS,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S); S's stand-in answers the probe; then a new "
+        "JOIN(capacity 1) and TREE",
+        "the newcomer neither placed under S nor given S as a backup; TREE still lists S",
+        f"newcomer {names.assigned(newcomer.assigned)}; "
+        f"TREE {'lists' if listed else 'does not list'} S",
+    )
+
+
+@case("7.3-second-reporter-removes", "7.3", Level.MUST,
+      "a second distinct reporter removes the suspect; its children are re-homed")  # fmt: skip
+async def _second_reporter(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    async with silent(_host(target)) as gone:
+        tree = await _suspected(target, key, gone.address)
+        await _report_dead(target, tree, tree.children[0])
+        second = await _report_dead(target, tree, tree.children[1])
+        report = await _tree(target, tree.stream)
+    names = tree.names()
+    parents = _parents(report)
+    listed = tree.suspect.id in parents
+    rehomed = _rehomed(report, tree.suspect.id, tree.children)
+    ok = not listed and rehomed and second.parent.node != tree.suspect.id
+    placed = ", ".join(f"{names(c.id)} under {names(parents.get(c.id))}" for c in tree.children)
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S), C2 REJOIN(dead = S); TREE (S's address answers "
+        "nothing)",
+        "C2 placed elsewhere; TREE no longer lists S, and lists C1-C3 each under a listed node",
+        f"C2 {names.assigned(second)}; TREE {'lists' if listed else 'does not list'} S; " + placed,
+    )
+
+
+@case("7.3-unreachable-suspect-removed", "7.3", Level.MUST,
+      "a suspect whose address answers nothing is removed once the probe fails")  # fmt: skip
+async def _unreachable_removed(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    wait = _probe_wait(target)
+    async with silent(_host(target)) as gone:
+        tree = await _suspected(target, key, gone.address)
+        await _report_dead(target, tree, tree.children[0])
+        report = await _until_unlisted(target, tree.stream, tree.suspect.id, wait)
+    listed = tree.suspect.id in _parents(report)
+    rehomed = _rehomed(report, tree.suspect.id, tree.children)
+    return Outcome(
+        Verdict.PASS if not listed and rehomed else Verdict.FAIL,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S); TREE until S is gone (S's address answers nothing)",
+        f"TREE without S within {wait:g} s, C1-C3 each under a listed node",
+        f"TREE {'still lists' if listed else 'no longer lists'} S, C1-C3 "
+        + ("re-homed" if rehomed else "not all re-homed"),
+        f"{gone.packets} packets reached S's address",
+    )
+
+
+@case("7.3-probe-pinned", "7.3", Level.MUST,
+      "the probe is pinned to the suspect's node id: another key there is no answer")  # fmt: skip
+async def _probe_pinned(target: TrackerTarget) -> Outcome:
+    wait = _probe_wait(target)
+    async with answering(Ed25519PrivateKey.generate(), _host(target)) as impostor:
+        tree = await _suspected(target, Ed25519PrivateKey.generate(), impostor.address)
+        await _report_dead(target, tree, tree.children[0])
+        report = await _until_unlisted(target, tree.stream, tree.suspect.id, wait)
+    listed = tree.suspect.id in _parents(report)
+    return Outcome(
+        Verdict.FAIL if listed else Verdict.PASS,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S); TREE until S is gone (a QUIC server with "
+        "another key answers at S's address)",
+        f"the probe fails (wrong key): TREE without S within {wait:g} s",
+        f"TREE {'still lists' if listed else 'no longer lists'} S",
+        f"{impostor.packets} packets reached S's address",
+    )
+
+
+# -- soft state (§7.2) ---------------------------------------------------------------------
+
+
+def _peer_ttl(target: TrackerTarget) -> float:
+    if target.peer_ttl is None:
+        raise Unmet("needs the tracker's peer_ttl (--peer-ttl S); the case waits that long")
+    return target.peer_ttl
+
+
+def _expiry_wait(target: TrackerTarget, ttl: float) -> float:
+    """How long past peer_ttl the suite waits for an expiry (the spec states no deadline;
+    the reference expires soft state every 5 s)."""
+    return ttl + 3 * target.timeout
+
+
+def _poll_interval(ttl: float) -> float:
+    return min(ttl / 4, 0.5)
+
+
+@case("7.2-peer-ttl-expiry", "7.2", Level.MUST,
+      "a node not heard from for peer_ttl is removed; one that refreshes is kept")  # fmt: skip
+async def _peer_ttl_expiry(target: TrackerTarget) -> Outcome:
+    ttl = _peer_ttl(target)
+    stream = await target.new_stream(capacity=2)
+    quiet = await target.join(stream, capacity=1)
+    kept = await target.join(stream, capacity=1)
+    joined = trio.current_time()
+    names = _Names(quiet=quiet.id, kept=kept.id)
+    sent = "two JOINs; then REGISTER, REFRESH from one node and TREE, again and again"
+    expected = f"the silent node listed at {ttl / 2:g} s and gone by " + (
+        f"{_expiry_wait(target, ttl):g} s, the refreshing one still listed"
+    )
+    while True:
+        elapsed = trio.current_time() - joined
+        await target.ask_for(register(stream, now_ms()), Ack, "REGISTER")
+        answer = await target.ask(refresh(stream.id, kept, _parent(kept)))
+        first = answer.first_message()
+        if first is not None and isinstance(first.message, Assigned):
+            kept.assigned = first.message  # rebalanced: it is somewhere else now
+        listed = set(_parents(await _tree(target, stream)))
+        if quiet.id not in listed or elapsed > _expiry_wait(target, ttl):
+            break
+        await trio.sleep(_poll_interval(ttl))
+    got = f"at {elapsed:.1f} s TREE lists " + (", ".join(names(n) for n in listed) or "nobody")
+    early = quiet.id not in listed and elapsed < ttl / 2
+    ok = quiet.id not in listed and kept.id in listed and not early
+    return Outcome(Verdict.PASS if ok else Verdict.FAIL, sent, expected, got)
+
+
+async def _status_until(
+    target: TrackerTarget, stream: Stream, done: Callable[[Reply], bool], within: float
+) -> tuple[Reply, float]:
+    """STATUS again and again until `done(reply)` or `within` s; the last reply, and when
+    it came (seconds from now)."""
+    start = trio.current_time()
+    while True:
+        reply = await target.ask(packb([0x15, stream.id]))
+        elapsed = trio.current_time() - start
+        if done(reply) or elapsed > within:
+            return reply, elapsed
+        await trio.sleep(min(within / 20, 0.5))
+
+
+def _is_goodbye(code: ErrorCode) -> Callable[[Reply], bool]:
+    def check(reply: Reply) -> bool:
+        goodbye = reply.goodbye
+        return goodbye is not None and goodbye.code == code
+
+    return check
+
+
+def _is_refusal(reply: Reply) -> bool:
+    return reply.goodbye is not None
+
+
+@case("7.2-stream-expiry", "7.2", Level.MUST,
+      "a stream whose origin sends no REGISTER for peer_ttl ends: STREAM_ENDED")  # fmt: skip
+async def _stream_expiry(target: TrackerTarget) -> Outcome:
+    ttl = _peer_ttl(target)
+    stream = await target.new_stream()
+    wait = _expiry_wait(target, ttl)
+    reply, elapsed = await _status_until(target, stream, _is_refusal, wait)
+    ok = _is_goodbye(ErrorCode.STREAM_ENDED)(reply) and elapsed >= ttl / 2
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER once, then STATUS again and again",
+        f"STATUS_REPORT at first, GOODBYE(STREAM_ENDED) once peer_ttl ({ttl:g} s) has "
+        f"passed, by {wait:g} s",
+        f"at {elapsed:.1f} s: {reply.describe()}",
+    )
+
+
+@case("7.2-ended-stream-forgotten", "7.2", Level.MUST,
+      "STREAM_ENDED for peer_ttl after a stream ended, then UNKNOWN_STREAM")  # fmt: skip
+async def _ended_stream_forgotten(target: TrackerTarget) -> Outcome:
+    ttl = _peer_ttl(target)
+    stream = await target.new_stream()
+    await target.ask_for(leave(stream.id, stream.id, stream.key), Moved, "origin LEAVE")
+    wait = _expiry_wait(target, ttl)
+    ended, _ = await _status_until(target, stream, lambda reply: True, 0)
+    reply, elapsed = await _status_until(
+        target, stream, lambda r: not _is_goodbye(ErrorCode.STREAM_ENDED)(r), wait
+    )
+    ok = (
+        _is_goodbye(ErrorCode.STREAM_ENDED)(ended)
+        and _is_goodbye(ErrorCode.UNKNOWN_STREAM)(reply)
+        and elapsed >= ttl / 2
+    )
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        "REGISTER, the origin's LEAVE, then STATUS again and again",
+        f"GOODBYE(STREAM_ENDED), then GOODBYE(UNKNOWN_STREAM) once peer_ttl ({ttl:g} s) "
+        f"has passed, by {wait:g} s",
+        f"{ended.describe()}; at {elapsed:.1f} s: {reply.describe()}",
+    )
+
+
+@case("7.2-ended-stream-requests", "7.2", Level.MUST,
+      "after the origin's LEAVE every request about the stream is STREAM_ENDED")  # fmt: skip
+async def _ended_stream_requests(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    node = await target.join(stream)
+    await target.ask_for(leave(stream.id, stream.id, stream.key), Moved, "origin LEAVE")
+    stranger = _new_node()
+    token = target.token(stream.id, node.id)
+    requests = {
+        "STATUS": packb([0x15, stream.id]),
+        "TREE": packb([0x16, stream.id, MAX_TREE_NODES]),
+        "JOIN": join(stream.id, stranger, now_ms(), target.token(stream.id, stranger.id)),
+        "REJOIN": rejoin(stream.id, node, stream.id, None, token),
+        "REFRESH": refresh(stream.id, node, stream.id),
+        "LEAVE": leave(stream.id, node.id, node.key),
+    }
+    got = {name: await target.ask(data) for name, data in requests.items()}
+    wrong = [
+        f"{name}: {reply.describe()}"
+        for name, reply in got.items()
+        if not _is_goodbye(ErrorCode.STREAM_ENDED)(reply)
+    ]
+    return Outcome(
+        Verdict.FAIL if wrong else Verdict.PASS,
+        "REGISTER, JOIN, the origin's LEAVE; then " + ", ".join(requests),
+        "GOODBYE(STREAM_ENDED) for each",
+        "; ".join(wrong) or "GOODBYE(STREAM_ENDED) for each",
+    )
+
+
+# -- rebalancing (§7.3) --------------------------------------------------------------------
+
+
+@case("7.3-rebalance-leaf", "7.3", Level.MUST,
+      "REFRESH from a leaf 2+ levels above the deepest free slot: ASSIGNED there")  # fmt: skip
+async def _rebalance_leaf(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=2)
+    leaf = await target.join(stream, capacity=0)
+    first = await target.join(stream, capacity=1)
+    second = await target.join(stream, capacity=1)
+    names = _Names(origin=stream.id, leaf=leaf.id, R1=first.id, R2=second.id)
+    setup = "origin(2) ← leaf(0), R1(1) ← R2(1)"
+    if [_parent(leaf), _parent(first), _parent(second)] != [stream.id, stream.id, first.id]:
+        raise Mismatch(setup, "that tree (§7.3 placement)", names.placed([leaf, first, second]))
+    sent = f"{setup}; the leaf's REFRESH(parent = origin)"
+    reply = await target.ask(refresh(stream.id, leaf, stream.id))
+    first_message = reply.first_message()
+    answer = None if first_message is None else first_message.message
+    ok = isinstance(answer, Assigned) and answer.parent.node == second.id and answer.depth == 3
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ASSIGNED(parent R2, depth 3): the deepest free slot, two levels below the leaf's",
+        names.assigned(answer) + f" depth {answer.depth}"
+        if isinstance(answer, Assigned)
+        else reply.describe(),
+    )
+
+
+@case("7.3-rebalance-relay", "7.3", Level.MUST,
+      "REFRESH from a stable relay that could move 2+ levels up: ASSIGNED there")  # fmt: skip
+async def _rebalance_relay(target: TrackerTarget) -> Outcome:
+    if target.promote_after is None:
+        raise Unmet(
+            "needs the tracker's promote_after (--promote-after S): the case waits that "
+            "long (the reference's is 60 s and has no option)"
+        )
+    stream = await target.new_stream(capacity=1)
+    chain = [await target.join(stream, capacity=1) for _ in range(3)]
+    names = _Names(origin=stream.id, R1=chain[0].id, R2=chain[1].id, X=chain[2].id)
+    setup = "origin(1) ← R1(1) ← R2(1) ← X(1); REGISTER(capacity 2)"
+    if [_parent(n) for n in chain] != [stream.id, chain[0].id, chain[1].id]:
+        raise Mismatch(setup, "that chain (§7.3 placement)", names.placed(chain))
+    stream.capacity = 2
+    await target.ask_for(register(stream, now_ms()), Ack, "REGISTER(capacity 2)")
+    await trio.sleep(target.promote_after)
+    relay = chain[2]
+    sent = f"{setup}; {target.promote_after:g} s later X's REFRESH(parent = R2)"
+    reply = await target.ask(refresh(stream.id, relay, chain[1].id))
+    first = reply.first_message()
+    answer = None if first is None else first.message
+    ok = isinstance(answer, Assigned) and answer.parent.node == stream.id and answer.depth == 1
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ASSIGNED(parent origin, depth 1): the free slot two levels above X's",
+        names.assigned(answer) + f" depth {answer.depth}"
+        if isinstance(answer, Assigned)
+        else reply.describe(),
+    )
+
+
+# -- overload (§7.3) -----------------------------------------------------------------------
+
+_OVER_BURST = 50
+"""JOINs the suite sends beyond the tracker's burst: the bucket refills meanwhile."""
+
+
+@case("7.3-join-rate-limit", "7.3", Level.SHOULD,
+      "JOINs from one network beyond its burst: RETRY_AFTER(delay_ms > 0), honest delay",
+      alone=True)  # fmt: skip
+async def _join_rate_limit(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream(capacity=1024)
+    limit = target.join_burst + _OVER_BURST
+    sent = f"up to {limit} JOINs (fresh node keys) from the suite's address, 16 a connection"
+    expected = "RETRY_AFTER(delay_ms > 0, reason); a JOIN ASSIGNED once delay_ms has passed"
+    joins = 0
+    retry: RetryAfter | None = None
+    while retry is None and joins < limit:
+        async with target.link() as link:
+            for _ in range(min(16, limit - joins)):
+                node = _new_node(1)
+                token = target.token(stream.id, node.id)
+                await link.send(framed(join(stream.id, node, now_ms(), token)))
+                reply = await read_reply(link, target.timeout, 0)
+                joins += 1
+                first = reply.first_message()
+                if first is not None and isinstance(first.message, RetryAfter):
+                    retry = first.message
+                    break
+                if first is None or not isinstance(first.message, Assigned):
+                    raise Mismatch(sent, expected, f"JOIN {joins}: {reply.describe()}")
+    if retry is None:
+        return Outcome(Verdict.FAIL, sent, expected, f"all {joins} JOINs ASSIGNED")
+    got = f"JOIN {joins}: {describe(retry)}"
+    if retry.delay_ms == 0:
+        return Outcome(Verdict.FAIL, sent, expected, got)
+    if retry.delay_ms / 1000 > _probe_wait(target):
+        raise Unmet(f"{got}: the suite does not wait that long to try again")
+    await trio.sleep(retry.delay_ms / 1000)
+    node = _new_node(1)
+    reply = await target.ask(join(stream.id, node, now_ms(), target.token(stream.id, node.id)))
+    first = reply.first_message()
+    ok = first is not None and isinstance(first.message, Assigned)
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent + "; after delay_ms, one more",
+        expected,
+        f"{got}; after {retry.delay_ms} ms: {reply.describe()}",
     )

@@ -19,6 +19,7 @@ import trio
 from meshd.addresses import format_address
 from meshd.quic import PeerKeyMismatch, QuicConn, QuicEndpoint, QuicStream
 from protocol import (
+    ChildGone,
     ErrorCode,
     ExchangeState,
     Join,
@@ -103,7 +104,7 @@ def now_ms() -> int:
 async def ask_tracker(
     endpoint: QuicEndpoint,
     tracker: tuple[str, int],
-    request: Register | Join | Rejoin | Leave | Refresh | StatusRequest | TreeRequest,
+    request: Register | Join | Rejoin | Leave | Refresh | StatusRequest | TreeRequest | ChildGone,
     *,
     rng: random.Random | None = None,
     give_up_after: float | None = 60.0,

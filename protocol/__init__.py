@@ -13,6 +13,7 @@ from protocol.media import ChunkRing, ChunkSigner, ReorderBuffer, StreamVerifier
 from protocol.messages import (
     Ack,
     Assigned,
+    ChildGone,
     Chunk,
     Goodbye,
     Heartbeat,
@@ -46,6 +47,7 @@ from protocol.tracker import ExchangeState, TrackerChannel, TrackerExchange
 __all__ = [
     "Ack",
     "Assigned",
+    "ChildGone",
     "ChildLink",
     "Chunk",
     "ChunkRing",

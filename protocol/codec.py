@@ -22,6 +22,7 @@ from protocol.identity import KEY_SIZE, SIGNATURE_SIZE
 from protocol.messages import (
     Ack,
     Assigned,
+    ChildGone,
     Chunk,
     Goodbye,
     Heartbeat,
@@ -205,6 +206,7 @@ SCHEMA: dict[type[Any], tuple[Check, ...]] = {
     Refresh: (KEY, KEY, optional(KEY), CAPACITY, ADDRESS, uint(), SIG),
     StatusRequest: (KEY,),
     TreeRequest: (KEY, uint(limits.MAX_TREE_NODES)),
+    ChildGone: (KEY, KEY, KEY, uint(), SIG),
     Assigned: (_peer, PEERS, uint(0xFFFF), uint(0xFFFFFFFF)),
     Moved: (array(_move, limits.MAX_MOVES),),
     Ack: (uint(0xFFFFFFFF),),

@@ -198,6 +198,19 @@ class TreeRequest:
     max_nodes: int
 
 
+@dataclass(frozen=True, slots=True)
+class ChildGone:
+    """Parent -> tracker: I let `child` go for silence (CHILD_TIMEOUT): its slot is free.
+    `node` is the parent (the stream id for the origin), who signs it."""
+
+    TYPE: ClassVar[int] = 0x17
+    stream: bytes
+    node: bytes
+    child: bytes
+    time_ms: int
+    sig: bytes = b""
+
+
 # -- tracker -> node responses ---------------------------------------------------------
 
 
@@ -231,7 +244,7 @@ class Moved:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Answer to REGISTER/REFRESH: accepted; refresh again within `refresh_s`."""
+    """Answer to REGISTER/REFRESH/CHILD_GONE: accepted; refresh again within `refresh_s`."""
 
     TYPE: ClassVar[int] = 0x1A
     refresh_s: int
@@ -321,6 +334,7 @@ Message = (
     | Refresh
     | StatusRequest
     | TreeRequest
+    | ChildGone
     | Assigned
     | Moved
     | Ack
@@ -329,6 +343,8 @@ Message = (
     | TreeReport
     | Token
 )
-SignedMessage = StreamInfo | Chunk | Register | Join | Rejoin | Leave | Refresh | Token
-TrackerRequest = Register | Join | Rejoin | Leave | Refresh | StatusRequest | TreeRequest
+SignedMessage = StreamInfo | Chunk | Register | Join | Rejoin | Leave | Refresh | ChildGone | Token
+TrackerRequest = (
+    Register | Join | Rejoin | Leave | Refresh | StatusRequest | TreeRequest | ChildGone
+)
 TrackerResponse = Assigned | Moved | Ack | RetryAfter | StatusReport | TreeReport | Goodbye

@@ -17,6 +17,7 @@ from protocol.framing import LENGTH_SIZE, MessageReader, frame
 from protocol.messages import (
     Ack,
     Assigned,
+    ChildGone,
     Goodbye,
     Join,
     Leave,
@@ -41,6 +42,7 @@ EXPECTED_RESPONSE: dict[type[TrackerRequest], tuple[type[TrackerResponse], ...]]
     Leave: (Moved,),
     StatusRequest: (StatusReport,),
     TreeRequest: (TreeReport,),
+    ChildGone: (Ack,),
 }
 RETRYABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.INTERNAL_ERROR})
 

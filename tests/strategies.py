@@ -69,6 +69,7 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
         st.builds(messages.Refresh, keys, keys, st.none() | keys, capacities, addresses, u64, sigs)
     ),
     messages.StatusRequest: st.builds(messages.StatusRequest, keys),
+    messages.ChildGone: st.builds(messages.ChildGone, keys, keys, keys, u64, sigs),
     messages.Assigned: st.builds(
         messages.Assigned, peers, backups, st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF)
     ),

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from protocol import (
     Ack,
     Assigned,
+    ChildGone,
     Chunk,
     ErrorCode,
     Goodbye,
@@ -97,6 +98,7 @@ SPEC_NAMES: dict[type[Any], str] = {
     Refresh: "REFRESH",
     StatusRequest: "STATUS",
     TreeRequest: "TREE",
+    ChildGone: "CHILD_GONE",
     Assigned: "ASSIGNED",
     Moved: "MOVED",
     Ack: "ACK",
@@ -106,7 +108,7 @@ SPEC_NAMES: dict[type[Any], str] = {
     Token: "TOKEN",
 }
 SIGNED_BY_STREAM_KEY_IN_STREAM_CONTEXT = (Chunk, StreamInfo)  # §4.3: context = stream id
-SIGNED = (StreamInfo, Chunk, Register, Join, Rejoin, Leave, Refresh, Token)
+SIGNED = (StreamInfo, Chunk, Register, Join, Rejoin, Leave, Refresh, ChildGone, Token)
 
 # The OpusHead and audio packets of tests/data/tone.opus (a mono test tone, pre-skip 312):
 # packets 3, 4 and 5, and the last one (packet 300), whose granule position 288,312 is
@@ -152,6 +154,8 @@ def signer_of(msg: Message) -> str | None:
         return "S"
     if isinstance(msg, Join | Rejoin | Leave | Refresh):
         return "N"
+    if isinstance(msg, ChildGone):
+        return "P"  # the parent reports its child N
     if isinstance(msg, Token):
         return "H"
     return None
@@ -195,6 +199,7 @@ EXPECTED: dict[str, Message] = {
     "refresh": signed(Refresh(S, N, P, 4, NODE_ADDRESS, TIME_MS)),
     "status": StatusRequest(S),
     "tree": TreeRequest(S, 16),
+    "child-gone": signed(ChildGone(S, P, N, TIME_MS)),
     "assigned": Assigned(Peer(P, RELAY_ADDRESS), (Peer(B, BACKUP_ADDRESS),), 2, 180),
     "moved": Moved((Move(N, Peer(B, BACKUP_ADDRESS), (Peer(S, ORIGIN_ADDRESS),)),)),
     "ack": Ack(180),

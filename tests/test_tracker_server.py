@@ -19,6 +19,7 @@ from meshd.tracker_client import TrackerRefused, ask_tracker
 from protocol import (
     Ack,
     Assigned,
+    ChildGone,
     ErrorCode,
     Goodbye,
     Join,
@@ -306,6 +307,55 @@ async def test_an_unusable_address_is_probed_as_dead_without_harm() -> None:
             while dead in tree:  # noqa: ASYNC110 - no event to wait on
                 await trio.sleep(0.1)
         assert (await r.join(Ed25519PrivateKey.generate())).depth >= 1  # still serving
+
+
+async def test_a_parent_frees_the_slot_of_a_child_it_let_go() -> None:
+    async with room() as r:
+        await r.register(capacity=1)
+        relay = Ed25519PrivateKey.generate()
+        leaves = [Ed25519PrivateKey.generate() for _ in range(2)]
+        await r.join(relay, capacity=3)
+        for leaf in leaves:
+            assert (await r.join(leaf, capacity=0)).parent.node == key_id(relay)
+
+        def gone(sender: Ed25519PrivateKey, child: bytes, signer: Ed25519PrivateKey) -> object:
+            return sign_message(ChildGone(STREAM, key_id(sender), child, now_ms()), signer)
+
+        async def listed() -> set[bytes]:
+            report = await r.ask(TreeRequest(STREAM, 16))
+            assert isinstance(report, TreeReport)
+            return {node.node for node in report.nodes}
+
+        first, second = (key_id(leaf) for leaf in leaves)
+        # Not the parent (a leaf about its sibling): ACK, and nothing changes.
+        assert isinstance(await r.ask(gone(leaves[1], first, leaves[1])), Ack)
+        assert first in await listed()
+        with pytest.raises(TrackerRefused) as caught:
+            await r.ask(gone(relay, first, leaves[0]))
+        assert caught.value.code == ErrorCode.BAD_SIGNATURE
+        assert isinstance(await r.ask(gone(relay, first, relay)), Ack)
+        assert first not in await listed() and second in await listed()
+        status = await r.ask(StatusRequest(STREAM))
+        assert isinstance(status, StatusReport) and status.total_failures == 1
+
+
+def test_the_origin_may_say_a_child_is_gone_and_old_requests_are_refused() -> None:
+    tracker = Tracker()
+    register = sign_message(Register(STREAM, "127.0.0.1:9", 2, now_ms()), STREAM_KEY)
+    tracker.handle(register, 0.0, now_ms())
+    leaf = Ed25519PrivateKey.generate()
+    join = sign_message(Join(STREAM, key_id(leaf), 0, "", None, now_ms()), leaf)
+    assert isinstance(tracker.handle(join, 1.0, now_ms()), Assigned)
+    stale = sign_message(ChildGone(STREAM, STREAM, key_id(leaf), now_ms() - 3_600_000), STREAM_KEY)
+    refused = tracker.handle(stale, 2.0, now_ms())
+    assert isinstance(refused, Goodbye) and refused.code == ErrorCode.STALE_REQUEST
+    other = Ed25519PrivateKey.generate()
+    elsewhere = sign_message(ChildGone(key_id(other), STREAM, key_id(leaf), now_ms()), STREAM_KEY)
+    unknown = tracker.handle(elsewhere, 2.0, now_ms())
+    assert isinstance(unknown, Goodbye) and unknown.code == ErrorCode.UNKNOWN_STREAM
+    gone = sign_message(ChildGone(STREAM, STREAM, key_id(leaf), now_ms()), STREAM_KEY)
+    assert isinstance(tracker.handle(gone, 3.0, now_ms()), Ack)
+    assert key_id(leaf) not in tracker.streams[STREAM].tree
 
 
 def test_a_stream_whose_origin_stops_registering_ends() -> None:

@@ -481,6 +481,53 @@ def test_an_unproven_relay_gets_no_new_children_until_a_child_vouches_or_time_pa
     check_invariants(tree)
 
 
+def test_a_parent_frees_the_slot_of_a_childless_child_it_let_go_at_once() -> None:
+    """A dead leaf has no child to report it: its parent's CHILD_GONE is all there is."""
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 2), 2: (1, 0), 3: (1, 0)})
+    assert tree.snapshot().free_slots == 0
+    assert tree.child_gone(pid(1), pid(2), 5.0) == [pid(2)]
+    assert pid(2) not in tree and has_room(tree, pid(1))
+    assert tree.join(pid(4), 1, addr(4), 6.0).parent.peer_id == pid(1)
+    check_invariants(tree)
+
+
+def test_a_parent_only_gets_a_child_with_children_probed() -> None:
+    """One parent's word does not evict a relay, nor mark it unproven: it is a suspect
+    (offered to nobody) until the probe says; a failed probe evicts it."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 4: (3, 0)})
+    assert tree.child_gone(pid(1), pid(3), 1.0) == []
+    assert pid(3) in tree and tree.suspects(1.0) == [pid(3)]
+    assert tree.join(pid(5), 2, addr(5), 1.5).parent.peer_id != pid(3)
+    assert tree.probe_result(pid(3), True, 2.0) == []
+    assert not tree.is_unproven(pid(3)) and tree.suspects(2.0) == []
+    # A lying parent and one lying child of 3 are still no quorum.
+    tree.child_gone(pid(1), pid(3), 10.0)
+    tree.report_failure(pid(4), pid(3), 10.5)
+    assert pid(3) in tree and tree.parent_of(pid(4)) != pid(3)
+    assert tree.probe_result(pid(3), False, 11.0) == [pid(3)]
+    assert pid(3) not in tree
+    check_invariants(tree)
+
+
+def test_child_gone_from_anyone_but_the_parent_in_the_view_changes_nothing() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 0), 4: (2, 0)})
+    tree.report_failure(pid(3), pid(1), 1.0)  # 3 moved to 2 (1 is a suspect)
+    assert tree.parent_of(pid(3)) == pid(2)
+    assert tree.child_gone(pid(1), pid(3), 2.0) == []  # 1 let it go late: it moved
+    assert tree.child_gone(pid(2), pid(1), 2.0) == []  # 1 is not 2's child
+    assert tree.child_gone(pid(9), pid(4), 2.0) == []  # an unknown reporter
+    assert tree.child_gone(pid(2), pid(9), 2.0) == []  # an unknown child
+    assert tree.child_gone(pid(1), ORIGIN, 2.0) == []
+    assert all(p in tree for p in map(pid, range(1, 5)))
+    assert tree.parent_of(pid(4)) == pid(2) and tree.parent_of(pid(3)) == pid(2)
+    # Each request was the sender's own: 1 spoke for itself, so it is no suspect now.
+    assert pid(1) not in tree.suspects(2.0)
+    check_invariants(tree)
+
+
 def test_leave_moves_children_outside_their_subtrees_first() -> None:
     tree = make_tree(origin_capacity=2)
     join_all(tree, range(1, 3), capacity=2)
@@ -813,6 +860,58 @@ class TreeMachine(RuleBasedStateMachine):
             check_rebalanced(self.tree, peer, depth_there, answer)
         else:  # refused (our view stands), or a guess gave way and it was moved on
             assert after == before or (guessed_in_the_way and self.tree.is_orphaned(peer))
+
+    def parent_speaks(self, parent: bytes) -> None:
+        """A request from `parent` itself: the model drops its suspicion, as the tree does."""
+        self.reports.pop(parent, None)
+        self.lied_about.discard(parent)
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def child_gone(self, data: st.DataObject) -> None:
+        """A live parent lets a crashed child go (CHILD_GONE): a childless one is gone at
+        once; one with children is only a suspect (its children or a probe confirm it)."""
+        pairs = [
+            (parent, child)
+            for child in sorted(self.crashed)
+            if child in self.tree
+            and (parent := self.tree.parent_of(child)) is not None
+            and parent not in self.crashed
+        ]
+        if not pairs:
+            return
+        parent, child = data.draw(st.sampled_from(pairs))
+        had_children = bool(self.tree.children_of(child))
+        removed = self.tree.child_gone(parent, child, self.now)
+        self.parent_speaks(parent)
+        event("child gone: suspected" if had_children else "child gone: removed")
+        if had_children:
+            assert removed == [] and child in self.tree.suspects(self.now)
+        else:
+            assert removed == [child] and child not in self.tree
+
+    @precondition(lambda self: self.uniform_k is None)
+    @rule(data=st.data())
+    def lying_child_gone(self, data: st.DataObject) -> None:
+        """A live node says a live peer it feeds, or does not feed, is gone."""
+        reporter = data.draw(st.sampled_from([ORIGIN, *self.live()]))
+        child = self.draw_live(data)
+        if child is None:
+            return
+        ours = self.tree.parent_of(child) == reporter
+        had_children = bool(self.tree.children_of(child))
+        view = {p: self.tree.parent_of(p) for p in self.tree}
+        self.tree.child_gone(reporter, child, self.now)
+        self.parent_speaks(reporter)
+        if ours and not had_children:
+            event("lying child gone: a leaf dropped from the view")
+            assert child not in self.tree  # it comes back when it next asks
+            return
+        assert child in self.tree, "one lying parent evicted a healthy relay"
+        assert {p: self.tree.parent_of(p) for p in self.tree} == view
+        if ours:
+            event("lying child gone: a relay probed")
+            assert child in self.tree.suspects(self.now)
 
     @rule(seconds=st.sampled_from([1.0, 30.0, 200.0, 700.0]))
     def tick(self, seconds: float) -> None:

@@ -24,6 +24,7 @@ from meshd.tracker.tree import (
 from protocol import (
     Ack,
     Assigned,
+    ChildGone,
     ErrorCode,
     Goodbye,
     Join,
@@ -153,6 +154,8 @@ class Tracker:
                 return self._rejoin(request, now)
             if isinstance(request, Leave):
                 return self._leave(request, now)
+            if isinstance(request, ChildGone):
+                return self._child_gone(request, now)
             return self._refresh(request, now)
         except ProtocolError as exc:
             return Goodbye(exc.code, str(exc))
@@ -386,6 +389,19 @@ class Tracker:
         state.seen(request.node, now)
         if placement is not None:
             return self._assigned(placement)
+        return Ack(self.config.refresh_s)
+
+    def _child_gone(self, request: ChildGone, now: float) -> Ack:
+        """ACK, whatever the tree made of it: the parent has nothing to do either way."""
+        state = self._stream(request.stream)
+        if state.tree.child_gone(request.node, request.child, now):
+            state.total_failures += 1
+            logger.info(
+                "failure stream=%s node=%s (its parent %s let it go)",
+                short_id(request.stream),
+                short_id(request.child),
+                short_id(request.node),
+            )
         return Ack(self.config.refresh_s)
 
     # -- helpers ------------------------------------------------------------------------

@@ -437,6 +437,27 @@ class StreamTree:
             self._set_orphaned(child, True)  # until it moved there and says so
         return {child.ref.peer_id: self._assignment(child) for child in placed}
 
+    def child_gone(self, parent_id: bytes, child_id: bytes, now: float) -> list[bytes]:
+        """CHILD_GONE: `parent_id` let `child_id` go for silence; returns the peers removed.
+
+        The parent's word counts only for its own slot, and only as far as what a lying
+        parent could do anyway by dropping the child: a childless child is removed (if
+        alive, it comes back by its next request); one with children is only doubted, so
+        it is probed but the parent is no witness towards evicting it. A child that is not
+        the parent's in our view (it moved already) is left alone.
+        """
+        parent = self._peers.get(parent_id)
+        if parent is None:
+            return []
+        self._update(parent, now, None, None)  # a request of its own: it is alive
+        child = self._peers.get(child_id)
+        if child is None or child.parent is not parent:
+            return []
+        if child.children:
+            self._doubt(child, now)
+            return []
+        return self._evict(child)
+
     def refresh(
         self,
         peer_id: bytes,

@@ -7,7 +7,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshd.node.children import Children, CloseChild
 from meshd.node.config import NodeConfig
 from meshd.node.stats import NodeStats
-from protocol import ChildLink, ChunkRing, ChunkSigner, ErrorCode
+from protocol import ChildLink, ChunkRing, ChunkSigner, ErrorCode, Goodbye, frame
 
 PARENT = b"\x05" * 32
 
@@ -27,6 +27,8 @@ class Parent:
             NodeStats("relay", "", ""),
         )
         self.children.last_heard = self.heard.get
+        self.gone: list[bytes] = []
+        self.children.on_gone = self.gone.append
         self.children.set_info(signer.stream_info(b"OpusHead-test"), 0.0)
         self.children.set_path((self.stream, PARENT), 0.0)
 
@@ -48,6 +50,7 @@ def test_a_newcomer_gets_the_slot_of_a_child_silent_for_half_the_child_timeout()
     parent.children.handle_timer(0.5)  # half the 1 s child timeout
     assert parent.children.take_closes() == [CloseChild(1, ErrorCode.CHILD_TIMEOUT)]
     assert parent.children.streaming_nodes() == {b"\x02" * 32}
+    assert parent.gone == [b"\x01" * 32]  # for the tracker to hear of
 
 
 def test_a_child_heard_from_keeps_its_slot_and_the_newcomer_is_refused() -> None:
@@ -75,5 +78,19 @@ def test_a_connection_that_never_subscribes_is_closed_and_only_a_few_may_wait() 
     parent.children.handle_timer(NodeConfig().subscribe_timeout)
     closed = parent.children.take_closes()
     assert closed == [CloseChild(c, ErrorCode.CHILD_TIMEOUT) for c in range(limit)]
+    assert parent.gone == []  # nobody the tracker placed: they never said who they are
     parent.subscribe(99, now=2.5)  # an honest child still gets in
     assert parent.children.streaming_nodes() == {bytes([99]) * 32}
+
+
+def test_a_child_let_go_for_silence_is_reported_one_that_said_goodbye_is_not() -> None:
+    parent = Parent()
+    parent.subscribe(1, now=0.0)
+    parent.children.handle_timer(1.0)  # the child timeout
+    assert parent.children.take_closes() == [CloseChild(1, ErrorCode.CHILD_TIMEOUT)]
+    assert parent.gone == [b"\x01" * 32]
+    parent.children.closed(1)
+    parent.subscribe(2, now=2.0)
+    parent.children.receive_data(2, frame(Goodbye(ErrorCode.NO_ERROR, "moved")), 2.5)
+    assert parent.children.take_closes() == [CloseChild(2, ErrorCode.NO_ERROR)]
+    assert parent.gone == [b"\x01" * 32]

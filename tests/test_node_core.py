@@ -16,7 +16,16 @@ from meshd.node.config import NodeConfig
 from meshd.node.core import EXIT_MISSED_AUDIO
 from meshd.sim.hosts import NodeHost, wall_ms
 from meshd.sim.world import RoomSpec, World
-from protocol import ChunkSigner, Leave, VerifiedChunk, sign_message
+from protocol import (
+    ChildGone,
+    ChunkSigner,
+    ErrorCode,
+    Goodbye,
+    Leave,
+    VerifiedChunk,
+    sign_message,
+)
+from protocol.messages import TrackerRequest, TrackerResponse
 
 STALL_BUDGET = 1.1  # seconds: the issue's p99 budget is 1 s, on real processes
 
@@ -205,3 +214,43 @@ def test_a_node_told_the_stream_ended_stops_at_once() -> None:
     assert loner.finished is not None
     assert loner.finished.status == EXIT_MISSED_AUDIO
     assert "ended" in loner.finished.message
+
+
+def leaves_by_parent(world: World) -> dict[bytes, list[NodeHost]]:
+    leaves: dict[bytes, list[NodeHost]] = {}
+    for node in world.live():
+        parent = world.parent_of(node)
+        if node.core.capacity == 0 and parent is not None and parent != world.stream_id:
+            leaves.setdefault(parent, []).append(node)
+    return leaves
+
+
+def test_a_parent_frees_a_dead_leafs_slot_at_the_tracker_within_seconds() -> None:
+    """Nobody else could: a leaf has no child to report it (the melt scenario)."""
+    world = room(20, 4, relay_share=0.5, max_children=3)
+    tree = world.tracker.tracker.streams[world.stream_id].tree
+    leaf = next(iter(leaves_by_parent(world).values()))[0]
+    world.kill([leaf])
+    world.run(3)
+    assert leaf.node_id not in tree
+    assert world.tracker.load.totals["childgone"] == 1
+    assert not world.problems(), world.problems()
+
+
+def test_a_parent_stops_telling_a_tracker_that_does_not_know_child_gone() -> None:
+    world = room(20, 4, relay_share=0.5, max_children=3)
+    tracker = world.tracker.tracker
+    answer = tracker.handle
+
+    def older(request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
+        if isinstance(request, ChildGone):
+            return Goodbye(ErrorCode.UNKNOWN_MESSAGE, "unknown message type 23")
+        return answer(request, now, wall_ms)
+
+    tracker.handle = older  # type: ignore[method-assign]
+    leaves = next(group for group in leaves_by_parent(world).values() if len(group) >= 2)
+    for leaf in leaves[:2]:
+        world.kill([leaf])
+        world.run(3)
+    assert world.tracker.load.totals["childgone"] == 1
+    assert all(leaf.node_id in tracker.streams[world.stream_id].tree for leaf in leaves[:2])

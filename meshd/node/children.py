@@ -64,6 +64,9 @@ class Children:
         self.leaving = False
         self.last_heard: Callable[[int], float | None] = lambda child: None
         """The driver's answer to "when did any packet last come from this child?"."""
+        self.on_gone: Callable[[bytes], None] = lambda node: None
+        """Called with the node id of each child let go for silence (CHILD_TIMEOUT): the
+        tracker counts its slot as taken until someone tells it otherwise."""
         self._links: dict[int, ParentLink] = {}
         self._streaming: set[int] = set()
         self._stalled_since: float | None = None
@@ -346,6 +349,8 @@ class Children:
             self._waiting.pop(child, None)
             self.stats.children = len(self._streaming)
             self._closes.append(CloseChild(child, link.goodbye_code or ErrorCode.NO_ERROR))
+            if link.goodbye_code == ErrorCode.CHILD_TIMEOUT and link.child is not None:
+                self.on_gone(link.child)
             if freed:
                 self._admit_waiting(now)
 

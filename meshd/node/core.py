@@ -35,7 +35,9 @@ from meshd.node.children import Children
 from meshd.node.config import NodeConfig
 from meshd.node.stats import NodeStats, PlayoutMeter
 from protocol import (
+    Ack,
     Assigned,
+    ChildGone,
     ChildLink,
     ChunkRing,
     ErrorCode,
@@ -111,7 +113,7 @@ class AskTracker:
     `tracker_answered(ticket, ...)`."""
 
     ticket: int
-    request: Join | Rejoin | Refresh | Leave
+    request: Join | Rejoin | Refresh | Leave | ChildGone
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,7 @@ class Purpose(Enum):
     FAILOVER = "failover"  # attach round to the backups after a parent failed
     FOLLOW = "follow"  # attach round to the tracker's choice, keeping the current parent
     REDIRECT = "redirect"  # attach round to where a leaving parent sends us
+    CHILD_GONE = "child-gone"  # we let a child go for silence: its slot is free
 
 
 class Phase(Enum):
@@ -228,6 +231,7 @@ class NodeCore:
         self.ring = ChunkRing(span)
         self.reorder = ReorderBuffer(span_samples=span)
         self.children = Children(stream_id, self.ring, capacity, config, self.stats)
+        self.children.on_gone = self._child_gone
         self.playout = PlayoutMeter(OPUS_RATE)
         self.on_arrival: Callable[[int], None] | None = None
         """Called with each chunk's sequence number as it first arrives (for traces)."""
@@ -270,6 +274,8 @@ class NodeCore:
         self._drain_until: float | None = None
         self._leave_deadline: float | None = None
         self._output_started = False
+        self._tell_child_gone = True
+        """False once the tracker answered CHILD_GONE with UNKNOWN_MESSAGE (it is older)."""
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -298,6 +304,9 @@ class NodeCore:
             return
         if purpose is Purpose.LEAVE:
             self._left(answer, now)
+            return
+        if purpose is Purpose.CHILD_GONE:
+            self._child_gone_answered(answer)
             return
         if self.phase is not Phase.RUNNING:
             return
@@ -461,7 +470,7 @@ class NodeCore:
 
     # -- the tracker -------------------------------------------------------------------
 
-    def _ask(self, request: Join | Rejoin | Refresh | Leave, purpose: Purpose) -> None:
+    def _ask(self, request: Join | Rejoin | Refresh | Leave | ChildGone, purpose: Purpose) -> None:
         ticket = self._new_id()
         self._requests[ticket] = purpose
         self._actions.append(AskTracker(ticket, request))
@@ -589,6 +598,23 @@ class NodeCore:
             moves[b""] = (self.current.peer, self.backups)
         self.children.redirect_all(moves)
         self._drain(now, self.config.leave_grace)
+
+    def _child_gone(self, child: bytes) -> None:
+        """Tell the tracker we let `child` go for silence: a dead leaf has no child of its
+        own to report it, so its slot would look taken for the tracker's peer_ttl. Not
+        while leaving or draining: the tracker hears of our children from LEAVE, or lets
+        them expire after the stream's end."""
+        if self._tell_child_gone and self.phase is Phase.RUNNING:
+            self._ask(ChildGone(self.stream_id, self.node_id, child, 0), Purpose.CHILD_GONE)
+
+    def _child_gone_answered(self, answer: TrackerResponse | None) -> None:
+        """Advice only: a refusal or no answer changes nothing here (the slot is free
+        anyway, and the child's soft state runs out at the tracker in the end)."""
+        if isinstance(answer, Goodbye) and answer.code == ErrorCode.UNKNOWN_MESSAGE:
+            logger.info("the tracker does not know CHILD_GONE; not sending it any more")
+            self._tell_child_gone = False
+        elif not isinstance(answer, Ack):
+            logger.info("CHILD_GONE not taken: %s", _why(answer))
 
     def _join_request(self) -> Join:
         return Join(self.stream_id, self.node_id, self.capacity, self.address, self.token, 0)

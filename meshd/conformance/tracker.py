@@ -1438,3 +1438,64 @@ async def _join_rate_limit(target: TrackerTarget) -> Outcome:
         expected,
         f"{got}; after {retry.delay_ms} ms: {reply.describe()}",
     )
+
+
+# -- a parent's word about its child (§5.2 CHILD_GONE, §7.3) --------------------------------
+
+
+def child_gone(stream: bytes, node: bytes, child: bytes, key: Ed25519PrivateKey) -> bytes:
+    return signed([0x17, stream, node, child, now_ms()], key)
+
+
+async def _relay_with_leaf(target: TrackerTarget) -> tuple[Stream, Node, Node, _Names]:
+    """origin(1) ← N(2) ← L(0), placed by JOIN (a precondition: another tree skips)."""
+    stream = await target.new_stream(capacity=1)
+    relay = await target.join(stream, capacity=2)
+    leaf = await target.join(stream, capacity=0)
+    names = _Names(origin=stream.id, N=relay.id, L=leaf.id)
+    if [_parent(relay), _parent(leaf)] != [stream.id, relay.id]:
+        raise Unmet(f"JOINs did not build origin(1) ← N(2) ← L(0): {names.placed([relay, leaf])}")
+    return stream, relay, leaf, names
+
+
+@case("7.3-child-gone-frees-slot", "7.3", Level.MUST,
+      "CHILD_GONE from a leaf's parent: ACK, and TREE no longer lists the leaf")  # fmt: skip
+async def _child_gone_frees_slot(target: TrackerTarget) -> Outcome:
+    stream, relay, leaf, _ = await _relay_with_leaf(target)
+    sent = "origin(1) ← N(2) ← L(0); N's CHILD_GONE(child = L); TREE"
+    answer = await target.ask_for(child_gone(stream.id, relay.id, leaf.id, relay.key), Ack, sent)
+    listed = _parents(await _tree(target, stream))
+    ok = leaf.id not in listed and listed.get(relay.id) == stream.id
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ACK; TREE lists N but not L",
+        f"{describe(answer)}; TREE {'lists' if leaf.id in listed else 'does not list'} L",
+    )
+
+
+@case("7.3-child-gone-not-the-parent", "7.3", Level.MUST,
+      "CHILD_GONE from a node not the child's parent: ACK, and the child stays")  # fmt: skip
+async def _child_gone_not_the_parent(target: TrackerTarget) -> Outcome:
+    stream, relay, leaf, names = await _relay_with_leaf(target)
+    other = await target.join(stream, capacity=2)
+    sent = "origin(1) ← N(2) ← L(0), M(2) joins; M's CHILD_GONE(child = L); TREE"
+    answer = await target.ask_for(child_gone(stream.id, other.id, leaf.id, other.key), Ack, sent)
+    listed = _parents(await _tree(target, stream))
+    ok = listed.get(leaf.id) == relay.id
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ACK; TREE still lists L under N",
+        f"{describe(answer)}; TREE lists L under {names(listed[leaf.id])}"
+        if leaf.id in listed
+        else f"{describe(answer)}; TREE does not list L",
+    )
+
+
+@_error("4.3-child-gone-signature", "4.3", "CHILD_GONE signed by another key is BAD_SIGNATURE",
+        _BAD_SIG, refusal=True)  # fmt: skip
+def _child_gone_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
+    node, child = _new_node(), _new_node(0)
+    data = child_gone(stream.id, node.id, child.id, stream.key)
+    return data, "CHILD_GONE for a node, signed by another key"

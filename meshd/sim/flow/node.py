@@ -16,6 +16,8 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
 - REFRESH every refresh_s (0.8..1 x); an ASSIGNED answer is followed.
 - A graceful leave sends LEAVE, REDIRECTs its children where MOVED says (or to its own
   parent), keeps feeding them until they moved (at most 5 s), then goes.
+- A parent lets a dead child go after the child timeout and tells the tracker
+  (CHILD_GONE); the origin does not.
 - A parent admits at most `capacity` children, refuses its own ancestors and, while it
   has no path yet, or while a dead child still holds a slot, holds a SUBSCRIBE as
   `Children` does. Leaves (capacity 0) never get children.
@@ -47,6 +49,7 @@ from meshd.sim.flow.tracker import retransmissions
 from meshd.sim.hosts import wall_ms
 from protocol import (
     Assigned,
+    ChildGone,
     ErrorCode,
     Goodbye,
     Join,
@@ -226,7 +229,7 @@ class FlowNode:
                 room.at(notice, functools.partial(child.parent_silent, self, child.link_epoch))
         parent = self.up
         if parent is not None:
-            room.at(now + room.config.child_timeout, functools.partial(parent.drop_child, self))
+            room.at(now + room.config.child_timeout, functools.partial(parent.child_silent, self))
 
     def leave(self, now: float) -> None:
         """Graceful leave (Ctrl-C): LEAVE, redirect the children, then go."""
@@ -306,6 +309,15 @@ class FlowNode:
             self.children.remove(child)
         if self.phase is Phase.DRAINING and not self.children:
             self._finish(self.room.now)
+
+    def child_silent(self, child: FlowNode) -> None:
+        """A dead child is let go after the child timeout, and the tracker is told
+        (CHILD_GONE), as `NodeCore` does; the origin's core does not tell it."""
+        ours = child in self.children
+        self.drop_child(child)
+        if ours and self.alive and self.phase is Phase.RUNNING and not self.is_origin:
+            gone = ChildGone(self.room.stream_id, self.id, child.id, wall_ms(self.room.now))
+            self._ask(gone, Purpose.CHILD_GONE)
 
     def release(self) -> None:
         """An accepted child that no longer wanted us closed the link."""

@@ -94,3 +94,13 @@ def test_a_child_let_go_for_silence_is_reported_one_that_said_goodbye_is_not() -
     parent.children.receive_data(2, frame(Goodbye(ErrorCode.NO_ERROR, "moved")), 2.5)
     assert parent.children.take_closes() == [CloseChild(2, ErrorCode.NO_ERROR)]
     assert parent.gone == [b"\x01" * 32]
+
+
+def test_a_held_subscribe_that_times_out_is_not_reported() -> None:
+    """We sent it nothing to acknowledge while it waited: its silence says nothing."""
+    parent = Parent()
+    parent.children.path = None  # our own path is not known yet: SUBSCRIBEs are held
+    parent.subscribe(1, now=0.0)
+    parent.children.handle_timer(1.0)  # the child timeout, as the hold ends
+    assert parent.children.take_closes() == [CloseChild(1, ErrorCode.CHILD_TIMEOUT)]
+    assert parent.gone == []

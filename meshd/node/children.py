@@ -65,8 +65,8 @@ class Children:
         self.last_heard: Callable[[int], float | None] = lambda child: None
         """The driver's answer to "when did any packet last come from this child?"."""
         self.on_gone: Callable[[bytes], None] = lambda node: None
-        """Called with the node id of each child let go for silence (CHILD_TIMEOUT): the
-        tracker counts its slot as taken until someone tells it otherwise."""
+        """Called with the node id of each streaming child let go for silence
+        (CHILD_TIMEOUT): the tracker counts its slot as taken until told otherwise."""
         self._links: dict[int, ParentLink] = {}
         self._streaming: set[int] = set()
         self._stalled_since: float | None = None
@@ -349,7 +349,9 @@ class Children:
             self._waiting.pop(child, None)
             self.stats.children = len(self._streaming)
             self._closes.append(CloseChild(child, link.goodbye_code or ErrorCode.NO_ERROR))
-            if link.goodbye_code == ErrorCode.CHILD_TIMEOUT and link.child is not None:
+            if freed and link.goodbye_code == ErrorCode.CHILD_TIMEOUT and link.child:
+                # Only a child we fed: one whose SUBSCRIBE we held got nothing from us to
+                # acknowledge, so its silence says nothing about it.
                 self.on_gone(link.child)
             if freed:
                 self._admit_waiting(now)

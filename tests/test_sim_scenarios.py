@@ -171,7 +171,11 @@ def test_a_fast_launch_stays_within_the_depth_bound() -> None:
     assert f["depth_max_seen"] <= f["depth_bound"]
 
 
-@pytest.mark.xfail(strict=True, reason="vanished leaves hold their slots until their TTL")
+@pytest.mark.xfail(
+    strict=True,
+    reason="2 of 500 survivors lose audio: the tracker keeps re-offering a dead relay "
+    "nobody reported (it was re-homed as an orphan under a parent it never reached)",
+)
 def test_after_a_melt_every_survivor_is_back_and_lost_nothing() -> None:
     f = sim("melt", "flow", 1000, 120)
     assert f["survivors_losing"] == 0 and f["unrecovered"] == 0

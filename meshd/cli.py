@@ -247,7 +247,7 @@ def _burst(text: str) -> int:
     return int(text)
 
 
-def _count(text: str) -> int:
+def _limit(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
     return int(text)
@@ -400,7 +400,7 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--identities-per-network",
-        type=_count,
+        type=_limit,
         default=64,
         metavar="N",
         help="nodes one source network (IPv4 /24, IPv6 /48) may have in one stream at "
@@ -409,7 +409,7 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--capacity-per-network",
-        type=_count,
+        type=_limit,
         default=256,
         metavar="N",
         help="declared capacity (each node's within --max-capacity) one source network "

@@ -247,6 +247,12 @@ def _burst(text: str) -> int:
     return int(text)
 
 
+def _limit(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (0 or more)")
+    return int(text)
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -375,6 +381,42 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "applies, e.g. a household or an office starting together (default 100)",
     )
     command.add_argument(
+        "--max-capacity",
+        type=_count,
+        default=16,
+        metavar="N",
+        help="children the tracker gives one node at most, whatever it declares (up to "
+        "1,024 on the wire); the origin gets what it declares (default 16)",
+    )
+    command.add_argument(
+        "--initial-capacity",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="children a relay starts with: it may then hold twice as many as have "
+        "confirmed it delivers (up to what it declared), and falls back to this when a "
+        "child reports it, so fresh identities cannot take the top of the tree "
+        "(default 2; 0: trust declared capacity)",
+    )
+    command.add_argument(
+        "--identities-per-network",
+        type=_limit,
+        default=64,
+        metavar="N",
+        help="nodes one source network (IPv4 /24, IPv6 /48) may have in one stream at "
+        "once; more are told to retry later. Enough for a household or an office behind "
+        "one address (default 64; 0: no limit)",
+    )
+    command.add_argument(
+        "--capacity-per-network",
+        type=_limit,
+        default=256,
+        metavar="N",
+        help="declared capacity (each node's within --max-capacity) one source network "
+        "may hold in one stream; a node beyond it is placed as a leaf (default 256; 0: "
+        "no limit)",
+    )
+    command.add_argument(
         "--workers",
         type=_workers,
         default=os.cpu_count() or 1,
@@ -395,6 +437,10 @@ def run_tracker(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         joins_per_network_s=args.joins_per_network,
         join_burst_per_network=args.join_burst,
+        max_capacity=args.max_capacity,
+        initial_capacity=args.initial_capacity,
+        identities_per_network=args.identities_per_network,
+        capacity_per_network=args.capacity_per_network,
     )
     tracker = Tracker(config)
 

@@ -6,7 +6,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshd.tracker.limits import JoinLimiter, network_of
+from meshd.tracker.limits import JoinLimiter, NetworkCensus, network_of
 from meshd.tracker.service import TrackerConfig
 from protocol import Join, key_id, sign_message
 from tests.test_tracker_server import STREAM, now_ms, room
@@ -50,3 +50,37 @@ async def test_a_flood_of_identities_from_one_network_is_told_to_retry_later() -
         with pytest.raises(trio.TooSlowError):  # the client honours RETRY_AFTER (100 s here)
             await r.ask(request, give_up_after=1.0)
         assert r.tracker.streams[STREAM].tree.snapshot().audience == 3
+
+
+def test_a_network_counts_its_live_identities_only() -> None:
+    census = NetworkCensus()
+    census.add(b"a", "192.0.2.0/24")
+    census.add(b"b", "192.0.2.0/24")
+    census.add(b"a", "198.51.100.0/24")  # a node counts for the network it came from
+    census.add(b"c", "")  # no network known: not counted
+    assert census.members("192.0.2.0/24", {b"a", b"b"}) == {b"a", b"b"}
+    assert census.members("192.0.2.0/24", {b"b"}) == {b"b"}  # a left the tree
+    census.prune(set())
+    assert len(census) == 0
+
+
+async def test_high_capacity_identities_from_one_network_get_few_slots_and_no_more_places() -> None:
+    """The trial's attack over QUIC: identities from one address declare 1,024. Each
+    counts as the ceiling at most, the network's capacity is capped, each may hold only
+    the initial 2 children until children vouch, and past the identity limit the
+    network is told to retry later."""
+    config = TrackerConfig(refresh_s=60, identities_per_network=4, capacity_per_network=20)
+    async with room(config) as r:
+        await r.register(capacity=8)
+        keys = [Ed25519PrivateKey.generate() for _ in range(4)]
+        for key in keys:
+            await r.join(key, capacity=1024)
+        tree = r.tracker.streams[STREAM].tree
+        ids = [key_id(key) for key in keys]
+        assert [tree.declared_of(node) for node in ids] == [16, 4, 0, 0]
+        assert all(tree.capacity_of(node) <= 2 for node in ids)
+        key = Ed25519PrivateKey.generate()
+        request = sign_message(Join(STREAM, key_id(key), 1024, "127.0.0.1:10", None, now_ms()), key)
+        with pytest.raises(trio.TooSlowError):  # RETRY_AFTER 10 s: the client waits
+            await r.ask(request, give_up_after=1.0)
+        assert tree.snapshot().audience == 4

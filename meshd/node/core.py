@@ -78,6 +78,9 @@ UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 LEAVE_TIMEOUT = 3.0  # how long a leaving node waits for the tracker's MOVED
 STALL_SLACK = 0.5  # a parent stalled this much less than us still counts as stalled too
 FAILOVER_ASK_AFTER = 0.25  # a failover not done by then asks the tracker too
+VOUCH_DELAY = 6.0
+"""Seconds on a new parent before one REFRESH names it: the tracker counts that as the
+parent delivering (it needs 5 s, docs/spec.md §7.3), and relays earn capacity by it."""
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -271,6 +274,9 @@ class NodeCore:
         """The tracker did not know the stream when we first asked: once it starts, it is
         played from its first chunk."""
         self._refresh_at: float | None = None
+        self._vouch_at: float | None = None
+        self._vouch_link: int | None = None
+        """The link to name in that REFRESH: if the parent changed meanwhile, none is sent."""
         self._drain_until: float | None = None
         self._leave_deadline: float | None = None
         self._output_started = False
@@ -383,6 +389,7 @@ class NodeCore:
         deadlines = [
             self._place_at,
             self._refresh_at,
+            self._vouch_at,
             self._drain_until,
             self._leave_deadline,
             self._reconcile_at,
@@ -433,6 +440,12 @@ class NodeCore:
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = None
             self._ask(self._refresh_request(), Purpose.REFRESH)
+        if self._vouch_at is not None and now >= self._vouch_at:
+            self._vouch_at = None
+            current = self.current
+            on_it = current is not None and current.id == self._vouch_link
+            if on_it and not self._asking(Purpose.REFRESH):
+                self._ask(self._refresh_request(), Purpose.REFRESH)
         if self._leave_deadline is not None and now >= self._leave_deadline:
             self._leave_deadline = None
             logger.warning("the tracker did not answer LEAVE; sending children upstream")
@@ -769,6 +782,8 @@ class NodeCore:
             self.stats.parent_switches += 1
         self._set_path(up.path, now)
         self.reorder.retry_gaps_now(now)
+        self._vouch_at = now + VOUCH_DELAY
+        self._vouch_link = up.id
         logger.info("receiving from %s at %s", short_id(up.peer.node), up.peer.address)
 
     def _set_path(self, parent_path: tuple[bytes, ...], now: float) -> None:
@@ -1037,7 +1052,7 @@ class NodeCore:
             return
         self.phase = Phase.DRAINING
         self._cancel_round()
-        self._refresh_at = self._place_at = self._reconcile_at = None
+        self._refresh_at = self._place_at = self._reconcile_at = self._vouch_at = None
         self.refresh_stats(now)
         if self.children.connections == 0:
             self._done(now)

@@ -213,7 +213,7 @@ class World:
 
         Every live node streams from the origin along a loop-free path of live links
         ("cycle", "cut off"), knows that path ("path wrong"), the tracker sees that same
-        path ("tracker disagrees"), and
+        path unless it told a node on it to move ("tracker disagrees"), and
         the node has played every chunk from its first one up to those the origin sent
         more than `recent` seconds ago, in order ("lost", "stuck").
         """
@@ -229,7 +229,8 @@ class World:
             except PathBroken as exc:
                 report("cycle" if exc.cycle else "cut off", node, str(exc))
             else:
-                if self.tracker_chain(node) != path:
+                view = self.tracker_chain(node)
+                if view != path and not self._moving(view):
                     report(
                         "tracker disagrees", node, "the tracker's path differs from the real one"
                     )
@@ -240,6 +241,14 @@ class World:
                 last = played[-1] if played else None
                 report("stuck", node, f"stuck at seq {last}; the origin is past {due}")
         return found
+
+    def _moving(self, view: list[bytes] | None) -> bool:
+        """Whether the tracker told a node on this path to move and waits for it to say
+        it did (make before break, docs/spec.md §6.3): the view is ahead of the links."""
+        state = self.tracker.tracker.streams.get(self.stream_id)
+        if state is None or view is None:
+            return False
+        return any(state.tree.is_orphaned(peer) for peer in view)
 
     def _last_seq_sent_before(self, when: float) -> int | None:
         count = bisect.bisect_right(self.origin.sent_at, when)

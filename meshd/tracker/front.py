@@ -2,8 +2,9 @@
 
 A `TrackerFront` does the work every request costs: the QUIC handshake, decoding, and the
 checks that need no tree (clock skew, signature, token). Only sound requests reach its
-`decide`, which is `Tracker.decide` in this process or a call to the process that owns the
-trees (`meshd.tracker.workers`).
+`decide`, with the sender's source network (the per-network limits need it), which is
+`Tracker.decide` in this process or a call to the process that owns the trees
+(`meshd.tracker.workers`).
 
 A front sheds load before the handshake: with ``max_pending`` requests and handshakes in
 progress, a new connection's first packet is answered with a QUIC CONNECTION_CLOSE
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint, QuicStream
-from meshd.tracker.limits import JoinLimiter
+from meshd.tracker.limits import JoinLimiter, network_of
 from meshd.tracker.service import TrackerConfig, check_request
 from protocol import (
     ErrorCode,
@@ -50,7 +51,8 @@ REPLAYABLE = (Refresh, StatusRequest)
 """The requests a front takes from 0-RTT data: a replay costs at most a soft-state
 update the node's next REFRESH corrects (docs/spec.md §2)."""
 
-Decide = Callable[[TrackerRequest], Awaitable[TrackerResponse]]
+Decide = Callable[[TrackerRequest, str], Awaitable[TrackerResponse]]
+"""`Tracker.decide`, given a checked request and its sender's source network."""
 
 
 def endpoint_config() -> EndpointConfig:
@@ -145,7 +147,7 @@ class TrackerFront:
             wait_ms = max(self.config.retry_after_ms, math.ceil(wait * 1000))
             return RetryAfter(wait_ms, "too many JOINs from your network; retry later")
         refusal = check_request(request, self.config, int(time.time() * 1000))
-        return refusal or await self._decide(request)
+        return refusal or await self._decide(request, network_of(host))
 
 
 def _check_replayable(request: TrackerRequest, offset: int, stream: QuicStream) -> None:

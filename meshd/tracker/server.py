@@ -92,8 +92,8 @@ async def serve_tracker(
             trio.open_nursery() as nursery,
         ):
 
-            async def decide(request: TrackerRequest) -> TrackerResponse:
-                return tracker.decide(request, now())
+            async def decide(request: TrackerRequest, network: str) -> TrackerResponse:
+                return tracker.decide(request, now(), network)
 
             front = TrackerFront(tracker.config, endpoint, decide, lambda: tracker.shed(now()))
             nursery.start_soon(maintain, tracker, endpoint)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from meshd.tracker.limits import NetworkCensus
 from meshd.tracker.tree import (
     Assignment,
     PeerRef,
@@ -36,6 +37,7 @@ from protocol import (
     Refresh,
     Register,
     Rejoin,
+    RetryAfter,
     StatusReport,
     StatusRequest,
     TreeNode,
@@ -53,6 +55,8 @@ logger = logging.getLogger("meshd.tracker")
 
 NO_SUCH_STREAM = "no such stream: its origin has not registered here (not started yet?)"
 REGISTER_REFRESH_S = 5  # how often the origin re-registers (a restarted tracker learns fast)
+NETWORK_FULL_RETRY_MS = 10_000
+"""RETRY_AFTER for a new identity from a network at its limit: it waits for one to go."""
 RATE_WINDOW = 10.0  # seconds over which joins/s and rejoins/s are measured
 TREE_CODES = {
     TreeErrorCode.NO_CAPACITY: ErrorCode.NO_CAPACITY,
@@ -81,6 +85,16 @@ class TrackerConfig:
     limit)..."""
     join_burst_per_network: int = 100
     """...after a burst of this many; beyond, RETRY_AFTER (meshd.tracker.limits)."""
+    max_capacity: int = 16
+    """A node's declared capacity counts as at most this (the origin's: as declared)."""
+    initial_capacity: int = 2
+    """Children a new relay may hold; it earns more as its children vouch for it
+    (docs/spec.md §7.3). 0: capacity is taken as declared, nothing is earned."""
+    identities_per_network: int = 64
+    """Live identities one source network may have in one stream (0: no limit)..."""
+    capacity_per_network: int = 256
+    """...and declared capacity (within `max_capacity`) it may hold there; a node over
+    it counts as a leaf. Beyond the identities, RETRY_AFTER (meshd.tracker.limits)."""
 
 
 class RateMeter:
@@ -116,6 +130,8 @@ class StreamState:
     since: dict[bytes, float] = field(default_factory=dict)
     """When the tracker first placed each node (its uptime in TREE_REPORT); nodes that
     left the tree are pruned by `Tracker.expire`."""
+    census: NetworkCensus = field(default_factory=NetworkCensus)
+    """The live identities of each source network, and their declared capacity."""
 
     def seen(self, node: bytes, now: float) -> None:
         if node in self.tree:
@@ -135,12 +151,18 @@ class Tracker:
         self._shed_since_log = 0
         self._last_shed_log = -math.inf
 
-    def handle(self, request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
+    def handle(
+        self, request: TrackerRequest, now: float, wall_ms: int, network: str = ""
+    ) -> TrackerResponse:
         """Answer one request; refusals are GOODBYE with the spec's error code."""
-        return check_request(request, self.config, wall_ms) or self.decide(request, now)
+        return check_request(request, self.config, wall_ms) or self.decide(request, now, network)
 
-    def decide(self, request: TrackerRequest, now: float) -> TrackerResponse:
-        """Answer a request that passed `check_request` (here, or in a worker process)."""
+    def decide(self, request: TrackerRequest, now: float, network: str = "") -> TrackerResponse:
+        """Answer a request that passed `check_request` (here, or in a worker process).
+
+        `network` is the sender's source network (`meshd.tracker.limits.network_of`);
+        "" (not known: the tracker is embedded without one) is subject to no network limit.
+        """
         try:
             if isinstance(request, StatusRequest):
                 return self.status(request.stream, now)
@@ -148,15 +170,11 @@ class Tracker:
                 return self.tree_report(request.stream, now, request.max_nodes)
             if isinstance(request, Register):
                 return self._register(request, now)
-            if isinstance(request, Join):
-                return self._join(request, now)
-            if isinstance(request, Rejoin):
-                return self._rejoin(request, now)
             if isinstance(request, Leave):
                 return self._leave(request, now)
             if isinstance(request, ChildGone):
                 return self._child_gone(request, now)
-            return self._refresh(request, now)
+            return self._place(request, now, network)
         except ProtocolError as exc:
             return Goodbye(exc.code, str(exc))
         except TreeError as exc:
@@ -196,6 +214,8 @@ class Tracker:
                 )
             if len(state.since) > len(state.tree):  # some of them left the tree
                 state.since = {n: t for n, t in state.since.items() if n in state.tree}
+            if len(state.census) > len(state.tree):
+                state.census.prune(state.tree)
 
     def suspects(self, now: float) -> list[tuple[bytes, PeerRef]]:
         """(stream, peer) pairs reported dead but not confirmed: the server probes them."""
@@ -257,7 +277,7 @@ class Tracker:
                     node,
                     tree.parent_of(node),
                     tree.ref_of(node).address,
-                    tree.capacity_of(node),
+                    tree.declared_of(node),
                     len(tree.children_of(node)),
                     tree.depth_of(node),
                     int(now - state.since.get(node, now)),
@@ -277,6 +297,8 @@ class Tracker:
                 request.capacity,
                 backups=self.config.backups,
                 peer_ttl=self.config.peer_ttl,
+                max_capacity=self.config.max_capacity,
+                initial_capacity=self.config.initial_capacity or None,
             )
             self.streams[request.stream] = StreamState(tree, now)
             self.streams[request.stream].seen(request.stream, now)
@@ -295,11 +317,53 @@ class Tracker:
         # seats new listeners, within seconds (one small request per stream).
         return Ack(min(REGISTER_REFRESH_S, self.config.refresh_s))
 
-    def _join(self, request: Join, now: float) -> Assigned:
+    def _place(self, request: Join | Rejoin | Refresh, now: float, network: str) -> TrackerResponse:
+        """JOIN, REJOIN, REFRESH: the requests that may bring a node into the tree."""
         state = self._stream(request.stream)
+        if request.node not in state.tree:
+            if isinstance(request, Refresh) and self.config.host_keys:
+                # Someone we do not know comes in only as a JOIN does: with its admission
+                # token (REFRESH carries none), else anyone could claim a place in the tree.
+                raise ProtocolError("unknown node: JOIN with a token", ErrorCode.UNKNOWN_PEER)
+            if not self._room_for(state, network):
+                return RetryAfter(NETWORK_FULL_RETRY_MS, "too many identities from your network")
+        capacity = self._granted(state, request.node, request.capacity, network)
+        if isinstance(request, Join):
+            return self._join(state, request, capacity, network, now)
+        if isinstance(request, Rejoin):
+            return self._rejoin(state, request, capacity, network, now)
+        return self._refresh(state, request, capacity, network, now)
+
+    def _room_for(self, state: StreamState, network: str) -> bool:
+        """Whether `network` may bring one more identity into the stream."""
+        limit = self.config.identities_per_network
+        if not network or limit <= 0:
+            return True
+        return len(state.census.members(network, state.tree)) < limit
+
+    def _granted(self, state: StreamState, node: bytes, capacity: int, network: str) -> int:
+        """The capacity the tree counts for `node`: within what its source network (the
+        one it joined from) may still hold; over that, it is taken as a leaf."""
+        limit = self.config.capacity_per_network
+        if node in state.tree:
+            network = state.census.network_of(node)
+        if not network or limit <= 0:
+            return capacity
+        others = state.census.members(network, state.tree) - {node}
+        held = sum(state.tree.declared_of(other) for other in others)
+        return max(0, min(capacity, limit - held))
+
+    def _admitted(self, state: StreamState, node: bytes, network: str, now: float) -> None:
+        if node in state.tree:
+            state.seen(node, now)
+            state.census.add(node, network)
+
+    def _join(
+        self, state: StreamState, request: Join, capacity: int, network: str, now: float
+    ) -> Assigned:
         known = request.node in state.tree
-        assignment = state.tree.join(request.node, request.capacity, request.address, now)
-        state.seen(request.node, now)
+        assignment = state.tree.join(request.node, capacity, request.address, now, network)
+        self._admitted(state, request.node, network, now)
         if known:  # a retried JOIN (its answer was lost): the same place, not a new join
             return self._assigned(assignment)
         state.total_joins += 1
@@ -314,8 +378,9 @@ class Tracker:
         )
         return self._assigned(assignment)
 
-    def _rejoin(self, request: Rejoin, now: float) -> Assigned:
-        state = self._stream(request.stream)
+    def _rejoin(
+        self, state: StreamState, request: Rejoin, capacity: int, network: str, now: float
+    ) -> Assigned:
         before = len(state.tree)
         dead_was_known = request.dead in state.tree
         assignment = state.tree.report_failure(
@@ -323,10 +388,11 @@ class Tracker:
             request.dead,
             now,
             attached_to=request.attached,
-            capacity=request.capacity,
+            capacity=capacity,
             address=request.address,
+            network=network,
         )
-        state.seen(request.node, now)
+        self._admitted(state, request.node, network, now)
         state.total_rejoins += 1
         state.rejoins.tick(now)
         if dead_was_known and request.dead not in state.tree:
@@ -371,22 +437,20 @@ class Tracker:
             )
         )
 
-    def _refresh(self, request: Refresh, now: float) -> Ack | Assigned:
+    def _refresh(
+        self, state: StreamState, request: Refresh, capacity: int, network: str, now: float
+    ) -> Ack | Assigned:
         """ACK; or ASSIGNED when our view places the node elsewhere than it says it is
         and cannot follow it (it then moves there)."""
-        state = self._stream(request.stream)
-        if self.config.host_keys and request.node not in state.tree:
-            # Someone we do not know comes in only as a JOIN does: with its admission
-            # token (REFRESH carries none), else anyone could claim a place in the tree.
-            raise ProtocolError("unknown node: JOIN with a token", ErrorCode.UNKNOWN_PEER)
         placement = state.tree.refresh(
             request.node,
             now,
             parent=request.parent,
-            capacity=request.capacity,
+            capacity=capacity,
             address=request.address,
+            network=network,
         )
-        state.seen(request.node, now)
+        self._admitted(state, request.node, network, now)
         if placement is not None:
             return self._assigned(placement)
         return Ack(self.config.refresh_s)

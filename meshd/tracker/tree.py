@@ -26,6 +26,17 @@ until a child claims it as its actual parent. An evicted node's remaining childr
 their subtrees; the tracker re-homes each one at once so that every peer always reaches
 the origin in the tracker's view.
 
+Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
+`max_capacity` counts as `max_capacity`, and a node may hold at most
+max(`initial_capacity`, 2 * vouches) children, within what it declared. A *vouch* is a
+child naming the node as its actual parent after `vouch_after` seconds under it, in a
+confirmed placement, from another source network; each child vouches once per placement.
+A relay thus doubles its slots as fast as children confirm it delivers, and a fresh
+identity declaring 1,024 takes only a few slots. A first-hand failure report costs the
+reported relay every vouch: it falls back to the initial slots (children beyond them are
+re-homed as orphans), and the children it keeps vouch again only after `vouch_after`.
+The origin is trusted: it holds what it declares.
+
 Placements the tracker chose for a node that already streams from somewhere (an
 evicted node's children, a leaver's children, a REJOIN answered with another parent
 than the one the node is attached to) are *tentative* (`orphaned`) until the node
@@ -149,21 +160,37 @@ class _Node:
     __slots__ = (
         "capacity",
         "children",
+        "declared",
         "depth",
+        "earned",
         "joined",
         "last_seen",
+        "network",
         "orphaned",
         "parent",
+        "placed",
         "pos",
         "ref",
         "slot_depth",
+        "vouched",
     )
 
     def __init__(
-        self, ref: PeerRef, capacity: int, parent: _Node | None, depth: int, now: float
+        self,
+        ref: PeerRef,
+        capacity: int,
+        parent: _Node | None,
+        depth: int,
+        now: float,
+        network: str = "",
     ) -> None:
         self.ref = ref
-        self.capacity = capacity
+        self.capacity = capacity  # usable slots: what it declared, as far as earned
+        self.declared = capacity  # what it declared, within the ceiling
+        self.earned = 0  # vouches from children since its last failure report
+        self.network = network  # its source network ("": not known)
+        self.placed = now  # when its current placement was made or confirmed
+        self.vouched = False  # it vouched for its current parent
         self.parent = parent
         self.children: list[_Node] = []
         self.depth = depth
@@ -202,11 +229,22 @@ class StreamTree:
         report_quorum: int = 2,
         report_window: float = 60.0,
         promote_after: float = 60.0,
+        max_capacity: int | None = None,
+        initial_capacity: int | None = None,
+        vouch_after: float = 5.0,
     ) -> None:
         if origin_capacity < 0 or backups < 0 or report_quorum < 1:
             raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
         if peer_ttl <= 0 or report_window <= 0:
             raise InvalidRequest("peer_ttl and report_window must be > 0")
+        if (max_capacity is not None and max_capacity < 0) or (
+            initial_capacity is not None and initial_capacity < 1
+        ):
+            raise InvalidRequest("max_capacity must be >= 0, initial_capacity >= 1")
+        self._ceiling = max_capacity
+        self._initial = initial_capacity  # None: capacity is taken as declared
+        self._vouch_after = vouch_after
+        self._now = 0.0  # the time of the operation in progress
         self._backup_count = backups
         self._backup_turn = 0
         self._ttl = peer_ttl
@@ -261,7 +299,12 @@ class StreamTree:
         return self._get(peer_id).depth
 
     def capacity_of(self, peer_id: bytes) -> int:
+        """The children the peer may hold now: its declaration, as far as earned."""
         return self._get(peer_id).capacity
+
+    def declared_of(self, peer_id: bytes) -> int:
+        """The capacity the peer declared, within the ceiling."""
+        return self._get(peer_id).declared
 
     def ref_of(self, peer_id: bytes) -> PeerRef:
         """How to reach the peer (for the host's liveness probes)."""
@@ -311,14 +354,18 @@ class StreamTree:
 
     # --------------------------------------------------------------- operations
 
-    def join(self, peer_id: bytes, capacity: int, address: str, now: float) -> Assignment:
+    def join(
+        self, peer_id: bytes, capacity: int, address: str, now: float, network: str = ""
+    ) -> Assignment:
         """Place a new peer; a known peer gets its current placement back (idempotent).
 
         A peer whose parent failed must use `report_failure`, not join: join of a known
         peer only refreshes it (address, capacity, soft state) and clears suspicion.
+        `network` is its source network (a child does not vouch for a parent in its own).
         """
         if capacity < 0:
             raise InvalidRequest("negative capacity")
+        self._now = now
         node = self._peers.get(peer_id)
         if node is self._origin:
             raise InvalidRequest("the origin cannot join its own stream")
@@ -332,7 +379,7 @@ class StreamTree:
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now))
+        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
 
     def report_failure(
         self,
@@ -343,6 +390,7 @@ class StreamTree:
         attached_to: bytes | None = None,
         capacity: int | None = None,
         address: str | None = None,
+        network: str = "",
     ) -> Assignment:
         """REJOIN: `reporter` lost its parent `dead`; move it (with its subtree).
 
@@ -353,15 +401,18 @@ class StreamTree:
         reporter whose parent in our view is not `dead` (an orphan we re-homed, or a
         repeated report) keeps its placement unless `attached_to` is valid. An unknown
         reporter that gives its `capacity` is placed like a join (e.g. after a tracker
-        restart).
+        restart; `network` is then its source network).
         """
         if reporter == dead:
             raise InvalidRequest("a peer cannot report itself")
+        self._now = now
         node = self._peers.get(reporter)
         if node is None:
             if capacity is None:
                 raise UnknownPeer("unknown reporter")
-            return self._place_unknown(reporter, capacity, address or "", dead, attached_to, now)
+            return self._place_unknown(
+                reporter, capacity, address or "", dead, attached_to, now, network
+            )
         if node is self._origin:
             raise InvalidRequest("the origin has no parent")
         self._update(node, now, capacity, address)
@@ -374,7 +425,8 @@ class StreamTree:
             # elsewhere, and let the probe tell whether that parent is there at all.
             self._doubt(banned, now)
             banned = None
-        if banned is not None and node.parent is banned:
+        counted = banned is not None and node.parent is banned
+        if banned is not None and counted:
             self._record_report(banned, reporter, now)  # may evict it and re-home us
             if self._peers.get(reporter) is not node:
                 raise NoCapacity("no free slot left for the reporter")
@@ -399,6 +451,10 @@ class StreamTree:
             self._move(node, claim)
         # Where it streams from now is a fact; anywhere else we just told it to go.
         self._set_orphaned(node, node.parent is None or node.parent.ref.peer_id != attached_to)
+        if claim is not None and claim is node.parent:
+            self._vouch(node)
+        if banned is not None and counted and self._live(banned):
+            self._forfeit(banned)  # after the reporter left it: the slots it frees are not ours
         return self._assignment(node)
 
     def probe_result(self, peer_id: bytes, alive: bool, now: float) -> list[bytes]:
@@ -408,6 +464,7 @@ class StreamTree:
         meanwhile, e.g. back from a SIGSTOP) and changes nothing. Returns the peers
         removed (the suspect, plus any subtree with nowhere to go).
         """
+        self._now = now
         node = self._peers.get(peer_id)
         if node is None:
             return []  # already gone: probes race with reports and expiry
@@ -429,6 +486,7 @@ class StreamTree:
         during the make-before-break handover. A child with nowhere to go is dropped
         from the view (with its subtree) and absent from the result; it will rejoin.
         """
+        self._now = now
         node = self._get(peer_id)
         if node is self._origin:
             raise InvalidRequest("the origin does not leave its stream")
@@ -466,6 +524,7 @@ class StreamTree:
         parent: bytes | None = None,
         capacity: int | None = None,
         address: str | None = None,
+        network: str = "",
     ) -> Assignment | None:
         """Soft-state keep-alive; also updates capacity/address and follows the peer.
 
@@ -474,13 +533,16 @@ class StreamTree:
         our view stands and its placement is returned, for the peer to move there. An
         unknown peer is re-inserted under `parent` if that parent is known and has room
         (rebuilding the view after a tracker restart); else UnknownParent / UnknownPeer
-        (it must JOIN). The origin refreshes like this too (REGISTER), with `parent` None.
+        (it must JOIN; `network`: its source network). The origin refreshes like this too
+        (REGISTER), with `parent` None. A REFRESH naming the parent it has had for
+        `vouch_after` seconds vouches for that parent.
         """
         if capacity is not None and capacity < 0:
             raise InvalidRequest("negative capacity")
+        self._now = now
         node = self._peers.get(peer_id)
         if node is None:
-            self._reinsert(peer_id, now, parent, capacity, address)
+            self._reinsert(peer_id, now, parent, capacity, address, network)
             return None
         if node is self._origin and parent is not None:
             raise InvalidRequest("the origin has no parent")
@@ -494,6 +556,7 @@ class StreamTree:
         if claim is not node.parent:
             self._move(node, claim)
         self._set_orphaned(node, False)
+        self._vouch(node)
         better = self._better_place(node, now)
         if better is None:
             return None
@@ -507,6 +570,7 @@ class StreamTree:
         Their children are re-homed as orphans (and dropped only if no slot is left).
         Amortised O(1) per refresh: stale queue entries are skipped as they come up.
         """
+        self._now = now
         removed: list[bytes] = []
         horizon = now - self._ttl
         queue = self._expiry
@@ -543,13 +607,61 @@ class StreamTree:
         self._touch(node, now)
         if address is not None and address != node.ref.address:
             node.ref = PeerRef(node.ref.peer_id, address)
-        if capacity is not None and capacity != node.capacity:
-            self._set_capacity(node, capacity)
+        if capacity is not None:
+            node.declared = self._within_ceiling(node, capacity)
+            self._set_capacity(node, self._usable(node))
 
     def _set_orphaned(self, node: _Node, orphaned: bool) -> None:
         if node.orphaned != orphaned:
             node.orphaned = orphaned
             self._orphans += 1 if orphaned else -1
+            if not orphaned:  # its placement became a fact now
+                node.placed = self._now
+                node.vouched = False
+
+    # --- earned capacity
+
+    def _within_ceiling(self, node: _Node | None, capacity: int) -> int:
+        """A declaration as counted: at most the ceiling (the origin is trusted)."""
+        if node is self._origin or self._ceiling is None:
+            return capacity
+        return min(capacity, self._ceiling)
+
+    def _usable(self, node: _Node) -> int:
+        """Slots the node may fill: what it declared, as far as its children vouched."""
+        if node is self._origin or self._initial is None:
+            return node.declared
+        return min(node.declared, max(self._initial, 2 * node.earned))
+
+    def _vouch(self, child: _Node) -> None:
+        """`child` named its parent as its actual one: a vouch if it has streamed from it
+        (a confirmed placement) for `vouch_after`, once per placement, and from another
+        source network (one machine cannot vouch for itself)."""
+        parent = child.parent
+        if (
+            self._initial is None
+            or parent is None
+            or parent is self._origin
+            or child.vouched
+            or child.orphaned
+            or self._now - child.placed < self._vouch_after
+            or (child.network != "" and child.network == parent.network)
+        ):
+            return
+        child.vouched = True
+        parent.earned += 1
+        self._set_capacity(parent, self._usable(parent))
+
+    def _forfeit(self, node: _Node) -> None:
+        """A child reported `node` as not delivering: it loses every vouch. The children
+        it keeps vouch again once they have streamed from it for `vouch_after` more."""
+        if self._initial is None or node is self._origin:
+            return
+        node.earned = 0
+        self._set_capacity(node, self._usable(node))
+        for child in node.children:
+            child.vouched = False
+            child.placed = self._now
 
     # --- free-slot buckets
 
@@ -763,12 +875,20 @@ class StreamTree:
         counts[depth] += delta
 
     def _insert(
-        self, peer_id: bytes, capacity: int, address: str, parent: _Node, now: float
+        self,
+        peer_id: bytes,
+        capacity: int,
+        address: str,
+        parent: _Node,
+        now: float,
+        network: str = "",
     ) -> _Node:
-        node = _Node(PeerRef(peer_id, address), capacity, parent, parent.depth + 1, now)
+        declared = self._within_ceiling(None, capacity)
+        node = _Node(PeerRef(peer_id, address), declared, parent, parent.depth + 1, now, network)
+        node.capacity = self._usable(node)
         self._peers[peer_id] = node
         parent.children.append(node)
-        self._free_slots += capacity - 1
+        self._free_slots += node.capacity - 1
         self._index(parent)
         self._count_depth(node.depth, 1)
         self._index(node)
@@ -794,6 +914,8 @@ class StreamTree:
         """Hang a detached node with its whole subtree under `parent` (a free slot)."""
         node.parent = parent
         parent.children.append(node)
+        node.placed = self._now
+        node.vouched = False
         self._free_slots -= 1
         self._index(parent)
         self._set_depth(node, parent.depth + 1)
@@ -822,6 +944,8 @@ class StreamTree:
 
     def _set_capacity(self, node: _Node, capacity: int) -> None:
         """Children beyond a reduced capacity are re-homed as orphans (newest first)."""
+        if capacity == node.capacity:
+            return
         for child in node.children[capacity:][::-1]:
             target = self._pick_parent(child, child.capacity, avoid=node)
             if target is None:
@@ -928,6 +1052,7 @@ class StreamTree:
         dead: bytes,
         attached_to: bytes | None,
         now: float,
+        network: str,
     ) -> Assignment:
         """A REJOIN from a peer we do not know: keep its backup if valid, else join it."""
         if capacity < 0:
@@ -947,7 +1072,7 @@ class StreamTree:
             parent = self._pick_parent(None, capacity, avoid=banned)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now))
+        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
 
     def _reinsert(
         self,
@@ -956,6 +1081,7 @@ class StreamTree:
         parent_id: bytes | None,
         capacity: int | None,
         address: str | None,
+        network: str,
     ) -> None:
         """Rebuild the view from a refresh: the peer has no children in our view yet,
         so attaching it as a leaf under a known parent with room cannot form a cycle."""
@@ -966,4 +1092,4 @@ class StreamTree:
             raise UnknownParent("unknown parent: retry later or join")
         if len(parent.children) >= parent.capacity:
             raise UnknownPeer("the claimed parent is full in our view: join")
-        self._insert(peer_id, capacity, address or "", parent, now)
+        self._insert(peer_id, capacity, address or "", parent, now, network)

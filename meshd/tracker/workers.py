@@ -11,9 +11,9 @@ on one consistent view, exactly as with no workers; nothing is shared or locked.
 
 The link carries length-prefixed msgpack arrays. The coordinator sends INIT (the key,
 the config, the log levels) and the worker answers READY once it serves; then REQUEST
-(id, encoded request) one way and RESPONSE (id, encoded response) back, and SHED (how
-many requests were shed) now and then. A worker whose link closes exits; a worker that
-dies is started again.
+(id, encoded request, the sender's source network) one way and RESPONSE (id, encoded
+response) back, and SHED (how many requests were shed) now and then. A worker whose link
+closes exits; a worker that dies is started again.
 """
 
 from __future__ import annotations
@@ -189,8 +189,8 @@ async def _answer(tracker: Tracker, link: Link) -> None:
         message = await link.receive()
         now = trio.current_time()
         if message[0] == REQUEST:
-            _, request_id, data = message
-            response = tracker.decide(decode_message(data), now)  # type: ignore[arg-type]
+            _, request_id, data, network = message
+            response = tracker.decide(decode_message(data), now, network)  # type: ignore[arg-type]
             await link.send([RESPONSE, request_id, encode_message(response)])
         elif message[0] == SHED:
             tracker.shed(now, message[1])
@@ -223,12 +223,12 @@ class Coordinator:
         self._send_lock = trio.Lock()
         self._shed = 0
 
-    async def decide(self, request: TrackerRequest) -> TrackerResponse:
+    async def decide(self, request: TrackerRequest, network: str) -> TrackerResponse:
         request_id = next(self._ids)
         done, answer = self._waiting[request_id] = (trio.Event(), [])
         try:
             async with self._send_lock:
-                await self._link.send([REQUEST, request_id, encode_message(request)])
+                await self._link.send([REQUEST, request_id, encode_message(request), network])
             await done.wait()
         finally:
             del self._waiting[request_id]

@@ -391,12 +391,12 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--initial-capacity",
         type=_count,
-        default=2,
+        default=4,
         metavar="N",
         help="children a relay starts with: it may then hold twice as many as have "
         "confirmed it delivers (up to what it declared), and falls back to this when a "
         "child reports it, so fresh identities cannot take the top of the tree "
-        "(default 2; 0: trust declared capacity)",
+        "(default 4, what a listener declares by default; 0: trust declared capacity)",
     )
     command.add_argument(
         "--identities-per-network",

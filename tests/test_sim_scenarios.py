@@ -165,17 +165,11 @@ def test_a_run_is_the_same_for_the_same_seed() -> None:
 # -- targets the sim shows unmet (docs/performance.md) -------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a fast launch of a mostly-leaf audience deepens the tree")
 def test_a_fast_launch_stays_within_the_depth_bound() -> None:
     f = sim("launch", "flow", 2000, 60)
     assert f["depth_max_seen"] <= f["depth_bound"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="2 of 500 survivors lose audio: the tracker keeps re-offering a dead relay "
-    "nobody reported (it was re-homed as an orphan under a parent it never reached)",
-)
 def test_after_a_melt_every_survivor_is_back_and_lost_nothing() -> None:
     f = sim("melt", "flow", 1000, 120)
     assert f["survivors_losing"] == 0 and f["unrecovered"] == 0

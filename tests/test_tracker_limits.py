@@ -67,9 +67,11 @@ def test_a_network_counts_its_live_identities_only() -> None:
 async def test_high_capacity_identities_from_one_network_get_few_slots_and_no_more_places() -> None:
     """The trial's attack over QUIC: identities from one address declare 1,024. Each
     counts as the ceiling at most, the network's capacity is capped, each may hold only
-    the initial 2 children until children vouch, and past the identity limit the
+    the initial 2 children (here) until children vouch, and past the identity limit the
     network is told to retry later."""
-    config = TrackerConfig(refresh_s=60, identities_per_network=4, capacity_per_network=20)
+    config = TrackerConfig(
+        refresh_s=60, identities_per_network=4, capacity_per_network=20, initial_capacity=2
+    )
     async with room(config) as r:
         await r.register(capacity=8)
         keys = [Ed25519PrivateKey.generate() for _ in range(4)]

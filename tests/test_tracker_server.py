@@ -310,7 +310,7 @@ async def test_an_unusable_address_is_probed_as_dead_without_harm() -> None:
 
 
 async def test_a_parent_frees_the_slot_of_a_child_it_let_go() -> None:
-    async with room() as r:
+    async with room(TrackerConfig(initial_capacity=0)) as r:  # all 3 slots from the start
         await r.register(capacity=1)
         relay = Ed25519PrivateKey.generate()
         leaves = [Ed25519PrivateKey.generate() for _ in range(2)]

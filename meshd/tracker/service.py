@@ -87,9 +87,11 @@ class TrackerConfig:
     """...after a burst of this many; beyond, RETRY_AFTER (meshd.tracker.limits)."""
     max_capacity: int = 16
     """A node's declared capacity counts as at most this (the origin's: as declared)."""
-    initial_capacity: int = 2
+    initial_capacity: int = 4
     """Children a new relay may hold; it earns more as its children vouch for it
-    (docs/spec.md §7.3). 0: capacity is taken as declared, nothing is earned."""
+    (docs/spec.md §7.3). 4, the default `meshd listen --max-children`: an honest relay has
+    its slots at once, and only larger declarations are earned (a launch with 2 measured
+    a tree 4 times as deep). 0: capacity is taken as declared, nothing is earned."""
     identities_per_network: int = 64
     """Live identities one source network may have in one stream (0: no limit)..."""
     capacity_per_network: int = 256

@@ -459,33 +459,38 @@ async def _streaming(target: ChildTarget, scene: Scene, parent: FakeParent) -> N
     return link
 
 
-@case("6.4-repair-gap", "6.4", Level.MUST,
-      "a seq skipped in the datagrams is asked for with REPAIR")  # fmt: skip
-async def _repair_gap(target: ChildTarget) -> Outcome:
-    sent = "chunks 0…4 and 6…9 as datagrams (5 skipped)"
+async def _expect_repair_of_5(
+    target: ChildTarget, sent: str, feed: Callable[[NodeLink], Awaitable[None]]
+) -> Outcome:
+    """Stream to the node, `feed` it what leaves seq 5 missing, and wait for its REPAIR."""
     within = target.reorder_delay + target.timeout
     async with target.scene() as scene:
         link = await _streaming(target, scene, await scene.parent())
-        await link.chunks([*range(5), *range(6, 10)], datagram=True)
+        await feed(link)
         repair, other = await _next_repair(link, within)
     ok = repair is not None and PLAYED in repair.seqs
     got = describe(repair) if repair is not None else f"no REPAIR within {within:g} s: {other}"
     return Outcome(_verdict(ok), sent, "REPAIR naming 5", got)
+
+
+@case("6.4-repair-gap", "6.4", Level.MUST,
+      "a seq skipped in the datagrams is asked for with REPAIR")  # fmt: skip
+async def _repair_gap(target: ChildTarget) -> Outcome:
+    async def feed(link: NodeLink) -> None:
+        await link.chunks([*range(5), *range(6, 10)], datagram=True)
+
+    return await _expect_repair_of_5(target, "chunks 0…4 and 6…9 as datagrams (5 skipped)", feed)
 
 
 @case("6.4-repair-heartbeat", "6.4", Level.MUST,
       "a chunk announced only by HEARTBEAT latest_seq is asked for with REPAIR")  # fmt: skip
 async def _repair_heartbeat(target: ChildTarget) -> Outcome:
-    sent = "chunks 0…4 on the stream, then HEARTBEAT(latest_seq=5) (5 never sent)"
-    within = target.reorder_delay + target.timeout
-    async with target.scene() as scene:
-        link = await _streaming(target, scene, await scene.parent())
+    async def feed(link: NodeLink) -> None:
         await link.chunks(range(PLAYED))
         await link.send(heartbeat(PLAYED))
-        repair, other = await _next_repair(link, within)
-    ok = repair is not None and PLAYED in repair.seqs
-    got = describe(repair) if repair is not None else f"no REPAIR within {within:g} s: {other}"
-    return Outcome(_verdict(ok), sent, "REPAIR naming 5", got)
+
+    sent = "chunks 0…4 on the stream, then HEARTBEAT(latest_seq=5) (5 never sent)"
+    return await _expect_repair_of_5(target, sent, feed)
 
 
 @case("6.4-missing-asks-again", "6.4", Level.MUST,

@@ -166,7 +166,8 @@ def _served(take: hostile.Take) -> str:
 
 def _joins(take: hostile.Take) -> str:
     return (
-        f"{take.identities_accepted} JOINs accepted, {take.identities_refused} RETRY_AFTER,"
+        f"{take.identities_accepted} JOINs accepted, {take.retry_after} RETRY_AFTER,"
+        f" {take.identities_refused - take.retry_after} other refusals,"
         f" {take.identities_unanswered} unanswered"
     )
 
@@ -288,8 +289,10 @@ def print_table(results: list[Result]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--attack", choices=list(ATTACKS), action="append",
-                        help="run only this attack (repeatable; the baseline always runs)")  # fmt: skip
+    parser.add_argument(
+        "--attack", choices=list(ATTACKS), action="append",
+        help="run only this attack (repeatable; the baseline runs too)",
+    )  # fmt: skip
     parser.add_argument("--listeners", type=int, default=10, help="honest listeners per room")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--json", type=Path, help="also write the figures here")

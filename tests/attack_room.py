@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
-from protocol import key_from_text
-from tests.attackers import status
+from meshd.quic import open_quic_endpoint
+from protocol import StatusRequest, key_from_text
+from tests.attackers import ask
 from tests.procs import MESHD, Cluster, Proc
 from tests.room import packets_of
 
@@ -139,8 +141,10 @@ class AttackRoom:
             self.sample_memory()
             self.health.asked += 1
             began = time.monotonic()
-            answer = await status(self.tracker_address, self.stream_id, within=3.0)
-            if answer is not None:
+            async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
+                request = StatusRequest(self.stream_id)
+                (answer,) = await ask(endpoint, self.tracker_address, [request], within=3.0)
+            if answer is not None:  # a report, or GOODBYE once the stream has ended
                 self.health.answered += 1
                 took = (time.monotonic() - began) * 1000
                 self.health.slowest_ms = max(self.health.slowest_ms, took)
@@ -165,8 +169,11 @@ class AttackRoom:
     async def finish(self, within: float = 60.0) -> Honest:
         """Wait (up to `within` s) for every honest listener to exit, then judge each."""
         deadline = trio.current_time() + within
-        while any(p.running for p in self.listeners) and trio.current_time() < deadline:
-            await trio.sleep(0.2)
+        for proc in self.listeners:
+            while trio.current_time() < deadline:
+                if not proc.running:
+                    break
+                await trio.sleep(0.2)
         source = packets_of(self.audio)
         honest = Honest(started=len(self.listeners))
         for proc in self.listeners:

@@ -74,6 +74,8 @@ class Take:
     identities_refused: int = 0
     """Answered RETRY_AFTER or GOODBYE."""
     identities_unanswered: int = 0
+    retry_after: int = 0
+    """Of the refused, those answered RETRY_AFTER."""
     children_served: int = 0
     """Honest children that subscribed to a hostile relay."""
     max_children: int = 0
@@ -175,6 +177,7 @@ def count_answer(take: Take, answer: Message | None) -> Assigned | None:
         take.identities_unanswered += 1
     else:
         take.identities_refused += 1
+        take.retry_after += isinstance(answer, RetryAfter)
     return None
 
 

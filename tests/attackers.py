@@ -178,6 +178,7 @@ def count_answer(take: Take, answer: Message | None) -> Assigned | None:
     else:
         take.identities_refused += 1
         take.retry_after += isinstance(answer, RetryAfter)
+        take.note = f"last refusal: {answer}"[:120]
     return None
 
 
@@ -545,7 +546,6 @@ async def repair_leech(
                 break
             await trio.sleep(0.5)
         else:
-            take.note = "never assigned"
             return
         parent = assigned.parent
         async with open_link(

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +41,8 @@ from tests import attackers as hostile
 from tests.attack_room import AttackRoom, Honest, percentile
 from tests.procs import cluster
 
-AUDIO = Path(meshd.__file__).parent / "data" / "sample.opus"
+SAMPLE = Path(meshd.__file__).parent / "data" / "sample.opus"  # 24 s
+INPUT_SECONDS = 36  # with ffmpeg: long enough that a slow start still leaves stream to judge
 ORIGIN_CAPACITY = 2
 MAX_CHILDREN = 2
 
@@ -86,8 +88,11 @@ async def _late_relays(room: AttackRoom, take: hostile.Take, n: int, rng: random
 
 
 async def _squat(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random) -> None:
+    half = n // 2
+    await room.add_listeners(half)
+    await room.wait_playing()
     await hostile.join_flood(room.tracker_address, room.stream_id, take, count=40)
-    await room.add_listeners(n)
+    await room.add_listeners(n - half)
 
 
 async def _flood(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random) -> None:
@@ -112,8 +117,8 @@ async def _pull(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random
     await room.add_listeners(n)
     await room.wait_playing()
     stats = [room.cluster.stats(p.name) for p in room.listeners]
-    relays = [s for s in stats if s.get("children")] or stats
-    chosen = rng.choice(relays)
+    free = [s for s in stats if s.get("children", 0) < MAX_CHILDREN] or stats
+    chosen = rng.choice(free)  # a listener with a free child slot
     proc = room.cluster.by_node(chosen["node"])
     assert proc is not None
     address = proc.find_output(r"serving children on (\S+)")
@@ -200,7 +205,8 @@ ATTACKS: dict[str, Attack] = {
         "NOT DEFENDED (2 reports evict)",
         _reports,
         lambda take: (
-            f"{take.identities_accepted} planted, {take.relays_evicted} relays evicted"
+            f"{take.identities_accepted} planted ({take.identities_refused} refused),"
+            f" {take.relays_evicted} relays evicted"
             f" ({take.note}); audience {take.audience_before} -> {take.audience_after}"
         ),
     ),
@@ -223,6 +229,8 @@ class Result:
     health: dict[str, float]
     take: str
     take_raw: dict[str, object]
+    stream_left_s: float
+    """Seconds of stream left when the last honest listener started."""
 
 
 async def _run(name: str, room: AttackRoom, listeners: int, seed: int) -> Result:
@@ -247,13 +255,30 @@ async def _run(name: str, room: AttackRoom, listeners: int, seed: int) -> Result
         "target_rss_mb_max": max(h.target_rss_mb, default=math.nan),
         "target_rss_mb_first": h.target_rss_mb[0] if h.target_rss_mb else math.nan,
     }
-    return Result(name, honest, health, attack.take(take), take.as_dict())
+    assert room.streaming_since is not None and room.last_listener_at is not None
+    left = room.seconds - (room.last_listener_at - room.streaming_since)
+    return Result(name, honest, health, attack.take(take), take.as_dict(), left)
 
 
-def run_one(name: str, workdir: Path, listeners: int, seed: int) -> Result:
+def run_one(name: str, workdir: Path, audio: Path, listeners: int, seed: int) -> Result:
     with cluster(workdir) as procs:
-        room = AttackRoom(procs, AUDIO)
+        room = AttackRoom(procs, audio)
         return trio.run(_run, name, room, listeners, seed)
+
+
+def make_input(top: Path) -> Path:
+    """A 36 s Opus tone (20 ms frames, 64 kbit/s) if ffmpeg is there, else the 24 s sample."""
+    if shutil.which("ffmpeg") is None:
+        print("no ffmpeg: using the 24 s sample", file=sys.stderr)
+        return SAMPLE
+    path = top / "input.opus"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-f", "lavfi",
+         "-i", f"sine=f=440:d={INPUT_SECONDS}", "-c:a", "libopus", "-b:a", "64000",
+         "-vbr", "off", "-frame_duration", "20", "-ac", "1", "-f", "ogg", str(path)],
+        check=True,
+    )  # fmt: skip
+    return path
 
 
 def _ms(value: float) -> str:
@@ -280,6 +305,10 @@ def print_table(results: list[Result]) -> None:
             f"| {r.attack} | {ATTACKS[r.attack].defence} | {h.intact}/{h.started} | {_ms(gap)}"
             f" | {first} | {tracker} | {target} | {r.take} |"
         )
+    short = [r for r in results if r.stream_left_s < 8]
+    for r in short:
+        print(f"\n{r.attack}: only {r.stream_left_s:.1f} s of stream were left when the last"
+              " honest listener started (a slow start): its figures say little")  # fmt: skip
     problems = [(r.attack, n, p) for r in results for n, p in r.honest.problems.items()]
     if problems:
         print("\nhonest listeners that did not play every chunk:")
@@ -300,6 +329,7 @@ def main() -> None:
     args = parser.parse_args()
     names = ["baseline", *[a for a in (args.attack or list(ATTACKS)) if a != "baseline"]]
     top = Path(tempfile.mkdtemp(prefix="bench_attacks."))
+    audio = make_input(top)
     results = []
     started = time.monotonic()
     try:
@@ -307,7 +337,10 @@ def main() -> None:
             workdir = top / f"{index:02d}"
             workdir.mkdir()
             print(f"[{time.monotonic() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
-            results.append(run_one(name, workdir, args.listeners, args.seed + index))
+            result = run_one(name, workdir, audio, args.listeners, args.seed + index)
+            results.append(result)
+            print(f"        stream left at the last honest start: {result.stream_left_s:.1f} s",
+                  file=sys.stderr)  # fmt: skip
     finally:
         if results:
             print_table(results)

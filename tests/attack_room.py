@@ -18,6 +18,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
+from meshd.ogg import read_ogg_opus
 from meshd.quic import open_quic_endpoint
 from protocol import StatusRequest, key_from_text
 from tests.attackers import ask
@@ -83,8 +84,17 @@ class AttackRoom:
         self.stream = ""
         self.listeners: list[Proc] = []
         self.health = Health()
+        self.streaming_since: float | None = None
+        """When the origin registered (trio clock): the stream plays from then on."""
+        self.last_listener_at: float | None = None
         self.target: Proc | None = None
         """The server whose memory is watched besides the tracker's (default the origin)."""
+
+    @property
+    def seconds(self) -> float:
+        """The input's length in seconds."""
+        with self.audio.open("rb") as file:
+            return sum(p.samples for p in read_ogg_opus(file)[1]) / 48_000
 
     @property
     def tracker_address(self) -> tuple[str, int]:
@@ -117,6 +127,8 @@ class AttackRoom:
             "--stats-file", str(self.cluster.workdir / f"{name}.json"), "--stats-interval", "0.3",
         )  # fmt: skip
         await wait_output(origin, "registered")
+        if self.streaming_since is None:
+            self.streaming_since = trio.current_time()
         return stream, origin
 
     async def origin_address(self) -> tuple[str, int]:
@@ -132,6 +144,7 @@ class AttackRoom:
                     name, self.tracker, self.stream, "--max-children", str(max_children)
                 )
             )
+            self.last_listener_at = trio.current_time()
             await trio.sleep(stagger)
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -32,6 +32,7 @@ from meshd.conformance.wire import Closed, Link, Received, StreamEnded, open_lin
 from meshd.quic import QuicConn, QuicEndpoint, QuicStream, open_quic_endpoint
 from meshd.quic.config import DEFAULT_ALPN
 from protocol import (
+    Ack,
     Assigned,
     Chunk,
     ErrorCode,
@@ -492,35 +493,42 @@ async def join_flood(
 async def false_reports(
     tracker: tuple[str, int], stream: bytes, take: Take, *, per_relay: int = 2
 ) -> None:
-    """For every relay that feeds others: plant `per_relay` fresh identities under it by
-    REFRESH, then have each REJOIN naming it dead. Counts the relays the tracker drops."""
+    """For every listener that may serve (capacity > 0): plant up to `per_relay` fresh
+    identities under it by REFRESH (the tracker takes a REFRESH naming a parent with a
+    free slot), then have each planted one REJOIN naming it dead. Counts the relays the
+    tracker no longer has in its tree 4 s later (after its probes)."""
     async with open_quic_endpoint(Ed25519PrivateKey.generate(), ATTACKER_HOST) as endpoint:
         before = await tree(endpoint, tracker, stream)
         if before is None:
             take.note = "no TREE answer"
             return
         take.audience_before = before.audience
-        targets = [n.node for n in before.nodes if n.parent is not None and n.children > 0]
+        targets = [n.node for n in before.nodes if n.parent is not None and n.capacity > 0]
+        planted_under = 0
         for target in targets:
             keys = [Ed25519PrivateKey.generate() for _ in range(per_relay)]
-            planted = [_refresh(k, stream, target, 0, "") for k in keys]
-            for answer in await ask(endpoint, tracker, list(planted)):
-                if answer is not None and not isinstance(answer, RetryAfter | Goodbye):
+            planted = []
+            for key in keys:  # one at a time: each takes a slot in the tracker's view
+                (answer,) = await ask(endpoint, tracker, [_refresh(key, stream, target, 0, "")])
+                if isinstance(answer, Ack):
                     take.identities_accepted += 1
+                    planted.append(key)
                 else:
                     take.identities_refused += 1
+            planted_under += len(planted) > 0
             reports: list[Message] = [
                 sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
-                for k in keys
+                for k in planted
             ]
-            await ask(endpoint, tracker, reports)
+            if reports:
+                await ask(endpoint, tracker, reports)
         await trio.sleep(4.0)  # the tracker's probes take up to 3 s
         after = await tree(endpoint, tracker, stream)
         if after is not None:
             take.audience_after = after.audience
             left = {n.node for n in after.nodes}
             take.relays_evicted = sum(1 for t in targets if t not in left)
-        take.note = f"{len(targets)} relays targeted"
+        take.note = f"{planted_under} of {len(targets)} relays planted under"
 
 
 # -- pulling the stream ----------------------------------------------------------------

@@ -199,10 +199,10 @@ ATTACKS: dict[str, Attack] = {
     "every-other-relay": Attack("stall timeout, then unproven", _relays("every-other", 1), _served),
     "other-stream-relay": Attack("signatures; stall timeout", _relays("other-stream", 1), _served),
     "late-no-audio-relays": Attack("stall timeout, then unproven", _late_relays, _served),
-    "slot-squat-40": Attack("NOT DEFENDED (JOIN rate only)", _squat, _joins),
+    "slot-squat-40": Attack("a parent's last free slot is kept for a relay", _squat, _joins),
     "join-flood-2000": Attack("JOINs per network: burst 100, 20/s", _flood, _joins),
     "false-reports": Attack(
-        "NOT DEFENDED (2 reports evict)",
+        "NOT DEFENDED (2 planted reports evict)",
         _reports,
         lambda take: (
             f"{take.identities_accepted} planted ({take.identities_refused} refused),"
@@ -215,7 +215,7 @@ ATTACKS: dict[str, Attack] = {
     "repair-leech-60/s": Attack("repair budget: live bytes + 64 KiB", _leech(False), _pulled),
     "repair-future-60/s": Attack("BAD_REPAIR", _leech(True), _pulled),
     "initial-flood-200/s": Attack(
-        "NOT DEFENDED (no Retry at the tracker)",
+        "NOT DEFENDED (pending-handshake cap; no Retry)",
         _initials,
         lambda take: f"{take.initials_sent} Initials sent",
     ),

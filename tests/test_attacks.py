@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import meshd
 from meshd.quic import open_quic_endpoint
-from protocol import Assigned, RetryAfter
+from protocol import Assigned
 from tests import attackers as hostile
 from tests.attack_room import AttackRoom
 from tests.procs import cluster
@@ -105,12 +105,12 @@ def test_slowloris_connections_are_closed_and_only_a_few_wait(tmp_path: Path) ->
 
     async def body(room: AttackRoom) -> None:
         origin = await room.origin_address()
-        with trio.move_on_after(6.0):
+        with trio.move_on_after(15.0):  # each is closed within 2 s of its byte
             await hostile.slowloris(origin, take, count=40, reopen=False)
 
     run_in_room(tmp_path, TONE, body)
     assert take.connections_opened == 40, take
-    assert take.held_now == 0, f"connections still held after 6 s: {take}"
+    assert take.held_now == 0, f"connections still held after 15 s: {take}"
     assert take.closed_by_target.get("OVERLOADED", 0) >= 1, take
     assert take.closed_by_target.get("CHILD_TIMEOUT", 0) >= 1, take
     assert sum(take.closed_by_target.values()) == 40, take
@@ -125,11 +125,17 @@ def test_the_tracker_keeps_answering_through_a_join_flood_from_one_network(
     is still placed."""
     take = hostile.Take()
     honest: list[object] = []
+    flood_seconds: list[float] = []
+
+    async def flood(address: tuple[str, int], stream: bytes) -> None:
+        began = trio.current_time()
+        await hostile.join_flood(address, stream, take, count=600)
+        flood_seconds.append(trio.current_time() - began)
 
     async def body(room: AttackRoom) -> None:
         address, stream = room.tracker_address, room.stream_id
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: hostile.join_flood(address, stream, take, count=600))
+            nursery.start_soon(flood, address, stream)
             await trio.sleep(1.0)
             answer = await hostile.status(address, stream, within=5.0)
             assert answer is not None, "no STATUS answer during the flood"
@@ -143,6 +149,6 @@ def test_the_tracker_keeps_answering_through_a_join_flood_from_one_network(
     run_in_room(tmp_path, TONE, body, origin_capacity=1024)
     assert isinstance(honest[0], Assigned), honest
     assert take.retry_after > 0, take
-    assert take.identities_accepted < 600 - take.retry_after + 1, take
+    # The defaults: a burst of 100, then 20 a second (1 s of slack for the clocks).
+    assert take.identities_accepted <= 100 + 20 * (flood_seconds[0] + 1), (flood_seconds, take)
     assert take.identities_accepted + take.retry_after >= 500, f"mostly unanswered: {take}"
-    assert not isinstance(honest[0], RetryAfter)

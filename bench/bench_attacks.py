@@ -2,8 +2,10 @@
 
 Run: .venv/bin/python bench/bench_attacks.py [--attack NAME] [--listeners 10] [--seed 11]
 
-Each room is a tracker (one process), an origin (`--capacity 2`) streaming the bundled
-24 s sample, and --listeners honest `meshd listen --max-children 2`, started 0.15 s apart.
+Each room is a tracker (one process), an origin (`--capacity 2`) streaming a 36 s Opus
+tone made with ffmpeg (without ffmpeg, the bundled 24 s sample), and --listeners honest
+`meshd listen --max-children 2`, started 0.15 s apart; --seed picks the random choices
+(which listener the unauthenticated pull targets).
 The attacker (tests/attackers.py) runs in this process from its own loopback network
 (127.66.0.1). Per attack the table shows, for the honest listeners: how many played every
 chunk (exit 0, nothing lost, a gap-free tail of the input), the p99 of their longest gap

@@ -179,11 +179,23 @@ def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int
         assert len([p for p in ids if p in outside]) == min(len(ids), len(outside))
 
 
+def below_a_guess(tree: StreamTree, peer: bytes) -> bool:
+    """The peer, or a node above it, is placed tentatively."""
+    node: bytes | None = peer
+    while node is not None and node != ORIGIN:
+        if tree.is_orphaned(node):
+            return True
+        node = tree.parent_of(node)
+    return False
+
+
 def expected_depth(tree: StreamTree, capacity: int) -> int | None:
     """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room
-    (suspects, reported dead, are not offered; a leaf never gets the last free slot)."""
+    (suspects, reported dead, are not offered; nodes below a tentative link only when
+    nobody else has room; a leaf never gets the last free slot)."""
     offered = [p for p in tree if has_room(tree, p) and p not in suspected(tree)]
-    depths = [tree.depth_of(p) for p in offered]
+    confirmed = [p for p in offered if not below_a_guess(tree, p)]
+    depths = [tree.depth_of(p) for p in confirmed or offered]
     if not depths or (capacity == 0 and tree.snapshot().free_slots <= 1):
         return None
     return (min(depths) if capacity > 0 else max(depths)) + 1

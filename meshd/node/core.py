@@ -15,7 +15,8 @@ The rules it keeps (docs/spec.md §6.3):
 - Failover goes to the backups at once, all in parallel; the tracker is told (REJOIN)
   and its answer is followed, make before break, until the parent we stream from is
   the one the tracker assigned: a node never settles on a parent the tracker did not
-  confirm.
+  confirm. A parent the tracker chose after a failure that has not taken us within
+  0.5 s is named in another REJOIN (it may have died too); the attempt goes on.
 - Every sequence number up to the newest announced is played; a gap is given up only
   once no ring buffer can still hold it.
 - A node cut off from the stream for the join timeout, or told by the tracker that the

@@ -8,7 +8,9 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
   first to accept wins (a candidate that never answers costs the attach timeout, 2 s).
 - A parent that dies is noticed after the silence timeout (0.6 s, lengthened after recent
   failovers); one that leaves closes its links. The child then tries every backup at
-  once and, after 0.5 s or a NO_CAPACITY refusal, also sends REJOIN naming the dead one.
+  once and, after 0.25 s or a NO_CAPACITY refusal, also sends REJOIN naming the dead one;
+  a parent the answer names that has not taken it 0.5 s later (or refused) is named in
+  another REJOIN, and a round that fails names the tracker's choice, else the dead one.
   Once on a parent the tracker did not name, it sends REJOIN with `attached`, and it
   moves make-before-break wherever the tracker's answer says.
 - A node whose parent plays nothing new waits while the parent says it is stalled too,

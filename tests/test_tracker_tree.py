@@ -1253,3 +1253,16 @@ def test_an_evicted_relays_silent_children_are_probed_and_offered_last() -> None
     assert tree.refresh(pid(5), 7.5, parent=ORIGIN) is None  # it confirms
     assert tree.join(pid(8), 1, addr(8), 8.0).parent.peer_id == pid(5)
     check_invariants(tree)
+
+
+def test_a_rejoin_from_an_unknown_peer_is_placed_tentatively() -> None:
+    """Like any REJOIN answered with another parent than its `attached`: naming that
+    parent later (it never took the peer) is a refusal, not a failure report that would
+    leave a live relay unproven for a minute."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 2: (0, 3)})
+    got = tree.report_failure(pid(5), pid(9), 1.0, capacity=1, address=addr(5))
+    assert tree.is_orphaned(pid(5))
+    tree.report_failure(pid(5), got.parent.peer_id, 1.5)
+    assert not tree.is_unproven(got.parent.peer_id)
+    check_invariants(tree)

@@ -1091,7 +1091,10 @@ class StreamTree:
             parent = self._pick_parent(None, capacity, avoid=banned)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
+        node = self._insert(peer_id, capacity, address, parent, now, network)
+        # Like any REJOIN's answer other than its `attached`: ours to guess until confirmed.
+        self._set_orphaned(node, parent.ref.peer_id != attached_to)
+        return self._assignment(node)
 
     def _reinsert(
         self,

@@ -13,15 +13,18 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.node.config import NodeConfig
-from meshd.node.core import EXIT_MISSED_AUDIO
+from meshd.node.core import EXIT_MISSED_AUDIO, REJOIN_AGAIN_AFTER
 from meshd.sim.hosts import NodeHost, wall_ms
 from meshd.sim.world import RoomSpec, World
 from protocol import (
+    Assigned,
     ChildGone,
     ChunkSigner,
     ErrorCode,
     Goodbye,
     Leave,
+    Peer,
+    Rejoin,
     VerifiedChunk,
     sign_message,
 )
@@ -254,3 +257,39 @@ def test_a_parent_stops_telling_a_tracker_that_does_not_know_child_gone() -> Non
         world.run(3)
     assert world.tracker.load.totals["childgone"] == 1
     assert all(leaf.node_id in tracker.streams[world.stream_id].tree for leaf in leaves[:2])
+
+
+def test_a_failover_names_a_dead_tracker_choice_at_once_and_is_back_within_2_s() -> None:
+    """The melt: the tracker's answer to a REJOIN may name a node that died in the same
+    moment, unknown to it. Waiting out its connect timeout (2 s) and then naming the old
+    parent again (the tracker then gave the same dead placement back) cost seconds; now
+    the node names the tracker's choice in another REJOIN after 0.5 s."""
+    world = room(20, 3, relay_share=1.0, max_children=3)
+    by_id = {node.node_id: node for node in world.live()}
+    child = next(
+        node
+        for node in world.live()
+        if world.parent_of(node) in by_id and not world.children_of(node.node_id)
+    )
+    parent = by_id[world.parent_of(child) or b""]
+    backups = [by_id[peer.node] for peer in child.core.backups if peer.node in by_id]
+    gone = {child.node_id, parent.node_id, *(node.node_id for node in backups)}
+    dead = next(node for node in world.live() if node.node_id not in gone)
+    tracker = world.tracker.tracker
+    answer = tracker.handle
+    rejoins: list[tuple[float, bytes]] = []
+
+    def stale(request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
+        if isinstance(request, Rejoin) and request.node == child.node_id:
+            rejoins.append((now, request.dead))
+            if len(rejoins) == 1:  # the first answer names a node that just died
+                return Assigned(Peer(dead.node_id, dead.address), (), 2, 180)
+        return answer(request, now, wall_ms)
+
+    tracker.handle = stale  # type: ignore[method-assign]
+    world.kill([parent, dead, *backups])
+    world.run(6)
+    assert [who for _, who in rejoins[:2]] == [parent.node_id, dead.node_id]
+    assert rejoins[1][0] - rejoins[0][0] < REJOIN_AGAIN_AFTER + 0.3
+    assert world.parent_of(child) is not None
+    assert child.core.playout.worst < 2.0, f"stalled {child.core.playout.worst:.2f} s"

@@ -179,11 +179,23 @@ def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int
         assert len([p for p in ids if p in outside]) == min(len(ids), len(outside))
 
 
+def below_a_guess(tree: StreamTree, peer: bytes) -> bool:
+    """The peer, or a node above it, is placed tentatively."""
+    node: bytes | None = peer
+    while node is not None and node != ORIGIN:
+        if tree.is_orphaned(node):
+            return True
+        node = tree.parent_of(node)
+    return False
+
+
 def expected_depth(tree: StreamTree, capacity: int) -> int | None:
     """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room
-    (suspects, reported dead, are not offered; a leaf never gets the last free slot)."""
+    (suspects, reported dead, are not offered; nodes below a tentative link only when
+    nobody else has room; a leaf never gets the last free slot)."""
     offered = [p for p in tree if has_room(tree, p) and p not in suspected(tree)]
-    depths = [tree.depth_of(p) for p in offered]
+    confirmed = [p for p in offered if not below_a_guess(tree, p)]
+    depths = [tree.depth_of(p) for p in confirmed or offered]
     if not depths or (capacity == 0 and tree.snapshot().free_slots <= 1):
         return None
     return (min(depths) if capacity > 0 else max(depths)) + 1
@@ -1218,3 +1230,39 @@ test_tree_machine = TreeMachine.TestCase
 test_depth_stays_bounded_under_churn = ChurnMachine.TestCase
 test_uniform_tree_machine = UniformTreeMachine.TestCase
 test_earned_tree_machine = EarnedTreeMachine.TestCase
+
+
+def test_an_evicted_relays_silent_children_are_probed_and_offered_last() -> None:
+    """The melt: a relay dies with its parent. Evicting the parent re-homes it under a
+    live node it never reaches, so nobody would ever report it; it is probed instead,
+    and what hangs below a guess is offered only when no confirmed slot is left."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 2: (0, 3), 3: (1, 1), 4: (1, 1), 5: (1, 2), 6: (2, 1)})
+    tree.report_failure(pid(3), pid(1), 5.0)
+    tree.report_failure(pid(4), pid(1), 6.0)
+    assert pid(1) not in tree
+    assert tree.is_orphaned(pid(5)) and tree.is_orphaned(pid(4))
+    # 4 just spoke (its report evicted 1); 5 has not said a word since its parent died.
+    assert tree.suspects(6.0) == [pid(5)]
+    tree.probe_result(pid(5), True, 6.5)  # alive after all, yet not where we put it
+    assert tree.is_orphaned(pid(5)) and tree.depth_of(pid(5)) == 1
+    got = tree.join(pid(7), 1, addr(7), 7.0)
+    assert got.parent.peer_id not in (pid(4), pid(5))  # confirmed slots first
+    assert not tree.is_orphaned(got.parent.peer_id)
+    check_invariants(tree)
+    assert tree.refresh(pid(5), 7.5, parent=ORIGIN) is None  # it confirms
+    assert tree.join(pid(8), 1, addr(8), 8.0).parent.peer_id == pid(5)
+    check_invariants(tree)
+
+
+def test_a_rejoin_from_an_unknown_peer_is_placed_tentatively() -> None:
+    """Like any REJOIN answered with another parent than its `attached`: naming that
+    parent later (it never took the peer) is a refusal, not a failure report that would
+    leave a live relay unproven for a minute."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 2: (0, 3)})
+    got = tree.report_failure(pid(5), pid(9), 1.0, capacity=1, address=addr(5))
+    assert tree.is_orphaned(pid(5))
+    tree.report_failure(pid(5), got.parent.peer_id, 1.5)
+    assert not tree.is_unproven(got.parent.peer_id)
+    check_invariants(tree)

@@ -15,7 +15,8 @@ The rules it keeps (docs/spec.md §6.3):
 - Failover goes to the backups at once, all in parallel; the tracker is told (REJOIN)
   and its answer is followed, make before break, until the parent we stream from is
   the one the tracker assigned: a node never settles on a parent the tracker did not
-  confirm.
+  confirm. A parent the tracker chose after a failure that has not taken us within
+  0.5 s is named in another REJOIN (it may have died too); the attempt goes on.
 - Every sequence number up to the newest announced is played; a gap is given up only
   once no ring buffer can still hold it.
 - A node cut off from the stream for the join timeout, or told by the tracker that the
@@ -78,6 +79,10 @@ UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 LEAVE_TIMEOUT = 3.0  # how long a leaving node waits for the tracker's MOVED
 STALL_SLACK = 0.5  # a parent stalled this much less than us still counts as stalled too
 FAILOVER_ASK_AFTER = 0.25  # a failover not done by then asks the tracker too
+REJOIN_AGAIN_AFTER = 0.5
+"""A parent the tracker chose after a failure that has not accepted us by then is named
+in another REJOIN: after a mass failure it may be dead too, unknown to the tracker, and
+the connect timeout would cost seconds of audio. The attempt goes on meanwhile."""
 VOUCH_DELAY = 6.0
 """Seconds on a new parent before one REFRESH names it: the tracker counts that as the
 parent delivering (it needs 5 s, docs/spec.md §7.3), and relays earn capacity by it."""
@@ -194,9 +199,10 @@ class AttachRound:
     dead: Peer | None = None
     """The parent that failed, or refused us, before this round."""
     trying: set[int] = field(default_factory=set)
-    full: list[Peer] = field(default_factory=list)
     asked: bool = False
     """A failover asked the tracker for a place meanwhile."""
+    rejoin_at: float | None = None
+    """Ask the tracker again then, naming its choice (see REJOIN_AGAIN_AFTER)."""
 
 
 class NodeCore:
@@ -401,6 +407,7 @@ class NodeCore:
                 deadlines.append(round_.next_at)
             if round_.purpose is Purpose.FAILOVER and not round_.asked:
                 deadlines.append(round_.started + FAILOVER_ASK_AFTER)
+            deadlines.append(round_.rejoin_at)
         for up in self._links.values():
             deadlines.append(up.deadline)
             if up.link is not None:
@@ -430,6 +437,8 @@ class NodeCore:
                 self._launch_next(round_, now)
             if now >= round_.started + FAILOVER_ASK_AFTER:
                 self._ask_during_failover(round_, now)
+            if round_.rejoin_at is not None and now >= round_.rejoin_at:
+                self._rejoin_again(round_, now)
         self._request_repairs(now)
         if self._place_at is not None and now >= self._place_at:
             self._place_at = None
@@ -509,10 +518,14 @@ class NodeCore:
             candidates = [answer.parent, *answer.backups]
             if self.current is not None:
                 self._reconcile(now)
-            elif self._round is not None:  # a failover still trying backups: these too
+                return
+            if self._round is not None:  # a failover still trying backups: these too
                 self._add_candidates(self._round, candidates, now)
             else:
                 self._start_round(Purpose.PLACE, candidates, now, dead=self._place_dead)
+            if self._round is not None and self._place_dead is not None:
+                # A place after a failure: tentative, and maybe dead (REJOIN_AGAIN_AFTER).
+                self._round.rejoin_at = now + REJOIN_AGAIN_AFTER
             return
         self._problem = _why(answer)
         retrying = "retrying"
@@ -737,8 +750,10 @@ class NodeCore:
         if round_ is None or up.id not in round_.trying:
             return
         round_.trying.discard(up.id)
+        assigned = self.assigned
+        if round_.rejoin_at is not None and assigned is not None and assigned.node == up.peer.node:
+            self._rejoin_again(round_, now)  # the tracker's choice refused us: no need to wait
         if code == ErrorCode.NO_CAPACITY:
-            round_.full.append(up.peer)
             self._ask_during_failover(round_, now)
         if round_.pending:
             self._launch_next(round_, now)
@@ -752,6 +767,13 @@ class NodeCore:
             round_.asked = True
             self._ask_for_parent(round_.dead, now)
 
+    def _rejoin_again(self, round_: AttachRound, now: float) -> None:
+        """The tracker's choice after a failure has not taken us: name it in a REJOIN (the
+        tracker probes it and places us elsewhere) while the round goes on."""
+        round_.rejoin_at = None
+        if self._round is round_ and self.assigned is not None:
+            self._ask_for_parent(self.assigned, now)
+
     def _round_failed(self, round_: AttachRound, now: float) -> None:
         """Nobody accepted. With a parent still (a move): keep it; if the tracker's choice
         refused us, report that and ask again. Without one: ask the tracker, naming the
@@ -764,8 +786,9 @@ class NodeCore:
                 self._reconcile_at = now + self._follow_retry.next_delay()
             return
         delay = self._round_retry.next_delay()
-        # Name the latest parent that failed us: the tracker's choice, else the old one.
-        dead = (round_.full[0] if round_.full else None) or self.assigned or round_.dead
+        # Name the latest parent that failed us: the tracker's choice, else the old one (a
+        # full backup is not our parent in the tracker's view: naming it changes nothing).
+        dead = self.assigned or round_.dead
         if self._asking(Purpose.PLACE):
             return  # a failover asked already: its answer starts the next round
         if self._round_retry.attempt > 1:  # the first round asks the tracker at once

@@ -695,7 +695,18 @@ class StreamTree:
         """Nodes with a free slot, by depth; within a depth, the latest indexed first.
 
         Suspects (reported dead, not yet confirmed either way) and unproven nodes (alive
-        but reported) are left out: nobody is sent to a node that may not deliver."""
+        but reported) are left out: nobody is sent to a node that may not deliver. Nodes
+        below a tentative link come last: where they really are is a guess, and after a
+        mass failure an unconfirmed orphan is often dead itself."""
+        if not self._orphans:  # nothing is guessed
+            yield from self._free_pass(shallow_first, None)
+            return
+        yield from self._free_pass(shallow_first, False)
+        yield from self._free_pass(shallow_first, True)
+
+    def _free_pass(self, shallow_first: bool, guessed: bool | None) -> Iterator[_Node]:
+        """`_free_nodes`, only those below a tentative link (`guessed`), or none of them
+        (not `guessed`), or all (None)."""
         suspects = self._reports
         unproven = self._unproven
         free = self._free
@@ -713,7 +724,11 @@ class StreamTree:
             depths = range(depth, -1, -1)
         for d in depths:
             for node in reversed(free[d]):
-                if node not in suspects and node not in unproven:
+                if node in suspects or node in unproven:
+                    continue
+                if guessed is None or guessed == (
+                    self._tentative_link(node, self._origin) is not None
+                ):
                     yield node
 
     def _pick_parent(
@@ -1008,6 +1023,10 @@ class StreamTree:
         placed, removed = self._remove(node, avoid=None)
         for child in placed:
             self._set_orphaned(child, True)
+            if child.last_seen < self._now:  # not the reporter that got its parent evicted
+                # Its parent died: it may have died with it (a mass failure), and nobody
+                # would report it then. A live one clears this by its REJOIN.
+                self._doubt(child, self._now)
         return removed
 
     # --- reports and re-insertion
@@ -1072,7 +1091,10 @@ class StreamTree:
             parent = self._pick_parent(None, capacity, avoid=banned)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
+        node = self._insert(peer_id, capacity, address, parent, now, network)
+        # Like any REJOIN's answer other than its `attached`: ours to guess until confirmed.
+        self._set_orphaned(node, parent.ref.peer_id != attached_to)
+        return self._assignment(node)
 
     def _reinsert(
         self,

@@ -8,7 +8,9 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
   first to accept wins (a candidate that never answers costs the attach timeout, 2 s).
 - A parent that dies is noticed after the silence timeout (0.6 s, lengthened after recent
   failovers); one that leaves closes its links. The child then tries every backup at
-  once and, after 0.5 s or a NO_CAPACITY refusal, also sends REJOIN naming the dead one.
+  once and, after 0.25 s or a NO_CAPACITY refusal, also sends REJOIN naming the dead one;
+  a parent the answer names that has not taken it 0.5 s later (or refused) is named in
+  another REJOIN, and a round that fails names the tracker's choice, else the dead one.
   Once on a parent the tracker did not name, it sends REJOIN with `attached`, and it
   moves make-before-break wherever the tracker's answer says.
 - A node whose parent plays nothing new waits while the parent says it is stalled too,
@@ -40,6 +42,7 @@ from meshd.node.core import (
     ATTACH_STAGGER,
     FAILOVER_ASK_AFTER,
     LEAVE_TIMEOUT,
+    REJOIN_AGAIN_AFTER,
     STALL_SLACK,
     STORM_WINDOW,
     UNKNOWN_RETRIES,
@@ -80,7 +83,7 @@ RETRIES = {
 class Round:
     """Candidate parents tried in turn (all at once for a failover)."""
 
-    __slots__ = ("asked", "dead", "full", "next_at", "pending", "purpose", "stagger", "trying")
+    __slots__ = ("asked", "dead", "next_at", "pending", "purpose", "rejoin_at", "stagger", "trying")
 
     def __init__(self, purpose: Purpose, stagger: float, dead: Peer | None) -> None:
         self.purpose = purpose
@@ -88,9 +91,9 @@ class Round:
         self.dead = dead
         self.pending: list[Peer] = []
         self.trying: set[int] = set()
-        self.full: list[Peer] = []
         self.next_at = 0.0
         self.asked = False
+        self.rejoin_at: float | None = None
 
 
 class FlowNode:
@@ -540,8 +543,10 @@ class FlowNode:
         if round_ is None or attempt not in round_.trying:
             return
         round_.trying.discard(attempt)
+        assigned = self.assigned
+        if round_.rejoin_at is not None and assigned is not None and assigned.node == peer.node:
+            self._rejoin_again(round_, now)
         if code == ErrorCode.NO_CAPACITY:
-            round_.full.append(peer)
             self._ask_during_failover(round_, now)
         if round_.pending:
             self._launch_next(round_, now)
@@ -553,6 +558,16 @@ class FlowNode:
             round_.asked = True
             self._ask_for_parent(round_.dead, now)
 
+    def _rejoin_again(self, round_: Round, now: float) -> None:
+        round_.rejoin_at = None
+        if self.alive and self.round is round_ and self.assigned is not None:
+            self._ask_for_parent(self.assigned, now)
+
+    def _rejoin_due(self, round_: Round) -> None:
+        at = round_.rejoin_at
+        if at is not None and self.room.now >= at:
+            self._rejoin_again(round_, self.room.now)
+
     def _round_failed(self, round_: Round, now: float) -> None:
         self.round = None
         if self.up is not None:
@@ -562,7 +577,7 @@ class FlowNode:
                 self._arm(1, now + self._retry("follow").next_delay(), self._reconcile_due)
             return
         delay = self._retry("round").next_delay()
-        dead = round_.dead or (round_.full[0] if round_.full else None) or self.assigned
+        dead = self.assigned or round_.dead
         if self._asking(Purpose.PLACE):
             return
         if self._retry("round").attempt > 1:
@@ -629,10 +644,15 @@ class FlowNode:
             candidates = [answer.parent, *answer.backups]
             if self.up is not None:
                 self._reconcile(now)
-            elif self.round is not None:
+                return
+            if self.round is not None:
                 self._add_candidates(self.round, candidates, now)
             else:
                 self._start_round(Purpose.PLACE, candidates, now, dead=self.place_dead)
+            round_ = self.round
+            if round_ is not None and self.place_dead is not None:
+                round_.rejoin_at = now + REJOIN_AGAIN_AFTER
+                self.room.at(round_.rejoin_at, functools.partial(self._rejoin_due, round_))
             return
         self._arm(0, now + self._retry("place").next_delay(), self._place_due)
 

@@ -49,8 +49,9 @@ def key_from_text(text: str) -> bytes:
 
 
 def short_id(raw: bytes) -> str:
-    """First 8 characters of the text form, for log lines."""
-    return key_to_text(raw)[:8]
+    """First 8 characters of the text form, for log lines: those its first 5 bytes
+    encode (the tracker formats a few per request, logged or not)."""
+    return base64.b32encode(raw[:5]).decode("ascii").lower()
 
 
 def public_key_from_id(raw: bytes) -> Ed25519PublicKey:

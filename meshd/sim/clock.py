@@ -18,7 +18,9 @@ class Scheduler:
 
     def at(self, when: float, callback: Callable[[], None]) -> None:
         """Run `callback` at `when` (at once, in order, if that is in the past)."""
-        heapq.heappush(self._queue, (max(when, self.now), next(self._order), callback))
+        if when < self.now:
+            when = self.now
+        heapq.heappush(self._queue, (when, next(self._order), callback))
 
     def after(self, delay: float, callback: Callable[[], None]) -> None:
         self.at(self.now + delay, callback)
@@ -26,8 +28,9 @@ class Scheduler:
     def run_until(self, until: float) -> None:
         """Run every event due up to `until`, then leave the clock there."""
         queue = self._queue
+        pop = heapq.heappop
         while queue and queue[0][0] <= until:
-            when, _, callback = heapq.heappop(queue)
+            when, _, callback = pop(queue)
             self.now = when
             callback()
             self.events_run += 1

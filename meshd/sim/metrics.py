@@ -42,7 +42,11 @@ class TrackerLoad:
         self.totals: Counter[str] = Counter()
 
     def request(self, now: float, kind: str) -> None:
-        self.arrived.setdefault(int(now), Counter())[kind] += 1
+        second = int(now)
+        counts = self.arrived.get(second)
+        if counts is None:
+            counts = self.arrived[second] = Counter()
+        counts[kind] += 1
         self.totals[kind] += 1
 
     def decision(self, now: float) -> None:

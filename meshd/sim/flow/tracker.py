@@ -97,81 +97,32 @@ class QueuedTracker:
     ) -> None:
         """Send `request` until answered; `answer` gets the response, a GOODBYE refusal,
         or None when the client gave up."""
-        scheduler = self.scheduler
-        backoff = Backoff(self.rng, base=0.1, cap=30.0)
-        give_up_at = scheduler.now + GIVE_UP
-        kind = type(request).__name__.lower()
-        attempts = 0
+        Exchange(self, client, request, answer).attempt()
 
-        def attempt() -> None:
-            nonlocal attempts
-            attempts += 1
-            number = attempts
-            rtt = 2 * (client.delay + self.delay)
-            # Handshake round trip, then the request (lost packets cost retransmissions).
-            arrival = scheduler.now + 1.5 * rtt + retransmissions(self.rng, client.loss, rtt)
-            scheduler.at(arrival, lambda: self._receive(request, kind, reply(number)))
-            scheduler.after(ATTEMPT_TIMEOUT, lambda: timed_out(number))
-
-        def reply(number: int) -> Callable[[TrackerResponse], None]:
-            def send(response: TrackerResponse) -> None:
-                rtt = 2 * (client.delay + self.delay)
-                back = rtt / 2 + retransmissions(self.rng, client.loss, rtt)
-                scheduler.after(back, lambda: received(number, response))
-
-            return send
-
-        def received(number: int, response: TrackerResponse) -> None:
-            nonlocal attempts
-            if number != attempts or not client.alive:
-                return  # that attempt was given up on; another one is under way
-            attempts += 1  # settles this attempt: its timeout does nothing now
-            if isinstance(response, RetryAfter):
-                wait(response.delay_ms / 1000)
-            elif isinstance(response, Goodbye) and response.code in RETRYABLE_CODES:
-                wait(0.0)
-            else:
-                answer(response)
-
-        def timed_out(number: int) -> None:
-            if number == attempts and client.alive:
-                wait(0.0)
-
-        def wait(floor: float) -> None:
-            at = scheduler.now + backoff.next_delay(floor)
-            if at > give_up_at:
-                answer(None)
-            else:
-                scheduler.at(at, attempt)
-
-        attempt()
-
-    def _receive(
-        self, request: TrackerRequest, kind: str, send: Callable[[TrackerResponse], None]
-    ) -> None:
+    def _receive(self, exchange: Exchange, number: int) -> None:
         scheduler = self.scheduler
         now = scheduler.now
-        self.load.request(now, kind)
+        self.load.request(now, exchange.kind)
         rate = self.rate
         if rate is None:
-            self._decide(request, send)
+            self._decide(exchange, number)
             return
         start = max(now, self._free_at)
         if (start - now) * rate >= self.tracker.config.max_pending:
             self._free_at = start + SHED_COST / rate
-            scheduler.at(self._free_at, lambda: send(self._shed()))
+            scheduler.at(self._free_at, functools.partial(self._shed, exchange, number))
             return
         self._free_at = start + 1 / rate
-        scheduler.at(self._free_at, lambda: self._decide(request, send))
+        scheduler.at(self._free_at, functools.partial(self._decide, exchange, number))
 
-    def _shed(self) -> RetryAfter:
+    def _shed(self, exchange: Exchange, number: int) -> None:
         self.tracker.shed(self.scheduler.now)
-        return RetryAfter(self.tracker.config.retry_after_ms, "tracker overloaded")
+        exchange.reply(number, RetryAfter(self.tracker.config.retry_after_ms, "tracker overloaded"))
 
-    def _decide(self, request: TrackerRequest, send: Callable[[TrackerResponse], None]) -> None:
+    def _decide(self, exchange: Exchange, number: int) -> None:
         now = self.scheduler.now
         self.load.decision(now)
-        send(self.tracker.decide(request, now))
+        exchange.reply(number, self.tracker.decide(exchange.request, now))
 
     def _probe_round(self) -> None:
         scheduler = self.scheduler
@@ -191,3 +142,83 @@ class QueuedTracker:
     def _expire(self) -> None:
         self.scheduler.after(EXPIRY_INTERVAL, self._expire)
         self.tracker.expire(self.scheduler.now)
+
+
+class Exchange:
+    """One request, retried until answered or given up.
+
+    Each attempt is numbered; an answer or timeout of an attempt that is no longer the
+    current one does nothing. A plain object rather than closures: closures that call
+    one another form reference cycles, and the garbage collector's passes over millions
+    of them cost more than the rest of the run.
+    """
+
+    __slots__ = (
+        "answer",
+        "attempts",
+        "backoff",
+        "client",
+        "give_up_at",
+        "kind",
+        "request",
+        "server",
+    )
+
+    def __init__(
+        self,
+        server: QueuedTracker,
+        client: Client,
+        request: TrackerRequest,
+        answer: Callable[[TrackerResponse | None], None],
+    ) -> None:
+        self.server = server
+        self.client = client
+        self.request = request
+        self.answer = answer
+        self.kind = type(request).__name__.lower()
+        self.give_up_at = server.scheduler.now + GIVE_UP
+        self.attempts = 0
+        self.backoff: Backoff | None = None
+        """Made at the first retry (most requests get through at once)."""
+
+    def attempt(self) -> None:
+        self.attempts += 1
+        server = self.server
+        scheduler = server.scheduler
+        rtt = 2 * (self.client.delay + server.delay)
+        # Handshake round trip, then the request (lost packets cost retransmissions).
+        arrival = scheduler.now + 1.5 * rtt + retransmissions(server.rng, self.client.loss, rtt)
+        scheduler.at(arrival, functools.partial(server._receive, self, self.attempts))
+        scheduler.after(ATTEMPT_TIMEOUT, functools.partial(self._timed_out, self.attempts))
+
+    def reply(self, number: int, response: TrackerResponse) -> None:
+        """The server answers attempt `number`: the answer travels back."""
+        server = self.server
+        rtt = 2 * (self.client.delay + server.delay)
+        back = rtt / 2 + retransmissions(server.rng, self.client.loss, rtt)
+        server.scheduler.after(back, functools.partial(self._received, number, response))
+
+    def _received(self, number: int, response: TrackerResponse) -> None:
+        if number != self.attempts or not self.client.alive:
+            return  # that attempt was given up on; another one is under way
+        self.attempts += 1  # settles this attempt: its timeout does nothing now
+        if isinstance(response, RetryAfter):
+            self._wait(response.delay_ms / 1000)
+        elif isinstance(response, Goodbye) and response.code in RETRYABLE_CODES:
+            self._wait(0.0)
+        else:
+            self.answer(response)
+
+    def _timed_out(self, number: int) -> None:
+        if number == self.attempts and self.client.alive:
+            self._wait(0.0)
+
+    def _wait(self, floor: float) -> None:
+        server = self.server
+        if self.backoff is None:
+            self.backoff = Backoff(server.rng, base=0.1, cap=30.0)
+        at = server.scheduler.now + self.backoff.next_delay(floor)
+        if at > self.give_up_at:
+            self.answer(None)
+        else:
+            server.scheduler.at(at, self.attempt)

@@ -83,9 +83,12 @@ REJOIN_AGAIN_AFTER = 0.5
 """A parent the tracker chose after a failure that has not accepted us by then is named
 in another REJOIN: after a mass failure it may be dead too, unknown to the tracker, and
 the connect timeout would cost seconds of audio. The attempt goes on meanwhile."""
-VOUCH_DELAY = 6.0
-"""Seconds on a new parent before one REFRESH names it: the tracker counts that as the
-parent delivering (it needs 5 s, docs/spec.md §7.3), and relays earn capacity by it."""
+VOUCH_DELAY = (6.0, 18.0)
+"""Seconds on a new parent (uniform in this range) before one REFRESH names it: the
+tracker counts that as the parent delivering (it needs 5 s, docs/spec.md §7.3), and
+relays earn capacity by it. Spread, so that the vouches of a join storm do not come back
+as a second storm: in the sim, 6 s for everyone doubled the tracker's load at the peak
+and it collapsed (`meshd sim churn --listeners 30000`)."""
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -805,7 +808,7 @@ class NodeCore:
             self.stats.parent_switches += 1
         self._set_path(up.path, now)
         self.reorder.retry_gaps_now(now)
-        self._vouch_at = now + VOUCH_DELAY
+        self._vouch_at = now + self.rng.uniform(*VOUCH_DELAY)
         self._vouch_link = up.id
         logger.info("receiving from %s at %s", short_id(up.peer.node), up.peer.address)
 

@@ -441,7 +441,8 @@ class FlowNode:
             # It died while its acceptance was on the way: silence, as for any dead parent.
             notice = max(now, parent.gone_at + parent.delay + self.delay) + self.up_silence
             self.room.at(notice, functools.partial(self.parent_silent, parent, self.link_epoch))
-        self.room.at(now + VOUCH_DELAY, functools.partial(self._vouch_due, self.link_epoch))
+        vouch_at = now + self.room.rng.uniform(*VOUCH_DELAY)
+        self.room.at(vouch_at, functools.partial(self._vouch_due, self.link_epoch))
         if not self.has_path:
             self.has_path = True
             waiting, self.waiting = self.waiting, []

@@ -283,9 +283,11 @@ class Room:
                 return
             time.sleep(0.05)
 
-    def open(self, origin_capacity: int) -> Node:
+    def open(self, origin_capacity: int, tracker_args: tuple[str, ...] = ()) -> Node:
         """Tracker, stream key and origin; returns the origin once it is registered."""
-        tracker = self.start("tracker", ["tracker", "--listen", "127.0.0.1:0"], node=False)
+        tracker = self.start(
+            "tracker", ["tracker", "--listen", "127.0.0.1:0", *tracker_args], node=False
+        )
         self.tracker = tracker.wait_for_output("listening on", 20).split()[-1]
         key = self.workdir / "origin.key"
         self.stream = subprocess.run(
@@ -646,11 +648,13 @@ def run_cpu(workdir: Path, audio: Path, source: Path | None = None) -> CpuResult
     """origin (capacity 1) -> relay -> 4 leaves; the relay's CPU and RSS in steady state.
 
     The relay declares one slot more than it will use: the tracker keeps a tree's last
-    free slot for a relay, so a fifth slot is what lets the fourth leaf in.
+    free slot for a relay, so a fifth slot is what lets the fourth leaf in. The tracker
+    takes capacity as declared (--initial-capacity 0): a fresh relay would otherwise have
+    only 4 slots, the last kept for a relay, and the fourth leaf would never get in.
     """
     log(f"relay CPU: origin -> relay -> 4 leaves ({source or 'this tree'})")
     with room(workdir, audio, source=source) as r:
-        origin = r.open(1)
+        origin = r.open(1, ("--initial-capacity", "0"))
         relay = r.listener("relay", MAX_CHILDREN + 1)
         if not wait_until(relay.is_playing, 20):
             raise RuntimeError(f"the relay does not play:\n{relay.tail()}")

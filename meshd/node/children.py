@@ -311,6 +311,12 @@ class Children:
     def _let_go_a_silent_child(self, now: float) -> bool:
         """Free the slot of the quietest child silent for half the child timeout, so the
         newcomers held for it are admitted (True), if there is one."""
+        for child in self._streaming:
+            # What was heard when the newcomer was held is stale: ACKs come every few
+            # hundred ms, and a child heard since then is not silent.
+            heard = self.last_heard(child)
+            if heard is not None:
+                self._links[child].child_heard(heard)
         silent = [
             (link.child_heard_at, child)
             for child in self._streaming

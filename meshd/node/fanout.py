@@ -18,8 +18,14 @@ from protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
 
-NODE_ENDPOINT = EndpointConfig(client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE)
-"""A node's endpoint: a child never sends datagrams to its parent (docs/spec.md §10)."""
+NODE_ENDPOINT = EndpointConfig(
+    client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE, max_ack_delay=0.25
+)
+"""A node's endpoint: a child never sends datagrams to its parent (docs/spec.md §10). It
+acknowledges every second live chunk, or a lone one within 250 ms: a parent counts ACKs
+as life (§6.6), and it sends something at least every heartbeat interval, so it hears a
+live child at least every 2 heartbeat intervals; the ACKs were a quarter of a relay's
+CPU when each chunk was acknowledged."""
 
 SUBSCRIBE_TIMEOUT = 5.0
 

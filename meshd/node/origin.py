@@ -79,7 +79,7 @@ class Origin:
         self.registered = trio.Event()
         self._endpoint: QuicEndpoint | None = None
         self._input_scope = trio.CancelScope()
-        self._rearm = trio.Event()
+        self._timer_scope = trio.CancelScope()
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -162,19 +162,23 @@ class Origin:
         self._pump()
 
     def _pump(self) -> None:
-        """Send what the children core queued and re-arm the timer."""
+        """Send what the children core queued and move the timer's deadline (an input
+        that leaves it where it was wakes nothing)."""
         self.fanout.flush()
-        self._rearm.set()
+        self._timer_scope.deadline = self._core_deadline()
 
     async def _run_timer(self) -> None:
         while True:
+            with trio.CancelScope(deadline=self._core_deadline()) as self._timer_scope:
+                await trio.sleep_forever()
             deadline = self.core.get_timer()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._rearm.wait()
-            self._rearm = trio.Event()
             if deadline is not None and trio.current_time() >= deadline:
                 self.core.handle_timer(trio.current_time())
                 self._pump()
+
+    def _core_deadline(self) -> float:
+        deadline = self.core.get_timer()
+        return math.inf if deadline is None else deadline
 
     async def _read_head(
         self, source: trio.abc.ReceiveStream, parser: OggOpusParser

@@ -1,13 +1,16 @@
 """The listener's audio output: a valid Ogg Opus stream to a file or stdout.
 
-Pages are built in the event loop (cheap) and written by a worker thread, so a player
-that stops reading our stdout stalls only the output, never relaying to children.
+Pages are built in the event loop (cheap). To a regular file they are written there too
+(a write to the page cache does not block); to stdout, a pipe or a device they are
+written by a worker thread, so a player that stops reading stalls only the output, never
+relaying to children.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +40,8 @@ class AudioSink:
         self._muxer: OggOpusMuxer | None = None
         self._send, self._receive = trio.open_memory_channel[bytes](MAX_QUEUED_WRITES)
         self._dropped = 0
+        self._inline = False
+        self._error: OSError | None = None
         self.on_broken: Callable[[], None] = lambda: None
 
     @property
@@ -47,6 +52,8 @@ class AudioSink:
         """Begin the file with the stream's OpusHead (once; later calls are ignored)."""
         if self._muxer is None:
             self._muxer = OggOpusMuxer(head)
+            # A thread hop per chunk cost a relay about as much as forwarding it to a child.
+            self._inline = self.path != "-" and _regular_or_new(self.path)
             self._queue(self._muxer.headers)
 
     def write(self, chunk: Chunk) -> None:
@@ -64,6 +71,13 @@ class AudioSink:
         self._send.close()
 
     def _queue(self, data: bytes) -> None:
+        if self._inline and self._error is None:
+            try:
+                self._write_and_flush(data)
+            except OSError as exc:
+                self._error = exc  # `run` reports it, outside the caller's pump
+                self._send.close()
+            return
         try:
             self._send.send_nowait(data)
         except trio.WouldBlock:
@@ -79,6 +93,8 @@ class AudioSink:
         try:
             async for data in self._receive:
                 await trio.to_thread.run_sync(self._write_and_flush, data)
+            if self._error is not None:
+                raise self._error
         except OSError as exc:
             logger.warning("cannot write to %s (%s); leaving", self.path, exc.strerror or exc)
             self._send.close()
@@ -92,6 +108,16 @@ class AudioSink:
             self._out = sys.stdout.buffer if self.path == "-" else open(self.path, "wb")  # noqa: SIM115
         self._out.write(data)
         self._out.flush()
+
+
+def _regular_or_new(path: str) -> bool:
+    """Whether opening `path` for writing gives a regular file (not a FIFO or device)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def check_output_path(path: str, option: str) -> None:

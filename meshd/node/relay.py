@@ -109,7 +109,7 @@ class Relay:
         self._parents: dict[int, ParentConnection] = {}
         self._endpoint: QuicEndpoint | None = None
         self._nursery: trio.Nursery | None = None
-        self._rearm = trio.Event()
+        self._timer_scope = trio.CancelScope()
         self._no_parents = trio.Event()
         self._done = trio.Event()
         self._finished: Finished | None = None
@@ -183,12 +183,12 @@ class Relay:
             nursery.cancel_scope.cancel()
 
     async def _run_timer(self) -> None:
-        """One task for every deadline of the core; woken early when they change."""
+        """One task for every deadline of the core; `_pump` moves the deadline of the
+        scope it sleeps in, so an input that does not change it costs no wake-up."""
         while True:
+            with trio.CancelScope(deadline=self._core_deadline()) as self._timer_scope:
+                await trio.sleep_forever()
             deadline = self.core.get_timer()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
-                await self._rearm.wait()
-            self._rearm = trio.Event()
             now = trio.current_time()
             if deadline is not None and now - deadline > STARVED:
                 # We woke far too late: our own process was starved of CPU, and what the
@@ -198,6 +198,10 @@ class Relay:
             if deadline is not None and now >= deadline:
                 self.core.handle_timer(now)
                 self._pump()
+
+    def _core_deadline(self) -> float:
+        deadline = self.core.get_timer()
+        return math.inf if deadline is None else deadline
 
     def _pump(self) -> None:
         """Carry out what the core asked for, then send what it queued."""
@@ -227,7 +231,7 @@ class Relay:
             if parent is not None:
                 parent.wake()
         self.fanout.flush()
-        self._rearm.set()
+        self._timer_scope.deadline = self._core_deadline()
 
     def _connect(self, action: Connect) -> None:
         assert self._nursery is not None and self._endpoint is not None

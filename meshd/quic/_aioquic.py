@@ -4,7 +4,8 @@ aioquic's public sans-I/O API has no way to ask how much of a stream is still
 unacknowledged, whether the peer has already closed (it reports that only after
 the draining period), which certificate the peer presented, to grant flow
 control credit as the application reads rather than as bytes arrive, to choose the
-key exchange group, to tell 0-RTT stream data from 1-RTT, or to delay ACKs longer.
+key exchange group, to tell 0-RTT stream data from 1-RTT, to delay ACKs longer, or to
+acknowledge less often than once per packet.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aioquic import tls
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]  # re-exported from _buffer
 from aioquic.quic.connection import QuicConnection, QuicConnectionState, QuicReceiveContext
 from aioquic.quic.events import ConnectionTerminated
+from aioquic.quic.packet import pull_quic_transport_parameters, push_quic_transport_parameters
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream as _AioStream
@@ -34,10 +36,19 @@ class MeshQuicConnection(QuicConnection):
     not anyone reads it, so a peer can fill our memory through a stream nobody
     reads. Here the credit is ``consumed + window``, refreshed once half the
     window has been read.
+
+    With ``max_ack_delay`` (seconds) it acknowledges every second ack-eliciting 1-RTT
+    packet at once and a lone one after that delay, which it advertises as its
+    ``max_ack_delay`` transport parameter; stock aioquic acknowledges each packet after
+    1 ms. A receiver of a steady flow of datagrams then sends half the ACKs, from the
+    receive path rather than from a timer of its own.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, max_ack_delay: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self._max_ack_delay = max_ack_delay
+        if max_ack_delay is not None:
+            self._ack_delay = max_ack_delay
         self._consumed: dict[int, int] = {}
         self.early_data_end: dict[int, int] = {}
         """Per stream, the offset up to which data came in 0-RTT packets (an attacker can
@@ -63,6 +74,35 @@ class MeshQuicConnection(QuicConnection):
             end = max(self.early_data_end.get(stream_id, 0), offset + length)
             self.early_data_end[stream_id] = end
         super()._handle_stream_frame(context, frame_type, buf)
+
+    def _serialize_transport_parameters(self) -> bytes:
+        data: bytes = super()._serialize_transport_parameters()
+        if self._max_ack_delay is None:
+            return data
+        # aioquic always advertises 25 ms; the peer's loss recovery must wait for ours.
+        parameters = pull_quic_transport_parameters(Buffer(data=data))
+        parameters.max_ack_delay = round(self._max_ack_delay * 1000)
+        buf = Buffer(capacity=len(data) + 8)
+        push_quic_transport_parameters(buf, parameters)
+        return bytes(buf.data)
+
+    def _payload_received(
+        self, context: QuicReceiveContext, plain: bytes, crypto_frame_required: bool = False
+    ) -> tuple[bool, bool]:
+        is_ack_eliciting, is_probing = super()._payload_received(
+            context, plain, crypto_frame_required
+        )
+        if (
+            is_ack_eliciting
+            and self._max_ack_delay is not None
+            and context.epoch is tls.Epoch.ONE_RTT
+        ):
+            # An ACK is already due later for an earlier packet: this is the second
+            # unacknowledged one, so the ACK leaves with the reply to this datagram.
+            space = self._spaces[tls.Epoch.ONE_RTT]
+            if space.ack_at is not None:
+                space.ack_at = context.time
+        return is_ack_eliciting, is_probing
 
     def stream_consumed(self, stream_id: int, size: int) -> bool:
         """Record that the application read ``size`` bytes; True if credit is due."""

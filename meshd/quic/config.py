@@ -31,6 +31,10 @@ class EndpointConfig:
     that the application's reply leaves in the same packet: a request/response server
     (the tracker) then sends one packet per request instead of three.
 
+    ``max_ack_delay``, when set, is how long a connection may hold the ACK of a lone
+    packet (seconds; it advertises that as its ``max_ack_delay``); every second
+    ack-eliciting packet is acknowledged at once. None: aioquic's ACK after 1 ms.
+
     ``client_datagram_error``, when set, is the application error code a server
     connection closes with when its client sends a DATAGRAM frame (None: datagrams are
     delivered). In meshd/1 datagrams flow only from a parent to its child.
@@ -50,6 +54,7 @@ class EndpointConfig:
     datagram_receive_queue: int = 256
     session_tickets: int = 0
     reply_delay: float = 0.0
+    max_ack_delay: float | None = None
     client_datagram_error: int | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +77,8 @@ class EndpointConfig:
             raise ValueError("session_tickets must be 0 (none) or more")
         if not 0 <= self.reply_delay <= MAX_REPLY_DELAY:
             raise ValueError(f"reply_delay must be from 0 to {MAX_REPLY_DELAY} s")
+        if self.max_ack_delay is not None and not 0.001 <= self.max_ack_delay < 2**14 / 1000:
+            raise ValueError("max_ack_delay must be from 1 ms to 16.383 s (RFC 9000 §18.2)")
 
     def quic_configuration(
         self,

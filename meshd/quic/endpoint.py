@@ -237,6 +237,7 @@ class QuicEndpoint:
             configuration = dataclasses.replace(configuration, session_ticket=resume[0])
         quic = MeshQuicConnection(
             configuration=configuration,
+            max_ack_delay=self.config.max_ack_delay,
             session_ticket_handler=lambda ticket: self._client_tickets.put(
                 remote, ticket, conn.peer_key
             ),
@@ -336,6 +337,7 @@ class QuicEndpoint:
         tickets = self._server_tickets if self._server_tickets.capacity else None
         quic = MeshQuicConnection(
             configuration=self._server_config,
+            max_ack_delay=self.config.max_ack_delay,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
             session_ticket_fetcher=None if tickets is None else tickets.take,

@@ -165,6 +165,11 @@ def test_a_run_is_the_same_for_the_same_seed() -> None:
 # -- targets the sim shows unmet (docs/performance.md) -------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fast launch of a mostly-leaf audience deepens the tree (12, bound 9): leaves "
+    "move down only at their REFRESH every refresh_s",
+)
 def test_a_fast_launch_stays_within_the_depth_bound() -> None:
     f = sim("launch", "flow", 2000, 60)
     assert f["depth_max_seen"] <= f["depth_bound"]

@@ -83,12 +83,6 @@ REJOIN_AGAIN_AFTER = 0.5
 """A parent the tracker chose after a failure that has not accepted us by then is named
 in another REJOIN: after a mass failure it may be dead too, unknown to the tracker, and
 the connect timeout would cost seconds of audio. The attempt goes on meanwhile."""
-VOUCH_DELAY = (6.0, 18.0)
-"""Seconds on a new parent (uniform in this range) before one REFRESH names it: the
-tracker counts that as the parent delivering (it needs 5 s, docs/spec.md §7.3), and
-relays earn capacity by it. Spread, so that the vouches of a join storm do not come back
-as a second storm: in the sim, 6 s for everyone doubled the tracker's load at the peak
-and it collapsed (`meshd sim churn --listeners 30000`)."""
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -283,9 +277,6 @@ class NodeCore:
         """The tracker did not know the stream when we first asked: once it starts, it is
         played from its first chunk."""
         self._refresh_at: float | None = None
-        self._vouch_at: float | None = None
-        self._vouch_link: int | None = None
-        """The link to name in that REFRESH: if the parent changed meanwhile, none is sent."""
         self._drain_until: float | None = None
         self._leave_deadline: float | None = None
         self._output_started = False
@@ -398,7 +389,6 @@ class NodeCore:
         deadlines = [
             self._place_at,
             self._refresh_at,
-            self._vouch_at,
             self._drain_until,
             self._leave_deadline,
             self._reconcile_at,
@@ -452,12 +442,6 @@ class NodeCore:
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = None
             self._ask(self._refresh_request(), Purpose.REFRESH)
-        if self._vouch_at is not None and now >= self._vouch_at:
-            self._vouch_at = None
-            current = self.current
-            on_it = current is not None and current.id == self._vouch_link
-            if on_it and not self._asking(Purpose.REFRESH):
-                self._ask(self._refresh_request(), Purpose.REFRESH)
         if self._leave_deadline is not None and now >= self._leave_deadline:
             self._leave_deadline = None
             logger.warning("the tracker did not answer LEAVE; sending children upstream")
@@ -808,8 +792,6 @@ class NodeCore:
             self.stats.parent_switches += 1
         self._set_path(up.path, now)
         self.reorder.retry_gaps_now(now)
-        self._vouch_at = now + self.rng.uniform(*VOUCH_DELAY)
-        self._vouch_link = up.id
         logger.info("receiving from %s at %s", short_id(up.peer.node), up.peer.address)
 
     def _set_path(self, parent_path: tuple[bytes, ...], now: float) -> None:
@@ -1078,7 +1060,7 @@ class NodeCore:
             return
         self.phase = Phase.DRAINING
         self._cancel_round()
-        self._refresh_at = self._place_at = self._reconcile_at = self._vouch_at = None
+        self._refresh_at = self._place_at = self._reconcile_at = None
         self.refresh_stats(now)
         if self.children.connections == 0:
             self._done(now)

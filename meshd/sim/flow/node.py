@@ -15,8 +15,7 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
   moves make-before-break wherever the tracker's answer says.
 - A node whose parent plays nothing new waits while the parent says it is stalled too,
   and leaves it after stall timeout + stall grace (2 + 4 s) whatever it says.
-- REFRESH every refresh_s (0.8..1 x), and once 6 s after each attach if still on that
-  parent (it vouches for it, docs/spec.md §7.3); an ASSIGNED answer is followed.
+- REFRESH every refresh_s (0.8..1 x); an ASSIGNED answer is followed.
 - A graceful leave sends LEAVE, REDIRECTs its children where MOVED says (or to its own
   parent), keeps feeding them until they moved (at most 5 s), then goes.
 - A parent lets a dead child go after the child timeout and tells the tracker
@@ -46,7 +45,6 @@ from meshd.node.core import (
     STALL_SLACK,
     STORM_WINDOW,
     UNKNOWN_RETRIES,
-    VOUCH_DELAY,
     Phase,
     Purpose,
 )
@@ -441,8 +439,6 @@ class FlowNode:
             # It died while its acceptance was on the way: silence, as for any dead parent.
             notice = max(now, parent.gone_at + parent.delay + self.delay) + self.up_silence
             self.room.at(notice, functools.partial(self.parent_silent, parent, self.link_epoch))
-        vouch_at = now + self.room.rng.uniform(*VOUCH_DELAY)
-        self.room.at(vouch_at, functools.partial(self._vouch_due, self.link_epoch))
         if not self.has_path:
             self.has_path = True
             waiting, self.waiting = self.waiting, []
@@ -714,17 +710,6 @@ class FlowNode:
 
     def _refresh_due(self) -> None:
         if self.phase is Phase.RUNNING:
-            self._ask(self._refresh_request(self.room.now), Purpose.REFRESH)
-
-    def _vouch_due(self, epoch: int) -> None:
-        """Still on the parent this link attached to: name it (as `NodeCore` does)."""
-        if (
-            self.alive
-            and self.phase is Phase.RUNNING
-            and self.link_epoch == epoch
-            and self.up is not None
-            and not self._asking(Purpose.REFRESH)
-        ):
             self._ask(self._refresh_request(self.room.now), Purpose.REFRESH)
 
     def _refreshed(self, answer: TrackerResponse | None, now: float) -> None:

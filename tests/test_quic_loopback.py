@@ -156,6 +156,26 @@ async def test_a_server_that_takes_no_datagrams_closes_on_one() -> None:
             assert server_conn.is_closed and server_conn.close_code == 0x05
 
 
+async def test_a_longer_ack_delay_is_advertised_and_a_lone_packet_is_still_acknowledged() -> None:
+    """A child that holds a lone ACK up to 250 ms tells its parent so (the parent's loss
+    recovery waits for it); the last datagram of a burst is acknowledged within it."""
+    config = EndpointConfig(max_ack_delay=0.25)
+    with trio.fail_after(10):
+        async with (
+            endpoints(None, client_config=config) as (server, client),
+            client.connect(server.address) as client_conn,
+        ):
+            server_conn = await server.accept()
+            assert server_conn._quic._loss.max_ack_delay == 0.25
+            before = server_conn.last_received_at
+            for i in range(20):
+                server_conn.send_datagram(b"%d" % i)
+                await trio.sleep(0.01)
+            assert [await client_conn.receive_datagram() for _ in range(20)][-1] == b"19"
+            await trio.sleep(0.3)
+            assert server_conn.last_received_at > before  # the lone last one too
+
+
 async def test_close_code_and_reason_reach_the_peer() -> None:
     seen: list[ConnectionLost] = []
     server_done = trio.Event()

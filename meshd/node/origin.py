@@ -7,7 +7,6 @@ else gets the stream from other listeners.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import sys
@@ -27,6 +26,7 @@ from meshd.node.fanout import NODE_ENDPOINT, Fanout
 from meshd.node.report import StatsReporter
 from meshd.node.source import OriginCore
 from meshd.node.stats import ChunkTrace
+from meshd.node.timer import CoreTimer
 from meshd.ogg import AudioError, OggOpusParser, OpusPacket
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker, now_ms
@@ -79,7 +79,7 @@ class Origin:
         self.registered = trio.Event()
         self._endpoint: QuicEndpoint | None = None
         self._input_scope = trio.CancelScope()
-        self._timer_scope = trio.CancelScope()
+        self._timer = CoreTimer(self.core.get_timer)
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -162,23 +162,16 @@ class Origin:
         self._pump()
 
     def _pump(self) -> None:
-        """Send what the children core queued and move the timer's deadline (an input
-        that leaves it where it was wakes nothing)."""
+        """Send what the children core queued and move the timer's deadline."""
         self.fanout.flush()
-        self._timer_scope.deadline = self._core_deadline()
+        self._timer.rearm()
 
     async def _run_timer(self) -> None:
         while True:
-            with trio.CancelScope(deadline=self._core_deadline()) as self._timer_scope:
-                await trio.sleep_forever()
-            deadline = self.core.get_timer()
+            deadline = await self._timer.wait()
             if deadline is not None and trio.current_time() >= deadline:
                 self.core.handle_timer(trio.current_time())
                 self._pump()
-
-    def _core_deadline(self) -> float:
-        deadline = self.core.get_timer()
-        return math.inf if deadline is None else deadline
 
     async def _read_head(
         self, source: trio.abc.ReceiveStream, parser: OggOpusParser

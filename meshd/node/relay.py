@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from meshd.node.fanout import NODE_ENDPOINT, Fanout
 from meshd.node.output import AudioSink
 from meshd.node.report import StatsReporter
 from meshd.node.stats import ChunkTrace
+from meshd.node.timer import CoreTimer
 from meshd.node.upstream import ParentConnection
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import (
@@ -109,7 +109,7 @@ class Relay:
         self._parents: dict[int, ParentConnection] = {}
         self._endpoint: QuicEndpoint | None = None
         self._nursery: trio.Nursery | None = None
-        self._timer_scope = trio.CancelScope()
+        self._timer = CoreTimer(self.core.get_timer)
         self._no_parents = trio.Event()
         self._done = trio.Event()
         self._finished: Finished | None = None
@@ -183,12 +183,9 @@ class Relay:
             nursery.cancel_scope.cancel()
 
     async def _run_timer(self) -> None:
-        """One task for every deadline of the core; `_pump` moves the deadline of the
-        scope it sleeps in, so an input that does not change it costs no wake-up."""
+        """One task for every deadline of the core (`_pump` rearms it)."""
         while True:
-            with trio.CancelScope(deadline=self._core_deadline()) as self._timer_scope:
-                await trio.sleep_forever()
-            deadline = self.core.get_timer()
+            deadline = await self._timer.wait()
             now = trio.current_time()
             if deadline is not None and now - deadline > STARVED:
                 # We woke far too late: our own process was starved of CPU, and what the
@@ -198,10 +195,6 @@ class Relay:
             if deadline is not None and now >= deadline:
                 self.core.handle_timer(now)
                 self._pump()
-
-    def _core_deadline(self) -> float:
-        deadline = self.core.get_timer()
-        return math.inf if deadline is None else deadline
 
     def _pump(self) -> None:
         """Carry out what the core asked for, then send what it queued."""
@@ -231,7 +224,7 @@ class Relay:
             if parent is not None:
                 parent.wake()
         self.fanout.flush()
-        self._timer_scope.deadline = self._core_deadline()
+        self._timer.rearm()
 
     def _connect(self, action: Connect) -> None:
         assert self._nursery is not None and self._endpoint is not None

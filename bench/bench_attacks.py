@@ -218,11 +218,15 @@ ATTACKS: dict[str, Attack] = {
         ),
     ),
     "unauthenticated-pull": Attack("NOT DEFENDED (children not authenticated)", _pull, _pulled),
-    "slowloris-200": Attack("2 s SUBSCRIBE deadline, 16 waiting", _slowloris, _held),
+    "slowloris-200": Attack(
+        "2 s SUBSCRIBE deadline, 16 waiting (4 per network), handshakes per network",
+        _slowloris,
+        _held,
+    ),
     "repair-leech-60/s": Attack("repair budget: live bytes + 64 KiB", _leech(False), _pulled),
     "repair-future-60/s": Attack("BAD_REPAIR", _leech(True), _pulled),
     "initial-flood-200/s": Attack(
-        "NOT DEFENDED (pending-handshake cap; no Retry)",
+        "Retry once 32 handshakes are pending; pending and rate per network",
         _initials,
         lambda take: f"{take.initials_sent} Initials sent",
     ),

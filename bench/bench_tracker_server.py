@@ -192,7 +192,7 @@ def tracker_process(
     command += ["-m", "meshd"] if profile is None else ["-c", PROFILED_MESHD, str(profile)]
     command += ["tracker", "--listen", "127.0.0.1:0", "--refresh", "180", *extra]
     if source is None:  # every client is on 127.0.0.1: one network
-        command += ["--joins-per-network", "0"]
+        command += ["--joins-per-network", "0", "--handshakes-per-network", "0"]
     log = workdir / f"{name}.log"
     with log.open("wb") as log_file:
         popen = subprocess.Popen(

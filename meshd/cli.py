@@ -381,6 +381,16 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         "applies, e.g. a household or an office starting together (default 100)",
     )
     command.add_argument(
+        "--handshakes-per-network",
+        type=_rate,
+        default=50.0,
+        metavar="RATE",
+        help="QUIC handshakes per second one source network may start (per worker), "
+        "after a burst of 200; beyond, its connection attempts are dropped before any "
+        "crypto, so one machine cannot keep the tracker busy with handshakes "
+        "(default 50; 0: no limit)",
+    )
+    command.add_argument(
         "--max-capacity",
         type=_count,
         default=16,
@@ -437,6 +447,7 @@ def run_tracker(args: argparse.Namespace) -> int:
         max_pending=args.max_pending,
         joins_per_network_s=args.joins_per_network,
         join_burst_per_network=args.join_burst,
+        handshakes_per_network_s=args.handshakes_per_network,
         max_capacity=args.max_capacity,
         initial_capacity=args.initial_capacity,
         identities_per_network=args.identities_per_network,

@@ -34,7 +34,7 @@ class Parent:
 
     def subscribe(self, child: int, now: float) -> None:
         link = ChildLink(self.stream, bytes([child]) * 32, None, parent=PARENT, now=now)
-        self.children.open(child, 1200, now)
+        self.children.open(child, 1200, now, network=f"192.0.2.{child}/32")
         self.heard[child] = now
         self.children.receive_data(child, link.data_to_send(), now)
 
@@ -69,7 +69,7 @@ def test_a_connection_that_never_subscribes_is_closed_and_only_a_few_may_wait() 
     parent = Parent()
     limit = NodeConfig().max_unsubscribed
     for child in range(limit + 3):
-        parent.children.open(child, 1200, now=0.0)
+        parent.children.open(child, 1200, 0.0, network=f"10.0.{child}.0/24")
         parent.children.receive_data(child, b"\x05", now=0.0)  # a byte of a frame header
     refused = parent.children.take_closes()
     assert refused == [CloseChild(c, ErrorCode.OVERLOADED) for c in range(limit, limit + 3)]
@@ -80,6 +80,21 @@ def test_a_connection_that_never_subscribes_is_closed_and_only_a_few_may_wait() 
     assert closed == [CloseChild(c, ErrorCode.CHILD_TIMEOUT) for c in range(limit)]
     assert parent.gone == []  # nobody the tracker placed: they never said who they are
     parent.subscribe(99, now=2.5)  # an honest child still gets in
+    assert parent.children.streaming_nodes() == {bytes([99]) * 32}
+
+
+def test_one_network_holds_only_a_few_of_the_places_of_connections_not_subscribed() -> None:
+    """Slowloris that reopens from one place: it keeps a few places, the rest stay open."""
+    parent = Parent()
+    share = NodeConfig().max_unsubscribed_per_network
+    for child in range(share + 5):
+        parent.children.open(child, 1200, 0.0, network="203.0.113.0/24")
+    refused = parent.children.take_closes()
+    assert refused == [CloseChild(c, ErrorCode.OVERLOADED) for c in range(share, share + 5)]
+    for child in range(share + 5):
+        if child >= share:
+            parent.children.closed(child)
+    parent.subscribe(99, now=0.1)  # another network's newcomer is not refused
     assert parent.children.streaming_nodes() == {bytes([99]) * 32}
 
 

@@ -17,6 +17,7 @@ from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint
 from tests.quic_helpers import endpoints
 
 INITIAL_SIZE = 1200
+ATTACKER = "127.66.0.1"  # another /24 than the honest client's 127.0.0.1
 
 
 def random_initial(rng: random.Random, version: int = 1) -> bytes:
@@ -80,7 +81,10 @@ async def test_flood_of_random_cid_initials() -> None:
             start = trio.current_time()
             await spray(server, flood)
             assert trio.current_time() - start < 10
-            assert server.stats.bogus_initials >= 1900  # a few may be lost on the socket
+            # Undecryptable, or dropped before the decryption when their network's rate
+            # was used up; a few may be lost on the socket.
+            dropped = server.stats.bogus_initials + server.stats.initials_over_network_limits
+            assert dropped >= 1900
             assert server.connection_count == 1
             assert server.pending_handshakes == 0
             assert await echo_once(conn, b"survived") == b"survived"
@@ -89,7 +93,13 @@ async def test_flood_of_random_cid_initials() -> None:
 
 
 async def test_pending_handshake_cap_is_honoured() -> None:
-    config = EndpointConfig(max_pending_handshakes=20, handshake_timeout=1.0)
+    config = EndpointConfig(
+        max_pending_handshakes=20,
+        handshake_timeout=1.0,
+        retry_above=None,
+        max_pending_per_network=100,
+        handshakes_per_network=0,
+    )
     with trio.fail_after(20):
         async with endpoints(server_config=config) as (server, client):
             established = await client.connect(server.address)
@@ -103,6 +113,54 @@ async def test_pending_handshake_cap_is_honoured() -> None:
             async with client.connect(server.address) as late:
                 assert server.pending_handshakes < 20  # half-open ones time out as they go
                 assert await echo_once(late, b"in") == b"in"
+
+
+async def spray_from(host: str, server: QuicEndpoint, datagrams: list[bytes]) -> None:
+    with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind((host, 0))
+        for datagram in datagrams:
+            await sock.sendto(datagram, server.address)
+        await trio.sleep(0.2)
+
+
+async def test_under_load_initials_must_prove_their_address_first() -> None:
+    config = EndpointConfig(retry_above=4, handshake_timeout=5.0)
+    with trio.fail_after(20):
+        async with endpoints(server_config=config) as (server, client):
+            await spray(server, [client_hello(server.address) for _ in range(100)])
+            # Four half-open handshakes hold state; the rest got a stateless Retry that
+            # a source which never answers (or a spoofed one) cannot follow.
+            assert server.pending_handshakes == 4
+            assert server.stats.retries_sent >= 90
+            async with client.connect(server.address) as conn:  # follows the Retry
+                assert await echo_once(conn, b"proven") == b"proven"
+            assert server.stats.retries_sent >= 91
+
+
+async def test_one_network_gets_a_bounded_share_of_pending_handshakes() -> None:
+    config = EndpointConfig(retry_above=None, max_pending_per_network=5, handshakes_per_network=0)
+    with trio.fail_after(20):
+        async with endpoints(server_config=config) as (server, client):
+            hellos = [client_hello(server.address) for _ in range(50)]
+            await spray_from(ATTACKER, server, hellos)
+            assert server.pending_handshakes == 5
+            assert server.stats.initials_over_network_limits >= 40
+            async with client.connect(server.address) as conn:  # 127.0.0.1: another network
+                assert await echo_once(conn, b"other network") == b"other network"
+
+
+async def test_one_network_gets_a_bounded_rate_of_handshakes() -> None:
+    config = EndpointConfig(
+        retry_above=None, max_pending_per_network=100, handshakes_per_network=1, handshake_burst=8
+    )
+    with trio.fail_after(20):
+        async with endpoints(server_config=config) as (server, client):
+            hellos = [client_hello(server.address) for _ in range(50)]
+            await spray_from(ATTACKER, server, hellos)
+            assert server.pending_handshakes == 8
+            assert server.stats.initials_over_network_limits >= 40
+            async with client.connect(server.address) as conn:
+                assert await echo_once(conn, b"other network") == b"other network"
 
 
 async def test_unknown_version_gets_version_negotiation() -> None:

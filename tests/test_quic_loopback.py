@@ -404,7 +404,7 @@ async def test_server_full_refuses_quickly() -> None:
 
 async def test_stateless_retry() -> None:
     with trio.fail_after(10):
-        async with endpoints(retry=True) as (server, client):
+        async with endpoints(retry_above=0) as (server, client):
             async with client.connect(server.address) as conn:
                 stream = await conn.open_stream()
                 await stream.send_all(b"validated")
@@ -416,8 +416,11 @@ async def test_many_concurrent_connections() -> None:
     count = 200
     results: list[bytes] = []
     all_open = trio.Event()
+    # One client network opening 200 at once: no per-network limits, and the server asks
+    # for a Retry once 16 handshakes are pending.
+    config = EndpointConfig(max_pending_per_network=count, handshakes_per_network=0)
     with trio.fail_after(30):
-        async with endpoints() as (server, client):
+        async with endpoints(server_config=config) as (server, client):
 
             async def one(i: int) -> None:
                 async with client.connect(server.address) as conn:

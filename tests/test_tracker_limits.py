@@ -1,4 +1,4 @@
-"""Per-network JOIN limits (meshd/tracker/limits.py), on a fake clock and over QUIC."""
+"""Per-network limits (meshd/networks.py, meshd/tracker/limits.py): fake clock, and QUIC."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from meshd.tracker.limits import JoinLimiter, NetworkCensus, network_of
+from meshd.networks import NetworkBuckets, network_of
+from meshd.tracker.limits import NetworkCensus
 from meshd.tracker.service import TrackerConfig
 from protocol import Join, key_id, sign_message
 from tests.test_tracker_server import STREAM, now_ms, room
@@ -21,7 +22,7 @@ def test_networks_are_ipv4_slash_24_and_ipv6_slash_48() -> None:
 
 
 def test_a_burst_then_a_steady_rate_per_network() -> None:
-    limiter = JoinLimiter(rate=2.0, burst=3)
+    limiter = NetworkBuckets(rate=2.0, burst=3)
     assert [limiter.wait("192.0.2.1", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
     assert limiter.wait("192.0.2.200", 0.0) == pytest.approx(0.5)  # same /24: empty
     assert limiter.wait("198.51.100.1", 0.0) == 0.0  # another network has its own bucket
@@ -31,7 +32,7 @@ def test_a_burst_then_a_steady_rate_per_network() -> None:
 
 
 def test_memory_is_bounded_whatever_the_number_of_networks() -> None:
-    limiter = JoinLimiter(rate=1.0, burst=1, max_networks=100)
+    limiter = NetworkBuckets(rate=1.0, burst=1, max_networks=100)
     for i in range(10_000):
         limiter.wait(f"10.{i // 256 % 256}.{i % 256}.1", 0.0)
     assert len(limiter) == 100

@@ -68,6 +68,7 @@ class Children:
         """Called with the node id of each streaming child let go for silence
         (CHILD_TIMEOUT): the tracker counts its slot as taken until told otherwise."""
         self._links: dict[int, ParentLink] = {}
+        self._networks: dict[int, str] = {}  # child -> the source network it connected from
         self._streaming: set[int] = set()
         self._stalled_since: float | None = None
         self._waiting: dict[int, tuple[SubscribeRequested, float]] = {}
@@ -99,8 +100,8 @@ class Children:
 
     # -- inputs from the driver ------------------------------------------------------------
 
-    def open(self, child: int, max_datagram: int, now: float) -> None:
-        """A child connected and opened its control stream."""
+    def open(self, child: int, max_datagram: int, now: float, network: str) -> None:
+        """A child connected, from source `network`, and opened its control stream."""
         link = ParentLink(
             self.stream,
             now=now,
@@ -110,14 +111,20 @@ class Children:
             subscribe_timeout=self.config.subscribe_timeout,
         )
         link.stalled_since = self._stalled_since
-        unsubscribed = sum(
-            1
-            for other in self._links.values()
-            if other.child is None and other.state is not LinkState.CLOSED
-        )
+        unsubscribed = [
+            other
+            for other, other_link in self._links.items()
+            if other_link.child is None and other_link.state is not LinkState.CLOSED
+        ]
+        same_network = sum(1 for other in unsubscribed if self._networks[other] == network)
         self._links[child] = link
-        if unsubscribed >= self.config.max_unsubscribed:
-            # Connections that say nothing cost memory and slots: a bounded number wait.
+        self._networks[child] = network
+        if (
+            len(unsubscribed) >= self.config.max_unsubscribed
+            or same_network >= self.config.max_unsubscribed_per_network
+        ):
+            # Connections that say nothing cost memory and slots: a bounded number wait,
+            # and one source network may not take every place (slowloris that reopens).
             link.goodbye(ErrorCode.OVERLOADED, "too many connections not subscribed yet")
             self._after(child, link, now)
 
@@ -148,6 +155,7 @@ class Children:
     def closed(self, child: int) -> None:
         """The child's connection is gone (closed by either side)."""
         self._links.pop(child, None)
+        self._networks.pop(child, None)
         self._streaming.discard(child)
         self._waiting.pop(child, None)
         self._dirty.discard(child)

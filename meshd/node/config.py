@@ -22,6 +22,8 @@ class NodeConfig:
     """A parent closes a connection that has not sent a whole SUBSCRIBE by then."""
     max_unsubscribed: int = 16
     """Connections a parent holds at once that have not subscribed yet; more are refused."""
+    max_unsubscribed_per_network: int = 4
+    """...of which one source network (IPv4 /24, IPv6 /48) may hold this many."""
     buffer_seconds: float = 10.0
     """Audio kept in the ring buffer, for resuming children and repairs."""
     connect_timeout: float = 2.0

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import trio
 
+from meshd.networks import network_of
 from meshd.node.children import Children
 from meshd.quic import DatagramTooLarge, EndpointConfig, QuicConn, QuicStream
 from protocol import ErrorCode
@@ -75,7 +76,8 @@ class Fanout:
         session = _Session(conn, stream)
         self._sessions[child] = session
         self._no_sessions = trio.Event()
-        self.children.open(child, conn.max_datagram_payload, trio.current_time())
+        network = network_of(conn.remote_address[0])
+        self.children.open(child, conn.max_datagram_payload, trio.current_time(), network)
         try:
             with session.cancel:
                 async with trio.open_nursery() as nursery:

@@ -35,6 +35,16 @@ class EndpointConfig:
     packet (seconds; it advertises that as its ``max_ack_delay``); every second
     ack-eliciting packet is acknowledged at once. None: aioquic's ACK after 1 ms.
 
+    Admission (what a flood of connections from one place can take): once
+    ``retry_above`` handshakes are pending, a new connection must first prove it owns its
+    source address with a QUIC Retry (RFC 9000 §8.1.2; 0: always, None: never), so
+    Initials from spoofed or never-answering sources create no state. A source network
+    (IPv4 /24, IPv6 /48) may have ``max_pending_per_network`` handshakes pending and may
+    start ``handshakes_per_network`` handshakes a second after a burst of
+    ``handshake_burst`` (0: no rate limit); Initials beyond either are dropped, which
+    slows an honest client behind that network (it sends its Initial again) and costs a
+    flood nothing.
+
     ``client_datagram_error``, when set, is the application error code a server
     connection closes with when its client sends a DATAGRAM frame (None: datagrams are
     delivered). In meshd/1 datagrams flow only from a parent to its child.
@@ -46,7 +56,10 @@ class EndpointConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 10.0
     keepalive_interval: float | None = 3.0
-    retry: bool = False
+    retry_above: int | None = 16
+    max_pending_per_network: int = 16
+    handshakes_per_network: float = 16.0
+    handshake_burst: int = 64
     stream_send_buffer: int = 256 * 1024
     stream_receive_window: int = 1024 * 1024
     connection_receive_window: int = 4 * 1024 * 1024
@@ -65,6 +78,8 @@ class EndpointConfig:
         for name in (
             "max_connections",
             "max_pending_handshakes",
+            "max_pending_per_network",
+            "handshake_burst",
             "stream_send_buffer",
             "stream_receive_window",
             "connection_receive_window",
@@ -73,6 +88,10 @@ class EndpointConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.retry_above is not None and self.retry_above < 0:
+            raise ValueError("retry_above must be 0 (always retry), more, or None (never)")
+        if self.handshakes_per_network < 0:
+            raise ValueError("handshakes_per_network must be 0 (no limit) or more")
         if self.session_tickets < 0:
             raise ValueError("session_tickets must be 0 (none) or more")
         if not 0 <= self.reply_delay <= MAX_REPLY_DELAY:

@@ -2,8 +2,9 @@
 
 Datagrams are demultiplexed by destination connection id. Unknown ids create
 server connections only for well-formed Initials of at least 1200 bytes, and
-only within the pending-handshake and connection caps; with ``retry`` the
-client's address is validated first, statelessly.
+only within the pending-handshake and connection caps, and within the limits per
+source network; under load (``retry_above``) the client's address is validated first,
+statelessly, with a Retry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
 from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshd.networks import NetworkBuckets, network_of
 from meshd.quic import admission
 from meshd.quic._aioquic import MeshQuicConnection, set_ack_delay
 from meshd.quic.config import EndpointConfig
@@ -49,6 +51,8 @@ class EndpointStats:
     bogus_initials: int = 0
     """Initials that parsed but that aioquic could not make sense of."""
     initials_over_pending_cap: int = 0
+    initials_over_network_limits: int = 0
+    """Dropped: their source network had its pending handshakes, or its rate, used up."""
     connections_refused: int = 0
     retries_sent: int = 0
     connection_errors: int = 0
@@ -77,13 +81,19 @@ class QuicEndpoint:
             is_client=True, certificate=certificate, private_key=private_key
         )
         self._cid_length = self._server_config.connection_id_length
-        self._retry = admission.RetryGate() if config.retry else None
+        self._retry = admission.RetryGate()
+        self._handshake_buckets = (
+            NetworkBuckets(config.handshakes_per_network, config.handshake_burst)
+            if config.handshakes_per_network > 0
+            else None
+        )
         self._server_tickets = ServerTickets(config.session_tickets)
         self._client_tickets = ClientTickets()
         self._by_cid: dict[bytes, QuicConn] = {}
         self._conns: set[QuicConn] = set()
         self._server_conns = 0
-        self._pending: set[QuicConn] = set()
+        self._pending: dict[QuicConn, str] = {}  # handshaking server connection -> network
+        self._pending_by_network: Counter[str] = Counter()
         self._accept_queue: deque[QuicConn] = deque()
         self._accepted = trio.lowlevel.ParkingLot()
         self._closed = False
@@ -191,7 +201,7 @@ class QuicEndpoint:
 
     def connection_established(self, conn: QuicConn) -> None:
         if not conn.is_client:
-            self._pending.discard(conn)
+            self._end_pending(conn)
             self._accept_queue.append(conn)
             self._accepted.unpark_all()
 
@@ -201,11 +211,18 @@ class QuicEndpoint:
         self._conns.discard(conn)
         if not conn.is_client:
             self._server_conns -= 1
-            self._pending.discard(conn)
+            self._end_pending(conn)
             if conn in self._accept_queue:
                 self._accept_queue.remove(conn)
 
     # Internals
+
+    def _end_pending(self, conn: QuicConn) -> None:
+        network = self._pending.pop(conn, None)
+        if network is not None:
+            self._pending_by_network[network] -= 1
+            if not self._pending_by_network[network]:
+                del self._pending_by_network[network]
 
     async def _open(
         self,
@@ -323,17 +340,27 @@ class QuicEndpoint:
             return
         original_dcid: bytes | None = header.destination_cid
         retry_scid: bytes | None = None
-        if self._retry is not None:
-            if not header.token:
-                self.stats.retries_sent += 1
-                self.send_datagram(self._retry.challenge(header, address, now), address)
-                return
+        if header.token:
             original_dcid = self._retry.validate(header, address, now)
             if original_dcid is None:
                 reply = admission.initial_close(header, QuicErrorCode.INVALID_TOKEN)
                 self.send_datagram(reply, address)
                 return
             retry_scid = header.destination_cid
+        elif self.config.retry_above is not None and len(self._pending) >= self.config.retry_above:
+            self.stats.retries_sent += 1
+            self.send_datagram(self._retry.challenge(header, address, now), address)
+            return
+        # Past here the address is proven, or the server is not under load: charging the
+        # Initial to its source network cannot be a spoofer's way to lock a network out
+        # for long (at most `retry_above` unproven handshakes are pending at once).
+        network = network_of(address[0])
+        if self._pending_by_network[network] >= self.config.max_pending_per_network or (
+            self._handshake_buckets is not None
+            and self._handshake_buckets.wait(address[0], now) > 0
+        ):
+            self.stats.initials_over_network_limits += 1
+            return
         tickets = self._server_tickets if self._server_tickets.capacity else None
         quic = MeshQuicConnection(
             configuration=self._server_config,
@@ -353,7 +380,8 @@ class QuicEndpoint:
             return
         self._conns.add(conn)
         self._server_conns += 1
-        self._pending.add(conn)
+        self._pending[conn] = network
+        self._pending_by_network[network] += 1
         conn._register_cid(header.destination_cid)
         conn._register_cid(quic.host_cid)
         self._nursery.start_soon(conn._run_timer)
@@ -420,7 +448,7 @@ async def open_quic_endpoint(
     max_pending_handshakes: int | None = None,
     idle_timeout: float | None = None,
     keepalive_interval: float | None = None,
-    retry: bool | None = None,
+    retry_above: int | None = None,
     config: EndpointConfig | None = None,
     transport: DatagramTransport | None = None,
 ) -> AsyncIterator[QuicEndpoint]:
@@ -435,7 +463,7 @@ async def open_quic_endpoint(
         "max_pending_handshakes": max_pending_handshakes,
         "idle_timeout": idle_timeout,
         "keepalive_interval": keepalive_interval,
-        "retry": retry,
+        "retry_above": retry_above,
     }
     settings = dataclasses.replace(
         config or EndpointConfig(), **{k: v for k, v in overrides.items() if v is not None}

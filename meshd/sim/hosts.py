@@ -94,7 +94,9 @@ class ChildrenDriver:
         self.ends[child] = end
         end.on_stream = lambda data: self._input(child, data, after)
         end.on_closed = lambda reason: self._gone(child, after)
-        self.children.open(child, MAX_DATAGRAM, self.scheduler.now)
+        # Each simulated host is a source network of its own.
+        network = "" if end.peer is None else end.peer.host.address
+        self.children.open(child, MAX_DATAGRAM, self.scheduler.now, network)
 
     def _input(self, child: int, data: bytes, after: Callable[[], None]) -> None:
         self.children.receive_data(child, data, self.scheduler.now)

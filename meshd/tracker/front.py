@@ -10,7 +10,7 @@ A front sheds load before the handshake: with ``max_pending`` requests and hands
 progress, a new connection's first packet is answered with a QUIC CONNECTION_CLOSE
 (CONNECTION_REFUSED), which costs a few percent of a JOIN; the client backs off with
 jitter (docs/spec.md §7.4). One source network gets a bounded rate of JOINs, however
-many identities it has (`JoinLimiter`).
+many identities it has (`NetworkBuckets`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from meshd.networks import NetworkBuckets, network_of
 from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint, QuicStream
-from meshd.tracker.limits import JoinLimiter, network_of
 from meshd.tracker.service import TrackerConfig, check_request
 from protocol import (
     ErrorCode,
@@ -47,6 +47,11 @@ SESSION_TICKETS = 100_000
 """Tickets a front keeps (~0.3 KB each): a node's next request resumes its TLS session."""
 REPLY_DELAY = 0.01
 """A request's ACK waits this long for its answer, so both leave in one packet."""
+PENDING_BEFORE_RETRY = 32
+"""Handshakes a tracker has pending before new ones must answer a Retry first (and what
+one source network may have pending): a flood of Initials that never complete holds at
+most this much state."""
+
 REPLAYABLE = (Refresh, StatusRequest)
 """The requests a front takes from 0-RTT data: a replay costs at most a soft-state
 update the node's next REFRESH corrects (docs/spec.md §2)."""
@@ -55,13 +60,19 @@ Decide = Callable[[TrackerRequest, str], Awaitable[TrackerResponse]]
 """`Tracker.decide`, given a checked request and its sender's source network."""
 
 
-def endpoint_config() -> EndpointConfig:
+def endpoint_config(config: TrackerConfig) -> EndpointConfig:
     """A tracker endpoint: session tickets for resumption, replies coalesced with ACKs,
-    and a datagram (a request sent the wrong way) closes the connection (docs/spec.md §10)."""
+    a datagram (a request sent the wrong way) closes the connection (docs/spec.md §10),
+    and the handshakes one source network may start are `config`'s. Its nodes come
+    and go in bursts: more of them may handshake at once than at a node."""
     return EndpointConfig(
         session_tickets=SESSION_TICKETS,
         reply_delay=REPLY_DELAY,
         client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE,
+        retry_above=PENDING_BEFORE_RETRY,
+        max_pending_per_network=PENDING_BEFORE_RETRY,
+        handshakes_per_network=config.handshakes_per_network_s,
+        handshake_burst=config.handshake_burst_per_network,
     )
 
 
@@ -82,7 +93,7 @@ class TrackerFront:
         """Called for each request answered RETRY_AFTER or connection refused."""
         self._active = 0
         self._joins = (
-            JoinLimiter(config.joins_per_network_s, config.join_burst_per_network)
+            NetworkBuckets(config.joins_per_network_s, config.join_burst_per_network)
             if config.joins_per_network_s > 0
             else None
         )

@@ -1,62 +1,12 @@
-"""Per-network JOIN limits: one source cannot fill the tree with fresh identities.
+"""Per-stream census of source networks: one source cannot fill a stream with identities.
 
-Identities are free (a key pair each), addresses are not. A token bucket per source
-network — an IPv4 /24 or an IPv6 /48, what one host or one small site controls — lets a
-burst of JOINs through (a household or an office starting together), then a steady rate;
-beyond that the tracker answers RETRY_AFTER (docs/spec.md §7.4). Sans-I/O: the caller
-passes the time.
+The tracker counts the live identities each source network (`meshd.networks.network_of`)
+has in a stream, and the capacity they declared (docs/spec.md §7.3).
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections import OrderedDict
 from collections.abc import Container
-
-MAX_NETWORKS = 65_536  # buckets kept; the least recently used network is forgotten first
-
-
-def network_of(host: str) -> str:
-    """The source network a host address belongs to ("" for one that does not parse)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return ""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
-
-
-class JoinLimiter:
-    """A token bucket of `burst` JOINs refilled at `rate` per second, per network."""
-
-    def __init__(self, rate: float, burst: int, *, max_networks: int = MAX_NETWORKS) -> None:
-        if rate <= 0 or burst < 1 or max_networks < 1:
-            raise ValueError("rate must be > 0, burst and max_networks >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._max = max_networks
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
-
-    def wait(self, host: str, now: float) -> float:
-        """Take a JOIN from `host`'s network: 0 if it may go on, else the seconds until
-        the bucket has a token again (answer RETRY_AFTER)."""
-        network = network_of(host)
-        tokens, at = self._buckets.pop(network, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / self.rate
-        self._buckets[network] = (tokens, now)
-        if len(self._buckets) > self._max:
-            self._buckets.popitem(last=False)
-        return wait
-
-    def __len__(self) -> int:
-        return len(self._buckets)
 
 
 class NetworkCensus:

@@ -88,7 +88,7 @@ async def serve_tracker(
     now = trio.current_time
     if workers == 0:
         async with (
-            open_quic_endpoint(key, host, port, config=endpoint_config()) as endpoint,
+            open_quic_endpoint(key, host, port, config=endpoint_config(tracker.config)) as endpoint,
             trio.open_nursery() as nursery,
         ):
 

@@ -84,7 +84,13 @@ class TrackerConfig:
     """JOINs per second from one source network (IPv4 /24, IPv6 /48), per worker (0: no
     limit)..."""
     join_burst_per_network: int = 100
-    """...after a burst of this many; beyond, RETRY_AFTER (meshd.tracker.limits)."""
+    """...after a burst of this many; beyond, RETRY_AFTER (meshd.networks)."""
+    handshakes_per_network_s: float = 50.0
+    """QUIC handshakes per second one source network may start, per worker (0: no
+    limit)..."""
+    handshake_burst_per_network: int = 200
+    """...after a burst of this many; beyond, its Initials are dropped before any crypto
+    (REFRESH, STATUS and retries need connections too, hence more than the JOINs)."""
     max_capacity: int = 16
     """A node's declared capacity counts as at most this (the origin's: as declared)."""
     initial_capacity: int = 4
@@ -162,7 +168,7 @@ class Tracker:
     def decide(self, request: TrackerRequest, now: float, network: str = "") -> TrackerResponse:
         """Answer a request that passed `check_request` (here, or in a worker process).
 
-        `network` is the sender's source network (`meshd.tracker.limits.network_of`);
+        `network` is the sender's source network (`meshd.networks.network_of`);
         "" (not known: the tracker is embedded without one) is subject to no network limit.
         """
         try:

@@ -280,7 +280,7 @@ async def worker(udp_fd: int, link_fd: int) -> None:
     transport = UdpTransport(socket.socket(fileno=udp_fd))
     coordinator = Coordinator(link)
     async with (
-        open_quic_endpoint(key, config=endpoint_config(), transport=transport) as endpoint,
+        open_quic_endpoint(key, config=endpoint_config(config), transport=transport) as endpoint,
         trio.open_nursery() as nursery,
     ):
         front = TrackerFront(config, endpoint, coordinator.decide, coordinator.count_shed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.node.children import Children, CloseChild
@@ -34,7 +35,7 @@ class Parent:
 
     def subscribe(self, child: int, now: float) -> None:
         link = ChildLink(self.stream, bytes([child]) * 32, None, parent=PARENT, now=now)
-        self.children.open(child, 1200, now, network=f"192.0.2.{child}/32")
+        self.children.open(child, 1200, now, f"192.0.2.{child}/32", bytes([child]) * 32)
         self.heard[child] = now
         self.children.receive_data(child, link.data_to_send(), now)
 
@@ -69,7 +70,7 @@ def test_a_connection_that_never_subscribes_is_closed_and_only_a_few_may_wait() 
     parent = Parent()
     limit = NodeConfig().max_unsubscribed
     for child in range(limit + 3):
-        parent.children.open(child, 1200, 0.0, network=f"10.0.{child}.0/24")
+        parent.children.open(child, 1200, 0.0, f"10.0.{child}.0/24", bytes([child]) * 32)
         parent.children.receive_data(child, b"\x05", now=0.0)  # a byte of a frame header
     refused = parent.children.take_closes()
     assert refused == [CloseChild(c, ErrorCode.OVERLOADED) for c in range(limit, limit + 3)]
@@ -88,7 +89,7 @@ def test_one_network_holds_only_a_few_of_the_places_of_connections_not_subscribe
     parent = Parent()
     share = NodeConfig().max_unsubscribed_per_network
     for child in range(share + 5):
-        parent.children.open(child, 1200, 0.0, network="203.0.113.0/24")
+        parent.children.open(child, 1200, 0.0, "203.0.113.0/24", bytes([child]) * 32)
     refused = parent.children.take_closes()
     assert refused == [CloseChild(c, ErrorCode.OVERLOADED) for c in range(share, share + 5)]
     for child in range(share + 5):
@@ -119,3 +120,15 @@ def test_a_held_subscribe_that_times_out_is_not_reported() -> None:
     parent.children.handle_timer(1.0)  # the child timeout, as the hold ends
     assert parent.children.take_closes() == [CloseChild(1, ErrorCode.CHILD_TIMEOUT)]
     assert parent.gone == []
+
+
+@pytest.mark.parametrize("proved", [bytes([8]) * 32, None])
+def test_a_subscribe_in_another_nodes_name_is_refused(proved: bytes | None) -> None:
+    """Children are authenticated: the SUBSCRIBE must name the key the child's certificate
+    proved (a child without one is refused too)."""
+    parent = Parent()
+    link = ChildLink(parent.stream, bytes([7]) * 32, None, parent=PARENT, now=0.0)
+    parent.children.open(7, 1200, 0.0, "192.0.2.0/24", proved)
+    parent.children.receive_data(7, link.data_to_send(), 0.0)
+    assert parent.children.take_closes() == [CloseChild(7, ErrorCode.WRONG_PEER)]
+    assert parent.children.count == 0

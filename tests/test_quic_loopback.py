@@ -19,6 +19,7 @@ from meshd.quic import (
     StreamReset,
     open_quic_endpoint,
     raw_public_key,
+    serve_quic,
 )
 from tests.quic_helpers import endpoints, new_key, read_all
 
@@ -437,3 +438,29 @@ async def test_many_concurrent_connections() -> None:
                 for i in range(count):
                     nursery.start_soon(one, i)
     assert sorted(results) == sorted(b"conn %d" % i for i in range(count))
+
+
+@pytest.mark.parametrize("ask", [True, False])
+async def test_a_server_that_asks_learns_the_client_key(ask: bool) -> None:
+    client_key = new_key()
+    seen: list[bytes | None] = []
+
+    async def handler(conn: QuicConn) -> None:
+        seen.append(conn.peer_key)
+        stream = await conn.accept_stream()
+        await stream.send_all(await stream.receive_some())
+
+    config = EndpointConfig(request_client_certificate=ask)
+    with trio.fail_after(10):
+        async with (
+            open_quic_endpoint(new_key(), config=config) as server,
+            open_quic_endpoint(client_key) as client,
+            trio.open_nursery() as nursery,
+        ):
+            await nursery.start(serve_quic, server, handler)
+            async with client.connect(server.address) as conn:
+                stream = await conn.open_stream()
+                await stream.send_all(b"who")
+                assert await stream.receive_some() == b"who"
+            nursery.cancel_scope.cancel()
+    assert seen == [raw_public_key(client_key.public_key()) if ask else None]

@@ -62,14 +62,17 @@ class ParentTarget(Target):
     """The parent's child timeout (§6.6; 1 s by default)."""
 
     def subscribe_bytes(self, from_seq: int | None, node: bytes | None = None) -> bytes:
-        child = node if node is not None else key_id(Ed25519PrivateKey.generate())
+        """SUBSCRIBE naming `node`, by default the suite's own key (its certificate's)."""
+        child = node if node is not None else self.endpoint.key
         return framed(packb([0x01, self.stream, from_seq, child]))
 
-    async def subscribe(self, link: Link, from_seq: int | None) -> Accepted:
+    async def subscribe(
+        self, link: Link, from_seq: int | None, node: bytes | None = None
+    ) -> Accepted:
         """SUBSCRIBE; the parent must answer STREAM_INFO then PATH (a refusal that says
         "not now" skips the case: the parent is full or has no audio yet)."""
         sent = f"SUBSCRIBE(from_seq={from_seq})"
-        await link.send(self.subscribe_bytes(from_seq))
+        await link.send(self.subscribe_bytes(from_seq, node))
         messages: list[Message] = []
         for _ in range(2):
             event = await link.next_message(self.timeout)
@@ -371,11 +374,18 @@ _refused_first(
     lambda t: framed(packb([0x01, key_id(Ed25519PrivateKey.generate()), None, bytes(32)])),
 )
 _refused_first(
-    "6.5-subscribe-from-ancestor",
-    "6.5",
-    "SUBSCRIBE from a node on the parent's own path (the origin) is BAD_PATH",
-    {ErrorCode.BAD_PATH},
+    "3-subscribe-as-ancestor",
+    "3",
+    "SUBSCRIBE naming the origin, from a child whose certificate is another key, is WRONG_PEER",
+    {ErrorCode.WRONG_PEER},
     lambda t: t.subscribe_bytes(None, node=t.stream),
+)
+_refused_first(
+    "3-subscribe-as-another",
+    "3",
+    "SUBSCRIBE naming another node than the child's certificate is WRONG_PEER",
+    {ErrorCode.WRONG_PEER},
+    lambda t: t.subscribe_bytes(None, node=key_id(Ed25519PrivateKey.generate())),
 )
 _refused_first(
     "6.2-heartbeat-first",
@@ -592,7 +602,7 @@ async def _dead_child(target: ParentTarget) -> Outcome:
             endpoint, target.address, peer_key=target.peer_key, within=target.timeout
         ) as link,
     ):
-        await target.subscribe(link, None)
+        await target.subscribe(link, None, node=endpoint.key)
         transport.deaf = True
         await trio.sleep(silence)
         transport.wake()
@@ -607,10 +617,11 @@ def _own_id(target: ParentTarget) -> bytes:
 
 
 _refused_first(
-    "6.5-subscribe-from-self",
-    "6.5",
-    "SUBSCRIBE whose node is the parent itself (the end of its own path) is BAD_PATH",
-    {ErrorCode.BAD_PATH},
+    "3-subscribe-as-parent",
+    "3",
+    "SUBSCRIBE naming the parent itself, from a child whose certificate is another key, "
+    "is WRONG_PEER",
+    {ErrorCode.WRONG_PEER},
     lambda t: t.subscribe_bytes(None, node=_own_id(t)),
 )
 

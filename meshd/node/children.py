@@ -69,6 +69,7 @@ class Children:
         (CHILD_TIMEOUT): the tracker counts its slot as taken until told otherwise."""
         self._links: dict[int, ParentLink] = {}
         self._networks: dict[int, str] = {}  # child -> the source network it connected from
+        self._keys: dict[int, bytes | None] = {}  # child -> the key its certificate proved
         self._streaming: set[int] = set()
         self._stalled_since: float | None = None
         self._waiting: dict[int, tuple[SubscribeRequested, float]] = {}
@@ -100,8 +101,11 @@ class Children:
 
     # -- inputs from the driver ------------------------------------------------------------
 
-    def open(self, child: int, max_datagram: int, now: float, network: str) -> None:
-        """A child connected, from source `network`, and opened its control stream."""
+    def open(
+        self, child: int, max_datagram: int, now: float, network: str, key: bytes | None
+    ) -> None:
+        """A child connected, from source `network`, with the node key its certificate
+        proved (None: it presented none), and opened its control stream."""
         link = ParentLink(
             self.stream,
             now=now,
@@ -119,6 +123,7 @@ class Children:
         same_network = sum(1 for other in unsubscribed if self._networks[other] == network)
         self._links[child] = link
         self._networks[child] = network
+        self._keys[child] = key
         if (
             len(unsubscribed) >= self.config.max_unsubscribed
             or same_network >= self.config.max_unsubscribed_per_network
@@ -142,7 +147,12 @@ class Children:
         else:
             while (event := link.next_event()) is not None:
                 if isinstance(event, SubscribeRequested):
-                    self._admit(child, event, now)
+                    if event.node != self._keys.get(child):
+                        # Children are authenticated (docs/spec.md §3): a SUBSCRIBE in
+                        # another node's name could dodge the path check, or a ban.
+                        link.goodbye(ErrorCode.WRONG_PEER, "SUBSCRIBE names another node")
+                    else:
+                        self._admit(child, event, now)
                 elif isinstance(event, RepairRequested):
                     self._repair(child, event.seqs)
                 elif isinstance(event, LinkClosed):
@@ -156,6 +166,7 @@ class Children:
         """The child's connection is gone (closed by either side)."""
         self._links.pop(child, None)
         self._networks.pop(child, None)
+        self._keys.pop(child, None)
         self._streaming.discard(child)
         self._waiting.pop(child, None)
         self._dirty.discard(child)

@@ -20,13 +20,16 @@ from protocol import ErrorCode
 logger = logging.getLogger(__name__)
 
 NODE_ENDPOINT = EndpointConfig(
-    client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE, max_ack_delay=0.25
+    client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE,
+    max_ack_delay=0.25,
+    request_client_certificate=True,
 )
 """A node's endpoint: a child never sends datagrams to its parent (docs/spec.md §10). It
 acknowledges every second live chunk, or a lone one within 250 ms: a parent counts ACKs
 as life (§6.6), and it sends something at least every heartbeat interval, so it hears a
 live child at least every 2 heartbeat intervals; the ACKs were a quarter of a relay's
-CPU when each chunk was acknowledged."""
+CPU when each chunk was acknowledged. A child proves its node key with its certificate
+(§3), which its SUBSCRIBE must name."""
 
 SUBSCRIBE_TIMEOUT = 5.0
 
@@ -77,7 +80,9 @@ class Fanout:
         self._sessions[child] = session
         self._no_sessions = trio.Event()
         network = network_of(conn.remote_address[0])
-        self.children.open(child, conn.max_datagram_payload, trio.current_time(), network)
+        self.children.open(
+            child, conn.max_datagram_payload, trio.current_time(), network, conn.peer_key
+        )
         try:
             with session.cancel:
                 async with trio.open_nursery() as nursery:

@@ -4,7 +4,8 @@ aioquic's public sans-I/O API has no way to ask how much of a stream is still
 unacknowledged, whether the peer has already closed (it reports that only after
 the draining period), which certificate the peer presented, to grant flow
 control credit as the application reads rather than as bytes arrive, to choose the
-key exchange group, to tell 0-RTT stream data from 1-RTT, to delay ACKs longer, or to
+key exchange group, to ask a client for its certificate, to tell 0-RTT stream data
+from 1-RTT, to delay ACKs longer, or to
 acknowledge less often than once per packet.
 """
 
@@ -44,8 +45,15 @@ class MeshQuicConnection(QuicConnection):
     receive path rather than from a timer of its own.
     """
 
-    def __init__(self, *, max_ack_delay: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        max_ack_delay: float | None = None,
+        request_client_certificate: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self._request_client_certificate = request_client_certificate
         self._max_ack_delay = max_ack_delay
         if max_ack_delay is not None:
             self._ack_delay = max_ack_delay
@@ -59,6 +67,10 @@ class MeshQuicConnection(QuicConnection):
         # Only X25519 (docs/spec.md §2): a client makes one key share instead of four
         # (P-256, P-384, X25519, X448), and no client can make a server do a costlier ECDH.
         self.tls._supported_groups = [tls.Group.X25519]
+        if self._request_client_certificate:
+            # A server asks for the client's certificate (docs/spec.md §3, child check):
+            # aioquic supports it, but only behind this attribute.
+            self.tls._request_client_certificate = True
 
     def _handle_stream_frame(
         self, context: QuicReceiveContext, frame_type: int, buf: Buffer

@@ -45,6 +45,10 @@ class EndpointConfig:
     slows an honest client behind that network (it sends its Initial again) and costs a
     flood nothing.
 
+    With ``request_client_certificate`` a server asks every client for its certificate
+    (TLS client authentication), and ``QuicConn.peer_key`` is then the client's key on
+    the server side too (None if it presented none). A resumed session carries none.
+
     ``client_datagram_error``, when set, is the application error code a server
     connection closes with when its client sends a DATAGRAM frame (None: datagrams are
     delivered). In meshd/1 datagrams flow only from a parent to its child.
@@ -57,9 +61,9 @@ class EndpointConfig:
     idle_timeout: float = 10.0
     keepalive_interval: float | None = 3.0
     retry_above: int | None = 16
-    max_pending_per_network: int = 16
-    handshakes_per_network: float = 16.0
-    handshake_burst: int = 64
+    max_pending_per_network: int = 8
+    handshakes_per_network: float = 8.0
+    handshake_burst: int = 32
     stream_send_buffer: int = 256 * 1024
     stream_receive_window: int = 1024 * 1024
     connection_receive_window: int = 4 * 1024 * 1024
@@ -69,6 +73,7 @@ class EndpointConfig:
     reply_delay: float = 0.0
     max_ack_delay: float | None = None
     client_datagram_error: int | None = None
+    request_client_certificate: bool = False
 
     def __post_init__(self) -> None:
         if self.keepalive_interval is not None and not (

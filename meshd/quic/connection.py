@@ -83,7 +83,9 @@ class QuicConn:
         self._expected_peer_key = expected_peer_key
         self._resumed_peer_key = resumed_peer_key
         self.peer_key: bytes | None = None
-        """The peer's raw Ed25519 key (client side; None on the server side)."""
+        """The peer's raw Ed25519 key once the handshake is complete: the server's, or on
+        a server that asked for it (`request_client_certificate`), the client's; None if
+        the peer presented no Ed25519 certificate."""
         self.session_resumed = False
         """Whether the handshake resumed a TLS session (no certificate was sent)."""
         self._early_data = early_data
@@ -418,6 +420,8 @@ class QuicConn:
                 self._fail(partial(PeerKeyMismatch, expected, self.peer_key))
                 return
             self._send_early_data()  # 1-RTT keys are here: it leaves with our Finished
+        else:
+            self.peer_key = certificate_raw_key(_aioquic.peer_certificate(self._quic))
         self._established.set()
         self._owner.connection_established(self)
 

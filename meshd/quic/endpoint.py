@@ -31,7 +31,7 @@ from meshd.quic._aioquic import MeshQuicConnection, set_ack_delay
 from meshd.quic.config import EndpointConfig
 from meshd.quic.connection import QuicConn
 from meshd.quic.errors import HandshakeFailed
-from meshd.quic.identity import RAW_KEY_SIZE, self_signed_certificate
+from meshd.quic.identity import RAW_KEY_SIZE, raw_public_key, self_signed_certificate
 from meshd.quic.tickets import ClientTickets, ServerTickets
 from meshd.quic.transport import Address, DatagramTransport, UdpTransport
 
@@ -74,6 +74,8 @@ class QuicEndpoint:
         self._transport = transport
         self._nursery = nursery
         certificate = self_signed_certificate(private_key)
+        self.key = raw_public_key(private_key.public_key())
+        """The raw Ed25519 key this endpoint's certificate carries: its node id."""
         self._server_config = config.quic_configuration(
             is_client=False, certificate=certificate, private_key=private_key
         )
@@ -245,6 +247,8 @@ class QuicEndpoint:
             raise HandshakeFailed(
                 None, f"cannot reach {address[0]}: {exc}", by_peer=False
             ) from None
+        if self._closed:  # while we looked the address up
+            raise trio.ClosedResourceError("the endpoint was closed")
         remote: Address = tuple(infos[0][4])
         resume = self._client_tickets.take(
             remote, expected_peer_key, early_data=replay_safe and early_data is not None
@@ -365,6 +369,7 @@ class QuicEndpoint:
         quic = MeshQuicConnection(
             configuration=self._server_config,
             max_ack_delay=self.config.max_ack_delay,
+            request_client_certificate=self.config.request_client_certificate,
             original_destination_connection_id=original_dcid,
             retry_source_connection_id=retry_scid,
             session_ticket_fetcher=None if tickets is None else tickets.take,

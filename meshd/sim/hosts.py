@@ -95,8 +95,11 @@ class ChildrenDriver:
         end.on_stream = lambda data: self._input(child, data, after)
         end.on_closed = lambda reason: self._gone(child, after)
         # Each simulated host is a source network of its own.
-        network = "" if end.peer is None else end.peer.host.address
-        self.children.open(child, MAX_DATAGRAM, self.scheduler.now, network)
+        client = None if end.peer is None else end.peer.host
+        network = "" if client is None else client.address
+        # The key the client's certificate would prove (a node host's id).
+        key = client.node_id if isinstance(client, NodeHost) else None
+        self.children.open(child, MAX_DATAGRAM, self.scheduler.now, network, key)
 
     def _input(self, child: int, data: bytes, after: Callable[[], None]) -> None:
         self.children.receive_data(child, data, self.scheduler.now)

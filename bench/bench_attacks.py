@@ -57,6 +57,8 @@ class Attack:
     returns once the attack has done its part; the attacker's tasks may keep running in
     the room's nursery until the honest listeners are judged."""
     take: Callable[[hostile.Take], str]
+    admission: bool = False
+    """Run it in a room whose host admits listeners with tokens, checked on every hop."""
 
 
 def _relays(mode: str, count: int) -> Callable[..., Awaitable[None]]:
@@ -217,7 +219,12 @@ ATTACKS: dict[str, Attack] = {
             f" ({take.note}); audience {take.audience_before} -> {take.audience_after}"
         ),
     ),
-    "unauthenticated-pull": Attack("NOT DEFENDED (children not authenticated)", _pull, _pulled),
+    "unauthenticated-pull": Attack(
+        "token-protected stream: every parent checks the child's token (ADMIT)",
+        _pull,
+        _pulled,
+        admission=True,
+    ),
     "slowloris-200": Attack(
         "2 s SUBSCRIBE deadline, 16 waiting (4 per network), handshakes per network",
         _slowloris,
@@ -275,7 +282,7 @@ def run_one(name: str, workdir: Path, audio: Path, listeners: int, seed: int) ->
     if ATTACKS[name].run is _initials and not INITIALS:
         INITIALS.extend(hostile.make_initials(("127.0.0.1", 9), 3000))
     with cluster(workdir) as procs:
-        room = AttackRoom(procs, audio)
+        room = AttackRoom(procs, audio, admission=ATTACKS[name].admission)
         return trio.run(_run, name, room, listeners, seed)
 
 

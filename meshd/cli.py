@@ -527,6 +527,16 @@ def _add_node_options(command: argparse.ArgumentParser) -> None:
         help="the tracker's address",
     )
     command.add_argument(
+        "--host-id",
+        type=_key_id,
+        action="append",
+        default=[],
+        metavar="HOST_ID",
+        help="feed only children that present an admission token signed by this host "
+        "(the HOST_ID the tracker was started with; repeatable), so nobody the host did "
+        "not admit can pull the stream from this node; without any, it feeds any child",
+    )
+    command.add_argument(
         "--tracker-id",
         type=_key_id,
         metavar="ID",
@@ -628,7 +638,7 @@ def run_origin(args: argparse.Namespace) -> int:
         tracker_key=args.tracker_id,
         register_timeout=args.register_timeout,
     )
-    config = NodeConfig(stats_interval=args.stats_interval)
+    config = NodeConfig(stats_interval=args.stats_interval, host_keys=tuple(args.host_id))
     trace = ChunkTrace(args.trace) if args.trace else None
     origin = Origin(key, settings, config, stats_file=args.stats_file, trace=trace)
 
@@ -764,6 +774,7 @@ def run_listen(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout / 1000,
         heartbeat_interval=min(0.2, args.silence_timeout / 3000),
         stats_interval=args.stats_interval,
+        host_keys=tuple(args.host_id),
     )
     settings = RelaySettings(
         tracker=args.tracker,

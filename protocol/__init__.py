@@ -12,6 +12,7 @@ from protocol.link import ChildLink, LinkState, ParentLink
 from protocol.media import ChunkRing, ChunkSigner, ReorderBuffer, StreamVerifier, VerifiedChunk
 from protocol.messages import (
     Ack,
+    Admit,
     Assigned,
     ChildGone,
     Chunk,
@@ -46,6 +47,7 @@ from protocol.tracker import ExchangeState, TrackerChannel, TrackerExchange
 
 __all__ = [
     "Ack",
+    "Admit",
     "Assigned",
     "ChildGone",
     "ChildLink",

@@ -21,6 +21,7 @@ from protocol.errors import ErrorCode, LocalProtocolError, ProtocolError, Remote
 from protocol.identity import KEY_SIZE, SIGNATURE_SIZE
 from protocol.messages import (
     Ack,
+    Admit,
     Assigned,
     ChildGone,
     Chunk,
@@ -181,6 +182,7 @@ def _packets(value: Any, name: str) -> tuple[bytes, ...]:
 
 SCHEMA: dict[type[Any], tuple[Check, ...]] = {
     Subscribe: (KEY, optional(SEQ), KEY),
+    Admit: (blob(maximum=limits.MAX_TOKEN_SIZE),),
     StreamInfo: (text(16), blob(maximum=limits.MAX_HEAD_SIZE), SIG),
     Chunk: (SEQ, uint(), uint(0xFF), _packets, SIG),
     Heartbeat: (optional(SEQ), uint(limits.MAX_STALLED_MS)),

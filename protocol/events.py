@@ -64,6 +64,8 @@ class SubscribeRequested:
 
     from_seq: int | None
     node: bytes
+    token: bytes | None
+    """The admission token the child sent in ADMIT before SUBSCRIBE, if it did."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from protocol.framing import MessageReader, frame, frame_bytes
 from protocol.limits import MAX_PATH, MAX_STALLED_MS, REPAIR_BURST_BYTES
 from protocol.media import StreamVerifier, VerifiedChunk
 from protocol.messages import (
+    Admit,
     Chunk,
     Goodbye,
     Heartbeat,
@@ -66,7 +67,11 @@ CHILD_RECEIVES: dict[LinkState, dict[type[Message], LinkState]] = {
     LinkState.CLOSED: {},
 }
 PARENT_RECEIVES: dict[LinkState, dict[type[Message], LinkState]] = {
-    LinkState.SUBSCRIBING: {Subscribe: LinkState.SUBSCRIBING, Goodbye: LinkState.CLOSED},
+    LinkState.SUBSCRIBING: {
+        Admit: LinkState.SUBSCRIBING,
+        Subscribe: LinkState.SUBSCRIBING,
+        Goodbye: LinkState.CLOSED,
+    },
     LinkState.ACCEPTED: {},  # the parent accepts with STREAM_INFO and PATH at once
     LinkState.STREAMING: {Repair: LinkState.STREAMING, Goodbye: LinkState.CLOSED},
     LinkState.CLOSED: {},
@@ -158,6 +163,7 @@ class ChildLink(_Link):
         now: float,
         silence_timeout: float = 1.0,
         verifier: StreamVerifier | None = None,
+        token: bytes | None = None,
     ) -> None:
         super().__init__()
         self._stream = stream
@@ -169,6 +175,8 @@ class ChildLink(_Link):
         self._silence_reported = False
         self.announced: int | None = None
         """The highest sequence number this parent announced (chunk or HEARTBEAT)."""
+        if token is not None:
+            self._send(Admit(token))  # docs/spec.md §6.1: the parent may check it
         self._send(Subscribe(stream, from_seq, node))
 
     def _announce(self, seq: int | None) -> None:
@@ -274,6 +282,8 @@ class ParentLink(_Link):
         self._datagrams: list[bytes] = []
         self.latest_seq: int | None = None
         self.child: bytes | None = None
+        self.token: bytes | None = None
+        """The admission token of the child's ADMIT, if it sent one."""
         self.path: tuple[bytes, ...] = ()
         self.child_heard_at = now
         """When we last heard from the child (the driver adds what the transport saw)."""
@@ -291,7 +301,13 @@ class ParentLink(_Link):
         self.child_heard_at = max(self.child_heard_at, at)
 
     def _handle(self, msg: Message, raw: bytes, now: float) -> None:
-        if isinstance(msg, Subscribe):
+        if isinstance(msg, Admit):
+            if self.child is not None or self.token is not None:
+                raise RemoteProtocolError(
+                    "ADMIT after SUBSCRIBE, or twice", ErrorCode.UNEXPECTED_MESSAGE
+                )
+            self.token = msg.token
+        elif isinstance(msg, Subscribe):
             if self.child is not None:
                 raise RemoteProtocolError("SUBSCRIBE sent twice", ErrorCode.UNEXPECTED_MESSAGE)
             self.child = msg.node
@@ -299,7 +315,7 @@ class ParentLink(_Link):
                 self.goodbye(ErrorCode.UNKNOWN_STREAM, "this node does not carry that stream")
                 self._events.append(LinkClosed(ErrorCode.UNKNOWN_STREAM, "wrong stream"))
                 return
-            self._events.append(SubscribeRequested(msg.from_seq, msg.node))
+            self._events.append(SubscribeRequested(msg.from_seq, msg.node, self.token))
         elif isinstance(msg, Repair):
             if self.latest_seq is None or max(msg.seqs) > self.latest_seq:
                 raise RemoteProtocolError(

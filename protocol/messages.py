@@ -32,6 +32,15 @@ class Subscribe:
 
 
 @dataclass(frozen=True, slots=True)
+class Admit:
+    """Child -> parent, just before SUBSCRIBE when the child holds an admission token: the
+    encoded TOKEN (§5.4), which a parent that knows the host keys checks (ADMIT)."""
+
+    TYPE: ClassVar[int] = 0x0A
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class StreamInfo:
     """Parent -> child, accepts a SUBSCRIBE: the codec header, signed by the origin."""
 
@@ -319,6 +328,7 @@ class Token:
 
 Message = (
     Subscribe
+    | Admit
     | StreamInfo
     | Chunk
     | Heartbeat

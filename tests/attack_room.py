@@ -8,6 +8,7 @@ caller's trio run (tests/attackers.py). Everything here is driven from trio: wai
 
 from __future__ import annotations
 
+import base64
 import math
 import subprocess
 import time
@@ -18,9 +19,10 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.addresses import parse_address
+from meshd.keys import write_new_key
 from meshd.ogg import read_ogg_opus
 from meshd.quic import open_quic_endpoint
-from protocol import StatusRequest, key_from_text
+from protocol import StatusRequest, issue_token, key_from_text, key_id, key_to_text
 from tests.attackers import ask
 from tests.procs import MESHD, Cluster, Proc
 from tests.room import packets_of
@@ -75,9 +77,12 @@ class AttackRoom:
     nursery: trio.Nursery
     """Where attacker tasks run while the honest listeners play (set by the caller)."""
 
-    def __init__(self, cluster: Cluster, audio: Path) -> None:
+    def __init__(self, cluster: Cluster, audio: Path, *, admission: bool = False) -> None:
         self.cluster = cluster
         self.audio = audio
+        self.host_key = Ed25519PrivateKey.generate() if admission else None
+        """With admission, the host's key: the tracker and every parent (the origin and
+        the honest listeners) take only children holding a token it signed."""
         self.tracker_proc: Proc | None = None
         self.tracker = ""
         self.origin: Proc | None = None
@@ -104,11 +109,15 @@ class AttackRoom:
     def stream_id(self) -> bytes:
         return key_from_text(self.stream)
 
+    def _host_args(self) -> list[str]:
+        return [] if self.host_key is None else ["--host-id", key_to_text(key_id(self.host_key))]
+
     async def open(self, origin_capacity: int = 2, *tracker_args: str) -> None:
         """Tracker and origin, registered (the stream starts playing now)."""
         self.tracker_proc = self.cluster.start(
-            "tracker", "tracker", "--listen", "127.0.0.1:0", "--workers", "0", *tracker_args
-        )
+            "tracker", "tracker", "--listen", "127.0.0.1:0", "--workers", "0",
+            *self._host_args(), *tracker_args,
+        )  # fmt: skip
         self.tracker = await wait_output(self.tracker_proc, r"listening on (\S+)")
         self.stream, self.origin = await self.start_origin("origin", origin_capacity)
         self.target = self.origin
@@ -125,6 +134,7 @@ class AttackRoom:
             name, "origin", "--tracker", self.tracker, "--key", str(key),
             "--input", str(self.audio), "--capacity", str(capacity),
             "--stats-file", str(self.cluster.workdir / f"{name}.json"), "--stats-interval", "0.3",
+            *self._host_args(),
         )  # fmt: skip
         await wait_output(origin, "registered")
         if self.streaming_since is None:
@@ -139,13 +149,20 @@ class AttackRoom:
     async def add_listeners(self, count: int, stagger: float = 0.15, max_children: int = 2) -> None:
         for _ in range(count):
             name = f"listener{len(self.listeners)}"
-            self.listeners.append(
-                self.cluster.listener(
-                    name, self.tracker, self.stream, "--max-children", str(max_children)
-                )
-            )
+            args = ["--max-children", str(max_children), *self._admitted_args(name)]
+            self.listeners.append(self.cluster.listener(name, self.tracker, self.stream, *args))
             self.last_listener_at = trio.current_time()
             await trio.sleep(stagger)
+
+    def _admitted_args(self, name: str) -> list[str]:
+        """A listener's key, its token from the host, and the host id it checks its own
+        children against (nothing without admission)."""
+        if self.host_key is None:
+            return []
+        path = self.cluster.workdir / f"{name}.key"
+        token = issue_token(self.host_key, self.stream_id, key_id(write_new_key(path)), 2**42)
+        text = base64.urlsafe_b64encode(token).decode().rstrip("=")
+        return ["--key", str(path), "--token", text, *self._host_args()]
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ask the tracker for STATUS and sample memory every second, until cancelled."""

@@ -30,6 +30,7 @@ def serving(messages: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     messages.Subscribe: st.builds(messages.Subscribe, keys, st.none() | seqs, keys),
+    messages.Admit: st.builds(messages.Admit, st.binary(max_size=limits.MAX_TOKEN_SIZE)),
     messages.StreamInfo: st.builds(
         messages.StreamInfo, st.just("opus"), st.binary(max_size=limits.MAX_HEAD_SIZE), sigs
     ),

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import meshd
 from meshd.quic import open_quic_endpoint
-from protocol import Assigned
+from protocol import Assigned, Peer, key_from_text
 from tests import attackers as hostile
-from tests.attack_room import AttackRoom
+from tests.attack_room import AttackRoom, wait_output
 from tests.procs import cluster
 
 SAMPLE = Path(meshd.__file__).parent / "data" / "sample.opus"  # 24 s
@@ -32,9 +32,11 @@ def run_in_room(
     audio: Path,
     body: Callable[[AttackRoom], Awaitable[None]],
     origin_capacity: int = 2,
+    *,
+    admission: bool = False,
 ) -> None:
     with cluster(tmp_path) as procs:
-        room = AttackRoom(procs, audio)
+        room = AttackRoom(procs, audio, admission=admission)
 
         async def main() -> None:
             await room.open(origin_capacity)
@@ -71,6 +73,29 @@ def test_a_relay_that_sends_no_audio_loses_its_children_and_they_lose_no_chunk(
         assert take.children_served >= 1, "no honest listener was placed under the relay"
 
     run_in_room(tmp_path, SAMPLE, body)
+
+
+@pytest.mark.timeout(120)
+def test_nobody_the_host_did_not_admit_pulls_from_a_relay(tmp_path: Path) -> None:
+    """A token-protected stream whose parents know the host key: a node with no token
+    that subscribes straight to a relay (no JOIN) is refused TOKEN_REQUIRED and gets no
+    byte of audio, while the admitted listeners play every chunk."""
+    take = hostile.Take()
+
+    async def body(room: AttackRoom) -> None:
+        await room.add_listeners(4)
+        assert await room.wait_playing(), "the admitted listeners did not start playing"
+        relay = room.listeners[0]
+        address = await wait_output(relay, r"serving children on (\S+)")
+        node = room.cluster.stats(relay.name)["node"]
+        parent = Peer(key_from_text(node), address)
+        await hostile.unauthenticated_pull(parent, room.stream_id, take, seconds=5.0)
+        honest = await room.finish(within=60)
+        assert honest.intact == honest.started, honest.problems
+
+    run_in_room(tmp_path, SAMPLE, body, origin_capacity=4, admission=True)
+    assert take.closed_by_target == {"TOKEN_REQUIRED": 1}, take
+    assert take.bytes_pulled == 0, take
 
 
 @pytest.mark.timeout(60)

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.node.children import Children, CloseChild
 from meshd.node.config import NodeConfig
 from meshd.node.stats import NodeStats
-from protocol import ChildLink, ChunkRing, ChunkSigner, ErrorCode, Goodbye, frame
+from protocol import (
+    ChildLink,
+    ChunkRing,
+    ChunkSigner,
+    ErrorCode,
+    Goodbye,
+    frame,
+    issue_token,
+    key_id,
+)
 
 PARENT = b"\x05" * 32
 
@@ -16,7 +27,7 @@ PARENT = b"\x05" * 32
 class Parent:
     """A relay with one child slot, its header and path known."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: NodeConfig | None = None) -> None:
         signer = ChunkSigner(Ed25519PrivateKey.generate())
         self.stream = signer.stream_id
         self.heard: dict[int, float] = {}
@@ -24,7 +35,7 @@ class Parent:
             self.stream,
             ChunkRing(span_samples=480_000),
             1,
-            NodeConfig(),
+            config or NodeConfig(),
             NodeStats("relay", "", ""),
         )
         self.children.last_heard = self.heard.get
@@ -33,8 +44,9 @@ class Parent:
         self.children.set_info(signer.stream_info(b"OpusHead-test"), 0.0)
         self.children.set_path((self.stream, PARENT), 0.0)
 
-    def subscribe(self, child: int, now: float) -> None:
-        link = ChildLink(self.stream, bytes([child]) * 32, None, parent=PARENT, now=now)
+    def subscribe(self, child: int, now: float, token: bytes | None = None) -> None:
+        node = bytes([child]) * 32
+        link = ChildLink(self.stream, node, None, parent=PARENT, now=now, token=token)
         self.children.open(child, 1200, now, f"192.0.2.{child}/32", bytes([child]) * 32)
         self.heard[child] = now
         self.children.receive_data(child, link.data_to_send(), now)
@@ -132,3 +144,58 @@ def test_a_subscribe_in_another_nodes_name_is_refused(proved: bytes | None) -> N
     parent.children.receive_data(7, link.data_to_send(), 0.0)
     assert parent.children.take_closes() == [CloseChild(7, ErrorCode.WRONG_PEER)]
     assert parent.children.count == 0
+
+
+HOST = Ed25519PrivateKey.generate()
+NOW_MS = 1_700_000_000_000
+
+
+def admitting_parent() -> Parent:
+    parent = Parent(NodeConfig(host_keys=(key_id(HOST),)))
+    parent.children.wall_ms = lambda: NOW_MS
+    return parent
+
+
+@pytest.mark.parametrize(
+    ("token", "code"),
+    [
+        (None, ErrorCode.TOKEN_REQUIRED),
+        (
+            lambda stream: issue_token(HOST, stream, bytes([9]) * 32, NOW_MS + 1),
+            ErrorCode.TOKEN_INVALID,
+        ),
+        (
+            lambda stream: issue_token(
+                Ed25519PrivateKey.generate(), stream, bytes([7]) * 32, NOW_MS + 1
+            ),
+            ErrorCode.TOKEN_INVALID,
+        ),
+        (
+            lambda stream: issue_token(HOST, stream, bytes([7]) * 32, NOW_MS),
+            ErrorCode.TOKEN_EXPIRED,
+        ),
+        (lambda stream: b"not a token", ErrorCode.TOKEN_INVALID),
+    ],
+    ids=["none", "another-node", "another-host", "expired", "garbage"],
+)
+def test_a_parent_that_knows_the_host_feeds_only_admitted_children(
+    token: Callable[[bytes], bytes] | None, code: ErrorCode
+) -> None:
+    parent = admitting_parent()
+    parent.subscribe(7, now=0.0, token=None if token is None else token(parent.stream))
+    assert parent.children.take_closes() == [CloseChild(7, code)]
+    assert parent.children.count == 0
+
+
+def test_an_admitted_child_is_fed() -> None:
+    parent = admitting_parent()
+    token = issue_token(HOST, parent.stream, bytes([7]) * 32, NOW_MS + 60_000)
+    parent.subscribe(7, now=0.0, token=token)
+    assert parent.children.take_closes() == []
+    assert parent.children.streaming_nodes() == {bytes([7]) * 32}
+
+
+def test_a_parent_that_knows_no_host_ignores_the_token() -> None:
+    parent = Parent()
+    parent.subscribe(7, now=0.0, token=b"anything")
+    assert parent.children.streaming_nodes() == {bytes([7]) * 32}

@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import (
+    Admit,
     ChildLink,
     ChunkRing,
     ChunkSigner,
@@ -20,6 +21,7 @@ from protocol import (
     ProtocolError,
     ReorderBuffer,
     Repair,
+    Subscribe,
     VerifiedChunk,
     encode_message,
     frame,
@@ -38,6 +40,7 @@ from protocol.events import (
     SubscribeRequested,
 )
 from protocol.limits import MAX_PATH, REPAIR_BURST_BYTES
+from protocol.messages import Message
 
 PACKET = b"\xfc" + b"\x11" * 79
 CHILD = b"\x02" * 32
@@ -434,3 +437,24 @@ def test_a_parent_lets_a_silent_child_go() -> None:
         pair.parent.state is LinkState.CLOSED
         and pair.parent.goodbye_code == ErrorCode.CHILD_TIMEOUT
     )
+
+
+def test_the_token_goes_in_admit_before_subscribe() -> None:
+    origin = Origin()
+    stream = origin.signer.stream_id
+    parent = ParentLink(stream, now=0.0)
+    child = ChildLink(stream, CHILD, None, parent=PARENT, now=0.0, token=b"token")
+    parent.receive_data(child.data_to_send(), now=0.0)
+    assert drain(parent) == [SubscribeRequested(None, CHILD, b"token")]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[Subscribe(b"S" * 32, None, CHILD), Admit(b"late")], [Admit(b"a"), Admit(b"b")]],
+    ids=["after-subscribe", "twice"],
+)
+def test_admit_only_once_and_only_before_subscribe(messages: list[Message]) -> None:
+    parent = ParentLink(b"S" * 32, now=0.0)
+    with pytest.raises(ProtocolError) as caught:
+        parent.receive_data(b"".join(frame(message) for message in messages), now=0.0)
+    assert caught.value.code == ErrorCode.UNEXPECTED_MESSAGE

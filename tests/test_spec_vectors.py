@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from protocol import (
     Ack,
+    Admit,
     Assigned,
     ChildGone,
     Chunk,
@@ -83,6 +84,7 @@ EXPIRES_MS = TIME_MS + 3_600_000  # the token's expires_ms: an hour later
 
 SPEC_NAMES: dict[type[Any], str] = {
     Subscribe: "SUBSCRIBE",
+    Admit: "ADMIT",
     StreamInfo: "STREAM_INFO",
     Chunk: "CHUNK",
     Heartbeat: "HEARTBEAT",
@@ -191,6 +193,7 @@ EXPECTED: dict[str, Message] = {
     "redirect": Redirect(Peer(P, RELAY_ADDRESS), (Peer(B, BACKUP_ADDRESS),)),
     "goodbye": Goodbye(ErrorCode.GOING_AWAY, "shutting down"),
     "path": PathUpdate((S, P)),
+    "admit": Admit(TOKEN_BYTES),
     "register": signed(Register(S, ORIGIN_ADDRESS, 8, TIME_MS)),
     "join": signed(Join(S, N, 4, NODE_ADDRESS, TOKEN_BYTES, TIME_MS)),
     "join-open": signed(Join(S, N, 0, "", None, TIME_MS)),

@@ -41,9 +41,11 @@ Targets:
       with a stream of its own. Give the host key whose id the tracker accepts tokens
       from (--host-key) to run the admission token cases, and the tracker's settings
       (--peer-ttl, --join-burst, --promote-after) for the cases that depend on them.
-  --parent HOST:PORT --parent-id ID --stream ID
+  --parent HOST:PORT --parent-id ID --stream ID [--host-key FILE]
       the implementation is an origin or a node serving children of a live stream;
       the suite plays children, one at a time (--concurrency N needs N free slots).
+      A parent that feeds only admitted children needs the host key (--host-key):
+      the suite then sends ADMIT with tokens of its own and runs the admission cases.
   --child --child-command CMD
       the implementation is a node (its child side); the suite plays the tracker and
       the node's parents, on 127.0.0.1. Each case runs CMD (split like a shell would,
@@ -106,7 +108,10 @@ def register(
         "--tracker-id", type=key_id, metavar="ID", help="the tracker's key id (checked)"
     )
     command.add_argument(
-        "--host-key", type=Path, metavar="FILE", help="host key file, to issue tokens"
+        "--host-key",
+        type=Path,
+        metavar="FILE",
+        help="host key file, to issue tokens (tracker and parent targets)",
     )
     command.add_argument(
         "--peer-ttl",
@@ -221,8 +226,8 @@ async def _run(args: argparse.Namespace) -> Report:
             concurrency=args.concurrency or 1,
         )
 
+    host_key = load_key(args.host_key) if args.host_key else None
     if args.tracker is not None:
-        host_key = load_key(args.host_key) if args.host_key else None
         return await check_tracker(
             args.tracker,
             tracker_id=args.tracker_id,
@@ -244,4 +249,5 @@ async def _run(args: argparse.Namespace) -> Report:
         close_wait=args.close_wait,
         child_timeout=args.child_timeout,
         concurrency=args.concurrency or 1,
+        host_key=host_key,
     )

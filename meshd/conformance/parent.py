@@ -29,6 +29,7 @@ from meshd.conformance.wire import (
 )
 from meshd.quic import open_quic_endpoint
 from meshd.quic.transport import Address, UdpTransport
+from meshd.tracker_client import now_ms
 from protocol import (
     Chunk,
     ErrorCode,
@@ -40,6 +41,7 @@ from protocol import (
     ProtocolError,
     StreamInfo,
     StreamVerifier,
+    issue_token,
     key_id,
 )
 from protocol.limits import MAX_PATH, REPAIR_BURST_BYTES
@@ -60,11 +62,24 @@ class ParentTarget(Target):
     stream: bytes = b""
     child_timeout: float = 1.0
     """The parent's child timeout (§6.6; 1 s by default)."""
+    host_key: Ed25519PrivateKey | None = None
+    """The host's key, if the parent feeds only admitted children: the suite then sends
+    ADMIT with a token of its own before every SUBSCRIBE (§6.1)."""
+
+    def admit_bytes(self, node: bytes, expires_ms: int | None = None) -> bytes:
+        """ADMIT with a token for `node` (valid for an hour by default), or nothing
+        without the host's key."""
+        if self.host_key is None:
+            return b""
+        expires = now_ms() + 3_600_000 if expires_ms is None else expires_ms
+        return framed(packb([0x0A, issue_token(self.host_key, self.stream, node, expires)]))
 
     def subscribe_bytes(self, from_seq: int | None, node: bytes | None = None) -> bytes:
-        """SUBSCRIBE naming `node`, by default the suite's own key (its certificate's)."""
+        """SUBSCRIBE naming `node`, by default the suite's own key (its certificate's),
+        after ADMIT if the parent needs it."""
         child = node if node is not None else self.endpoint.key
-        return framed(packb([0x01, self.stream, from_seq, child]))
+        subscribe = framed(packb([0x01, self.stream, from_seq, child]))
+        return self.admit_bytes(child) + subscribe
 
     async def subscribe(
         self, link: Link, from_seq: int | None, node: bytes | None = None
@@ -675,3 +690,83 @@ async def _heartbeat_form(target: ParentTarget) -> Outcome:
         "the newest chunk sent; stalled_ms 0 (at most the longest pause between new chunks)",
         got + (f"; wrong: {', '.join(bad[:3])}" if bad else ""),
     )
+
+
+# -- admission on every hop (§6.1) ----------------------------------------------------------
+
+
+def _admission_case(
+    case_id: str, title: str, code: ErrorCode, build: Callable[[ParentTarget], bytes]
+) -> None:
+    async def run(target: ParentTarget) -> Outcome:
+        if target.host_key is None:
+            raise Unmet("admission cases need the host's key (--host-key)")
+        data = build(target) + framed(packb([0x01, target.stream, None, target.endpoint.key]))
+        return await target.expect_error(data, {code}, title.split(" is ")[0])
+
+    case(case_id, "6.1", Level.MUST, title)(run)
+
+
+_admission_case(
+    "6.1-admission-required",
+    "SUBSCRIBE without ADMIT is TOKEN_REQUIRED",
+    ErrorCode.TOKEN_REQUIRED,
+    lambda t: b"",
+)
+_admission_case(
+    "6.1-admission-other-node",
+    "ADMIT with a token for another node, then SUBSCRIBE is TOKEN_INVALID",
+    ErrorCode.TOKEN_INVALID,
+    lambda t: t.admit_bytes(key_id(Ed25519PrivateKey.generate())),
+)
+_admission_case(
+    "6.1-admission-other-host",
+    "ADMIT with a token signed by another key, then SUBSCRIBE is TOKEN_INVALID",
+    ErrorCode.TOKEN_INVALID,
+    lambda t: framed(
+        packb(
+            [
+                0x0A,
+                issue_token(
+                    Ed25519PrivateKey.generate(), t.stream, t.endpoint.key, now_ms() + 3_600_000
+                ),
+            ]
+        )
+    ),
+)
+_admission_case(
+    "6.1-admission-expired",
+    "ADMIT with an expired token, then SUBSCRIBE is TOKEN_EXPIRED",
+    ErrorCode.TOKEN_EXPIRED,
+    lambda t: t.admit_bytes(t.endpoint.key, expires_ms=now_ms() - 60_000),
+)
+
+
+@case("6.1-admit-ignored-when-open", "6.1", Level.MUST,
+      "a parent that admits everyone ignores ADMIT: ADMIT, then SUBSCRIBE is accepted")  # fmt: skip
+async def _admit_ignored(target: ParentTarget) -> Outcome:
+    if target.host_key is not None:
+        raise Unmet("the parent admits only token holders (every case sends ADMIT)")
+    sent = "ADMIT(a token nobody signed), then SUBSCRIBE"
+    token = issue_token(Ed25519PrivateKey.generate(), target.stream, target.endpoint.key, 0)
+    async with target.link() as link:
+        await link.send(framed(packb([0x0A, token])))
+        try:
+            await target.subscribe(link, None)
+        except Mismatch as exc:
+            if "TOKEN_" in exc.outcome.got:
+                raise Unmet(
+                    f"the parent checks tokens ({exc.outcome.got}): give --host-key"
+                ) from None
+            raise
+    return Outcome(Verdict.PASS, sent, "STREAM_INFO, then PATH", "STREAM_INFO, then PATH")
+
+
+_after_accept(
+    "6.2-admit-after-subscribe",
+    "6.2",
+    "ADMIT on a streaming link is UNEXPECTED_MESSAGE",
+    framed(packb([0x0A, b"late"])),
+    "ADMIT",
+    {ErrorCode.UNEXPECTED_MESSAGE},
+)

@@ -73,12 +73,14 @@ async def check_parent(
     close_wait: float = 1.0,
     child_timeout: float = 1.0,
     concurrency: int = 1,
+    host_key: Ed25519PrivateKey | None = None,
 ) -> Report:
-    """Run the parent cases; `concurrency` > 1 needs that many free child slots."""
+    """Run the parent cases; `concurrency` > 1 needs that many free child slots, and a
+    parent that feeds only admitted children needs `host_key` (the suite is admitted)."""
     name = f"parent {format_address(address)} ({key_to_text(parent_id)})"
     async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
         target = ParentTarget(
-            endpoint, address, parent_id, reply_wait, close_wait, stream, child_timeout
+            endpoint, address, parent_id, reply_wait, close_wait, stream, child_timeout, host_key
         )
         return await run_cases(
             name,

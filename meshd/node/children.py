@@ -10,8 +10,11 @@ connections that `take_closes` names. No I/O and no clock reads here.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshd.node.config import NodeConfig
 from meshd.node.stats import NodeStats
@@ -22,8 +25,10 @@ from protocol import (
     ParentLink,
     Peer,
     ProtocolError,
+    RemoteProtocolError,
     StreamInfo,
     VerifiedChunk,
+    check_token,
     short_id,
 )
 from protocol.events import LinkClosed, RepairRequested, SubscribeRequested
@@ -64,6 +69,9 @@ class Children:
         self.leaving = False
         self.last_heard: Callable[[int], float | None] = lambda child: None
         """The driver's answer to "when did any packet last come from this child?"."""
+        self.wall_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+        """Unix time in ms, for admission tokens' expiry (a simulation sets its own)."""
+        self._host_keys = [Ed25519PublicKey.from_public_bytes(k) for k in config.host_keys]
         self.on_gone: Callable[[bytes], None] = lambda node: None
         """Called with the node id of each streaming child let go for silence
         (CHILD_TIMEOUT): the tracker counts its slot as taken until told otherwise."""
@@ -147,12 +155,7 @@ class Children:
         else:
             while (event := link.next_event()) is not None:
                 if isinstance(event, SubscribeRequested):
-                    if event.node != self._keys.get(child):
-                        # Children are authenticated (docs/spec.md §3): a SUBSCRIBE in
-                        # another node's name could dodge the path check, or a ban.
-                        link.goodbye(ErrorCode.WRONG_PEER, "SUBSCRIBE names another node")
-                    else:
-                        self._admit(child, event, now)
+                    self._subscribed(child, link, event, now)
                 elif isinstance(event, RepairRequested):
                     self._repair(child, event.seqs)
                 elif isinstance(event, LinkClosed):
@@ -261,6 +264,28 @@ class Children:
         return closes
 
     # -- decisions --------------------------------------------------------------------------
+
+    def _subscribed(
+        self, child: int, link: ParentLink, request: SubscribeRequested, now: float
+    ) -> None:
+        """Who is asking, and may they (docs/spec.md §3 child check, §6.1 admission)?"""
+        if request.node != self._keys.get(child):
+            # A SUBSCRIBE in another node's name could dodge the path check, or a ban.
+            link.goodbye(ErrorCode.WRONG_PEER, "SUBSCRIBE names another node")
+            return
+        try:
+            check_token(
+                request.token,
+                self._host_keys,
+                stream=self.stream,
+                node=request.node,
+                now_ms=self.wall_ms(),
+            )
+        except RemoteProtocolError as exc:
+            logger.info("child %s refused: %s", short_id(request.node), exc)
+            link.goodbye(exc.code, str(exc))
+            return
+        self._admit(child, request, now)
 
     def _admit(
         self, child: int, request: SubscribeRequested, now: float, *, last_try: bool = False

@@ -24,7 +24,11 @@ class NodeConfig:
     """Connections a parent holds at once that have not subscribed yet; more are refused."""
     max_unsubscribed_per_network: int = 4
     """...of which one source network (IPv4 /24, IPv6 /48) may hold this many."""
+    host_keys: tuple[bytes, ...] = ()
+    """Raw keys of the hosts whose admission tokens a child must present (ADMIT) before
+    this node feeds it; empty: it feeds any child (docs/spec.md §6.1)."""
     buffer_seconds: float = 10.0
+
     """Audio kept in the ring buffer, for resuming children and repairs."""
     connect_timeout: float = 2.0
     """How long to wait for a parent to accept (handshake + STREAM_INFO); real networks

@@ -342,6 +342,7 @@ class NodeCore:
             now=now,
             silence_timeout=self.config.silence_timeout * self._storm_factor(now),
             verifier=self.verifier,
+            token=self.token,
         )
         self._dirty_links.add(link)
 

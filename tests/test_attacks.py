@@ -124,8 +124,10 @@ def test_a_repair_leech_gets_no_more_than_its_live_bytes_plus_a_burst(tmp_path: 
 
 @pytest.mark.timeout(60)
 def test_slowloris_connections_are_closed_and_only_a_few_wait(tmp_path: Path) -> None:
-    """40 connections to the origin that each send 1 byte of a frame: beyond 16 they are
-    refused OVERLOADED at once, the rest closed CHILD_TIMEOUT after 2 s; none is held."""
+    """40 connections to the origin from one network that each send 1 byte of a frame:
+    beyond 4 at a time they are refused OVERLOADED at once (or wait to be let in, their
+    Initials dropped past the network's handshake rate), the rest closed CHILD_TIMEOUT
+    after 2 s; none is held."""
     take = hostile.Take()
 
     async def body(room: AttackRoom) -> None:

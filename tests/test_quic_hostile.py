@@ -13,8 +13,8 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint
-from tests.quic_helpers import endpoints
+from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint, open_quic_endpoint
+from tests.quic_helpers import endpoints, new_key
 
 INITIAL_SIZE = 1200
 ATTACKER = "127.66.0.1"  # another /24 than the honest client's 127.0.0.1
@@ -161,6 +161,25 @@ async def test_one_network_gets_a_bounded_rate_of_handshakes() -> None:
             assert server.stats.initials_over_network_limits >= 40
             async with client.connect(server.address) as conn:
                 assert await echo_once(conn, b"other network") == b"other network"
+
+
+async def test_one_network_holds_a_bounded_number_of_connections() -> None:
+    config = EndpointConfig(retry_above=None, max_connections_per_network=3)
+    with trio.fail_after(20):
+        async with (
+            endpoints(server_config=config) as (server, _),
+            open_quic_endpoint(new_key(), ATTACKER) as attacker,
+        ):
+            held = [await attacker.connect(server.address) for _ in range(3)]
+            with trio.move_on_after(2):  # its Initials are dropped: no answer at all
+                await attacker.connect(server.address)
+                raise AssertionError("a fourth connection from one network got in")
+            assert server.stats.initials_over_network_limits >= 1
+            await held[0].aclose()
+            while server.connection_count > 2:  # noqa: ASYNC110 (the endpoint has no event)
+                await trio.sleep(0.05)
+            async with attacker.connect(server.address) as again:  # a place came free
+                assert await echo_once(again, b"again") == b"again"
 
 
 async def test_unknown_version_gets_version_negotiation() -> None:

@@ -419,7 +419,9 @@ async def test_many_concurrent_connections() -> None:
     all_open = trio.Event()
     # One client network opening 200 at once: no per-network limits, and the server asks
     # for a Retry once 16 handshakes are pending.
-    config = EndpointConfig(max_pending_per_network=count, handshakes_per_network=0)
+    config = EndpointConfig(
+        max_connections_per_network=count, max_pending_per_network=count, handshakes_per_network=0
+    )
     with trio.fail_after(30):
         async with endpoints(server_config=config) as (server, client):
 

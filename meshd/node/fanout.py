@@ -19,17 +19,28 @@ from protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
 
-NODE_ENDPOINT = EndpointConfig(
-    client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE,
-    max_ack_delay=0.25,
-    request_client_certificate=True,
-)
-"""A node's endpoint: a child never sends datagrams to its parent (docs/spec.md §10). It
-acknowledges every second live chunk, or a lone one within 250 ms: a parent counts ACKs
-as life (§6.6), and it sends something at least every heartbeat interval, so it hears a
-live child at least every 2 heartbeat intervals; the ACKs were a quarter of a relay's
-CPU when each chunk was acknowledged. A child proves its node key with its certificate
-(§3), which its SUBSCRIBE must name."""
+SPARE_CONNECTIONS = 32
+"""Connections a parent takes from one source network beyond its child slots: children
+waiting to subscribe or leaving, the tracker's probes."""
+
+
+def node_endpoint(capacity: int) -> EndpointConfig:
+    """A node's endpoint, for a node with `capacity` child slots.
+
+    A child never sends datagrams to its parent (docs/spec.md §10). The node acknowledges
+    every second live chunk, or a lone one within 250 ms: a parent counts ACKs as life
+    (§6.6), and it sends something at least every heartbeat interval, so it hears a live
+    child at least every 2 heartbeat intervals; the ACKs were a quarter of a relay's CPU
+    when each chunk was acknowledged. A child proves its node key with its certificate
+    (§3), which its SUBSCRIBE must name. One source network holds at most the node's
+    slots and a few more connections (§2)."""
+    return EndpointConfig(
+        client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE,
+        max_ack_delay=0.25,
+        request_client_certificate=True,
+        max_connections_per_network=capacity + SPARE_CONNECTIONS,
+    )
+
 
 SUBSCRIBE_TIMEOUT = 5.0
 

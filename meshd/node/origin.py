@@ -22,7 +22,7 @@ from meshd.addresses import format_address
 from meshd.errors import NodeError, UsageError
 from meshd.logs import log_as
 from meshd.node.config import NodeConfig
-from meshd.node.fanout import NODE_ENDPOINT, Fanout
+from meshd.node.fanout import Fanout, node_endpoint
 from meshd.node.report import StatsReporter
 from meshd.node.source import OriginCore
 from meshd.node.stats import ChunkTrace
@@ -109,7 +109,9 @@ class Origin:
         task_status: trio.TaskStatus[None],
     ) -> None:
         host, port = self.settings.listen
-        async with open_quic_endpoint(self.key, host, port, config=NODE_ENDPOINT) as endpoint:
+        async with open_quic_endpoint(
+            self.key, host, port, config=node_endpoint(self.settings.capacity)
+        ) as endpoint:
             self._endpoint = endpoint
             self.address = self.settings.advertise or format_address(endpoint.address)
             async with trio.open_nursery() as nursery:

@@ -31,7 +31,7 @@ from meshd.node.core import (
     Play,
     StartOutput,
 )
-from meshd.node.fanout import NODE_ENDPOINT, Fanout
+from meshd.node.fanout import Fanout, node_endpoint
 from meshd.node.output import AudioSink
 from meshd.node.report import StatsReporter
 from meshd.node.stats import ChunkTrace
@@ -137,7 +137,7 @@ class Relay:
                 outer.start_soon(self.output.run)
             try:
                 async with open_quic_endpoint(
-                    self.key, host, port, config=NODE_ENDPOINT
+                    self.key, host, port, config=node_endpoint(self.settings.capacity)
                 ) as endpoint:
                     self._endpoint = endpoint
                     self.core.address = self.settings.advertise or format_address(endpoint.address)

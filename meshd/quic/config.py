@@ -39,9 +39,10 @@ class EndpointConfig:
     ``retry_above`` handshakes are pending, a new connection must first prove it owns its
     source address with a QUIC Retry (RFC 9000 §8.1.2; 0: always, None: never), so
     Initials from spoofed or never-answering sources create no state. A source network
-    (IPv4 /24, IPv6 /48) may have ``max_pending_per_network`` handshakes pending and may
+    (IPv4 /24, IPv6 /48) may hold ``max_connections_per_network`` server connections
+    (handshaking or open), have ``max_pending_per_network`` handshakes pending, and
     start ``handshakes_per_network`` handshakes a second after a burst of
-    ``handshake_burst`` (0: no rate limit); Initials beyond either are dropped, which
+    ``handshake_burst`` (0: no rate limit); Initials beyond any are dropped, which
     slows an honest client behind that network (it sends its Initial again) and costs a
     flood nothing.
 
@@ -61,6 +62,7 @@ class EndpointConfig:
     idle_timeout: float = 10.0
     keepalive_interval: float | None = 3.0
     retry_above: int | None = 16
+    max_connections_per_network: int = 64
     max_pending_per_network: int = 8
     handshakes_per_network: float = 8.0
     handshake_burst: int = 32
@@ -83,6 +85,7 @@ class EndpointConfig:
         for name in (
             "max_connections",
             "max_pending_handshakes",
+            "max_connections_per_network",
             "max_pending_per_network",
             "handshake_burst",
             "stream_send_buffer",

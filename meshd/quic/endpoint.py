@@ -94,6 +94,8 @@ class QuicEndpoint:
         self._by_cid: dict[bytes, QuicConn] = {}
         self._conns: set[QuicConn] = set()
         self._server_conns = 0
+        self._networks: dict[QuicConn, str] = {}  # server connection -> source network
+        self._conns_by_network: Counter[str] = Counter()
         self._pending: dict[QuicConn, str] = {}  # handshaking server connection -> network
         self._pending_by_network: Counter[str] = Counter()
         self._accept_queue: deque[QuicConn] = deque()
@@ -214,17 +216,14 @@ class QuicEndpoint:
         if not conn.is_client:
             self._server_conns -= 1
             self._end_pending(conn)
+            _discount(self._conns_by_network, self._networks.pop(conn, None))
             if conn in self._accept_queue:
                 self._accept_queue.remove(conn)
 
     # Internals
 
     def _end_pending(self, conn: QuicConn) -> None:
-        network = self._pending.pop(conn, None)
-        if network is not None:
-            self._pending_by_network[network] -= 1
-            if not self._pending_by_network[network]:
-                del self._pending_by_network[network]
+        _discount(self._pending_by_network, self._pending.pop(conn, None))
 
     async def _open(
         self,
@@ -359,9 +358,11 @@ class QuicEndpoint:
         # Initial to its source network cannot be a spoofer's way to lock a network out
         # for long (at most `retry_above` unproven handshakes are pending at once).
         network = network_of(address[0])
-        if self._pending_by_network[network] >= self.config.max_pending_per_network or (
-            self._handshake_buckets is not None
-            and self._handshake_buckets.wait(address[0], now) > 0
+        buckets = self._handshake_buckets
+        if (
+            self._conns_by_network[network] >= self.config.max_connections_per_network
+            or self._pending_by_network[network] >= self.config.max_pending_per_network
+            or (buckets is not None and buckets.wait(address[0], now) > 0)
         ):
             self.stats.initials_over_network_limits += 1
             return
@@ -387,9 +388,18 @@ class QuicEndpoint:
         self._server_conns += 1
         self._pending[conn] = network
         self._pending_by_network[network] += 1
+        self._networks[conn] = network
+        self._conns_by_network[network] += 1
         conn._register_cid(header.destination_cid)
         conn._register_cid(quic.host_cid)
         self._nursery.start_soon(conn._run_timer)
+
+
+def _discount(counts: Counter[str], network: str | None) -> None:
+    if network is not None:
+        counts[network] -= 1
+        if not counts[network]:
+            del counts[network]
 
 
 class _Connecting:

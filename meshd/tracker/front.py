@@ -52,6 +52,10 @@ PENDING_BEFORE_RETRY = 32
 one source network may have pending): a flood of Initials that never complete holds at
 most this much state."""
 
+CONNECTIONS_PER_NETWORK = 256
+"""Connections one source network may hold at the tracker at once (a node keeps one a
+few seconds, for its next request): one network cannot take the 1,024 of them all."""
+
 REPLAYABLE = (Refresh, StatusRequest)
 """The requests a front takes from 0-RTT data: a replay costs at most a soft-state
 update the node's next REFRESH corrects (docs/spec.md §2)."""
@@ -71,6 +75,7 @@ def endpoint_config(config: TrackerConfig) -> EndpointConfig:
         client_datagram_error=ErrorCode.UNEXPECTED_MESSAGE,
         retry_above=PENDING_BEFORE_RETRY,
         max_pending_per_network=PENDING_BEFORE_RETRY,
+        max_connections_per_network=CONNECTIONS_PER_NETWORK,
         handshakes_per_network=config.handshakes_per_network_s,
         handshake_burst=config.handshake_burst_per_network,
     )

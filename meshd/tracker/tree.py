@@ -16,15 +16,20 @@ slot is near the frontier, so churn makes the tree deeper than log_k N. REFRESH 
 that (`_better_place`): stable relays move up into shallow free slots, leaves move down
 out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 
-Failure reports are hearsay until confirmed: a node reported dead becomes a suspect
-(nobody is sent to it) and is evicted only after `report_quorum` distinct children
-reported it within `report_window`, when its soft state has expired, or when the host's
-probe says it is unreachable. A suspect found alive (by the probe, or because it spoke
-for itself) after a child reported it is *unproven*: alive, but maybe not delivering (a
-wedged relay answers handshakes), so it gets no new children for `report_window`, or
-until a child claims it as its actual parent. An evicted node's remaining children keep
-their subtrees; the tracker re-homes each one at once so that every peer always reaches
-the origin in the tracker's view.
+Failure reports are hearsay, however many there are (identities are cheap): a node
+reported dead becomes a suspect (nobody is sent to it, and the host probes it) and is
+evicted only when the host's probe says it is unreachable, or when its soft state has
+expired. While it is suspected it holds no slot of its parent: that slot is lent, so
+repairs need not wait for the probe (after a mass failure the dead relays' slots are
+the ones the survivors need). A suspect found alive takes its slot back; the parent's
+newest children beyond its capacity (those placed in the lent slot) are re-homed,
+tentatively. A JOIN placed in a lent slot is tentative too: the parent may still feed
+the suspect and refuse it, and that refusal is then no failure report. A suspect
+found alive (by the probe, or because it spoke for itself) after a child reported it
+is *unproven*: alive, but maybe not delivering (a wedged relay answers handshakes), so
+it gets no new children for `report_window`, or until a child claims it as its actual
+parent. An evicted node's remaining children keep their subtrees; the tracker re-homes
+each one at once so that every peer always reaches the origin in the tracker's view.
 
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
@@ -78,7 +83,7 @@ _BACKUP_SCAN = 32
 # Backups rotate through the `backups * _BACKUP_POOL` shallowest eligible candidates.
 _BACKUP_POOL = 3
 # In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
-# it gets the suspect probed, but is no witness towards evicting it.
+# it gets the suspect probed, but a suspect found alive is not unproven for it.
 _UNSURE = b""
 
 
@@ -94,8 +99,9 @@ class TreeErrorCode(StrEnum):
 class TreeError(Exception):
     """Base of every refusal by `StreamTree`.
 
-    The peer's placement is unchanged when one is raised; what the request proved (the
-    peer is alive, its capacity, a failure report) may still have been recorded.
+    The peer's placement is unchanged when one is raised, unless the request cost it its
+    place (`NoCapacity`: no room was left for it); what the request proved (the peer is
+    alive, its capacity, a failure report) may still have been recorded.
     """
 
     code: ClassVar[TreeErrorCode]
@@ -165,6 +171,7 @@ class _Node:
         "earned",
         "joined",
         "last_seen",
+        "lent",
         "network",
         "orphaned",
         "parent",
@@ -193,6 +200,7 @@ class _Node:
         self.vouched = False  # it vouched for its current parent
         self.parent = parent
         self.children: list[_Node] = []
+        self.lent = 0  # children that are suspects: their slots are lent to others
         self.depth = depth
         self.joined = now
         self.last_seen = now
@@ -226,15 +234,14 @@ class StreamTree:
         *,
         backups: int = 2,
         peer_ttl: float = 600.0,
-        report_quorum: int = 2,
         report_window: float = 60.0,
         promote_after: float = 60.0,
         max_capacity: int | None = None,
         initial_capacity: int | None = None,
         vouch_after: float = 5.0,
     ) -> None:
-        if origin_capacity < 0 or backups < 0 or report_quorum < 1:
-            raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
+        if origin_capacity < 0 or backups < 0:
+            raise InvalidRequest("capacity and backups must be >= 0")
         if peer_ttl <= 0 or report_window <= 0:
             raise InvalidRequest("peer_ttl and report_window must be > 0")
         if (max_capacity is not None and max_capacity < 0) or (
@@ -248,7 +255,6 @@ class StreamTree:
         self._backup_count = backups
         self._backup_turn = 0
         self._ttl = peer_ttl
-        self._quorum = report_quorum
         self._window = report_window
         self._promote_after = promote_after
         origin = _Node(PeerRef(origin_id, origin_address), origin_capacity, None, 0, 0.0)
@@ -265,7 +271,8 @@ class StreamTree:
         # (time, node) per join/refresh, in time order; an entry is stale if the node
         # refreshed since (its last_seen differs) or is gone. Popped lazily by expire().
         self._expiry: deque[tuple[float, _Node]] = deque()
-        # Suspects: reporter id -> time of its report, per reported node.
+        # Suspects: reporter id -> time of its report, per reported node. A suspect holds
+        # no slot of its parent (it counts in its parent's `lent`).
         self._reports: dict[_Node, dict[bytes, float]] = {}
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
@@ -324,9 +331,11 @@ class StreamTree:
     def suspects(self, now: float) -> list[bytes]:
         """Peers reported dead but not (yet) confirmed: worth a probe by the host."""
         for node, reports in list(self._reports.items()):
+            if node not in self._reports:
+                continue  # dropped meanwhile, for want of room when a suspect was cleared
             self._prune_reports(reports, now)
             if not reports:
-                del self._reports[node]
+                self._acquit(node)
         for node, since in list(self._unproven.items()):
             if since < now - self._window:
                 del self._unproven[node]
@@ -379,7 +388,10 @@ class StreamTree:
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
+        node = self._insert(peer_id, capacity, address, parent, now, network)
+        # In a slot a suspect lent: the parent may still feed it and refuse the newcomer.
+        self._set_orphaned(node, len(parent.children) > parent.capacity)
+        return self._assignment(node)
 
     def report_failure(
         self,
@@ -500,9 +512,9 @@ class StreamTree:
 
         The parent's word counts only for its own slot, and only as far as what a lying
         parent could do anyway by dropping the child: a childless child is removed (if
-        alive, it comes back by its next request); one with children is only doubted, so
-        it is probed but the parent is no witness towards evicting it. A child that is not
-        the parent's in our view (it moved already) is left alone.
+        alive, it comes back by its next request); one with children is only doubted: it
+        is probed (and lends its slot meanwhile), and if found alive it is not unproven. A
+        child that is not the parent's in our view (it moved already) is left alone.
         """
         parent = self._peers.get(parent_id)
         if parent is None:
@@ -604,6 +616,8 @@ class StreamTree:
     def _update(self, node: _Node, now: float, capacity: int | None, address: str | None) -> None:
         """Apply what a request from the peer itself tells us (it is alive, too)."""
         self._clear_suspicion(node, now)
+        if not self._live(node):  # its parent took back a slot it lent, with no room left
+            raise NoCapacity("no free slot left for you: join again")
         self._touch(node, now)
         if address is not None and address != node.ref.address:
             node.ref = PeerRef(node.ref.peer_id, address)
@@ -667,7 +681,7 @@ class StreamTree:
 
     def _index(self, node: _Node) -> None:
         """Put the node in the bucket of its depth if it has a free slot, else in none."""
-        want = node.depth if len(node.children) < node.capacity else -1
+        want = node.depth if self._held(node) < node.capacity else -1
         if node.slot_depth == want:
             return
         if node.slot_depth >= 0:
@@ -776,7 +790,7 @@ class StreamTree:
         swappable = old is not None and old not in self._reports
         if swappable and old is not None and banned is not None and _within(old, banned):
             swappable = False
-        full = len(parent.children) >= parent.capacity
+        full = self._held(parent) >= parent.capacity
         if _within(parent, node):
             guess = self._tentative_link(parent, node)
             if guess is None or full or not swappable or old is None:
@@ -916,7 +930,9 @@ class StreamTree:
         assert parent is not None, "the origin is never detached"
         parent.children.remove(node)
         node.parent = None
-        if self._live(parent):  # a removed parent no longer counts its slots
+        if node in self._reports:
+            parent.lent -= 1  # it held no slot there
+        elif self._live(parent):  # a removed parent no longer counts its slots
             self._free_slots += 1
             self._index(parent)
 
@@ -931,7 +947,10 @@ class StreamTree:
         parent.children.append(node)
         node.placed = self._now
         node.vouched = False
-        self._free_slots -= 1
+        if node in self._reports:
+            parent.lent += 1  # it takes no slot while suspected
+        else:
+            self._free_slots -= 1
         self._index(parent)
         self._set_depth(node, parent.depth + 1)
 
@@ -958,18 +977,34 @@ class StreamTree:
             stack.extend(node.children)
 
     def _set_capacity(self, node: _Node, capacity: int) -> None:
-        """Children beyond a reduced capacity are re-homed as orphans (newest first)."""
+        """Children beyond a reduced capacity are re-homed as orphans (`_fit`)."""
         if capacity == node.capacity:
             return
-        for child in node.children[capacity:][::-1]:
-            target = self._pick_parent(child, child.capacity, avoid=node)
+        self._free_slots += capacity - node.capacity
+        node.capacity = capacity
+        self._fit(node)
+
+    def _held(self, node: _Node) -> int:
+        """The slots the node's children take: all but the suspects'."""
+        return len(node.children) - node.lent
+
+    def _fit(self, node: _Node, cleared: _Node | None = None) -> None:
+        """Children beyond the node's capacity are re-homed as orphans, newest first: a
+        suspect found alive (`cleared`) keeps its slot, and who took it meanwhile moves,
+        outside `cleared`'s subtree if it can (it may have reported `cleared`)."""
+        # Suspects hold no slot: moving one frees none. `cleared` moves only if it must.
+        movable = [c for c in node.children[::-1] if c not in self._reports and c is not cleared]
+        for child in movable + [c for c in node.children if c is cleared]:
+            if self._held(node) <= node.capacity:
+                break
+            target = self._pick_parent(child, child.capacity, banned=cleared, avoid=node)
+            if target is None and cleared is not None:
+                target = self._pick_parent(child, child.capacity, avoid=node)
             if target is None:
                 self._drop_subtree(child)
             else:
                 self._move(child, target)
                 self._set_orphaned(child, True)
-        self._free_slots += capacity - node.capacity
-        node.capacity = capacity
         self._index(node)
 
     def _forget(self, node: _Node) -> None:
@@ -978,7 +1013,7 @@ class StreamTree:
         if node.slot_depth >= 0:
             self._unindex(node)
         self._count_depth(node.depth, -1)
-        self._free_slots -= node.capacity - len(node.children)
+        self._free_slots -= node.capacity - self._held(node)
         self._reports.pop(node, None)
         self._unproven.pop(node, None)
         self._set_orphaned(node, False)
@@ -1038,13 +1073,33 @@ class StreamTree:
                 del reports[reporter]
 
     def _record_report(self, suspect: _Node, reporter: bytes, now: float) -> None:
-        """Count a first-hand report; evict once confirmed (quorum or expired state)."""
-        reports = self._reports.setdefault(suspect, {})
-        reports[reporter] = now
-        self._prune_reports(reports, now)
-        witnesses = len(reports) - (_UNSURE in reports)
-        if witnesses >= self._quorum or now - suspect.last_seen > self._ttl:
+        """A first-hand report makes a suspect for the probe to judge; no number of them
+        evicts it (identities are cheap). Expired soft state needs no probe."""
+        self._accuse(suspect, reporter, now)
+        if now - suspect.last_seen > self._ttl:
             self._evict(suspect)
+
+    def _accuse(self, node: _Node, reporter: bytes, now: float) -> None:
+        """Record a report; a new suspect lends its slot (its parent may place others)."""
+        reports = self._reports.get(node)
+        if reports is None:
+            reports = self._reports[node] = {}
+            parent = node.parent
+            assert parent is not None, "the origin is never a suspect"
+            parent.lent += 1
+            self._free_slots += 1
+            self._index(parent)
+        reports[reporter] = now
+
+    def _acquit(self, node: _Node) -> None:
+        """The node is no suspect any more: it takes its slot back."""
+        del self._reports[node]
+        parent = node.parent
+        assert parent is not None, "the origin is never a suspect"
+        parent.lent -= 1
+        self._free_slots -= 1
+        self._index(parent)
+        self._fit(parent, cleared=node)
 
     def _proven_by_child(self, parent: _Node | None) -> None:
         """A child says it streams from `parent`: it delivers after all."""
@@ -1053,15 +1108,18 @@ class StreamTree:
 
     def _clear_suspicion(self, node: _Node, now: float) -> None:
         """The node is alive. If a child reported it, it stays unproven for a while."""
-        reports = self._reports.pop(node, None)
-        if reports and any(reporter != _UNSURE for reporter in reports):
-            self._unproven[node] = now
+        reports = self._reports.get(node)
+        if reports is None:
+            return
+        if any(reporter != _UNSURE for reporter in reports):
+            self._unproven[node] = now  # first: nobody it lent its slot to goes under it
+        self._acquit(node)
 
     def _doubt(self, node: _Node, now: float) -> None:
         """A peer we sent someone to did not take them: probe it, without counting that
         as a failure report (it may just be full, or the view of it stale)."""
         if node is not self._origin:
-            self._reports.setdefault(node, {})[_UNSURE] = now
+            self._accuse(node, _UNSURE, now)
 
     def _place_unknown(
         self,
@@ -1082,7 +1140,7 @@ class StreamTree:
         parent = self._peers.get(attached_to) if attached_to is not None else None
         if (
             parent is None
-            or len(parent.children) >= parent.capacity
+            or self._held(parent) >= parent.capacity
             or (banned is not None and _within(parent, banned))
         ):
             parent = self._pick_parent(None, capacity, banned=banned)
@@ -1112,6 +1170,6 @@ class StreamTree:
         parent = self._peers.get(parent_id)
         if parent is None:
             raise UnknownParent("unknown parent: retry later or join")
-        if len(parent.children) >= parent.capacity:
+        if self._held(parent) >= parent.capacity:
             raise UnknownPeer("the claimed parent is full in our view: join")
         self._insert(peer_id, capacity, address or "", parent, now, network)

@@ -92,10 +92,15 @@ def reported(tree: StreamTree) -> set[bytes]:
     return {node.ref.peer_id for node in tree._reports}
 
 
+def lending(tree: StreamTree) -> set[bytes]:
+    """White box: the suspects a failure report named (they lend their slots)."""
+    return {node.ref.peer_id for node in tree._lending}
+
+
 def held(tree: StreamTree, peer: bytes) -> int:
-    """The slots the peer's children take: a suspect's slot is lent to others."""
-    suspects = reported(tree)
-    return len([c for c in tree.children_of(peer) if c not in suspects])
+    """The slots the peer's children take: a suspect a report named lends its slot."""
+    lent = lending(tree)
+    return len([c for c in tree.children_of(peer) if c not in lent])
 
 
 def has_room(tree: StreamTree, peer: bytes) -> bool:
@@ -115,7 +120,8 @@ def check_invariants(tree: StreamTree, uniform_k: int | None = None) -> None:
     free = 0
     for peer, depth in depths.items():
         assert tree.depth_of(peer) == depth
-        assert held(tree, peer) <= tree.capacity_of(peer), "capacity exceeded"
+        # (A suspect found alive takes back the slot it lent even if nothing else could
+        # move to make room: its parent is over capacity until children leave.)
         free += tree.capacity_of(peer) - held(tree, peer)
         histogram[depth] = histogram.get(depth, 0) + 1
     snap = tree.snapshot()
@@ -196,13 +202,26 @@ def below_a_guess(tree: StreamTree, peer: bytes) -> bool:
     return False
 
 
+def below_a_report(tree: StreamTree, peer: bytes) -> bool:
+    """A node above the peer is a suspect a failure report named."""
+    lent = lending(tree)
+    node = tree.parent_of(peer)
+    while node is not None and node != ORIGIN:
+        if node in lent:
+            return True
+        node = tree.parent_of(node)
+    return False
+
+
 def expected_depth(tree: StreamTree, capacity: int) -> int | None:
     """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room
     (suspects, reported dead, are not offered; nodes below a tentative link only when
-    nobody else has room; a leaf never gets the last free slot)."""
+    nobody else has room, and nodes below a reported suspect after those; a leaf never
+    gets the last free slot)."""
     offered = [p for p in tree if has_room(tree, p) and p not in suspected(tree)]
-    confirmed = [p for p in offered if not below_a_guess(tree, p)]
-    depths = [tree.depth_of(p) for p in confirmed or offered]
+    ranks = {p: 2 if below_a_report(tree, p) else int(below_a_guess(tree, p)) for p in offered}
+    best = min(ranks.values(), default=0)
+    depths = [tree.depth_of(p) for p in offered if ranks[p] == best]
     if not depths or (capacity == 0 and tree.snapshot().free_slots <= 1):
         return None
     return (min(depths) if capacity > 0 else max(depths)) + 1
@@ -394,6 +413,29 @@ def test_a_suspect_found_alive_takes_its_slot_back() -> None:
     assert tree.probe_result(pid(1), True, 3.0) == []
     assert tree.children_of(ORIGIN) == (pid(1), pid(2)) and tree.is_unproven(pid(1))
     assert tree.parent_of(pid(6)) == pid(2) and tree.is_orphaned(pid(6))
+    check_invariants(tree)
+
+
+def test_a_suspect_found_alive_with_no_room_around_overfills_its_parent() -> None:
+    """Nobody is dropped to give a suspect its slot back: after a mass failure the one
+    who took it may carry the survivors' subtrees. The parent is over its capacity
+    until children leave."""
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 1), 2: (1, 0)})
+    assert tree.report_failure(pid(2), pid(1), 1.0).parent.peer_id == ORIGIN
+    tree.probe_result(pid(1), True, 2.0)
+    assert tree.children_of(ORIGIN) == (pid(1), pid(2)) and len(tree) == 3
+    assert tree.snapshot().free_slots == 0  # the origin's -1, and 1's free slot
+    check_invariants(tree)
+
+
+def test_below_a_reported_suspect_is_offered_last() -> None:
+    """Its path is probably cut: a leaf goes to a shallower slot rather than there."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 5: (1, 0)})
+    tree.report_failure(pid(5), pid(1), 1.0)
+    assert tree.parent_of(pid(5)) == pid(2)
+    assert tree.join(pid(7), 0, addr(7), 2.0).parent.peer_id == pid(2)  # not 3, deeper
     check_invariants(tree)
 
 
@@ -872,16 +914,10 @@ class TreeMachine(RuleBasedStateMachine):
         live = self.live()
         return data.draw(st.sampled_from(live)) if live else None
 
-    def speak(self, peer: bytes) -> bool:
+    def speak(self, peer: bytes) -> None:
         """A request of the peer's own: it is no suspect any more, and takes back the slot
-        it lent (others move). False if that left no room for the peer itself."""
-        try:
-            self.tree.refresh(peer, self.now)
-        except NoCapacity:
-            event("cleared, but its slot was taken and no room was left")
-            assert peer not in self.tree
-            return False
-        return True
+        it lent (others move to make room, and maybe the peer itself)."""
+        self.tree.refresh(peer, self.now)
 
     @invariant()
     def structure_holds(self) -> None:
@@ -913,12 +949,7 @@ class TreeMachine(RuleBasedStateMachine):
             return
         before = self.tree.parent_of(peer)
         suspected = peer in reported(self.tree)
-        try:
-            got = self.tree.join(peer, self.tree.capacity_of(peer), addr(1), self.now)
-        except NoCapacity:
-            event("rejoin: cleared, but its slot was taken and no room was left")
-            assert suspected and peer not in self.tree
-            return
+        got = self.tree.join(peer, self.tree.capacity_of(peer), addr(1), self.now)
         # (A suspect takes back the slot it lent, and moves only if nothing else can.)
         assert got.parent.peer_id == before or suspected
         check_assignment(self.tree, peer, got)
@@ -962,8 +993,7 @@ class TreeMachine(RuleBasedStateMachine):
         if not victims:
             return
         reporter = data.draw(st.sampled_from(victims))
-        if not self.speak(reporter):
-            return
+        self.speak(reporter)
         dead = self.tree.parent_of(reporter)
         assert dead is not None
         if dead not in self.crashed:
@@ -1007,8 +1037,7 @@ class TreeMachine(RuleBasedStateMachine):
         if not liars:
             return
         liar = data.draw(st.sampled_from(liars))
-        if not self.speak(liar):
-            return
+        self.speak(liar)
         victim = self.tree.parent_of(liar)
         assert victim is not None
         if victim == ORIGIN or victim in self.crashed:
@@ -1043,8 +1072,7 @@ class TreeMachine(RuleBasedStateMachine):
         """Peers placed by the tracker move there and say so (REFRESH naming it); the
         answer may place them once more (rebalancing), until it is just ACK."""
         for peer in self.live():
-            if peer not in self.tree or not self.speak(peer):
-                continue
+            self.speak(peer)
             while self.tree.is_orphaned(peer):
                 event("placement confirmed")
                 before = self.tree.parent_of(peer)
@@ -1062,8 +1090,7 @@ class TreeMachine(RuleBasedStateMachine):
         peer = self.draw_live(data)
         if peer is None:
             return
-        if not self.speak(peer):
-            return
+        self.speak(peer)
         claimed = data.draw(st.sampled_from(sorted(self.tree)))
         before = self.tree.parent_of(peer)
         valid = claimed == before or claimed in eligible_parents(self.tree, peer)
@@ -1097,8 +1124,7 @@ class TreeMachine(RuleBasedStateMachine):
         if not pairs:
             return
         parent, child = data.draw(st.sampled_from(pairs))
-        if not self.speak(parent) or child not in self.tree:
-            return
+        self.speak(parent)
         had_children = bool(self.tree.children_of(child))
         removed = self.tree.child_gone(parent, child, self.now)
         event("child gone: suspected" if had_children else "child gone: removed")
@@ -1113,8 +1139,9 @@ class TreeMachine(RuleBasedStateMachine):
         """A live node says a live peer it feeds, or does not feed, is gone."""
         reporter = data.draw(st.sampled_from([ORIGIN, *self.live()]))
         child = self.draw_live(data)
-        if child is None or not self.speak(reporter) or child not in self.tree:
+        if child is None:
             return
+        self.speak(reporter)
         ours = self.tree.parent_of(child) == reporter
         had_children = bool(self.tree.children_of(child))
         view = {p: self.tree.parent_of(p) for p in self.tree}
@@ -1133,8 +1160,7 @@ class TreeMachine(RuleBasedStateMachine):
     def tick(self, seconds: float) -> None:
         self.now += seconds
         for peer in self.live():
-            if peer in self.tree:  # (else dropped: a suspect took back its slot)
-                self.speak(peer)
+            self.speak(peer)
         removed = self.tree.expire(self.now)
         if removed:
             event("tick: expired")
@@ -1236,7 +1262,7 @@ class EarnedTreeMachine(TreeMachine):
         for node in self.tree._peers.values():  # white box: `earned` counts the vouches
             if node is not self.tree._origin:
                 earned = min(node.declared, max(INITIAL, 2 * node.earned))
-                assert held(self.tree, node.ref.peer_id) <= node.capacity == earned <= CEILING
+                assert node.capacity == earned <= CEILING
 
     @rule(data=st.data())
     def vouch(self, data: st.DataObject) -> None:

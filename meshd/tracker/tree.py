@@ -19,17 +19,19 @@ out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 Failure reports are hearsay, however many there are (identities are cheap): a node
 reported dead becomes a suspect (nobody is sent to it, and the host probes it) and is
 evicted only when the host's probe says it is unreachable, or when its soft state has
-expired. While it is suspected it holds no slot of its parent: that slot is lent, so
-repairs need not wait for the probe (after a mass failure the dead relays' slots are
-the ones the survivors need). A suspect found alive takes its slot back; the parent's
-newest children beyond its capacity (those placed in the lent slot) are re-homed,
-tentatively. A JOIN placed in a lent slot is tentative too: the parent may still feed
-the suspect and refuse it, and that refusal is then no failure report. A suspect
-found alive (by the probe, or because it spoke for itself) after a child reported it
-is *unproven*: alive, but maybe not delivering (a wedged relay answers handshakes), so
-it gets no new children for `report_window`, or until a child claims it as its actual
-parent. An evicted node's remaining children keep their subtrees; the tracker re-homes
-each one at once so that every peer always reaches the origin in the tracker's view.
+expired. While a failure report stands against it, it holds no slot of its parent: that
+slot is lent, so repairs need not wait for the probe (after a mass failure the dead
+relays' slots are the ones the survivors need), and free slots below it are offered
+last (its path is probably cut). A suspect found alive takes its slot back; the
+parent's newest children beyond its capacity (those placed in the lent slot) are
+re-homed, tentatively, if they have somewhere to go; nobody is dropped for it. A JOIN
+placed in a lent slot is tentative too: the parent may still feed the suspect and
+refuse it, and that refusal is then no failure report. A suspect found alive (by the
+probe, or because it spoke for itself) after a child reported it is *unproven*: alive,
+but maybe not delivering (a wedged relay answers handshakes), so it gets no new
+children for `report_window`, or until a child claims it as its actual parent. An
+evicted node's remaining children keep their subtrees; the tracker re-homes each one at
+once so that every peer always reaches the origin in the tracker's view.
 
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
@@ -99,9 +101,8 @@ class TreeErrorCode(StrEnum):
 class TreeError(Exception):
     """Base of every refusal by `StreamTree`.
 
-    The peer's placement is unchanged when one is raised, unless the request cost it its
-    place (`NoCapacity`: no room was left for it); what the request proved (the peer is
-    alive, its capacity, a failure report) may still have been recorded.
+    The peer's placement is unchanged when one is raised; what the request proved (the
+    peer is alive, its capacity, a failure report) may still have been recorded.
     """
 
     code: ClassVar[TreeErrorCode]
@@ -200,7 +201,7 @@ class _Node:
         self.vouched = False  # it vouched for its current parent
         self.parent = parent
         self.children: list[_Node] = []
-        self.lent = 0  # children that are suspects: their slots are lent to others
+        self.lent = 0  # children a failure report named: their slots are lent to others
         self.depth = depth
         self.joined = now
         self.last_seen = now
@@ -271,9 +272,12 @@ class StreamTree:
         # (time, node) per join/refresh, in time order; an entry is stale if the node
         # refreshed since (its last_seen differs) or is gone. Popped lazily by expire().
         self._expiry: deque[tuple[float, _Node]] = deque()
-        # Suspects: reporter id -> time of its report, per reported node. A suspect holds
-        # no slot of its parent (it counts in its parent's `lent`).
+        # Suspects: reporter id -> time of its report, per reported node.
         self._reports: dict[_Node, dict[bytes, float]] = {}
+        # Suspects a first-hand report named: they hold no slot of their parent (each
+        # counts in its parent's `lent`). A refusal alone lends nothing: the parent that
+        # refused may just be full, its own slot taken for good.
+        self._lending: set[_Node] = set()
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
         self._index(origin)
@@ -331,8 +335,6 @@ class StreamTree:
     def suspects(self, now: float) -> list[bytes]:
         """Peers reported dead but not (yet) confirmed: worth a probe by the host."""
         for node, reports in list(self._reports.items()):
-            if node not in self._reports:
-                continue  # dropped meanwhile, for want of room when a suspect was cleared
             self._prune_reports(reports, now)
             if not reports:
                 self._acquit(node)
@@ -616,8 +618,6 @@ class StreamTree:
     def _update(self, node: _Node, now: float, capacity: int | None, address: str | None) -> None:
         """Apply what a request from the peer itself tells us (it is alive, too)."""
         self._clear_suspicion(node, now)
-        if not self._live(node):  # its parent took back a slot it lent, with no room left
-            raise NoCapacity("no free slot left for you: join again")
         self._touch(node, now)
         if address is not None and address != node.ref.address:
             node.ref = PeerRef(node.ref.peer_id, address)
@@ -710,17 +710,32 @@ class StreamTree:
 
         Suspects (reported dead, not yet confirmed either way) and unproven nodes (alive
         but reported) are left out: nobody is sent to a node that may not deliver. Nodes
-        below a tentative link come last: where they really are is a guess, and after a
-        mass failure an unconfirmed orphan is often dead itself."""
-        if not self._orphans:  # nothing is guessed
+        below a tentative link come after the others: where they really are is a guess,
+        and after a mass failure an unconfirmed orphan is often dead itself. Nodes below
+        a suspect that a failure report named come last: their path is probably cut
+        (and a survivor sent there would hang below the dead, in the way of the
+        suspect's own children, which need a slot outside their subtrees)."""
+        if not self._orphans and not self._lending:  # nothing is guessed or cut
             yield from self._free_pass(shallow_first, None)
             return
-        yield from self._free_pass(shallow_first, False)
-        yield from self._free_pass(shallow_first, True)
+        for rank in range(3):
+            yield from self._free_pass(shallow_first, rank)
 
-    def _free_pass(self, shallow_first: bool, guessed: bool | None) -> Iterator[_Node]:
-        """`_free_nodes`, only those below a tentative link (`guessed`), or none of them
-        (not `guessed`), or all (None)."""
+    def _path_doubt(self, node: _Node) -> int:
+        """How much we doubt `node`'s path: 0 confirmed links up to the origin, 1 a
+        tentative link on the way, 2 a suspect a failure report named on the way."""
+        rank = 0
+        on_path: _Node | None = node
+        while on_path is not None:
+            if on_path in self._lending:
+                return 2
+            if on_path.orphaned:
+                rank = 1
+            on_path = on_path.parent
+        return rank
+
+    def _free_pass(self, shallow_first: bool, rank: int | None) -> Iterator[_Node]:
+        """`_free_nodes` whose path we doubt that much (`_path_doubt`), or all (None)."""
         suspects = self._reports
         unproven = self._unproven
         free = self._free
@@ -740,9 +755,7 @@ class StreamTree:
             for node in reversed(free[d]):
                 if node in suspects or node in unproven:
                     continue
-                if guessed is None or guessed == (
-                    self._tentative_link(node, self._origin) is not None
-                ):
+                if rank is None or rank == self._path_doubt(node):
                     yield node
 
     def _pick_parent(
@@ -800,10 +813,16 @@ class StreamTree:
             self._attach(guess, old)
             return parent
         if full:
-            guesses = [c for c in parent.children if c.orphaned and not _within(node, c)]
-            if not guesses or not swappable or old is None:
+            guesses = [
+                c
+                for c in parent.children
+                if c.orphaned and c not in self._lending and not _within(node, c)
+            ]
+            if not guesses:
                 return None
             guess = guesses[-1]
+            if not swappable or old is None:
+                return None
             self._detach(guess)
             self._move(node, parent)
             self._attach(guess, old)
@@ -930,7 +949,7 @@ class StreamTree:
         assert parent is not None, "the origin is never detached"
         parent.children.remove(node)
         node.parent = None
-        if node in self._reports:
+        if node in self._lending:
             parent.lent -= 1  # it held no slot there
         elif self._live(parent):  # a removed parent no longer counts its slots
             self._free_slots += 1
@@ -947,7 +966,7 @@ class StreamTree:
         parent.children.append(node)
         node.placed = self._now
         node.vouched = False
-        if node in self._reports:
+        if node in self._lending:
             parent.lent += 1  # it takes no slot while suspected
         else:
             self._free_slots -= 1
@@ -989,22 +1008,28 @@ class StreamTree:
         return len(node.children) - node.lent
 
     def _fit(self, node: _Node, cleared: _Node | None = None) -> None:
-        """Children beyond the node's capacity are re-homed as orphans, newest first: a
-        suspect found alive (`cleared`) keeps its slot, and who took it meanwhile moves,
-        outside `cleared`'s subtree if it can (it may have reported `cleared`)."""
-        # Suspects hold no slot: moving one frees none. `cleared` moves only if it must.
-        movable = [c for c in node.children[::-1] if c not in self._reports and c is not cleared]
+        """Children beyond the node's capacity are re-homed as orphans, newest first.
+
+        After a capacity cut (`cleared` None) one with nowhere to go is dropped (it will
+        rejoin). When suspect `cleared` takes back the slot it lent, whoever took it
+        meanwhile moves, outside `cleared`'s subtree if it can (it may have reported
+        `cleared`), `cleared` itself only if nothing else can; and nobody is dropped:
+        the tentative orphans of a mass failure may hang below the mover, and the node
+        stays over its capacity instead until children leave.
+        """
+        # A lending suspect holds no slot: moving it frees none. `cleared` moves last.
+        movable = [c for c in node.children[::-1] if c not in self._lending and c is not cleared]
         for child in movable + [c for c in node.children if c is cleared]:
             if self._held(node) <= node.capacity:
                 break
             target = self._pick_parent(child, child.capacity, banned=cleared, avoid=node)
             if target is None and cleared is not None:
                 target = self._pick_parent(child, child.capacity, avoid=node)
-            if target is None:
-                self._drop_subtree(child)
-            else:
+            if target is not None:
                 self._move(child, target)
                 self._set_orphaned(child, True)
+            elif cleared is None:
+                self._drop_subtree(child)
         self._index(node)
 
     def _forget(self, node: _Node) -> None:
@@ -1015,6 +1040,7 @@ class StreamTree:
         self._count_depth(node.depth, -1)
         self._free_slots -= node.capacity - self._held(node)
         self._reports.pop(node, None)
+        self._lending.discard(node)
         self._unproven.pop(node, None)
         self._set_orphaned(node, False)
 
@@ -1080,20 +1106,23 @@ class StreamTree:
             self._evict(suspect)
 
     def _accuse(self, node: _Node, reporter: bytes, now: float) -> None:
-        """Record a report; a new suspect lends its slot (its parent may place others)."""
-        reports = self._reports.get(node)
-        if reports is None:
-            reports = self._reports[node] = {}
+        """Record a report; at the first first-hand one, the suspect lends its slot (its
+        parent may take others: repairs need not wait for the probe)."""
+        self._reports.setdefault(node, {})[reporter] = now
+        if reporter != _UNSURE and node not in self._lending:
+            self._lending.add(node)
             parent = node.parent
             assert parent is not None, "the origin is never a suspect"
             parent.lent += 1
             self._free_slots += 1
             self._index(parent)
-        reports[reporter] = now
 
     def _acquit(self, node: _Node) -> None:
-        """The node is no suspect any more: it takes its slot back."""
+        """The node is no suspect any more: it takes back the slot it lent, if it did."""
         del self._reports[node]
+        if node not in self._lending:
+            return
+        self._lending.remove(node)
         parent = node.parent
         assert parent is not None, "the origin is never a suspect"
         parent.lent -= 1

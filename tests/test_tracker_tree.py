@@ -216,10 +216,11 @@ def below_a_report(tree: StreamTree, peer: bytes) -> bool:
 def expected_depth(tree: StreamTree, capacity: int) -> int | None:
     """Depth a newcomer must get: below the shallowest (relay) or deepest (leaf) room
     (suspects, reported dead, are not offered; nodes below a tentative link only when
-    nobody else has room, and nodes below a reported suspect after those; a leaf never
-    gets the last free slot)."""
+    nobody else has room, and for a relay nodes below a reported suspect after those; a
+    leaf never gets the last free slot)."""
     offered = [p for p in tree if has_room(tree, p) and p not in suspected(tree)]
-    ranks = {p: 2 if below_a_report(tree, p) else int(below_a_guess(tree, p)) for p in offered}
+    cut = {p for p in offered if capacity > 0 and below_a_report(tree, p)}
+    ranks = {p: 2 if p in cut else int(below_a_guess(tree, p)) for p in offered}
     best = min(ranks.values(), default=0)
     depths = [tree.depth_of(p) for p in offered if ranks[p] == best]
     if not depths or (capacity == 0 and tree.snapshot().free_slots <= 1):
@@ -429,13 +430,26 @@ def test_a_suspect_found_alive_with_no_room_around_overfills_its_parent() -> Non
     check_invariants(tree)
 
 
-def test_below_a_reported_suspect_is_offered_last() -> None:
-    """Its path is probably cut: a leaf goes to a shallower slot rather than there."""
+def test_below_a_reported_suspect_is_offered_last_to_relays() -> None:
+    """Its path is probably cut: a relay goes to a confirmed path, however deep, then
+    below a tentative placement, and below a reported suspect only after those."""
     tree = make_tree(origin_capacity=2)
-    build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2), 5: (1, 0)})
-    tree.report_failure(pid(5), pid(1), 1.0)
-    assert tree.parent_of(pid(5)) == pid(2)
-    assert tree.join(pid(7), 0, addr(7), 2.0).parent.peer_id == pid(2)  # not 3, deeper
+    build(tree, {1: (0, 2), 2: (0, 1), 6: (2, 1), 8: (6, 1), 3: (1, 2), 5: (1, 2)})
+    tree.report_failure(pid(5), pid(1), 1.0, attached_to=pid(8))  # it found 8 itself
+    assert tree.parent_of(pid(5)) == pid(8) and tree.parent_of(pid(3)) == pid(1)
+    assert tree.join(pid(11), 1, addr(11), 2.0).parent.peer_id == ORIGIN  # 1's slot
+    assert tree.join(pid(12), 1, addr(12), 2.0).parent.peer_id == pid(5)  # not 11, not 3
+    check_invariants(tree)
+
+
+def test_the_slot_a_suspect_lends_goes_to_its_largest_child_first() -> None:
+    """As its removal would re-home it: after a top kill the rest of the tree hangs
+    below that child, and it could find no slot outside its own subtree."""
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 3), 2: (1, 0), 3: (1, 3), 4: (3, 3), 5: (4, 1)})
+    got = tree.report_failure(pid(2), pid(1), 1.0)  # a leaf reports first
+    assert tree.parent_of(pid(3)) == ORIGIN and tree.is_orphaned(pid(3))
+    assert got.parent.peer_id in subtree(tree, pid(3))
     check_invariants(tree)
 
 
@@ -1305,7 +1319,7 @@ class EarnedTreeMachine(TreeMachine):
 
     @rule()
     def sybils_vouch(self) -> None:
-        for peer in sorted(self.evil & set(self.tree)):
+        for peer in sorted(self.evil & set(self.live())):  # the crashed say nothing
             parent = self.tree.parent_of(peer)
             if parent in self.evil:
                 before = self.tree.capacity_of(parent)
@@ -1349,7 +1363,7 @@ def test_an_evicted_relays_silent_children_are_probed_and_offered_last() -> None
     live node it never reaches, so nobody would ever report it; it is probed instead,
     and what hangs below a guess is offered only when no confirmed slot is left."""
     tree = make_tree(origin_capacity=2)
-    build(tree, {1: (0, 3), 2: (0, 3), 3: (1, 1), 4: (1, 1), 5: (1, 2), 6: (2, 1)})
+    build(tree, {1: (0, 3), 2: (0, 3), 3: (1, 1), 4: (1, 1), 5: (1, 1), 6: (2, 1)})
     tree.report_failure(pid(3), pid(1), 5.0)
     tree.report_failure(pid(4), pid(1), 5.5)
     tree.probe_result(pid(1), False, 6.0)

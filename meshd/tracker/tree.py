@@ -21,8 +21,9 @@ reported dead becomes a suspect (nobody is sent to it, and the host probes it) a
 evicted only when the host's probe says it is unreachable, or when its soft state has
 expired. While a failure report stands against it, it holds no slot of its parent: that
 slot is lent, so repairs need not wait for the probe (after a mass failure the dead
-relays' slots are the ones the survivors need), and free slots below it are offered
-last (its path is probably cut). A suspect found alive takes its slot back; the
+relays' slots are the ones the survivors need); its child with the most capacity takes
+that slot first, as its eviction would re-home it; and free slots below it are offered
+to relays last (its path is probably cut). A suspect found alive takes its slot back; the
 parent's newest children beyond its capacity (those placed in the lent slot) are
 re-homed, tentatively, if they have somewhere to go; nobody is dropped for it. A JOIN
 placed in a lent slot is tentative too: the parent may still feed the suspect and
@@ -441,9 +442,12 @@ class StreamTree:
             banned = None
         counted = banned is not None and node.parent is banned
         if banned is not None and counted:
+            first = banned not in self._lending
             self._record_report(banned, reporter, now)  # may evict it and re-home us
             if self._peers.get(reporter) is not node:
                 raise NoCapacity("no free slot left for the reporter")
+            if first and self._live(banned):
+                self._hand_down(banned, node)
         claim = self._claim(node, attached_to, banned)
         self._proven_by_child(claim)
         if node.parent is suspect:
@@ -711,23 +715,26 @@ class StreamTree:
         Suspects (reported dead, not yet confirmed either way) and unproven nodes (alive
         but reported) are left out: nobody is sent to a node that may not deliver. Nodes
         below a tentative link come after the others: where they really are is a guess,
-        and after a mass failure an unconfirmed orphan is often dead itself. Nodes below
-        a suspect that a failure report named come last: their path is probably cut
-        (and a survivor sent there would hang below the dead, in the way of the
-        suspect's own children, which need a slot outside their subtrees)."""
+        and after a mass failure an unconfirmed orphan is often dead itself. For relays
+        (`shallow_first`; backups too), nodes below a suspect that a failure report
+        named come last: their path is probably cut, and a relay sent there would hang
+        its subtree below the dead, in the way of the suspect's own children, which need
+        a slot outside their subtrees. A leaf is in nobody's way, and must not take the
+        few shallow slots left."""
         if not self._orphans and not self._lending:  # nothing is guessed or cut
             yield from self._free_pass(shallow_first, None)
             return
-        for rank in range(3):
+        for rank in range(3 if shallow_first else 2):
             yield from self._free_pass(shallow_first, rank)
 
-    def _path_doubt(self, node: _Node) -> int:
+    def _path_doubt(self, node: _Node, cut: bool) -> int:
         """How much we doubt `node`'s path: 0 confirmed links up to the origin, 1 a
-        tentative link on the way, 2 a suspect a failure report named on the way."""
+        tentative link on the way, 2 (if `cut` counts) a suspect a failure report named
+        on the way."""
         rank = 0
         on_path: _Node | None = node
         while on_path is not None:
-            if on_path in self._lending:
+            if cut and on_path in self._lending:
                 return 2
             if on_path.orphaned:
                 rank = 1
@@ -755,7 +762,7 @@ class StreamTree:
             for node in reversed(free[d]):
                 if node in suspects or node in unproven:
                     continue
-                if rank is None or rank == self._path_doubt(node):
+                if rank is None or rank == self._path_doubt(node, shallow_first):
                     yield node
 
     def _pick_parent(
@@ -1116,6 +1123,21 @@ class StreamTree:
             parent.lent += 1
             self._free_slots += 1
             self._index(parent)
+
+    def _hand_down(self, suspect: _Node, reporter: _Node) -> None:
+        """The slot a suspect starts lending goes to its child with the most capacity,
+        if that is more than the reporter's, as the suspect's removal would re-home it:
+        its subtree, the largest, is the one likeliest to find no slot outside itself
+        (after a top kill the rest of the tree hangs below it). Tentatively."""
+        parent = suspect.parent
+        heirs = [
+            c for c in suspect.children if c not in self._lending and c.capacity > reporter.capacity
+        ]
+        if not heirs or parent is None or self._held(parent) >= parent.capacity:
+            return
+        heir = max(heirs, key=lambda c: c.capacity)
+        self._move(heir, parent)
+        self._set_orphaned(heir, True)
 
     def _acquit(self, node: _Node) -> None:
         """The node is no suspect any more: it takes back the slot it lent, if it did."""

@@ -11,7 +11,9 @@ The rules it keeps (docs/spec.md §6.3):
 - A parent has failed when its connection breaks, when it is silent for the silence
   timeout, when its path runs through us (a cycle), or when it delivers nothing new to
   play for the stall timeout while it does not say its own playback is stalled as long
-  (then the trouble is above it, and its own child is the one to act).
+  (then the trouble is above it, and its own child is the one to act). A parent that has
+  delivered nothing since it accepted us gets less: the first-chunk timeout unless it
+  said it is stalled, the stall timeout whatever it says.
 - Failover goes to the backups at once, all in parallel; the tracker is told (REJOIN)
   and its answer is followed, make before break, until the parent we stream from is
   the one the tracker assigned: a node never settles on a parent the tracker did not
@@ -181,6 +183,10 @@ class Upstream:
     path: tuple[bytes, ...] = ()
     stalled: tuple[float, float] | None = None
     """(seconds the parent said its playback was stalled, when it said so)."""
+    delivered: bool = False
+    """Whether anything it sent has been played: a parent that never delivered is unproven."""
+    said_stalled: bool = False
+    """Whether it said since it accepted us that its own playback is stalled."""
 
 
 @dataclass
@@ -824,6 +830,7 @@ class NodeCore:
                     current = up is self.current
             elif isinstance(event, HeartbeatReceived):
                 up.stalled = (event.stalled_ms / 1000, now)
+                up.said_stalled = up.said_stalled or event.stalled_ms > 0
                 if current and event.latest_seq is not None:
                     self.reorder.note_latest(event.latest_seq, now)
             elif isinstance(event, RepairUnavailable):
@@ -941,14 +948,20 @@ class NodeCore:
         assert up.attached_at is not None
         factor = 1 << min(len(self._failovers), 3)
         since = max(self._progress_at, up.attached_at)
-        first = since + self.config.stall_timeout * factor
-        return first, first + self.config.stall_grace * factor
+        stall = since + self.config.stall_timeout * factor
+        if not up.delivered:
+            # Not lengthened after failovers: a live parent's backlog comes with its
+            # acceptance, and each hostile parent in a row would cost twice the last.
+            return since + self.config.first_chunk_timeout, stall
+        return stall, stall + self.config.stall_grace * factor
 
     def _stall_check_at(self) -> float | None:
         up = self.current
         if up is None or up.attached_at is None:
             return None
         first, last = self._stall_limits(up)
+        if not up.delivered:
+            return last if up.said_stalled else first
         if up.stalled is None or not self._parent_stalled_too(up, max(first, up.stalled[1])):
             return first  # a parent that does not claim a stall as long as ours: no delay
         # While the parent says it is stalled too, look again when that report goes stale.
@@ -956,7 +969,11 @@ class NodeCore:
 
     def _parent_stalled_too(self, up: Upstream, now: float) -> bool:
         """Whether the parent recently said its own playback is stalled about as long as
-        ours: then what we lack is missing above it too."""
+        ours: then what we lack is missing above it too. A parent that never delivered:
+        whether it ever said it is stalled (it may have joined or failed over just before
+        us; once it plays again it catches up from behind us, with nothing new for us yet)."""
+        if not up.delivered:
+            return up.said_stalled
         if up.stalled is None:
             return False
         seconds, said_at = up.stalled
@@ -981,9 +998,10 @@ class NodeCore:
         first, last = self._stall_limits(up)
         if now >= last or (now >= first and not self._parent_stalled_too(up, now)):
             seconds = now - max(self._progress_at, up.attached_at)
+            since = "" if up.delivered else " since it accepted us"
             self._link_ended(
                 up,
-                f"nothing new to play for {seconds:.1f} s",
+                f"nothing new to play for {seconds:.1f} s{since}",
                 now,
                 code=ErrorCode.PARENT_STALLED,
             )
@@ -1023,6 +1041,8 @@ class NodeCore:
         if not ready:
             return
         self._progress_at = now
+        if self.current is not None:
+            self.current.delivered = True
         if self._stalled_notice:
             self._stalled_notice = False
             self.children.set_stalled_since(None)

@@ -18,8 +18,9 @@ class NodeConfig:
     """How much longer a child waits on a parent that says it is stalled too."""
     first_chunk_timeout: float = 1.0
     """A child leaves a parent that gave it nothing to play this long after accepting it,
-    unless the parent said its own playback is stalled: a live parent's backlog comes
-    with its acceptance, and a hostile one must not cost a newcomer the stall timeout."""
+    unless the parent showed it is behind (said it is stalled, or sent old chunks): a
+    live parent's backlog comes with its acceptance, and a hostile one must not cost a
+    newcomer the stall timeout."""
     child_timeout: float = 1.0
     """A parent lets a child go after hearing nothing from its connection for this long."""
     subscribe_timeout: float = 2.0

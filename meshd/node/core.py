@@ -13,7 +13,8 @@ The rules it keeps (docs/spec.md §6.3):
   play for the stall timeout while it does not say its own playback is stalled as long
   (then the trouble is above it, and its own child is the one to act). A parent that has
   delivered nothing since it accepted us gets less: the first-chunk timeout unless it
-  said it is stalled, the stall timeout whatever it says.
+  showed it is behind us (said it is stalled, or sent old chunks), the stall timeout
+  whatever it says.
 - Failover goes to the backups at once, all in parallel; the tracker is told (REJOIN)
   and its answer is followed, make before break, until the parent we stream from is
   the one the tracker assigned: a node never settles on a parent the tracker did not
@@ -185,8 +186,9 @@ class Upstream:
     """(seconds the parent said its playback was stalled, when it said so)."""
     delivered: bool = False
     """Whether anything it sent has been played: a parent that never delivered is unproven."""
-    said_stalled: bool = False
-    """Whether it said since it accepted us that its own playback is stalled."""
+    behind: bool = False
+    """Whether it showed since it accepted us that it is behind us, catching up: it said
+    its own playback is stalled, or sent a chunk we had already."""
 
 
 @dataclass
@@ -830,7 +832,7 @@ class NodeCore:
                     current = up is self.current
             elif isinstance(event, HeartbeatReceived):
                 up.stalled = (event.stalled_ms / 1000, now)
-                up.said_stalled = up.said_stalled or event.stalled_ms > 0
+                up.behind = up.behind or event.stalled_ms > 0
                 if current and event.latest_seq is not None:
                     self.reorder.note_latest(event.latest_seq, now)
             elif isinstance(event, RepairUnavailable):
@@ -950,9 +952,7 @@ class NodeCore:
         since = max(self._progress_at, up.attached_at)
         stall = since + self.config.stall_timeout * factor
         if not up.delivered:
-            # Not lengthened after failovers: a live parent's backlog comes with its
-            # acceptance, and each hostile parent in a row would cost twice the last.
-            return since + self.config.first_chunk_timeout, stall
+            return since + self.config.first_chunk_timeout * factor, stall
         return stall, stall + self.config.stall_grace * factor
 
     def _stall_check_at(self) -> float | None:
@@ -961,7 +961,7 @@ class NodeCore:
             return None
         first, last = self._stall_limits(up)
         if not up.delivered:
-            return last if up.said_stalled else first
+            return last if up.behind else first
         if up.stalled is None or not self._parent_stalled_too(up, max(first, up.stalled[1])):
             return first  # a parent that does not claim a stall as long as ours: no delay
         # While the parent says it is stalled too, look again when that report goes stale.
@@ -970,10 +970,10 @@ class NodeCore:
     def _parent_stalled_too(self, up: Upstream, now: float) -> bool:
         """Whether the parent recently said its own playback is stalled about as long as
         ours: then what we lack is missing above it too. A parent that never delivered:
-        whether it ever said it is stalled (it may have joined or failed over just before
-        us; once it plays again it catches up from behind us, with nothing new for us yet)."""
+        whether it showed it is behind us (it may have joined or failed over just before
+        us; once it plays again it catches up, with nothing new for us for a while)."""
         if not up.delivered:
-            return up.said_stalled
+            return up.behind
         if up.stalled is None:
             return False
         seconds, said_at = up.stalled
@@ -1027,6 +1027,8 @@ class NodeCore:
     def _on_chunk(self, item: VerifiedChunk, now: float) -> None:
         if not self.reorder.add(item, now):
             self.stats.duplicates += 1
+            if self.current is not None:
+                self.current.behind = True
             return
         self.stats.chunks_in += 1
         self.stats.bytes_in += len(item.raw)

@@ -408,7 +408,7 @@ class FlowNode:
         since = max(self.progress_at, self.up_at)
         stall = since + config.stall_timeout * factor
         if not self.delivered:
-            return since + config.first_chunk_timeout, stall
+            return since + config.first_chunk_timeout * factor, stall
         return stall, stall + config.stall_grace * factor
 
     def _check_stall(self, epoch: int) -> None:

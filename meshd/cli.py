@@ -772,6 +772,7 @@ def run_listen(args: argparse.Namespace) -> int:
         buffer_seconds=args.buffer / 1000,
         silence_timeout=args.silence_timeout / 1000,
         stall_timeout=args.stall_timeout / 1000,
+        first_chunk_timeout=min(NodeConfig.first_chunk_timeout, args.stall_timeout / 1000),
         heartbeat_interval=min(0.2, args.silence_timeout / 3000),
         stats_interval=args.stats_interval,
         host_keys=tuple(args.host_id),

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from meshd.node.core import NodeCore, Upstream
 from protocol.link import ChildLink
 from protocol.media import StreamVerifier, VerifiedChunk
 from protocol.messages import Chunk
@@ -35,9 +37,26 @@ def skips_chunk_signatures() -> None:
     setattr(StreamVerifier, "verify_chunk", unchecked)  # noqa: B010
 
 
+def trusts_a_first_parent() -> None:
+    """Judges a parent that never delivered as one that did: the stall timeout, not the
+    first-chunk timeout (§6.3)."""
+    for name in ("_stall_limits", "_parent_stalled_too"):
+        method = getattr(NodeCore, name)
+
+        def as_if_delivered(self: NodeCore, up: Upstream, *args: Any, method: Any = method) -> Any:
+            delivered, up.delivered = up.delivered, True
+            try:
+                return method(self, up, *args)
+            finally:
+                up.delivered = delivered
+
+        setattr(NodeCore, name, as_if_delivered)
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
     "accepts-path-through-itself": accepts_path_through_itself,
     "skips-chunk-signatures": skips_chunk_signatures,
+    "trusts-a-first-parent": trusts_a_first_parent,
 }
 
 if __name__ == "__main__":

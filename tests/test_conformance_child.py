@@ -56,6 +56,12 @@ async def test_a_node_that_skips_chunk_signatures_fails() -> None:
     assert report.by_id("6.2-stream-info-signature").verdict is Verdict.PASS
 
 
+async def test_a_node_that_waits_out_the_stall_timeout_for_a_first_chunk_fails() -> None:
+    report = await _check_variant("trusts-a-first-parent", ["6.3-first-chunk"])
+    assert _verdicts(report, Verdict.NON_STRICT) == {"6.3-first-chunk"}, report.format()
+    assert report.by_id("6.3-first-chunk-stalled").verdict is Verdict.PASS
+
+
 def test_the_command_runs_the_child_target(tmp_path: Path) -> None:
     node = " ".join([*MESHD, *NODE_ARGS])
     result = subprocess.run(

@@ -7,27 +7,42 @@ pin down the cases the field found, one by one, with fixed seeds.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshd.node.children import Children
 from meshd.node.config import NodeConfig
-from meshd.node.core import EXIT_MISSED_AUDIO, REJOIN_AGAIN_AFTER
+from meshd.node.core import (
+    EXIT_MISSED_AUDIO,
+    REJOIN_AGAIN_AFTER,
+    AskTracker,
+    CloseLink,
+    Connect,
+    NodeCore,
+    Play,
+)
+from meshd.node.stats import NodeStats
 from meshd.sim.hosts import NodeHost, wall_ms
 from meshd.sim.world import RoomSpec, World
 from protocol import (
     Assigned,
     ChildGone,
+    ChunkRing,
     ChunkSigner,
     ErrorCode,
     Goodbye,
+    Join,
     Leave,
     Peer,
     Rejoin,
     VerifiedChunk,
+    key_id,
     sign_message,
 )
+from protocol.media import OPUS_RATE
 from protocol.messages import TrackerRequest, TrackerResponse
 
 STALL_BUDGET = 1.1  # seconds: the issue's p99 budget is 1 s, on real processes
@@ -293,3 +308,247 @@ def test_a_failover_names_a_dead_tracker_choice_at_once_and_is_back_within_2_s()
     assert rejoins[1][0] - rejoins[0][0] < REJOIN_AGAIN_AFTER + 0.3
     assert world.parent_of(child) is not None
     assert child.core.playout.worst < 2.0, f"stalled {child.core.playout.worst:.2f} s"
+
+
+# -- one node and parents the test plays -------------------------------------------------
+
+
+class FakeParent:
+    """A parent as the test wants it: the real `Children`, fed only what the test says."""
+
+    def __init__(self, signer: ChunkSigner, name: str) -> None:
+        self.node = key_id(Ed25519PrivateKey.generate())
+        self.peer = Peer(self.node, f"{name}:1")
+        self.stats = NodeStats("relay", name, name)
+        self.ring = ChunkRing(10 * OPUS_RATE)
+        self.children = Children(signer.stream_id, self.ring, 4, NodeConfig(), self.stats)
+        self.children.set_info(signer.stream_info(b"OpusHead" + bytes(11)), 0.0)
+        self.children.set_path((signer.stream_id, self.node), 0.0)
+        self.drop_datagrams = 0
+        """How many of the next datagrams to the child are lost."""
+
+    def has(self, item: VerifiedChunk, now: float) -> None:
+        """The chunk arrived here: keep it and forward it live."""
+        self.ring.add(item)
+        self.children.forward(item, now)
+
+
+class Solo:
+    """One `NodeCore` (a listener) between a scripted tracker and `FakeParent`s, on a
+    fake clock: the first answer assigns `parents[0]` with the others as backups."""
+
+    def __init__(self, signer: ChunkSigner, parents: list[FakeParent]) -> None:
+        self.signer = signer
+        self.parents = {parent.peer.address: parent for parent in parents}
+        for parent in parents:  # the child's transport acknowledges all the time
+            parent.children.last_heard = lambda child: self.now
+        self.core = NodeCore(
+            key_id(Ed25519PrivateKey.generate()), signer.stream_id, capacity=0,
+            config=NodeConfig(), rng=random.Random(1), join_timeout=60.0,
+        )  # fmt: skip
+        self.assign = Assigned(parents[0].peer, tuple(p.peer for p in parents[1:]), 2, 180)
+        self.now = 0.0
+        self.links: dict[int, tuple[FakeParent, int]] = {}
+        self.played: list[tuple[float, int]] = []
+        self.closed: list[tuple[FakeParent, int]] = []
+        self.core.start(self.now)
+        self.pump()
+
+    def answer(self, request: TrackerRequest) -> TrackerResponse | None:
+        """JOIN: `assign`; REJOIN: the parent it is attached to, else the first other one."""
+        if isinstance(request, Rejoin):
+            others = [p for p in self.parents.values() if p.node not in (request.dead, b"")]
+            chosen = next((p for p in others if p.node == request.attached), others[0])
+            return Assigned(chosen.peer, (), 2, 180)
+        return self.assign if isinstance(request, Join) else None
+
+    def parent(self) -> FakeParent | None:
+        current = self.core.current
+        if current is None or current.attached_at is None:
+            return None
+        return self.parents[current.peer.address]
+
+    def pump(self) -> None:
+        core, now = self.core, self.now
+        while True:
+            busy = False
+            while (action := core.next_action()) is not None:
+                busy = True
+                if isinstance(action, AskTracker):
+                    core.tracker_answered(action.ticket, self.answer(action.request), now)
+                elif isinstance(action, Connect):
+                    parent = self.parents[action.peer.address]
+                    self.links[action.link] = (parent, action.link)
+                    parent.children.open(action.link, 1200, now)
+                    core.link_opened(action.link, now)
+                elif isinstance(action, CloseLink):
+                    parent, child = self.links.pop(action.link)
+                    parent.children.receive_data(child, action.data, now)
+                    parent.children.closed(child)
+                    self.closed.append((parent, action.code))
+                elif isinstance(action, Play):
+                    self.played.append((now, action.item.seq))
+            for link in core.take_dirty_links():
+                data = core.take_link_output(link)
+                if link in self.links and data:  # b"" would be the end of the stream
+                    parent, child = self.links[link]
+                    parent.children.receive_data(child, data, now)
+            for parent in self.parents.values():
+                for child in parent.children.take_dirty():
+                    data, datagrams = parent.children.take_output(child)
+                    if data and child in self.links:
+                        busy = True
+                        core.link_data(child, data, now)
+                    for datagram in datagrams:
+                        if parent.drop_datagrams:
+                            parent.drop_datagrams -= 1
+                        elif child in self.links:
+                            busy = True
+                            core.link_datagram(child, datagram, now)
+                parent.children.take_closes()
+            if not busy:
+                return
+
+    def run_until(self, until: float) -> None:
+        while True:
+            timers = [self.core.get_timer()]
+            timers += [parent.children.get_timer() for parent in self.parents.values()]
+            due = min((t for t in timers if t is not None), default=until)
+            if due > until:
+                self.now = until
+                return
+            self.now = max(self.now, due)
+            for parent in self.parents.values():
+                parent.children.handle_timer(self.now)
+            self.core.handle_timer(self.now)
+            self.pump()
+
+
+def next_chunk(signer: ChunkSigner) -> VerifiedChunk:
+    return signer.sign([b"\xfc" + bytes(40)], 960 * (signer.next_seq + 1))
+
+
+def signer_with_chunks(count: int) -> tuple[ChunkSigner, list[VerifiedChunk]]:
+    signer = ChunkSigner(Ed25519PrivateKey.generate())
+    return signer, [next_chunk(signer) for _ in range(count)]
+
+
+def stream_live(solo: Solo, parent: FakeParent, until: float) -> None:
+    """The stream goes on: a new chunk reaches `parent` every 200 ms."""
+    while solo.now + 0.2 <= until:
+        solo.run_until(solo.now + 0.2)
+        parent.has(next_chunk(solo.signer), solo.now)
+        solo.pump()
+
+
+def test_a_parent_that_accepts_and_sends_nothing_is_left_at_the_first_chunk_timeout() -> None:
+    """The hostile relay: STREAM_INFO, PATH, HEARTBEATs announcing nothing new, no audio. A
+    newcomer used to wait out the whole stall timeout under it before trying a backup."""
+    signer, chunks = signer_with_chunks(10)
+    silent, backup = FakeParent(signer, "silent"), FakeParent(signer, "backup")
+    for item in chunks:
+        backup.has(item, 0.0)
+    solo = Solo(signer, [silent, backup])
+    attached = solo.core.current.attached_at if solo.core.current else None
+    assert solo.parent() is silent and attached is not None
+    timeout = NodeConfig().first_chunk_timeout
+    solo.run_until(attached + timeout - 0.05)
+    assert solo.parent() is silent, "left before the first-chunk timeout"
+    solo.run_until(attached + timeout + 0.05)
+    assert solo.closed == [(silent, ErrorCode.PARENT_STALLED)]
+    assert solo.parent() is backup  # tried at once, not after asking the tracker
+    assert solo.played == [(solo.played[0][0], 9)]  # the backup's live edge
+
+
+def test_an_unproven_parent_that_says_it_is_stalled_is_kept_but_gets_no_grace() -> None:
+    """A parent that never delivered but says its own playback is stalled (it joined, or
+    failed over, just before us) is not left at the first-chunk timeout; a hostile one
+    saying so for ever is left at the stall timeout, not after the stall grace too."""
+    signer, _ = signer_with_chunks(0)
+    stalled, backup = FakeParent(signer, "stalled"), FakeParent(signer, "backup")
+    stalled.children.set_stalled_since(0.0)
+    solo = Solo(signer, [stalled, backup])
+    assert solo.core.current is not None and solo.core.current.attached_at is not None
+    attached = solo.core.current.attached_at
+    config = NodeConfig()
+    solo.run_until(attached + config.stall_timeout - 0.05)
+    assert solo.parent() is stalled and not solo.closed
+    solo.run_until(attached + config.stall_timeout + 0.05)
+    assert solo.closed == [(stalled, ErrorCode.PARENT_STALLED)]
+
+
+def test_an_unproven_stalled_parent_that_recovers_is_not_left() -> None:
+    signer, chunks = signer_with_chunks(3)
+    stalled, backup = FakeParent(signer, "stalled"), FakeParent(signer, "backup")
+    stalled.children.set_stalled_since(0.0)
+    solo = Solo(signer, [stalled, backup])
+    solo.run_until(1.5)
+    stalled.children.set_stalled_since(None)
+    for item in chunks:
+        stalled.has(item, solo.now)
+    solo.pump()
+    stream_live(solo, stalled, 10.0)
+    assert [seq for _, seq in solo.played] == list(range(signer.next_seq))
+    assert solo.parent() is stalled and not solo.closed
+
+
+@pytest.mark.parametrize("says_stalled", [True, False], ids=["says-stalled", "lags"])
+def test_a_new_parent_catching_up_from_behind_is_not_left(says_stalled: bool) -> None:
+    """The melt: after a failover the new parent is behind us, stalled longer than us or
+    merely lagging. It plays (and forwards) what we had already, and stops saying it is
+    stalled if it did: nothing new for us for a while, but it is no withholder."""
+    signer, chunks = signer_with_chunks(20)
+    first, behind = FakeParent(signer, "first"), FakeParent(signer, "behind")
+    for item in chunks[:10]:
+        first.has(item, 0.0)
+    for item in chunks[:2]:
+        behind.has(item, 0.0)
+    if says_stalled:
+        behind.children.set_stalled_since(0.0)
+    solo = Solo(signer, [first, behind])
+    (link,) = solo.links
+    solo.core.link_failed(link, "connection lost", solo.now)
+    solo.pump()
+    assert solo.parent() is behind
+    attached = solo.now
+    solo.run_until(attached + 0.5)
+    behind.children.set_stalled_since(None)
+    for item in chunks[2:10]:  # it plays 2...9 again: old news to us
+        solo.run_until(solo.now + 0.2)
+        behind.has(item, solo.now)
+        solo.pump()
+    solo.run_until(attached + 2 * NodeConfig().first_chunk_timeout + 0.5)
+    for item in chunks[10:]:
+        behind.has(item, solo.now)
+    solo.pump()
+    stream_live(solo, behind, solo.now + 2.0)
+    assert [seq for _, seq in solo.played] == list(range(9, signer.next_seq))
+    assert solo.parent() is behind and solo.core.stats.failovers == 1
+
+
+def test_a_new_parent_whose_first_datagram_is_lost_is_not_left() -> None:
+    """After a failover the new parent may not hold our next chunk yet; when it comes, its
+    datagram may be lost: the HEARTBEAT after it announces it and the REPAIR fetches it."""
+    signer, chunks = signer_with_chunks(8)
+    first, behind = FakeParent(signer, "first"), FakeParent(signer, "behind")
+    for item in chunks[:5]:
+        first.has(item, 0.0)
+        behind.has(item, 0.0)
+    solo = Solo(signer, [first, behind])
+    solo.run_until(0.5)
+    for item in chunks[5:]:  # the first parent plays 5...7 and then leaves: we have them
+        first.has(item, solo.now)
+    solo.pump()
+    (link,) = solo.links  # the connection to the first parent breaks
+    solo.core.link_failed(link, "connection lost", solo.now)
+    solo.pump()
+    assert solo.parent() is behind and solo.core.stats.failovers == 1
+    solo.run_until(solo.now + 0.6)  # our next chunk, 8, reaches it late ...
+    behind.drop_datagrams = 1  # ... and its datagram to us is lost
+    behind.has(next_chunk(signer), solo.now)
+    solo.pump()
+    solo.run_until(solo.now + 0.8)  # no next chunk yet either: the HEARTBEAT says 8
+    stream_live(solo, behind, solo.now + 3.0)
+    assert [seq for _, seq in solo.played] == list(range(4, signer.next_seq))  # live edge on
+    assert solo.parent() is behind and solo.core.stats.failovers == 1
+    assert solo.core.stats.repairs_requested == 1

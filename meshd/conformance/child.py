@@ -650,6 +650,44 @@ async def _stalled_too(target: ChildTarget) -> Outcome:
     return Outcome(_verdict(ok), sent, f"the link kept for {watch:g} s", got)
 
 
+@case("6.3-first-chunk", "6.3", Level.SHOULD,
+      "a first parent that accepts but sends no chunk nor stalled_ms is left early")  # fmt: skip
+async def _first_chunk(target: ChildTarget) -> Outcome:
+    sent = "STREAM_INFO, PATH, no chunk; HEARTBEAT(latest_seq=nil, stalled_ms=0) every 200 ms"
+    within = target.stall_timeout  # before the stall timeout: the first-chunk timeout
+    expected = f"GOODBYE(PARENT_STALLED), SUBSCRIBE at the backup within {within:g} s"
+    async with target.scene() as scene:
+        parent, backup = await scene.parent(), await scene.parent()
+        await scene.joined(parent, [backup], within=target.start_timeout)
+        link = await parent.subscribed(target.timeout)
+        await link.accept()
+        scene.background(lambda: link.heartbeats(None))
+        _, got = await _left(target, link, backup, trio.current_time(), sent, within)
+    ok = f"GOODBYE({ErrorCode.PARENT_STALLED.name}" in got
+    return Outcome(_verdict(ok), sent, expected, got)
+
+
+@case("6.3-first-chunk-stalled", "6.3", Level.SHOULD,
+      "a first parent that sends no chunk but says it is stalled is kept")  # fmt: skip
+async def _first_chunk_stalled(target: ChildTarget) -> Outcome:
+    sent = "STREAM_INFO, PATH, no chunk; HEARTBEAT(latest_seq=nil, stalled_ms ≥ 500, growing)"
+    watch = target.stall_timeout - 0.5  # past the first-chunk timeout, short of the stall one
+    async with target.scene() as scene:
+        parent, backup = await scene.parent(), await scene.parent()
+        await scene.joined(parent, [backup], within=target.start_timeout)
+        link = await parent.subscribed(target.timeout)
+        await link.accept()
+        scene.background(lambda: link.heartbeats(None, stalled_ms=500))
+        started = trio.current_time()
+        reply = await read_until_closed(link.link, watch, 0)
+    moved = backup.links[0] if backup.links else None
+    ok = reply.goodbye is None and reply.closed is None and moved is None
+    got = reply.describe() if not ok else f"still attached after {watch:g} s"
+    if moved is not None:
+        got += f"; a connection to the backup {moved.arrived_at - started:.1f} s in"
+    return Outcome(_verdict(ok), sent, f"the link kept for {watch:g} s", got)
+
+
 @case("6.3-backups-at-once", "6.3", Level.SHOULD,
       "every backup is tried at once; those not needed get GOODBYE(NO_ERROR)")  # fmt: skip
 async def _backups_at_once(target: ChildTarget) -> Outcome:

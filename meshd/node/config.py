@@ -16,6 +16,11 @@ class NodeConfig:
     parent says its own playback is stalled as long (the trouble is above it)."""
     stall_grace: float = 4.0
     """How much longer a child waits on a parent that says it is stalled too."""
+    first_chunk_timeout: float = 1.0
+    """A child leaves a parent that gave it nothing to play this long after accepting it,
+    unless the parent showed it is behind (said it is stalled, or sent old chunks): a
+    live parent's backlog comes with its acceptance, and a hostile one must not cost a
+    newcomer the stall timeout."""
     child_timeout: float = 1.0
     """A parent lets a child go after hearing nothing from its connection for this long."""
     subscribe_timeout: float = 2.0
@@ -47,5 +52,11 @@ class NodeConfig:
             raise ValueError("the child timeout must be at least 3 heartbeat intervals")
         if self.stall_timeout <= self.silence_timeout:
             raise ValueError("the stall timeout must be longer than the silence timeout")
+        if not 3 * self.heartbeat_interval < self.first_chunk_timeout <= self.stall_timeout:
+            # A parent stalled when it accepted us has said so (stall notice + 1 interval).
+            raise ValueError(
+                "the first-chunk timeout must be longer than 3 heartbeat intervals and at"
+                " most the stall timeout"
+            )
         if self.buffer_seconds < 1:
             raise ValueError("the buffer must hold at least 1 s of audio")

@@ -11,7 +11,10 @@ The rules it keeps (docs/spec.md §6.3):
 - A parent has failed when its connection breaks, when it is silent for the silence
   timeout, when its path runs through us (a cycle), or when it delivers nothing new to
   play for the stall timeout while it does not say its own playback is stalled as long
-  (then the trouble is above it, and its own child is the one to act).
+  (then the trouble is above it, and its own child is the one to act). A parent that has
+  delivered nothing since it accepted us gets less: the first-chunk timeout unless it
+  showed it is behind us (said it is stalled, or sent old chunks), the stall timeout
+  whatever it says.
 - Failover goes to the backups at once, all in parallel; the tracker is told (REJOIN)
   and its answer is followed, make before break, until the parent we stream from is
   the one the tracker assigned: a node never settles on a parent the tracker did not
@@ -181,6 +184,11 @@ class Upstream:
     path: tuple[bytes, ...] = ()
     stalled: tuple[float, float] | None = None
     """(seconds the parent said its playback was stalled, when it said so)."""
+    delivered: bool = False
+    """Whether anything it sent has been played: a parent that never delivered is unproven."""
+    behind: bool = False
+    """Whether it showed since it accepted us that it is behind us, catching up: it said
+    its own playback is stalled, or sent a chunk we had already."""
 
 
 @dataclass
@@ -825,6 +833,7 @@ class NodeCore:
                     current = up is self.current
             elif isinstance(event, HeartbeatReceived):
                 up.stalled = (event.stalled_ms / 1000, now)
+                up.behind = up.behind or event.stalled_ms > 0
                 if current and event.latest_seq is not None:
                     self.reorder.note_latest(event.latest_seq, now)
             elif isinstance(event, RepairUnavailable):
@@ -942,14 +951,18 @@ class NodeCore:
         assert up.attached_at is not None
         factor = 1 << min(len(self._failovers), 3)
         since = max(self._progress_at, up.attached_at)
-        first = since + self.config.stall_timeout * factor
-        return first, first + self.config.stall_grace * factor
+        stall = since + self.config.stall_timeout * factor
+        if not up.delivered:
+            return since + self.config.first_chunk_timeout * factor, stall
+        return stall, stall + self.config.stall_grace * factor
 
     def _stall_check_at(self) -> float | None:
         up = self.current
         if up is None or up.attached_at is None:
             return None
         first, last = self._stall_limits(up)
+        if not up.delivered:
+            return last if up.behind else first
         if up.stalled is None or not self._parent_stalled_too(up, max(first, up.stalled[1])):
             return first  # a parent that does not claim a stall as long as ours: no delay
         # While the parent says it is stalled too, look again when that report goes stale.
@@ -957,7 +970,11 @@ class NodeCore:
 
     def _parent_stalled_too(self, up: Upstream, now: float) -> bool:
         """Whether the parent recently said its own playback is stalled about as long as
-        ours: then what we lack is missing above it too."""
+        ours: then what we lack is missing above it too. A parent that never delivered:
+        whether it showed it is behind us (it may have joined or failed over just before
+        us; once it plays again it catches up, with nothing new for us for a while)."""
+        if not up.delivered:
+            return up.behind
         if up.stalled is None:
             return False
         seconds, said_at = up.stalled
@@ -982,9 +999,10 @@ class NodeCore:
         first, last = self._stall_limits(up)
         if now >= last or (now >= first and not self._parent_stalled_too(up, now)):
             seconds = now - max(self._progress_at, up.attached_at)
+            since = "" if up.delivered else " since it accepted us"
             self._link_ended(
                 up,
-                f"nothing new to play for {seconds:.1f} s",
+                f"nothing new to play for {seconds:.1f} s{since}",
                 now,
                 code=ErrorCode.PARENT_STALLED,
             )
@@ -1010,6 +1028,8 @@ class NodeCore:
     def _on_chunk(self, item: VerifiedChunk, now: float) -> None:
         if not self.reorder.add(item, now):
             self.stats.duplicates += 1
+            if self.current is not None:
+                self.current.behind = True
             return
         self.stats.chunks_in += 1
         self.stats.bytes_in += len(item.raw)
@@ -1024,6 +1044,8 @@ class NodeCore:
         if not ready:
             return
         self._progress_at = now
+        if self.current is not None:
+            self.current.delivered = True
         if self._stalled_notice:
             self._stalled_notice = False
             self.children.set_stalled_since(None)

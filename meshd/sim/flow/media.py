@@ -44,6 +44,7 @@ class Media:
             if node.lit or not node.alive:
                 continue
             node.lit = True
+            node.delivered = True
             self.listening += 1
             if node.first_audio_at is None:
                 node.first_audio_at = now

@@ -14,7 +14,9 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
   Once on a parent the tracker did not name, it sends REJOIN with `attached`, and it
   moves make-before-break wherever the tracker's answer says.
 - A node whose parent plays nothing new waits while the parent says it is stalled too,
-  and leaves it after stall timeout + stall grace (2 + 4 s) whatever it says.
+  and leaves it after stall timeout + stall grace (2 + 4 s) whatever it says; a parent
+  that never delivered is left after the first-chunk timeout (1 s) unless it is dark
+  too, and after the stall timeout whatever.
 - REFRESH every refresh_s (0.8..1 x); an ASSIGNED answer is followed.
 - A graceful leave sends LEAVE, REDIRECTs its children where MOVED says (or to its own
   parent), keeps feeding them until they moved (at most 5 s), then goes.
@@ -106,6 +108,7 @@ class FlowNode:
         "children",
         "dark_since",
         "delay",
+        "delivered",
         "failovers",
         "first_audio_at",
         "follow_failed",
@@ -182,6 +185,8 @@ class FlowNode:
         self.progress_at = 0.0
         self.first_audio_at: float | None = None
         self.dark_since: float | None = None
+        self.delivered = False
+        """Whether the current parent lit us (NodeCore's `Upstream.delivered`)."""
         self.stall = 0.0
         self.lost = 0
         self.lost_before_shock: int | None = None
@@ -400,8 +405,11 @@ class FlowNode:
     def _stall_limits(self) -> tuple[float, float]:
         config = self.room.config
         factor = self._storm_factor(self.room.now)
-        first = max(self.progress_at, self.up_at) + config.stall_timeout * factor
-        return first, first + config.stall_grace * factor
+        since = max(self.progress_at, self.up_at)
+        stall = since + config.stall_timeout * factor
+        if not self.delivered:
+            return since + config.first_chunk_timeout * factor, stall
+        return stall, stall + config.stall_grace * factor
 
     def _check_stall(self, epoch: int) -> None:
         """Progress, not presence (as `NodeCore._check_progress`)."""
@@ -414,7 +422,8 @@ class FlowNode:
         first, last = self._stall_limits()
         # The parent says it is stalled too if it has been stalled about as long as us.
         since = up.progress_at if up.first_audio_at is not None else up.started_at
-        stalled_too = not up.lit and since <= self.progress_at + STALL_SLACK
+        # A parent that never lit us and is dark was dark when it took us: it says so.
+        stalled_too = not up.lit and (not self.delivered or since <= self.progress_at + STALL_SLACK)
         if now >= last or (now >= first and not stalled_too):
             self._link_ended(now)
         else:
@@ -428,6 +437,7 @@ class FlowNode:
         self.up_at = now
         self.link_epoch += 1
         self.up_silence = self.room.config.silence_timeout * self._storm_factor(now)
+        self.delivered = False
         media = self.room.media
         if parent.lit:
             media.light(self, now)

@@ -342,8 +342,9 @@ class Solo:
         self.parents = {parent.peer.address: parent for parent in parents}
         for parent in parents:  # the child's transport acknowledges all the time
             parent.children.last_heard = lambda child: self.now
+        self.node = key_id(Ed25519PrivateKey.generate())
         self.core = NodeCore(
-            key_id(Ed25519PrivateKey.generate()), signer.stream_id, capacity=0,
+            self.node, signer.stream_id, capacity=0,
             config=NodeConfig(), rng=random.Random(1), join_timeout=60.0,
         )  # fmt: skip
         self.assign = Assigned(parents[0].peer, tuple(p.peer for p in parents[1:]), 2, 180)
@@ -379,7 +380,7 @@ class Solo:
                 elif isinstance(action, Connect):
                     parent = self.parents[action.peer.address]
                     self.links[action.link] = (parent, action.link)
-                    parent.children.open(action.link, 1200, now)
+                    parent.children.open(action.link, 1200, now, "192.0.2.0/24", self.node)
                     core.link_opened(action.link, now)
                 elif isinstance(action, CloseLink):
                     parent, child = self.links.pop(action.link)

@@ -61,7 +61,6 @@ amortised O(1) per refresh.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,8 +85,6 @@ __all__ = [
 _BACKUP_SCAN = 32
 # Backups rotate through the `backups * _BACKUP_POOL` shallowest eligible candidates.
 _BACKUP_POOL = 3
-# Free slots ranked by how much their path is doubted (`_free_nodes`), shallowest first.
-_DOUBT_SCAN = 64
 # In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
 # it gets the suspect probed, but a suspect found alive is not unproven for it.
 _UNSURE = b""
@@ -282,9 +279,6 @@ class StreamTree:
         # counts in its parent's `lent`). A refusal alone lends nothing: the parent that
         # refused may just be full, its own slot taken for good.
         self._lending: set[_Node] = set()
-        self._doubts: tuple[dict[_Node, int], dict[_Node, int]] = ({}, {})
-        """`_path_doubt`'s answers (without, with `cut`) until a link, a tentative flag
-        or a lent slot changes: most decisions (a REFRESH that stays) change none."""
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
         self._index(origin)
@@ -635,12 +629,8 @@ class StreamTree:
             node.declared = self._within_ceiling(node, capacity)
             self._set_capacity(node, self._usable(node))
 
-    def _forget_doubts(self) -> None:
-        self._doubts = ({}, {})
-
     def _set_orphaned(self, node: _Node, orphaned: bool) -> None:
         if node.orphaned != orphaned:
-            self._forget_doubts()
             node.orphaned = orphaned
             self._orphans += 1 if orphaned else -1
             if not orphaned:  # its placement became a fact now
@@ -732,47 +722,27 @@ class StreamTree:
         a slot outside their subtrees. A leaf is in nobody's way, and must not take the
         few shallow slots left."""
         if not self._orphans and not self._lending:  # nothing is guessed or cut
-            yield from self._free_pass(shallow_first)
+            yield from self._free_pass(shallow_first, None)
             return
-        # One scan: the doubted wait in `later`; each path is walked once per change.
-        # Doubt orders the first `_DOUBT_SCAN` free nodes only: in a large tree the free
-        # list is long, and scanning all of it for each decision made the sim crawl.
-        doubts = self._doubts[shallow_first]
-        later: list[list[_Node]] = [[], []]
-        free = self._free_pass(shallow_first)
-        for node in itertools.islice(free, _DOUBT_SCAN):
-            rank = self._path_doubt(node, shallow_first, doubts)
-            if rank == 0:
-                yield node
-            else:
-                later[rank - 1].append(node)
-        for doubted in later:
-            yield from doubted
-        yield from free
+        for rank in range(3 if shallow_first else 2):
+            yield from self._free_pass(shallow_first, rank)
 
-    def _path_doubt(self, node: _Node, cut: bool, known: dict[_Node, int]) -> int:
+    def _path_doubt(self, node: _Node, cut: bool) -> int:
         """How much we doubt `node`'s path: 0 confirmed links up to the origin, 1 a
         tentative link on the way, 2 (if `cut` counts) a suspect a failure report named
-        on the way. `known` holds the doubts already worked out, and gets the new ones."""
-        chain: list[_Node] = []
+        on the way."""
         rank = 0
         on_path: _Node | None = node
         while on_path is not None:
-            if on_path in known:
-                rank = known[on_path]
-                break
-            chain.append(on_path)
-            on_path = on_path.parent
-        for on_path in reversed(chain):  # from the top down
             if cut and on_path in self._lending:
-                rank = 2
-            elif on_path.orphaned:
-                rank = max(rank, 1)
-            known[on_path] = rank
+                return 2
+            if on_path.orphaned:
+                rank = 1
+            on_path = on_path.parent
         return rank
 
-    def _free_pass(self, shallow_first: bool) -> Iterator[_Node]:
-        """Nodes with a free slot, by depth, but suspects and unproven nodes."""
+    def _free_pass(self, shallow_first: bool, rank: int | None) -> Iterator[_Node]:
+        """`_free_nodes` whose path we doubt that much (`_path_doubt`), or all (None)."""
         suspects = self._reports
         unproven = self._unproven
         free = self._free
@@ -790,7 +760,9 @@ class StreamTree:
             depths = range(depth, -1, -1)
         for d in depths:
             for node in reversed(free[d]):
-                if node not in suspects and node not in unproven:
+                if node in suspects or node in unproven:
+                    continue
+                if rank is None or rank == self._path_doubt(node, shallow_first):
                     yield node
 
     def _pick_parent(
@@ -984,7 +956,6 @@ class StreamTree:
         assert parent is not None, "the origin is never detached"
         parent.children.remove(node)
         node.parent = None
-        self._forget_doubts()
         if node in self._lending:
             parent.lent -= 1  # it held no slot there
         elif self._live(parent):  # a removed parent no longer counts its slots
@@ -999,7 +970,6 @@ class StreamTree:
     def _attach(self, node: _Node, parent: _Node) -> None:
         """Hang a detached node with its whole subtree under `parent` (a free slot)."""
         node.parent = parent
-        self._forget_doubts()
         parent.children.append(node)
         node.placed = self._now
         node.vouched = False
@@ -1078,7 +1048,6 @@ class StreamTree:
         self._free_slots -= node.capacity - self._held(node)
         self._reports.pop(node, None)
         self._lending.discard(node)
-        self._forget_doubts()
         self._unproven.pop(node, None)
         self._set_orphaned(node, False)
 
@@ -1149,7 +1118,6 @@ class StreamTree:
         self._reports.setdefault(node, {})[reporter] = now
         if reporter != _UNSURE and node not in self._lending:
             self._lending.add(node)
-            self._forget_doubts()
             parent = node.parent
             assert parent is not None, "the origin is never a suspect"
             parent.lent += 1
@@ -1177,7 +1145,6 @@ class StreamTree:
         if node not in self._lending:
             return
         self._lending.remove(node)
-        self._forget_doubts()
         parent = node.parent
         assert parent is not None, "the origin is never a suspect"
         parent.lent -= 1

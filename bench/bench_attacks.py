@@ -211,7 +211,7 @@ ATTACKS: dict[str, Attack] = {
     "slot-squat-40": Attack("a parent's last free slot is kept for a relay", _squat, _joins),
     "join-flood-2000": Attack("JOINs per network: burst 100, 20/s", _flood, _joins),
     "false-reports": Attack(
-        "only a failed probe evicts; a suspect lends its slot",
+        "NOT DEFENDED (2 planted reports evict)",
         _reports,
         lambda take: (
             f"{take.identities_accepted} planted ({take.identities_refused} refused),"

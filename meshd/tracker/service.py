@@ -406,7 +406,7 @@ class Tracker:
         if dead_was_known and request.dead not in state.tree:
             state.total_failures += 1
             logger.info(
-                "failure stream=%s node=%s (reported, soft state expired; %d peers removed)",
+                "failure stream=%s node=%s (confirmed by reports; %d peers removed)",
                 short_id(request.stream),
                 short_id(request.dead),
                 max(before - len(state.tree), 1),

@@ -16,23 +16,15 @@ slot is near the frontier, so churn makes the tree deeper than log_k N. REFRESH 
 that (`_better_place`): stable relays move up into shallow free slots, leaves move down
 out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 
-Failure reports are hearsay, however many there are (identities are cheap): a node
-reported dead becomes a suspect (nobody is sent to it, and the host probes it) and is
-evicted only when the host's probe says it is unreachable, or when its soft state has
-expired. While a failure report stands against it, it holds no slot of its parent: that
-slot is lent, so repairs need not wait for the probe (after a mass failure the dead
-relays' slots are the ones the survivors need); its child with the most capacity takes
-that slot first, as its eviction would re-home it; and free slots below it are offered
-to relays last (its path is probably cut). A suspect found alive takes its slot back; the
-parent's newest children beyond its capacity (those placed in the lent slot) are
-re-homed, tentatively, if they have somewhere to go; nobody is dropped for it. A JOIN
-placed in a lent slot is tentative too: the parent may still feed the suspect and
-refuse it, and that refusal is then no failure report. A suspect found alive (by the
-probe, or because it spoke for itself) after a child reported it is *unproven*: alive,
-but maybe not delivering (a wedged relay answers handshakes), so it gets no new
-children for `report_window`, or until a child claims it as its actual parent. An
-evicted node's remaining children keep their subtrees; the tracker re-homes each one at
-once so that every peer always reaches the origin in the tracker's view.
+Failure reports are hearsay until confirmed: a node reported dead becomes a suspect
+(nobody is sent to it) and is evicted only after `report_quorum` distinct children
+reported it within `report_window`, when its soft state has expired, or when the host's
+probe says it is unreachable. A suspect found alive (by the probe, or because it spoke
+for itself) after a child reported it is *unproven*: alive, but maybe not delivering (a
+wedged relay answers handshakes), so it gets no new children for `report_window`, or
+until a child claims it as its actual parent. An evicted node's remaining children keep
+their subtrees; the tracker re-homes each one at once so that every peer always reaches
+the origin in the tracker's view.
 
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
@@ -86,7 +78,7 @@ _BACKUP_SCAN = 32
 # Backups rotate through the `backups * _BACKUP_POOL` shallowest eligible candidates.
 _BACKUP_POOL = 3
 # In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
-# it gets the suspect probed, but a suspect found alive is not unproven for it.
+# it gets the suspect probed, but is no witness towards evicting it.
 _UNSURE = b""
 
 
@@ -173,7 +165,6 @@ class _Node:
         "earned",
         "joined",
         "last_seen",
-        "lent",
         "network",
         "orphaned",
         "parent",
@@ -202,7 +193,6 @@ class _Node:
         self.vouched = False  # it vouched for its current parent
         self.parent = parent
         self.children: list[_Node] = []
-        self.lent = 0  # children a failure report named: their slots are lent to others
         self.depth = depth
         self.joined = now
         self.last_seen = now
@@ -236,14 +226,15 @@ class StreamTree:
         *,
         backups: int = 2,
         peer_ttl: float = 600.0,
+        report_quorum: int = 2,
         report_window: float = 60.0,
         promote_after: float = 60.0,
         max_capacity: int | None = None,
         initial_capacity: int | None = None,
         vouch_after: float = 5.0,
     ) -> None:
-        if origin_capacity < 0 or backups < 0:
-            raise InvalidRequest("capacity and backups must be >= 0")
+        if origin_capacity < 0 or backups < 0 or report_quorum < 1:
+            raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
         if peer_ttl <= 0 or report_window <= 0:
             raise InvalidRequest("peer_ttl and report_window must be > 0")
         if (max_capacity is not None and max_capacity < 0) or (
@@ -257,6 +248,7 @@ class StreamTree:
         self._backup_count = backups
         self._backup_turn = 0
         self._ttl = peer_ttl
+        self._quorum = report_quorum
         self._window = report_window
         self._promote_after = promote_after
         origin = _Node(PeerRef(origin_id, origin_address), origin_capacity, None, 0, 0.0)
@@ -275,10 +267,6 @@ class StreamTree:
         self._expiry: deque[tuple[float, _Node]] = deque()
         # Suspects: reporter id -> time of its report, per reported node.
         self._reports: dict[_Node, dict[bytes, float]] = {}
-        # Suspects a first-hand report named: they hold no slot of their parent (each
-        # counts in its parent's `lent`). A refusal alone lends nothing: the parent that
-        # refused may just be full, its own slot taken for good.
-        self._lending: set[_Node] = set()
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
         self._index(origin)
@@ -338,7 +326,7 @@ class StreamTree:
         for node, reports in list(self._reports.items()):
             self._prune_reports(reports, now)
             if not reports:
-                self._acquit(node)
+                del self._reports[node]
         for node, since in list(self._unproven.items()):
             if since < now - self._window:
                 del self._unproven[node]
@@ -391,10 +379,7 @@ class StreamTree:
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        node = self._insert(peer_id, capacity, address, parent, now, network)
-        # In a slot a suspect lent: the parent may still feed it and refuse the newcomer.
-        self._set_orphaned(node, len(parent.children) > parent.capacity)
-        return self._assignment(node)
+        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
 
     def report_failure(
         self,
@@ -442,12 +427,9 @@ class StreamTree:
             banned = None
         counted = banned is not None and node.parent is banned
         if banned is not None and counted:
-            first = banned not in self._lending
             self._record_report(banned, reporter, now)  # may evict it and re-home us
             if self._peers.get(reporter) is not node:
                 raise NoCapacity("no free slot left for the reporter")
-            if first and self._live(banned):
-                self._hand_down(banned, node)
         claim = self._claim(node, attached_to, banned)
         self._proven_by_child(claim)
         if node.parent is suspect:
@@ -518,9 +500,9 @@ class StreamTree:
 
         The parent's word counts only for its own slot, and only as far as what a lying
         parent could do anyway by dropping the child: a childless child is removed (if
-        alive, it comes back by its next request); one with children is only doubted: it
-        is probed (and lends its slot meanwhile), and if found alive it is not unproven. A
-        child that is not the parent's in our view (it moved already) is left alone.
+        alive, it comes back by its next request); one with children is only doubted, so
+        it is probed but the parent is no witness towards evicting it. A child that is not
+        the parent's in our view (it moved already) is left alone.
         """
         parent = self._peers.get(parent_id)
         if parent is None:
@@ -685,7 +667,7 @@ class StreamTree:
 
     def _index(self, node: _Node) -> None:
         """Put the node in the bucket of its depth if it has a free slot, else in none."""
-        want = node.depth if self._held(node) < node.capacity else -1
+        want = node.depth if len(node.children) < node.capacity else -1
         if node.slot_depth == want:
             return
         if node.slot_depth >= 0:
@@ -714,35 +696,17 @@ class StreamTree:
 
         Suspects (reported dead, not yet confirmed either way) and unproven nodes (alive
         but reported) are left out: nobody is sent to a node that may not deliver. Nodes
-        below a tentative link come after the others: where they really are is a guess,
-        and after a mass failure an unconfirmed orphan is often dead itself. For relays
-        (`shallow_first`; backups too), nodes below a suspect that a failure report
-        named come last: their path is probably cut, and a relay sent there would hang
-        its subtree below the dead, in the way of the suspect's own children, which need
-        a slot outside their subtrees. A leaf is in nobody's way, and must not take the
-        few shallow slots left."""
-        if not self._orphans and not self._lending:  # nothing is guessed or cut
+        below a tentative link come last: where they really are is a guess, and after a
+        mass failure an unconfirmed orphan is often dead itself."""
+        if not self._orphans:  # nothing is guessed
             yield from self._free_pass(shallow_first, None)
             return
-        for rank in range(3 if shallow_first else 2):
-            yield from self._free_pass(shallow_first, rank)
+        yield from self._free_pass(shallow_first, False)
+        yield from self._free_pass(shallow_first, True)
 
-    def _path_doubt(self, node: _Node, cut: bool) -> int:
-        """How much we doubt `node`'s path: 0 confirmed links up to the origin, 1 a
-        tentative link on the way, 2 (if `cut` counts) a suspect a failure report named
-        on the way."""
-        rank = 0
-        on_path: _Node | None = node
-        while on_path is not None:
-            if cut and on_path in self._lending:
-                return 2
-            if on_path.orphaned:
-                rank = 1
-            on_path = on_path.parent
-        return rank
-
-    def _free_pass(self, shallow_first: bool, rank: int | None) -> Iterator[_Node]:
-        """`_free_nodes` whose path we doubt that much (`_path_doubt`), or all (None)."""
+    def _free_pass(self, shallow_first: bool, guessed: bool | None) -> Iterator[_Node]:
+        """`_free_nodes`, only those below a tentative link (`guessed`), or none of them
+        (not `guessed`), or all (None)."""
         suspects = self._reports
         unproven = self._unproven
         free = self._free
@@ -762,7 +726,9 @@ class StreamTree:
             for node in reversed(free[d]):
                 if node in suspects or node in unproven:
                     continue
-                if rank is None or rank == self._path_doubt(node, shallow_first):
+                if guessed is None or guessed == (
+                    self._tentative_link(node, self._origin) is not None
+                ):
                     yield node
 
     def _pick_parent(
@@ -810,7 +776,7 @@ class StreamTree:
         swappable = old is not None and old not in self._reports
         if swappable and old is not None and banned is not None and _within(old, banned):
             swappable = False
-        full = self._held(parent) >= parent.capacity
+        full = len(parent.children) >= parent.capacity
         if _within(parent, node):
             guess = self._tentative_link(parent, node)
             if guess is None or full or not swappable or old is None:
@@ -820,16 +786,10 @@ class StreamTree:
             self._attach(guess, old)
             return parent
         if full:
-            guesses = [
-                c
-                for c in parent.children
-                if c.orphaned and c not in self._lending and not _within(node, c)
-            ]
-            if not guesses:
+            guesses = [c for c in parent.children if c.orphaned and not _within(node, c)]
+            if not guesses or not swappable or old is None:
                 return None
             guess = guesses[-1]
-            if not swappable or old is None:
-                return None
             self._detach(guess)
             self._move(node, parent)
             self._attach(guess, old)
@@ -956,9 +916,7 @@ class StreamTree:
         assert parent is not None, "the origin is never detached"
         parent.children.remove(node)
         node.parent = None
-        if node in self._lending:
-            parent.lent -= 1  # it held no slot there
-        elif self._live(parent):  # a removed parent no longer counts its slots
+        if self._live(parent):  # a removed parent no longer counts its slots
             self._free_slots += 1
             self._index(parent)
 
@@ -973,10 +931,7 @@ class StreamTree:
         parent.children.append(node)
         node.placed = self._now
         node.vouched = False
-        if node in self._lending:
-            parent.lent += 1  # it takes no slot while suspected
-        else:
-            self._free_slots -= 1
+        self._free_slots -= 1
         self._index(parent)
         self._set_depth(node, parent.depth + 1)
 
@@ -1003,40 +958,18 @@ class StreamTree:
             stack.extend(node.children)
 
     def _set_capacity(self, node: _Node, capacity: int) -> None:
-        """Children beyond a reduced capacity are re-homed as orphans (`_fit`)."""
+        """Children beyond a reduced capacity are re-homed as orphans (newest first)."""
         if capacity == node.capacity:
             return
-        self._free_slots += capacity - node.capacity
-        node.capacity = capacity
-        self._fit(node)
-
-    def _held(self, node: _Node) -> int:
-        """The slots the node's children take: all but the suspects'."""
-        return len(node.children) - node.lent
-
-    def _fit(self, node: _Node, cleared: _Node | None = None) -> None:
-        """Children beyond the node's capacity are re-homed as orphans, newest first.
-
-        After a capacity cut (`cleared` None) one with nowhere to go is dropped (it will
-        rejoin). When suspect `cleared` takes back the slot it lent, whoever took it
-        meanwhile moves, outside `cleared`'s subtree if it can (it may have reported
-        `cleared`), `cleared` itself only if nothing else can; and nobody is dropped:
-        the tentative orphans of a mass failure may hang below the mover, and the node
-        stays over its capacity instead until children leave.
-        """
-        # A lending suspect holds no slot: moving it frees none. `cleared` moves last.
-        movable = [c for c in node.children[::-1] if c not in self._lending and c is not cleared]
-        for child in movable + [c for c in node.children if c is cleared]:
-            if self._held(node) <= node.capacity:
-                break
-            target = self._pick_parent(child, child.capacity, banned=cleared, avoid=node)
-            if target is None and cleared is not None:
-                target = self._pick_parent(child, child.capacity, avoid=node)
-            if target is not None:
+        for child in node.children[capacity:][::-1]:
+            target = self._pick_parent(child, child.capacity, avoid=node)
+            if target is None:
+                self._drop_subtree(child)
+            else:
                 self._move(child, target)
                 self._set_orphaned(child, True)
-            elif cleared is None:
-                self._drop_subtree(child)
+        self._free_slots += capacity - node.capacity
+        node.capacity = capacity
         self._index(node)
 
     def _forget(self, node: _Node) -> None:
@@ -1045,9 +978,8 @@ class StreamTree:
         if node.slot_depth >= 0:
             self._unindex(node)
         self._count_depth(node.depth, -1)
-        self._free_slots -= node.capacity - self._held(node)
+        self._free_slots -= node.capacity - len(node.children)
         self._reports.pop(node, None)
-        self._lending.discard(node)
         self._unproven.pop(node, None)
         self._set_orphaned(node, False)
 
@@ -1106,51 +1038,13 @@ class StreamTree:
                 del reports[reporter]
 
     def _record_report(self, suspect: _Node, reporter: bytes, now: float) -> None:
-        """A first-hand report makes a suspect for the probe to judge; no number of them
-        evicts it (identities are cheap). Expired soft state needs no probe."""
-        self._accuse(suspect, reporter, now)
-        if now - suspect.last_seen > self._ttl:
+        """Count a first-hand report; evict once confirmed (quorum or expired state)."""
+        reports = self._reports.setdefault(suspect, {})
+        reports[reporter] = now
+        self._prune_reports(reports, now)
+        witnesses = len(reports) - (_UNSURE in reports)
+        if witnesses >= self._quorum or now - suspect.last_seen > self._ttl:
             self._evict(suspect)
-
-    def _accuse(self, node: _Node, reporter: bytes, now: float) -> None:
-        """Record a report; at the first first-hand one, the suspect lends its slot (its
-        parent may take others: repairs need not wait for the probe)."""
-        self._reports.setdefault(node, {})[reporter] = now
-        if reporter != _UNSURE and node not in self._lending:
-            self._lending.add(node)
-            parent = node.parent
-            assert parent is not None, "the origin is never a suspect"
-            parent.lent += 1
-            self._free_slots += 1
-            self._index(parent)
-
-    def _hand_down(self, suspect: _Node, reporter: _Node) -> None:
-        """The slot a suspect starts lending goes to its child with the most capacity,
-        if that is more than the reporter's, as the suspect's removal would re-home it:
-        its subtree, the largest, is the one likeliest to find no slot outside itself
-        (after a top kill the rest of the tree hangs below it). Tentatively."""
-        parent = suspect.parent
-        heirs = [
-            c for c in suspect.children if c not in self._lending and c.capacity > reporter.capacity
-        ]
-        if not heirs or parent is None or self._held(parent) >= parent.capacity:
-            return
-        heir = max(heirs, key=lambda c: c.capacity)
-        self._move(heir, parent)
-        self._set_orphaned(heir, True)
-
-    def _acquit(self, node: _Node) -> None:
-        """The node is no suspect any more: it takes back the slot it lent, if it did."""
-        del self._reports[node]
-        if node not in self._lending:
-            return
-        self._lending.remove(node)
-        parent = node.parent
-        assert parent is not None, "the origin is never a suspect"
-        parent.lent -= 1
-        self._free_slots -= 1
-        self._index(parent)
-        self._fit(parent, cleared=node)
 
     def _proven_by_child(self, parent: _Node | None) -> None:
         """A child says it streams from `parent`: it delivers after all."""
@@ -1159,18 +1053,15 @@ class StreamTree:
 
     def _clear_suspicion(self, node: _Node, now: float) -> None:
         """The node is alive. If a child reported it, it stays unproven for a while."""
-        reports = self._reports.get(node)
-        if reports is None:
-            return
-        if any(reporter != _UNSURE for reporter in reports):
-            self._unproven[node] = now  # first: nobody it lent its slot to goes under it
-        self._acquit(node)
+        reports = self._reports.pop(node, None)
+        if reports and any(reporter != _UNSURE for reporter in reports):
+            self._unproven[node] = now
 
     def _doubt(self, node: _Node, now: float) -> None:
         """A peer we sent someone to did not take them: probe it, without counting that
         as a failure report (it may just be full, or the view of it stale)."""
         if node is not self._origin:
-            self._accuse(node, _UNSURE, now)
+            self._reports.setdefault(node, {})[_UNSURE] = now
 
     def _place_unknown(
         self,
@@ -1191,7 +1082,7 @@ class StreamTree:
         parent = self._peers.get(attached_to) if attached_to is not None else None
         if (
             parent is None
-            or self._held(parent) >= parent.capacity
+            or len(parent.children) >= parent.capacity
             or (banned is not None and _within(parent, banned))
         ):
             parent = self._pick_parent(None, capacity, banned=banned)
@@ -1221,6 +1112,6 @@ class StreamTree:
         parent = self._peers.get(parent_id)
         if parent is None:
             raise UnknownParent("unknown parent: retry later or join")
-        if self._held(parent) >= parent.capacity:
+        if len(parent.children) >= parent.capacity:
             raise UnknownPeer("the claimed parent is full in our view: join")
         self._insert(peer_id, capacity, address or "", parent, now, network)

@@ -332,14 +332,10 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         help="the tracker's key file (default: a new key each run); nodes may pin its id "
         "with --tracker-id",
     )
-    command.add_argument(
-        "--host-id",
-        type=_key_id,
-        action="append",
-        default=[],
-        metavar="HOST_ID",
-        help="require admission tokens signed by this host (the id `meshd keygen` printed "
-        "for the host's key; repeatable); without any, the tracker is open to everyone",
+    _add_host_id_option(
+        command,
+        "require admission tokens signed by this host (the id `meshd keygen` printed for "
+        "the host's key; repeatable); without any, the tracker is open to everyone",
     )
     command.add_argument(
         "--refresh",
@@ -518,6 +514,17 @@ async def _cancel_on_signal(scope: trio.CancelScope) -> None:
 # -- origin ---------------------------------------------------------------------------------
 
 
+def _add_host_id_option(command: argparse.ArgumentParser, help_text: str) -> None:
+    command.add_argument(
+        "--host-id",
+        type=_key_id,
+        action="append",
+        default=[],
+        metavar="HOST_ID",
+        help=help_text,
+    )
+
+
 def _add_node_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--tracker",
@@ -526,15 +533,11 @@ def _add_node_options(command: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="the tracker's address",
     )
-    command.add_argument(
-        "--host-id",
-        type=_key_id,
-        action="append",
-        default=[],
-        metavar="HOST_ID",
-        help="feed only children that present an admission token signed by this host "
-        "(the HOST_ID the tracker was started with; repeatable), so nobody the host did "
-        "not admit can pull the stream from this node; without any, it feeds any child",
+    _add_host_id_option(
+        command,
+        "feed only children that present an admission token signed by this host (the "
+        "HOST_ID the tracker was started with; repeatable), so nobody the host did not "
+        "admit can pull the stream from this node; without any, it feeds any child",
     )
     command.add_argument(
         "--tracker-id",

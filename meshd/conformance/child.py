@@ -27,7 +27,7 @@ from meshd.conformance.stage import (
     open_scene,
     path,
 )
-from meshd.conformance.suite import CaseList, Mismatch, judge_error, read_until_closed
+from meshd.conformance.suite import CaseList, Mismatch, Reply, judge_error, read_until_closed
 from meshd.conformance.wire import (
     Received,
     code_name,
@@ -631,6 +631,17 @@ async def _stall(target: ChildTarget) -> Outcome:
     return _failover_outcome(subscribe, got, sent, expected, ErrorCode.PARENT_STALLED)
 
 
+def _kept(reply: Reply, backup: FakeParent, started: float, watch: float, sent: str) -> Outcome:
+    """Pass if the link is still up `watch` s after `started` and the node did not go to
+    its backup."""
+    moved = backup.links[0] if backup.links else None
+    ok = reply.goodbye is None and reply.closed is None and moved is None
+    got = reply.describe() if not ok else f"still attached after {watch:g} s"
+    if moved is not None:
+        got += f"; a connection to the backup {moved.arrived_at - started:.1f} s in"
+    return Outcome(_verdict(ok), sent, f"the link kept for {watch:g} s", got)
+
+
 @case("6.3-parent-stalled-too", "6.3", Level.SHOULD,
       "a parent whose HEARTBEATs say it is stalled as long is kept past the timeout")  # fmt: skip
 async def _stalled_too(target: ChildTarget) -> Outcome:
@@ -642,12 +653,7 @@ async def _stalled_too(target: ChildTarget) -> Outcome:
         scene.background(lambda: link.heartbeats(PLAYED - 1, stalled_ms=3000))
         started = trio.current_time()
         reply = await read_until_closed(link.link, watch, 0)
-    moved = backup.links[0] if backup.links else None
-    ok = reply.goodbye is None and reply.closed is None and moved is None
-    got = reply.describe() if not ok else f"still attached after {watch:g} s"
-    if moved is not None:
-        got += f"; a connection to the backup {moved.arrived_at - started:.1f} s in"
-    return Outcome(_verdict(ok), sent, f"the link kept for {watch:g} s", got)
+    return _kept(reply, backup, started, watch, sent)
 
 
 @case("6.3-first-chunk", "6.3", Level.SHOULD,
@@ -680,12 +686,7 @@ async def _first_chunk_stalled(target: ChildTarget) -> Outcome:
         scene.background(lambda: link.heartbeats(None, stalled_ms=500))
         started = trio.current_time()
         reply = await read_until_closed(link.link, watch, 0)
-    moved = backup.links[0] if backup.links else None
-    ok = reply.goodbye is None and reply.closed is None and moved is None
-    got = reply.describe() if not ok else f"still attached after {watch:g} s"
-    if moved is not None:
-        got += f"; a connection to the backup {moved.arrived_at - started:.1f} s in"
-    return Outcome(_verdict(ok), sent, f"the link kept for {watch:g} s", got)
+    return _kept(reply, backup, started, watch, sent)
 
 
 @case("6.3-backups-at-once", "6.3", Level.SHOULD,

@@ -52,7 +52,8 @@ class EndpointStats:
     """Initials that parsed but that aioquic could not make sense of."""
     initials_over_pending_cap: int = 0
     initials_over_network_limits: int = 0
-    """Dropped: their source network had its pending handshakes, or its rate, used up."""
+    """Dropped: their source network had its connections, pending handshakes or rate used
+    up."""
     connections_refused: int = 0
     retries_sent: int = 0
     connection_errors: int = 0

@@ -15,6 +15,7 @@ import trio
 from meshd.networks import network_of
 from meshd.node.children import Children
 from meshd.quic import DatagramTooLarge, EndpointConfig, QuicConn, QuicStream
+from meshd.tracker_client import now_ms
 from protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Fanout:
         self._no_sessions = trio.Event()
         self._no_sessions.set()
         children.last_heard = self._last_heard
+        children.wall_ms = now_ms
 
     async def handle_connection(self, conn: QuicConn) -> None:
         """`endpoint.serve` handler: one child per connection."""

@@ -202,7 +202,9 @@ def _held(take: hostile.Take) -> str:
 ATTACKS: dict[str, Attack] = {
     "baseline": Attack("-", _baseline, lambda take: "-"),
     "no-audio-relay": Attack("stall timeout, then unproven", _relays("silent", 1), _served),
-    "no-audio-relays-x5": Attack("declared capacity NOT DEFENDED", _relays("silent", 5), _served),
+    "no-audio-relays-x5": Attack(
+        "earned capacity; reports outlive the probe (conviction)", _relays("silent", 5), _served
+    ),
     "missing-relay": Attack("stall timeout, then unproven", _relays("missing", 1), _served),
     "old-chunks-relay": Attack("stall timeout, then unproven", _relays("old", 1), _served),
     "every-other-relay": Attack("stall timeout, then unproven", _relays("every-other", 1), _served),

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree
 
 import pytest
@@ -23,6 +24,7 @@ from meshd.keys import load_key
 from meshd.node.origin import Origin, OriginSettings
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
+from meshd.tracker.tree import StreamTree
 from protocol import ErrorCode, Goodbye, issue_token, key_from_text
 from protocol.media import ChunkRing, VerifiedChunk
 from protocol.messages import TrackerRequest
@@ -233,6 +235,23 @@ async def test_a_decoder_that_accepts_a_wrong_type_fails(monkeypatch: pytest.Mon
     async with tracker_in_process() as address:
         report = await check_tracker(address, only=["4.1-bool-for-int", "4.1-nil"])
     assert _failed(report) == {"4.1-bool-for-int"}
+
+
+async def test_a_tracker_that_trusts_a_probe_over_reports_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found alive, the suspect's reports are forgotten: a silent relay that answers
+    probes would never be removed."""
+    clear = StreamTree._clear_suspicion
+
+    def forgetting(tree: StreamTree, node: Any, now: float) -> None:
+        clear(tree, node, now)
+        tree._witnesses.pop(node, None)
+
+    monkeypatch.setattr(StreamTree, "_clear_suspicion", forgetting)
+    async with tracker_in_process() as address:
+        report = await check_tracker(address, only=["7.3-unproven-", "7.3-second-reporter-removes"])
+    assert _failed(report) == {"7.3-unproven-second-reporter-removes"}
 
 
 @asynccontextmanager

@@ -371,15 +371,52 @@ def test_a_claim_against_confirmed_placements_is_answered_with_the_view() -> Non
     check_invariants(tree)
 
 
-def test_a_suspect_that_rejoins_is_cleared() -> None:
+def test_a_suspect_found_alive_is_unproven_and_its_report_still_counts() -> None:
     tree = make_tree(origin_capacity=2)
     build(tree, {1: (0, 3), 5: (0, 3), 2: (1, 2), 3: (1, 2)})
     tree.report_failure(pid(2), pid(1), 1.0)
     tree.join(pid(1), 3, addr(1), 2.0)  # it speaks for itself
-    assert tree.suspects(2.0) == []
+    assert tree.suspects(2.0) == [], "no more probes: it answered"
     assert tree.is_unproven(pid(1)), "alive, but a child said it does not deliver"
     tree.report_failure(pid(3), pid(1), 3.0)
-    assert pid(1) in tree
+    assert pid(1) not in tree, "a silent relay answers probes too; the origin never fails"
+    check_invariants(tree)
+
+
+def test_a_relay_found_alive_below_another_is_removed_once_its_excuse_runs_out() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 2: (6, 2), 3: (6, 2)})
+    tree.report_failure(pid(2), pid(6), 1.0)
+    tree.refresh(pid(6), 1.5)  # it speaks for itself
+    tree.report_failure(pid(3), pid(6), 2.0)
+    assert pid(6) in tree and tree.is_convicted(pid(6)), "its parent may have failed"
+    assert tree.expire(11.0) == [] and pid(6) in tree
+    assert tree.expire(12.0) == [pid(6)]
+    check_invariants(tree)
+
+
+def test_a_convicted_relay_whose_own_parent_failed_is_excused() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 2: (6, 2), 3: (6, 2)})
+    tree.report_failure(pid(2), pid(6), 1.0)
+    assert tree.probe_result(pid(6), True, 1.5) == []
+    tree.report_failure(pid(3), pid(6), 2.0)
+    assert tree.is_convicted(pid(6))
+    tree.report_failure(pid(6), pid(1), 3.0)  # it was starved: its own parent failed
+    assert tree.is_excused(pid(6), 3.0) and not tree.is_convicted(pid(6))
+    assert tree.expire(30.0) == [] and pid(6) in tree
+    check_invariants(tree)
+
+
+def test_the_report_against_a_suspect_found_alive_leaves_the_window() -> None:
+    tree = make_tree(origin_capacity=2, report_window=30.0)
+    build(tree, {1: (0, 3), 5: (0, 3), 2: (1, 2), 3: (1, 2)})
+    tree.report_failure(pid(2), pid(1), 1.0)
+    assert tree.probe_result(pid(1), True, 2.0) == []
+    tree.suspects(40.0)  # the host's periodic call prunes what left the window
+    tree.refresh(pid(3), 40.0, parent=pid(1))
+    tree.report_failure(pid(3), pid(1), 41.0)
+    assert pid(1) in tree and tree.suspects(41.0) == [pid(1)]
 
 
 def test_reports_outside_the_window_do_not_combine() -> None:
@@ -785,8 +822,9 @@ class TreeMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.next_id = 1
         self.crashed: dict[bytes, float] = {}  # peer -> when it fell silent
-        self.reports: dict[bytes, dict[bytes, float]] = {}  # our model of the quorum
-        self.lied_about: set[bytes] = set()
+        # Our model of the quorum: first-hand reports count for 60 s, even against a peer
+        # that spoke for itself since (being alive proves no delivery).
+        self.reports: dict[bytes, dict[bytes, float]] = {}
         self.gone: list[bytes] = []
 
     def live(self) -> list[bytes]:
@@ -800,6 +838,14 @@ class TreeMachine(RuleBasedStateMachine):
     @invariant()
     def structure_holds(self) -> None:
         check_invariants(self.tree, self.uniform_k)
+
+    @invariant()
+    def excused_reports_dropped(self) -> None:
+        """Keeps the model in step: a peer excused by the rule just run (its parent
+        failed) has its reports dropped, as the tree does."""
+        for peer in self.tree:
+            if peer != ORIGIN and self.tree.is_excused(peer, self.now):
+                self.reports.pop(peer, None)
 
     @rule(capacities=st.lists(st.integers(0, 4), min_size=1, max_size=6))
     def join(self, capacities: list[int]) -> None:
@@ -828,7 +874,6 @@ class TreeMachine(RuleBasedStateMachine):
         before = self.tree.parent_of(peer)
         size = len(self.tree)
         got = self.tree.join(peer, self.tree.capacity_of(peer), addr(1), self.now)
-        self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
         assert got.parent.peer_id == before and len(self.tree) == size
         check_assignment(self.tree, peer, got)
 
@@ -863,8 +908,6 @@ class TreeMachine(RuleBasedStateMachine):
         if peer is not None:
             self.tree.refresh(peer, self.now)  # its last words: the model knows last_seen
             self.crashed[peer] = self.now
-            self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
-            self.lied_about.discard(peer)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data(), use_backup=st.booleans())
@@ -880,11 +923,12 @@ class TreeMachine(RuleBasedStateMachine):
         refused = self.tree.is_orphaned(reporter)
         backup_ok = backup in eligible_parents(self.tree, reporter, None if refused else dead)
         room_outside = bool(eligible_parents(self.tree, reporter, dead, offered=True) - {dead})
-        reports = self.reports.setdefault(dead, {})
-        if not refused:
-            reports[reporter] = self.now
-        confirmed = len([t for t in reports.values() if t >= self.now - 60.0]) >= 2
-        confirmed = confirmed or self.now - self.crashed[dead] > TTL
+        # A parent whose own parent failed lately is excused: the report only doubts it.
+        if not refused and not self.tree.is_excused(dead, self.now):
+            self.reports.setdefault(dead, {})[reporter] = self.now
+        self.reports.pop(reporter, None)  # its own parent failed: it was starved too
+        confirmed = self.witnesses(dead) >= 2
+        expired = self.now - self.crashed[dead] > TTL
         try:
             got = self.tree.report_failure(reporter, dead, self.now, attached_to=backup)
         except NoCapacity:
@@ -892,9 +936,10 @@ class TreeMachine(RuleBasedStateMachine):
             assert reporter not in self.tree or not eligible_parents(
                 self.tree, reporter, None, offered=True
             ) - {dead}
-            assert (dead not in self.tree) == confirmed
+            self.check_verdict(dead, confirmed, expired)
             return
-        assert (dead not in self.tree) == confirmed
+        self.check_verdict(dead, confirmed, expired)
+        confirmed = confirmed or expired
         event("report: evicted" if confirmed else "report: suspected")
         if not confirmed and not refused and room_outside:
             # (With no room elsewhere it may stay below `dead`: it may yet be alive.)
@@ -913,7 +958,7 @@ class TreeMachine(RuleBasedStateMachine):
             for p in self.live()
             if self.tree.parent_of(p) not in (ORIGIN, None)
             and self.tree.parent_of(p) not in self.crashed
-            and self.tree.parent_of(p) not in self.lied_about
+            and not self.witnesses(self.tree.parent_of(p))
         ]
         if not liars:
             return
@@ -921,9 +966,9 @@ class TreeMachine(RuleBasedStateMachine):
         victim = self.tree.parent_of(liar)
         assert victim is not None
         refused = self.tree.is_orphaned(liar)  # never streamed from it: no report
-        if not refused:
-            self.lied_about.add(victim)
+        if not refused and not self.tree.is_excused(victim, self.now):
             self.reports.setdefault(victim, {})[liar] = self.now
+        self.reports.pop(liar, None)
         try:
             self.tree.report_failure(liar, victim, self.now)
         except NoCapacity:  # (the parent that refused it is no place either)
@@ -946,8 +991,6 @@ class TreeMachine(RuleBasedStateMachine):
         event("probe")
         assert (suspect in self.tree) == alive
         assert suspect not in self.tree.suspects(self.now)
-        self.lied_about.discard(suspect)
-        self.reports.pop(suspect, None)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule()
@@ -990,10 +1033,20 @@ class TreeMachine(RuleBasedStateMachine):
         else:  # refused (our view stands), or a guess gave way and it was moved on
             assert after == before or (guessed_in_the_way and self.tree.is_orphaned(peer))
 
-    def parent_speaks(self, parent: bytes) -> None:
-        """A request from `parent` itself: the model drops its suspicion, as the tree does."""
-        self.reports.pop(parent, None)
-        self.lied_about.discard(parent)
+    def check_verdict(self, dead: bytes, confirmed: bool, expired: bool) -> None:
+        """A quorum evicts at once, unless the suspect was found alive since the first
+        report: then it is convicted, and `expire` removes it later unless excused."""
+        if expired:
+            assert dead not in self.tree
+        elif confirmed:
+            assert dead not in self.tree or self.tree.is_convicted(dead)
+        else:
+            assert dead in self.tree
+
+    def witnesses(self, peer: bytes | None) -> int:
+        """First-hand reports against `peer` that count towards its quorum now."""
+        reports = self.reports.get(peer, {}) if peer is not None else {}
+        return sum(1 for when in reports.values() if when >= self.now - 60.0)
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -1012,7 +1065,6 @@ class TreeMachine(RuleBasedStateMachine):
         parent, child = data.draw(st.sampled_from(pairs))
         had_children = bool(self.tree.children_of(child))
         removed = self.tree.child_gone(parent, child, self.now)
-        self.parent_speaks(parent)
         event("child gone: suspected" if had_children else "child gone: removed")
         if had_children:
             assert removed == [] and child in self.tree.suspects(self.now)
@@ -1031,10 +1083,10 @@ class TreeMachine(RuleBasedStateMachine):
         had_children = bool(self.tree.children_of(child))
         view = {p: self.tree.parent_of(p) for p in self.tree}
         self.tree.child_gone(reporter, child, self.now)
-        self.parent_speaks(reporter)
         if ours and not had_children:
             event("lying child gone: a leaf dropped from the view")
-            assert child not in self.tree  # it comes back when it next asks
+            assert child not in self.tree  # it comes back when it next asks, unreported
+            self.reports.pop(child, None)
             return
         assert child in self.tree, "one lying parent evicted a healthy relay"
         assert {p: self.tree.parent_of(p) for p in self.tree} == view
@@ -1047,8 +1099,6 @@ class TreeMachine(RuleBasedStateMachine):
         self.now += seconds
         for peer in self.live():
             self.tree.refresh(peer, self.now)
-            self.reports.pop(peer, None)  # it spoke for itself: suspicion is cleared
-            self.lied_about.discard(peer)
         removed = self.tree.expire(self.now)
         if removed:
             event("tick: expired")

@@ -1116,6 +1116,33 @@ async def _unproven_not_offered(target: TrackerTarget) -> Outcome:
     )
 
 
+@case("7.3-unproven-second-reporter-removes", "7.3", Level.MUST,
+      "a suspect that answers the probe is removed within 20 s of a second report")  # fmt: skip
+async def _unproven_second_reporter(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    wait = _probe_wait(target)
+    async with answering(key, _host(target)) as alive:
+        tree = await _suspected(target, key, alive.address)
+        before = alive.packets
+        await _report_dead(target, tree, tree.children[0])
+        if not await alive.probe_over(before, wait):
+            raise Unmet(f"no probe reached S within {wait:g} s (see 7.3-suspect-probed)")
+        second = await _report_dead(target, tree, tree.children[1])
+        report = await _until_unlisted(target, tree.stream, tree.suspect.id, 20.0)
+    names = tree.names()
+    listed = tree.suspect.id in _parents(report)
+    rehomed = _rehomed(report, tree.suspect.id, tree.children)
+    ok = not listed and rehomed and second.parent.node != tree.suspect.id
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        f"{_SUSPECTED}; C1 REJOIN(dead = S); S's stand-in answers the probe; then C2 "
+        "REJOIN(dead = S); TREE until it no longer lists S",
+        "C2 placed elsewhere; within 20 s TREE no longer lists S (being reachable is no "
+        "proof of delivering), and lists C1 and C2 under listed nodes",
+        f"C2 {names.assigned(second)}; TREE {'lists' if listed else 'does not list'} S",
+    )
+
+
 @case("7.3-second-reporter-removes", "7.3", Level.MUST,
       "a second distinct reporter removes the suspect; its children are re-homed")  # fmt: skip
 async def _second_reporter(target: TrackerTarget) -> Outcome:

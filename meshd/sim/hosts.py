@@ -45,7 +45,7 @@ TRACKER_GIVE_UP = 60.0  # as meshd.tracker_client: a request unanswered this lon
 ATTEMPT_TIMEOUT = 5.0
 PROBE_INTERVAL = 1.0  # as meshd.tracker.server
 PROBE_TIMEOUT = 2.0
-EXPIRY_INTERVAL = 5.0
+EXPIRY_INTERVAL = 1.0  # as meshd.tracker.server
 WALL_EPOCH_MS = 1_800_000_000_000  # the virtual clock's zero, as Unix time in ms
 
 

@@ -22,7 +22,7 @@ from meshd.tracker.workers import serve_workers
 from protocol import key_id, short_id
 from protocol.messages import TrackerRequest, TrackerResponse
 
-EXPIRY_INTERVAL = 5.0
+EXPIRY_INTERVAL = 1.0  # also when a convicted relay leaves: soon after its excuse ran out
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 2.0
 

@@ -22,9 +22,13 @@ reported it within `report_window`, when its soft state has expired, or when the
 probe says it is unreachable. A suspect found alive (by the probe, or because it spoke
 for itself) after a child reported it is *unproven*: alive, but maybe not delivering (a
 wedged relay answers handshakes), so it gets no new children for `report_window`, or
-until a child claims it as its actual parent. An evicted node's remaining children keep
-their subtrees; the tracker re-homes each one at once so that every peer always reaches
-the origin in the tracker's view.
+until a child claims it as its actual parent. Its reports still count: a quorum reached
+after it was found alive evicts it at once under the origin (which never fails), and
+elsewhere *convicts* it: `expire` evicts it `_EXCUSED_FOR` later, unless its own parent
+fails meanwhile (its REJOIN, or that parent's eviction, *excuses* it: its children
+starved because it did, and their reports only doubt it for a while). An evicted node's
+remaining children keep their subtrees; the tracker re-homes each one at once so that
+every peer always reaches the origin in the tracker's view.
 
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
@@ -53,6 +57,7 @@ amortised O(1) per refresh.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,6 +85,10 @@ _BACKUP_POOL = 3
 # In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
 # it gets the suspect probed, but is no witness towards evicting it.
 _UNSURE = b""
+# A relay whose own parent failed (it said so by REJOIN, or we removed that parent)
+# starves its children through no fault of its own while it fails over: for this long
+# (the ring buffer's span) their reports only get it probed, as a refusal does.
+_EXCUSED_FOR = 10.0
 
 
 class TreeErrorCode(StrEnum):
@@ -163,6 +172,7 @@ class _Node:
         "declared",
         "depth",
         "earned",
+        "excused",
         "joined",
         "last_seen",
         "network",
@@ -197,6 +207,7 @@ class _Node:
         self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
+        self.excused = -math.inf  # when its own parent last failed (see _EXCUSED_FOR)
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
         self.pos = 0  # index inside that bucket, for O(1) removal
 
@@ -269,6 +280,13 @@ class StreamTree:
         self._reports: dict[_Node, dict[bytes, float]] = {}
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
+        # First-hand reports of a suspect found alive: being reachable proves no delivery
+        # (a silent relay answers probes and refreshes), so they still count towards the
+        # quorum until they leave the window.
+        self._witnesses: dict[_Node, dict[bytes, float]] = {}
+        # Suspects found alive that a quorum still reported -> since when: evicted by
+        # expire() unless excused (their own parent failed) within _EXCUSED_FOR.
+        self._convicted: dict[_Node, float] = {}
         self._index(origin)
 
     # ------------------------------------------------------------------ queries
@@ -330,7 +348,20 @@ class StreamTree:
         for node, since in list(self._unproven.items()):
             if since < now - self._window:
                 del self._unproven[node]
+        for node, reports in list(self._witnesses.items()):
+            self._prune_reports(reports, now)
+            if not reports:
+                del self._witnesses[node]
         return [node.ref.peer_id for node in self._reports]
+
+    def is_excused(self, peer_id: bytes, now: float) -> bool:
+        """True if the peer's parent failed lately: reports against it only doubt it."""
+        return now - self._get(peer_id).excused < _EXCUSED_FOR
+
+    def is_convicted(self, peer_id: bytes) -> bool:
+        """True if a quorum reported the peer after it was found alive: `expire` removes
+        it unless its own parent fails first."""
+        return self._get(peer_id) in self._convicted
 
     def is_unproven(self, peer_id: bytes) -> bool:
         """True if a child reported this live peer and it gets no new children for now."""
@@ -416,6 +447,7 @@ class StreamTree:
         if node is self._origin:
             raise InvalidRequest("the origin has no parent")
         self._update(node, now, capacity, address)
+        self._excuse(node, now)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
         refused = node.parent is suspect and node.orphaned
@@ -565,13 +597,17 @@ class StreamTree:
         return self._assignment(node)
 
     def expire(self, now: float) -> list[bytes]:
-        """Remove peers not heard from for more than `peer_ttl`; returns the removed ids.
+        """Remove peers not heard from for more than `peer_ttl`, and those a quorum
+        reported that were not excused in time (see `_convicted`); returns the removed ids.
 
         Their children are re-homed as orphans (and dropped only if no slot is left).
         Amortised O(1) per refresh: stale queue entries are skipped as they come up.
         """
         self._now = now
         removed: list[bytes] = []
+        for node, since in list(self._convicted.items()):
+            if now - since >= _EXCUSED_FOR and self._live(node):
+                removed += self._evict(node)
         horizon = now - self._ttl
         queue = self._expiry
         while queue and queue[0][0] < horizon:
@@ -981,6 +1017,8 @@ class StreamTree:
         self._free_slots -= node.capacity - len(node.children)
         self._reports.pop(node, None)
         self._unproven.pop(node, None)
+        self._witnesses.pop(node, None)
+        self._convicted.pop(node, None)
         self._set_orphaned(node, False)
 
     def _drop_subtree(self, root: _Node) -> list[bytes]:
@@ -1023,6 +1061,7 @@ class StreamTree:
         placed, removed = self._remove(node, avoid=None)
         for child in placed:
             self._set_orphaned(child, True)
+            self._excuse(child, self._now)
             if child.last_seen < self._now:  # not the reporter that got its parent evicted
                 # Its parent died: it may have died with it (a mass failure), and nobody
                 # would report it then. A live one clears this by its REJOIN.
@@ -1039,12 +1078,22 @@ class StreamTree:
 
     def _record_report(self, suspect: _Node, reporter: bytes, now: float) -> None:
         """Count a first-hand report; evict once confirmed (quorum or expired state)."""
+        if now - suspect.excused < _EXCUSED_FOR:
+            self._doubt(suspect, now)
+            return
         reports = self._reports.setdefault(suspect, {})
+        found_alive = suspect in self._witnesses or suspect in self._convicted
+        reports.update(self._witnesses.pop(suspect, {}))
         reports[reporter] = now
         self._prune_reports(reports, now)
         witnesses = len(reports) - (_UNSURE in reports)
-        if witnesses >= self._quorum or now - suspect.last_seen > self._ttl:
+        # Found alive since the first report, it may be starved by a failure above it,
+        # which its REJOIN would tell us soon; not under the origin, which never fails.
+        at_once = not found_alive or suspect.parent is self._origin
+        if now - suspect.last_seen > self._ttl or (witnesses >= self._quorum and at_once):
             self._evict(suspect)
+        elif witnesses >= self._quorum:
+            self._convicted.setdefault(suspect, now)
 
     def _proven_by_child(self, parent: _Node | None) -> None:
         """A child says it streams from `parent`: it delivers after all."""
@@ -1052,10 +1101,24 @@ class StreamTree:
             self._unproven.pop(parent, None)
 
     def _clear_suspicion(self, node: _Node, now: float) -> None:
-        """The node is alive. If a child reported it, it stays unproven for a while."""
+        """The node is alive. If a child reported it, it stays unproven for a while, and
+        that child's report still counts towards the quorum (see `_witnesses`)."""
         reports = self._reports.pop(node, None)
-        if reports and any(reporter != _UNSURE for reporter in reports):
+        if reports is not None:
+            reports.pop(_UNSURE, None)
+        if reports:
             self._unproven[node] = now
+            self._witnesses[node] = reports
+
+    def _excuse(self, node: _Node, now: float) -> None:
+        """The node's parent failed: its children's reports so far, and for a while, do
+        not count against it (it was starved too)."""
+        node.excused = now
+        self._witnesses.pop(node, None)
+        self._convicted.pop(node, None)
+        reports = self._reports.get(node)
+        if reports:
+            self._reports[node] = {_UNSURE: now}
 
     def _doubt(self, node: _Node, now: float) -> None:
         """A peer we sent someone to did not take them: probe it, without counting that

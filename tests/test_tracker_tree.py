@@ -390,8 +390,8 @@ def test_a_relay_found_alive_below_another_is_removed_once_its_excuse_runs_out()
     tree.refresh(pid(6), 1.5)  # it speaks for itself
     tree.report_failure(pid(3), pid(6), 2.0)
     assert pid(6) in tree and tree.is_convicted(pid(6)), "its parent may have failed"
-    assert tree.expire(11.0) == [] and pid(6) in tree
-    assert tree.expire(12.0) == [pid(6)]
+    assert tree.expire(6.0) == [] and pid(6) in tree
+    assert tree.expire(7.0) == [pid(6)]
     check_invariants(tree)
 
 

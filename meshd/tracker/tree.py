@@ -87,8 +87,10 @@ _BACKUP_POOL = 3
 _UNSURE = b""
 # A relay whose own parent failed (it said so by REJOIN, or we removed that parent)
 # starves its children through no fault of its own while it fails over: for this long
-# (the ring buffer's span) their reports only get it probed, as a refusal does.
-_EXCUSED_FOR = 10.0
+# their reports only get it probed, as a refusal does. Its REJOIN comes within about
+# its stall timeout and a connect timeout (2 s each) of theirs, when the tracker keeps
+# up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
+_EXCUSED_FOR = 5.0
 
 
 class TreeErrorCode(StrEnum):

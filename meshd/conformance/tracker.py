@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1089,17 +1090,25 @@ async def _suspect_probed(target: TrackerTarget) -> Outcome:
     )
 
 
-@case("7.3-unproven-not-offered", "7.3", Level.MUST,
-      "a suspect that answers the probe is kept, but offered to nobody for 60 s")  # fmt: skip
-async def _unproven_not_offered(target: TrackerTarget) -> Outcome:
+@asynccontextmanager
+async def _found_alive(target: TrackerTarget) -> AsyncIterator[_Suspected]:
+    """The tree `_SUSPECTED`, C1's report against S, and the tracker's probe answered by
+    S's stand-in (for as long as the block runs): S is unproven now."""
     key = Ed25519PrivateKey.generate()
-    wait = _probe_wait(target)
     async with answering(key, _host(target)) as alive:
         tree = await _suspected(target, key, alive.address)
         before = alive.packets
         await _report_dead(target, tree, tree.children[0])
+        wait = _probe_wait(target)
         if not await alive.probe_over(before, wait):
             raise Unmet(f"no probe reached S within {wait:g} s (see 7.3-suspect-probed)")
+        yield tree
+
+
+@case("7.3-unproven-not-offered", "7.3", Level.MUST,
+      "a suspect that answers the probe is kept, but offered to nobody for 60 s")  # fmt: skip
+async def _unproven_not_offered(target: TrackerTarget) -> Outcome:
+    async with _found_alive(target) as tree:
         newcomer = await target.join(tree.stream, capacity=1)
         report = await _tree(target, tree.stream)
     assert newcomer.assigned is not None
@@ -1119,14 +1128,7 @@ async def _unproven_not_offered(target: TrackerTarget) -> Outcome:
 @case("7.3-unproven-second-reporter-removes", "7.3", Level.MUST,
       "a suspect that answers the probe is removed within 20 s of a second report")  # fmt: skip
 async def _unproven_second_reporter(target: TrackerTarget) -> Outcome:
-    key = Ed25519PrivateKey.generate()
-    wait = _probe_wait(target)
-    async with answering(key, _host(target)) as alive:
-        tree = await _suspected(target, key, alive.address)
-        before = alive.packets
-        await _report_dead(target, tree, tree.children[0])
-        if not await alive.probe_over(before, wait):
-            raise Unmet(f"no probe reached S within {wait:g} s (see 7.3-suspect-probed)")
+    async with _found_alive(target) as tree:
         second = await _report_dead(target, tree, tree.children[1])
         report = await _until_unlisted(target, tree.stream, tree.suspect.id, 20.0)
     names = tree.names()

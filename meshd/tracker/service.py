@@ -220,9 +220,13 @@ class Tracker:
                     short_id(stream_id),
                     short_id(peer),
                 )
-            if len(state.since) > len(state.tree):  # some of them left the tree
+            # Both keep nodes that left the tree until pruned. A prune walks the whole
+            # audience, so it waits until an eighth of them are stale (amortised O(1)
+            # per departure; expiry runs every second).
+            stale_at = len(state.tree) + len(state.tree) // 8 + 64
+            if len(state.since) > stale_at:
                 state.since = {n: t for n, t in state.since.items() if n in state.tree}
-            if len(state.census) > len(state.tree):
+            if len(state.census) > stale_at:
                 state.census.prune(state.tree)
 
     def suspects(self, now: float) -> list[tuple[bytes, PeerRef]]:

@@ -1118,9 +1118,8 @@ class StreamTree:
         node.excused = now
         self._witnesses.pop(node, None)
         self._convicted.pop(node, None)
-        reports = self._reports.get(node)
-        if reports:
-            self._reports[node] = {_UNSURE: now}
+        if self._reports.pop(node, None):
+            self._doubt(node, now)  # still probed, but nobody's witness any more
 
     def _doubt(self, node: _Node, now: float) -> None:
         """A peer we sent someone to did not take them: probe it, without counting that

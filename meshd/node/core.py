@@ -850,8 +850,8 @@ class NodeCore:
             elif isinstance(event, LinkClosed):
                 self._link_ended(up, event.reason or f"code {event.code}", now, refused=event.code)
                 return
-        if up.link.state is not LinkState.CLOSED:
-            self._dirty_links.add(up.id)
+        if up.link.state is not LinkState.CLOSED and up.link.buffered:
+            self._dirty_links.add(up.id)  # not on every chunk: each wakes a writer task
 
     def _redirected(self, event: Redirected, now: float) -> None:
         """Our parent is leaving: move where it says, make before break."""

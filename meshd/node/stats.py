@@ -64,9 +64,14 @@ class NodeStats:
         )
 
     def write_json(self, path: Path) -> None:
-        """Atomically replace `path` so a reader never sees half a file."""
+        """Atomically replace `path` so a reader never sees half a file.
+
+        One line: `indent` would switch json to its pure-Python encoder, and with
+        `dataclasses.asdict` (a deep copy) that made a listener's stats file a sixth of
+        its CPU at 2 updates a second. Every field is a number, string, bool, None or
+        list of strings, so the instance's own dict serialises as it is."""
         temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        temporary.write_text(json.dumps(vars(self)) + "\n")
         os.replace(temporary, path)
 
 

@@ -22,7 +22,9 @@ class CoreTimer:
         self._scope = trio.CancelScope()
 
     def rearm(self) -> None:
-        self._scope.deadline = self._deadline()
+        deadline = self._deadline()
+        if deadline != self._scope.deadline:  # trio's setter costs, even unchanged
+            self._scope.deadline = deadline
 
     async def wait(self) -> float | None:
         """Return once the deadline passed or moved; the core's deadline now (it may still

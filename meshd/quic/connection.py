@@ -337,7 +337,7 @@ class QuicConn:
         if delay and not self.is_client and not self.is_closed and self._has_unread_data():
             self._hold_until = min(self._hold_until, trio.current_time() + delay)
             self._send_progress.unpark_all()
-            self._timer_scope.deadline = self._deadline()
+            self._rearm_timer()
             return
         self._pump()
 
@@ -349,10 +349,16 @@ class QuicConn:
         self._process_events()
         sent = self._transmit()
         self._detect_close()
-        self._send_progress.unpark_all()
+        if self._send_progress:
+            self._send_progress.unpark_all()
         if not self._done:
-            self._timer_scope.deadline = self._deadline()
+            self._rearm_timer()
         return sent
+
+    def _rearm_timer(self) -> None:
+        deadline = self._deadline()
+        if deadline != self._timer_scope.deadline:  # trio's setter costs, even unchanged
+            self._timer_scope.deadline = deadline
 
     def _transmit(self) -> int:
         self._hold_until = math.inf

@@ -143,6 +143,46 @@ async def test_datagram_queues_are_bounded_and_drop_oldest() -> None:
             assert first > 8  # the oldest ones were the ones dropped
 
 
+async def test_delivered_datagrams_come_queued_first_then_as_they_arrive() -> None:
+    with trio.fail_after(10):
+        async with endpoints(None) as (server, client), client.connect(server.address) as conn:
+            server_conn = await server.accept()
+            for i in range(3):
+                server_conn.send_datagram(b"%d" % i)
+            while len(conn._datagrams) < 3:  # noqa: ASYNC110 - no event to wait on
+                await trio.sleep(0.01)
+            got: list[bytes] = []
+            six = trio.Event()
+
+            def take(data: bytes) -> None:
+                got.append(data)
+                if len(got) == 6:
+                    six.set()
+
+            conn.deliver_datagrams(take)
+            assert got == [b"0", b"1", b"2"]  # the queued ones, at once
+            for i in range(3, 6):
+                server_conn.send_datagram(b"%d" % i)
+            await six.wait()
+            assert got == [b"%d" % i for i in range(6)] and not conn._datagrams
+
+
+async def test_a_datagram_callback_that_fails_closes_only_its_connection() -> None:
+    def broken(data: bytes) -> None:
+        raise RuntimeError("a bug in the consumer")
+
+    with trio.fail_after(10):
+        async with endpoints() as (server, client):
+            async with client.connect(server.address) as conn:
+                conn.deliver_datagrams(broken)
+                conn.send_datagram(b"echoed back to the callback")
+                await conn.wait_closed()
+                assert conn.close_code == QuicErrorCode.INTERNAL_ERROR
+            async with client.connect(server.address) as other:  # the endpoint lives on
+                other.send_datagram(b"still served")
+                assert await other.receive_datagram() == b"still served"
+
+
 async def test_a_server_that_takes_no_datagrams_closes_on_one() -> None:
     config = EndpointConfig(client_datagram_error=0x05)
     with trio.fail_after(10):

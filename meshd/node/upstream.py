@@ -65,7 +65,7 @@ class ParentConnection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_loop)
                     nursery.start_soon(self._stream_loop)
-                    nursery.start_soon(self._datagram_loop)
+                    nursery.start_soon(self._take_datagrams)
         if self._conn is not None:
             code, reason = self._close or (ErrorCode.GOING_AWAY, "")
             with trio.CancelScope(shield=True):
@@ -94,19 +94,18 @@ class ParentConnection:
             if not data:
                 return  # the stream ended; the core decided what that means
 
-    async def _datagram_loop(self) -> None:
-        """Datagrams are read once the parent accepted us: the connection queues those
-        that overtake STREAM_INFO, rather than the link dropping them."""
+    async def _take_datagrams(self) -> None:
+        """Datagrams are taken once the parent accepted us: the connection queues those
+        that overtake STREAM_INFO, rather than the link dropping them. From then on the
+        connection hands each one over as it arrives (a lost connection is the stream
+        loop's to notice)."""
         assert self._conn is not None
         await self._accepted.wait()
-        while True:
-            try:
-                data = await self._conn.receive_datagram()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._failed(f"connection lost: {exc}")
-                return
-            self.core.link_datagram(self.link, data, trio.current_time())
-            self._after_input()
+        self._conn.deliver_datagrams(self._datagram)
+
+    def _datagram(self, data: bytes) -> None:
+        self.core.link_datagram(self.link, data, trio.current_time())
+        self._after_input()
 
     async def _write_loop(self) -> None:
         assert self._stream is not None

@@ -199,8 +199,9 @@ class QuicConn:
         """From now on hand each datagram to ``callback`` as it arrives, in the endpoint's
         receive loop, instead of queueing it for ``receive_datagram``; the queued ones go
         first. A relay forwards a chunk from there without a task switch (two scheduler
-        passes per chunk, a real part of its CPU). An exception in ``callback`` closes
-        this connection (INTERNAL_ERROR), as any failure while it processes input."""
+        passes per chunk, a real part of its CPU). An exception in ``callback`` for a
+        queued datagram reaches the caller; for a later one it closes this connection
+        (INTERNAL_ERROR), as any failure while the connection processes input."""
         while self._datagrams:
             callback(self._datagrams.popleft())
         self._on_datagram = callback

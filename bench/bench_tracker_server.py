@@ -191,8 +191,7 @@ def tracker_process(
     command = [sys.executable]
     command += ["-m", "meshd"] if profile is None else ["-c", PROFILED_MESHD, str(profile)]
     command += ["tracker", "--listen", "127.0.0.1:0", "--refresh", "180", *extra]
-    if source is None:  # every client is on 127.0.0.1: one network
-        command += ["--joins-per-network", "0", "--handshakes-per-network", "0"]
+    command += per_network_limits_off(env, source)
     log = workdir / f"{name}.log"
     with log.open("wb") as log_file:
         popen = subprocess.Popen(
@@ -221,6 +220,28 @@ def tracker_process(
                 popen.wait()
         if popen.stdout is not None:
             popen.stdout.close()
+
+
+PER_NETWORK_LIMITS = (
+    "--joins-per-network",
+    "--handshakes-per-network",
+    "--identities-per-network",
+    "--capacity-per-network",
+)
+
+
+def per_network_limits_off(env: dict[str, str], source: Path | None) -> list[str]:
+    """Every client is on 127.0.0.1, one network: turn off each per-network limit that
+    this tracker (maybe an older --baseline one) has, or it tells the clients to retry."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "meshd", "tracker", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=source,
+        check=True,
+    ).stdout
+    return [arg for flag in PER_NETWORK_LIMITS if flag in usage for arg in (flag, "0")]
 
 
 async def _ask(address: tuple[str, int], request: Register | StatusRequest) -> object:
@@ -740,7 +761,11 @@ def main() -> None:
                 f" {load.coordinator_cpu / max(load.completed, 1) * 1e6:>14,.0f} us"
             )
             if run.status.total_joins != load.completed or load.total("gave_up"):
-                print(f"    ! tracker counted {run.status.total_joins} joins; {load.refused()}")
+                print(
+                    f"    ! tracker counted {run.status.total_joins} joins; refused"
+                    f" {load.refused()}; RETRY_AFTER answers {load.total('retry_answers')};"
+                    f" gave up {load.total('gave_up')}"
+                )
         print(
             "  (coordinator/JOIN: CPU of the tracker's own process per JOIN; with workers,"
             " the decisions and the link to the workers)"

@@ -33,6 +33,7 @@ from meshd.node.output import AudioSink, check_output_path
 from meshd.node.relay import Relay, RelaySettings
 from meshd.node.stats import ChunkTrace, NodeStats
 from meshd.quic import open_quic_endpoint
+from meshd.tracker.front import collect_garbage_less_often
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
 from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker
@@ -450,6 +451,7 @@ def run_tracker(args: argparse.Namespace) -> int:
         capacity_per_network=args.capacity_per_network,
     )
     tracker = Tracker(config)
+    collect_garbage_less_often()
 
     async def serve() -> None:
         log_as("tracker", short_id(key_id(key)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 
@@ -21,6 +22,7 @@ from meshd.quic import (
     raw_public_key,
     serve_quic,
 )
+from meshd.quic._aioquic import MeshQuicConnection
 from tests.quic_helpers import endpoints, new_key, read_all
 
 
@@ -425,6 +427,33 @@ async def test_no_tasks_or_sockets_leak() -> None:
                 await client.connect(server.address)
         assert trio.lowlevel.current_statistics().tasks_living == tasks_before
         assert open_fds() == fds_before
+
+
+async def test_finished_connections_are_freed_without_the_cyclic_collector() -> None:
+    """A tracker makes a connection per request: one that is done must be freed when the
+    last reference goes, not linger (hundreds of objects) until a full collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        with trio.fail_after(10):
+            async with endpoints() as (server, client):
+                for _ in range(3):
+                    async with client.connect(server.address) as conn:
+                        stream = await conn.open_stream()
+                        await stream.send_all(b"ping")
+                        await stream.send_eof()
+                        assert await read_all(stream) == b"ping"
+                while server.connection_count or client.connection_count:
+                    await trio.sleep(0.01)
+            del conn, stream
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            garbage = [o for o in gc.garbage if isinstance(o, (QuicConn, MeshQuicConnection))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert garbage == []
 
 
 async def test_server_full_refuses_quickly() -> None:

@@ -5,8 +5,9 @@ unacknowledged, whether the peer has already closed (it reports that only after
 the draining period), which certificate the peer presented, to grant flow
 control credit as the application reads rather than as bytes arrive, to choose the
 key exchange group, to ask a client for its certificate, to tell 0-RTT stream data
-from 1-RTT, to delay ACKs longer, or to
-acknowledge less often than once per packet.
+from 1-RTT, to delay ACKs longer, to
+acknowledge less often than once per packet, or to let a finished connection be freed
+without the cyclic garbage collector.
 """
 
 from __future__ import annotations
@@ -214,3 +215,27 @@ def can_send_0rtt(quic: QuicConnection) -> bool:
 def set_ack_delay(quic: QuicConnection, seconds: float) -> None:
     """Acknowledge received packets after this long (aioquic: 1 ms; the peer allows 25)."""
     quic._ack_delay = seconds
+
+
+def _ignore(*args: object) -> None:
+    """A callback for a connection that is done: nothing happens any more."""
+
+
+def release(quic: QuicConnection) -> None:
+    """Break the reference cycles of a connection aioquic is done with (its callbacks are
+    bound methods of itself), so it is freed as soon as nobody holds it.
+
+    Left to the cyclic garbage collector, each one (hundreds of objects) lives long enough
+    to reach the oldest generation, and a tracker, which makes a connection per request,
+    spent about a sixth of its CPU in full collections.
+    """
+    vars(quic)["_QuicConnection__frame_handlers"] = {}
+    quic._loss._send_probe = _ignore
+    quic._session_ticket_fetcher = quic._session_ticket_handler = None
+    context = getattr(quic, "tls", None)  # made by the first packet
+    if context is not None:
+        context.alpn_cb = context.get_session_ticket_cb = context.new_session_ticket_cb = None
+        context.update_traffic_key_cb = _ignore
+    for pair in quic._cryptos.values():
+        for crypto in (pair.recv, pair.send):
+            crypto._setup_cb = crypto._teardown_cb = _ignore

@@ -489,6 +489,10 @@ class QuicConn:
         self._owner.connection_finished(self)
         self._wake_all()
         self._closed.set()
+        # Past here no stream waits on this connection (every operation raises), so
+        # drop what points back to it: refcounting frees it, not the cyclic collector.
+        self._streams.clear()
+        _aioquic.release(self._quic)
 
     def _wake_all(self) -> None:
         self._established.set()

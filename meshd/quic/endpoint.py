@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.networks import NetworkBuckets, network_of
 from meshd.quic import admission
-from meshd.quic._aioquic import MeshQuicConnection, set_ack_delay
+from meshd.quic._aioquic import MeshQuicConnection, release, set_ack_delay
 from meshd.quic.config import EndpointConfig
 from meshd.quic.connection import QuicConn
 from meshd.quic.errors import HandshakeFailed
@@ -384,6 +384,7 @@ class QuicEndpoint:
         if conn._pump() == 0:
             # aioquic found nothing to answer (undecryptable): keep no state.
             self.stats.bogus_initials += 1
+            release(quic)
             return
         self._conns.add(conn)
         self._server_conns += 1

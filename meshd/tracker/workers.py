@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from meshd.quic import UdpTransport, open_quic_endpoint, raw_public_key
 from meshd.quic.transport import bind_udp
-from meshd.tracker.front import TrackerFront, endpoint_config
+from meshd.tracker.front import TrackerFront, collect_garbage_less_often, endpoint_config
 from meshd.tracker.service import Tracker, TrackerConfig
 from protocol import decode_message, encode_message
 from protocol.messages import TrackerRequest, TrackerResponse
@@ -293,4 +293,5 @@ async def worker(udp_fd: int, link_fd: int) -> None:
 def main() -> None:
     """The worker process's entry point: its arguments are the two inherited fds."""
     udp_fd, link_fd = (int(arg) for arg in sys.argv[1:3])
+    collect_garbage_less_often()
     trio.run(worker, udp_fd, link_fd)

@@ -6,7 +6,8 @@
     report = tracker.status(stream_id, trio.current_time())
 """
 
+from meshd.tracker.front import collect_garbage_less_often
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
 
-__all__ = ["Tracker", "TrackerConfig", "serve_tracker"]
+__all__ = ["Tracker", "TrackerConfig", "collect_garbage_less_often", "serve_tracker"]

@@ -443,7 +443,7 @@ async def test_finished_connections_are_freed_without_the_cyclic_collector() -> 
                         await stream.send_all(b"ping")
                         await stream.send_eof()
                         assert await read_all(stream) == b"ping"
-                while server.connection_count or client.connection_count:
+                while server.connection_count or client.connection_count:  # noqa: ASYNC110 - no event
                     await trio.sleep(0.01)
             del conn, stream
             gc.set_debug(gc.DEBUG_SAVEALL)

@@ -804,38 +804,6 @@ def test_a_few_high_capacity_identities_cannot_take_the_top(earned: bool) -> Non
     check_invariants(tree)
 
 
-def test_a_reporter_is_not_sent_on_to_the_reported_nodes_network() -> None:
-    """Five silent identities from one network hold most of the origin's slots. A
-    listener that found one silent goes where no node of that network is above it, with
-    backups outside it first, while such slots exist: not on to the attacker's next
-    identity. When only the attacker's network has room, it is placed there all the same."""
-    tree = earned_tree(origin_capacity=7)
-    attackers = [pid(100 + i) for i in range(5)]
-    honest_relays = [pid(1), pid(2)]
-    tree.join(pid(1), 2, addr(1), 0.0, net(1))
-    tree.join(pid(2), 2, addr(2), 0.0, net(2))
-    for i, attacker in enumerate(attackers):
-        tree.join(attacker, 1024, addr(100 + i), 0.0, EVIL)
-    tree.join(pid(3), 2, addr(3), 0.0, net(3))
-    first = tree.parent_of(pid(3))
-    assert first in attackers  # shallowest, latest first: an attacker's slot
-    moved = tree.report_failure(pid(3), first or b"", 1.0)
-    assert moved.parent.peer_id in honest_relays
-    assert moved.backups[0].peer_id in honest_relays
-    # Fill every slot outside the attacker's network: the next reporter takes what is left.
-    leaves = iter(range(10, 20))
-    for relay in (pid(1), pid(2), pid(3)):
-        while len(tree.children_of(relay)) < tree.capacity_of(relay):
-            leaf = next(leaves)
-            tree.refresh(pid(leaf), 2.0, parent=relay, capacity=0, address="", network=net(leaf))
-    tree.join(pid(4), 2, addr(4), 2.0, net(4))
-    second = tree.parent_of(pid(4))
-    assert second in attackers
-    last = tree.report_failure(pid(4), second or b"", 3.0)
-    assert last.parent.peer_id in attackers and last.parent.peer_id != second
-    check_invariants(tree)
-
-
 # ------------------------------------------------------------- stateful testing
 
 

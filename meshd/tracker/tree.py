@@ -30,11 +30,6 @@ starved because it did, and their reports only doubt it for a while). An evicted
 remaining children keep their subtrees; the tracker re-homes each one at once so that
 every peer always reaches the origin in the tracker's view.
 
-A REJOIN's reporter is not sent on to the reported node's source network: it goes to a
-slot with no node of that network above it when the placement order offers one among
-its first `_SHUN_SCAN` candidates, and its backups prefer such nodes too. One attacker's
-identities share a network, so a listener that found one silent does not try the next.
-
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
 max(`initial_capacity`, 2 * vouches) children, within what it declared. A *vouch* is a
@@ -90,9 +85,6 @@ _BACKUP_POOL = 3
 # In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
 # it gets the suspect probed, but is no witness towards evicting it.
 _UNSURE = b""
-# A REJOIN's reporter avoids slots reached through the reported node's source network
-# among this many eligible candidates, then takes the usual slot (keeps REJOIN O(1)).
-_SHUN_SCAN = 64
 # A relay whose own parent failed (it said so by REJOIN, or we removed that parent)
 # starves its children through no fault of its own while it fails over: for this long
 # their reports only get it probed, as a refusal does. Its REJOIN comes within about
@@ -234,16 +226,6 @@ def _within(node: _Node, ancestor: _Node) -> bool:
             return False
         node = parent
     return node is ancestor
-
-
-def _reached_through(node: _Node, network: str) -> bool:
-    """True if `node` or one of its ancestors below the origin is from `network`."""
-    current: _Node | None = node
-    while current is not None and current.parent is not None:
-        if current.network == network:
-            return True
-        current = current.parent
-    return False
 
 
 class StreamTree:
@@ -484,23 +466,18 @@ class StreamTree:
                 raise NoCapacity("no free slot left for the reporter")
         claim = self._claim(node, attached_to, banned)
         self._proven_by_child(claim)
-        # One attacker's identities share a source network: a node that found one of them
-        # silent is not sent on to the others (nor below them) while other slots exist.
-        shunned = "" if suspect is None or suspect is self._origin else suspect.network
         if node.parent is suspect:
-            target = claim or self._pick_parent(
-                node, node.capacity, banned=banned, avoid=suspect, shunned=shunned
-            )
+            target = claim or self._pick_parent(node, node.capacity, banned=banned, avoid=suspect)
             if target is None and banned is not None:
                 # Only `dead`'s subtree has room: it may yet be alive (its probe tells).
                 target = self._pick_parent(node, node.capacity, avoid=suspect)
             if target is None and self._under_a_guess(node) is not None:
                 self._set_orphaned(node, True)
-                return self._assignment(node, shunned)  # moved below its own guessed subtree
+                return self._assignment(node)  # moved below its own guessed subtree
             if target is None and refused:
                 # Nowhere else: the refusal may have been for a moment (a child of that
                 # parent was leaving, say). It may try there again.
-                return self._assignment(node, shunned)
+                return self._assignment(node)
             if target is None:
                 raise NoCapacity("no free slot outside the reporter's subtree")
             self._move(node, target)
@@ -512,7 +489,7 @@ class StreamTree:
             self._vouch(node)
         if banned is not None and counted and self._live(banned):
             self._forfeit(banned)  # after the reporter left it: the slots it frees are not ours
-        return self._assignment(node, shunned)
+        return self._assignment(node)
 
     def probe_result(self, peer_id: bytes, alive: bool, now: float) -> list[bytes]:
         """The host probed a suspect: clear the suspicion, or evict it.
@@ -652,10 +629,10 @@ class StreamTree:
     def _live(self, node: _Node) -> bool:
         return self._peers.get(node.ref.peer_id) is node
 
-    def _assignment(self, node: _Node, shunned: str = "") -> Assignment:
+    def _assignment(self, node: _Node) -> Assignment:
         parent = node.parent
         assert parent is not None, "only attached non-origin nodes have assignments"
-        return Assignment(parent.ref, self._backups(node, shunned), node.depth)
+        return Assignment(parent.ref, self._backups(node), node.depth)
 
     def _touch(self, node: _Node, now: float) -> None:
         node.last_seen = now
@@ -799,17 +776,12 @@ class StreamTree:
         *,
         banned: _Node | None = None,
         avoid: _Node | None = None,
-        shunned: str = "",
     ) -> _Node | None:
         """The placement rule: shallowest free slot for relays, deepest for leaves.
 
         Skips the mover's own subtree (a cycle), `banned`'s subtree (cut off from the
-        stream) and the single node `avoid`. With `shunned` (a source network), prefers
-        a slot not reached through a node of that network among the first `_SHUN_SCAN`
-        candidates.
+        stream) and the single node `avoid`.
         """
-        first = None
-        examined = 0
         for candidate in self._free_nodes(shallow_first=capacity > 0):
             if candidate is avoid:
                 continue
@@ -817,13 +789,8 @@ class StreamTree:
                 continue
             if banned is not None and _within(candidate, banned):
                 continue
-            if not shunned or not _reached_through(candidate, shunned):
-                return candidate
-            first = first or candidate
-            examined += 1
-            if examined >= _SHUN_SCAN:
-                break
-        return first
+            return candidate
+        return None
 
     def _claim(self, node: _Node, parent_id: bytes | None, banned: _Node | None) -> _Node | None:
         """The peer named as `node`'s actual parent, if our view can take that as true.
@@ -917,15 +884,14 @@ class StreamTree:
             node = node.parent
         return None
 
-    def _backups(self, node: _Node, shunned: str = "") -> tuple[PeerRef, ...]:
+    def _backups(self, node: _Node) -> tuple[PeerRef, ...]:
         """Up to `backups` nodes with a free slot, shallow first.
 
         Never the node, its parent or its subtree; nodes outside the parent's subtree
-        come first, so one relay failure does not take out the parent and the backups,
-        and among them, with `shunned`, those not reached through that source network
-        (see `_pick_parent`). Successive assignments rotate through a pool of the shallowest
-        candidates, so the children of one relay get different backups and do not all
-        race for the same slots when it dies.
+        come first, so one relay failure does not take out the parent and the backups.
+        Successive assignments rotate through a pool of the shallowest candidates, so the
+        children of one relay get different backups and do not all race for the same
+        slots when it dies.
         """
         wanted = self._backup_count
         parent = node.parent
@@ -933,7 +899,6 @@ class StreamTree:
         pool_size = wanted * _BACKUP_POOL
         preferred: list[PeerRef] = []
         fallback: list[PeerRef] = []
-        shunned_outside: list[PeerRef] = []
         examined = 0
         for candidate in self._free_nodes(shallow_first=True):
             if len(preferred) == pool_size:
@@ -943,9 +908,6 @@ class StreamTree:
             if shared is not None and _within(candidate, shared):
                 if len(fallback) < wanted:
                     fallback.append(candidate.ref)
-            elif shunned and _reached_through(candidate, shunned):
-                if len(shunned_outside) < wanted:
-                    shunned_outside.append(candidate.ref)
             else:
                 preferred.append(candidate.ref)
             examined += 1
@@ -955,7 +917,7 @@ class StreamTree:
         if len(preferred) > wanted:
             start = self._backup_turn % len(preferred)
             preferred = (preferred[start:] + preferred[:start])[:wanted]
-        return tuple((preferred + shunned_outside + fallback)[:wanted])
+        return tuple((preferred + fallback)[:wanted])
 
     # --- structure changes
 

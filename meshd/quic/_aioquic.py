@@ -5,9 +5,8 @@ unacknowledged, whether the peer has already closed (it reports that only after
 the draining period), which certificate the peer presented, to grant flow
 control credit as the application reads rather than as bytes arrive, to choose the
 key exchange group, to ask a client for its certificate, to tell 0-RTT stream data
-from 1-RTT, to delay ACKs longer, to
-acknowledge less often than once per packet, or to let a finished connection be freed
-without the cyclic garbage collector.
+from 1-RTT, to delay ACKs longer, to acknowledge less often than once per packet, or to
+let a finished connection be freed without the cyclic garbage collector.
 """
 
 from __future__ import annotations

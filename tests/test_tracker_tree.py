@@ -316,6 +316,20 @@ def test_single_report_moves_reporter_but_does_not_evict() -> None:
     check_invariants(tree)
 
 
+def test_an_evicted_relays_child_goes_under_a_suspect_rather_than_out_of_the_view() -> None:
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 2), 2: (1, 1), 3: (1, 1), 4: (2, 2), 5: (4, 0)})
+    tree.report_failure(pid(5), pid(4), 1.0)  # 4 is a suspect now; 5 moves under 3
+    assert tree.parent_of(pid(5)) == pid(3) and pid(4) in tree.suspects(1.0)
+    tree.child_gone(ORIGIN, pid(1), 2.0)
+    assert tree.probe_result(pid(1), False, 3.0) == [pid(1)]
+    # 2 took the origin's slot; 3 fits only below the suspect, and its subtree with it.
+    assert tree.parent_of(pid(2)) == ORIGIN
+    assert tree.parent_of(pid(3)) == pid(4) and tree.is_orphaned(pid(3))
+    assert pid(5) in tree
+    check_invariants(tree)
+
+
 def test_second_distinct_reporter_evicts_and_orphans_the_rest() -> None:
     tree = make_tree(origin_capacity=2)
     build(tree, {1: (0, 3), 2: (0, 3), 3: (1, 1), 4: (1, 1), 5: (1, 1), 6: (2, 1), 9: (3, 1)})
@@ -1243,7 +1257,7 @@ class EarnedTreeMachine(TreeMachine):
 
     @rule()
     def sybils_vouch(self) -> None:
-        for peer in sorted(self.evil & set(self.tree)):
+        for peer in sorted(self.evil.intersection(self.live())):  # the crashed say nothing
             parent = self.tree.parent_of(peer)
             if parent in self.evil:
                 before = self.tree.capacity_of(parent)

@@ -742,11 +742,13 @@ class StreamTree:
         yield from self._free_pass(shallow_first, False)
         yield from self._free_pass(shallow_first, True)
 
-    def _free_pass(self, shallow_first: bool, guessed: bool | None) -> Iterator[_Node]:
+    def _free_pass(
+        self, shallow_first: bool, guessed: bool | None, *, doubtful: bool = False
+    ) -> Iterator[_Node]:
         """`_free_nodes`, only those below a tentative link (`guessed`), or none of them
-        (not `guessed`), or all (None)."""
-        suspects = self._reports
-        unproven = self._unproven
+        (not `guessed`), or all (None); with suspects and unproven nodes if `doubtful`."""
+        suspects = {} if doubtful else self._reports
+        unproven = {} if doubtful else self._unproven
         free = self._free
         if shallow_first:
             depth = self._shallowest
@@ -776,13 +778,20 @@ class StreamTree:
         *,
         banned: _Node | None = None,
         avoid: _Node | None = None,
+        doubtful: bool = False,
     ) -> _Node | None:
         """The placement rule: shallowest free slot for relays, deepest for leaves.
 
         Skips the mover's own subtree (a cycle), `banned`'s subtree (cut off from the
-        stream) and the single node `avoid`.
+        stream) and the single node `avoid`; suspects and unproven nodes too, unless
+        `doubtful`.
         """
-        for candidate in self._free_nodes(shallow_first=capacity > 0):
+        shallow_first = capacity > 0
+        if doubtful:
+            candidates = self._free_pass(shallow_first, None, doubtful=True)
+        else:
+            candidates = self._free_nodes(shallow_first)
+        for candidate in candidates:
             if candidate is avoid:
                 continue
             if mover is not None and _within(candidate, mover):
@@ -1051,6 +1060,10 @@ class StreamTree:
             target = self._pick_parent(child, child.capacity, banned=gone, avoid=avoid)
             if target is None and avoid is not None:
                 target = self._pick_parent(child, child.capacity, banned=gone)
+            if target is None:
+                # Only doubtful nodes have room (as after a mass failure): a guess there
+                # beats dropping the subtree, whose slots we could then offer nobody.
+                target = self._pick_parent(child, child.capacity, banned=gone, doubtful=True)
             if target is None:
                 removed += self._drop_subtree(child)
             else:

@@ -254,6 +254,17 @@ async def test_a_tracker_that_trusts_a_probe_over_reports_fails(
     assert _failed(report) == {"7.3-unproven-second-reporter-removes"}
 
 
+async def test_a_tracker_that_excuses_only_a_parents_failure_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a relay whose own parent failed is excused: the relays below it, starved as
+    much, are removed on their children's reports."""
+    monkeypatch.setattr(StreamTree, "_excused_since", lambda tree, node: node.excused)
+    async with tracker_in_process() as address:
+        report = await check_tracker(address, only=["7.3-excused-below-a-failure"])
+    assert _failed(report) == {"7.3-excused-below-a-failure"}
+
+
 @asynccontextmanager
 async def origin_in_process() -> AsyncIterator[Origin]:
     """An origin streaming (it streams once its tracker has the stream)."""

@@ -422,6 +422,43 @@ def test_a_convicted_relay_whose_own_parent_failed_is_excused() -> None:
     check_invariants(tree)
 
 
+def test_a_relay_found_alive_below_a_failover_is_excused() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 7: (6, 3), 2: (7, 2), 3: (7, 2)})
+    tree.report_failure(pid(2), pid(7), 1.0)
+    assert tree.probe_result(pid(7), True, 1.5) == []
+    tree.report_failure(pid(6), pid(1), 2.0)  # two levels above 7: it starved with 6
+    assert tree.is_excused(pid(7), 3.0)
+    tree.report_failure(pid(3), pid(7), 3.0)
+    assert not tree.is_convicted(pid(7))
+    assert tree.expire(30.0) == [] and pid(7) in tree
+    check_invariants(tree)
+
+
+def test_a_relay_not_found_alive_below_a_failover_is_removed_by_a_quorum() -> None:
+    """It may have died with the rest (a melt): a probe would only be slower."""
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 7: (6, 3), 2: (7, 2), 3: (7, 2)})
+    tree.report_failure(pid(6), pid(1), 1.0)
+    tree.report_failure(pid(2), pid(7), 2.0)
+    tree.report_failure(pid(3), pid(7), 2.5)
+    assert pid(7) not in tree
+    check_invariants(tree)
+
+
+def test_a_failure_further_up_lifts_a_conviction() -> None:
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 7: (6, 3), 2: (7, 2), 3: (7, 2)})
+    tree.report_failure(pid(2), pid(7), 1.0)
+    assert tree.probe_result(pid(7), True, 1.5) == []
+    tree.report_failure(pid(3), pid(7), 2.0)
+    assert tree.is_convicted(pid(7))
+    tree.report_failure(pid(6), pid(1), 3.0)  # 7 starved because 6 did
+    assert tree.expire(4.0) == [] and not tree.is_convicted(pid(7))
+    assert tree.expire(30.0) == [] and pid(7) in tree
+    check_invariants(tree)
+
+
 def test_the_report_against_a_suspect_found_alive_leaves_the_window() -> None:
     tree = make_tree(origin_capacity=2, report_window=30.0)
     build(tree, {1: (0, 3), 5: (0, 3), 2: (1, 2), 3: (1, 2)})

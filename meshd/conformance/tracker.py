@@ -1145,6 +1145,59 @@ async def _unproven_second_reporter(target: TrackerTarget) -> Outcome:
     )
 
 
+_EXCUSED = (
+    "origin(1) ← A(1) ← P(1) ← S(2) ← C1, C2 (capacity 1 each); REGISTER(capacity 3); "
+    "C1 REJOIN(dead = S); S's stand-in answers the probe; P REJOIN(dead = A); C2 "
+    "REJOIN(dead = S)"
+)
+
+
+@case("7.3-excused-below-a-failure", "7.3", Level.MUST,
+      "reports against a relay starved by a failover further up do not remove it")  # fmt: skip
+async def _excused_below_a_failure(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    watch = 8.0  # past the 5 s a conviction waits, and the reference's expiry pass
+    async with answering(key, _host(target)) as alive:
+        stream = await target.new_stream(capacity=1)
+        above = await target.join(stream, capacity=1)
+        parent = await target.join(stream, capacity=1)
+        suspect = Node(key, key_id(key), alive.address, 2)
+        await _join_as(target, stream, suspect)
+        children = [await target.join(stream, capacity=1) for _ in range(2)]
+        c1, c2 = (c.id for c in children)
+        names = _Names(origin=stream.id, A=above.id, P=parent.id, S=suspect.id, C1=c1, C2=c2)
+        nodes = [above, parent, suspect, *children]
+        expected = [stream.id, above.id, parent.id, suspect.id, suspect.id]
+        if [_parent(n) for n in nodes] != expected:
+            placement = "a chain, as the only free slots allow (§7.3 placement)"
+            raise Mismatch(_EXCUSED, placement, names.placed(nodes))
+        stream.capacity = 3
+        await target.ask_for(register(stream, now_ms()), Ack, "REGISTER(capacity 3)")
+        before = alive.packets
+        await _rejoin(target, stream, children[0], suspect.id, "REJOIN(dead = S)")
+        wait = _probe_wait(target)
+        if not await alive.probe_over(before, wait):
+            raise Unmet(f"no probe reached S within {wait:g} s (see 7.3-suspect-probed)")
+        await _rejoin(target, stream, parent, above.id, "REJOIN(dead = A)")
+        await _rejoin(target, stream, children[1], suspect.id, "REJOIN(dead = S)")
+        await trio.sleep(watch)
+        report = await _tree(target, stream)
+    listed = suspect.id in _parents(report)
+    return Outcome(
+        Verdict.PASS if listed else Verdict.FAIL,
+        f"{_EXCUSED}; TREE {watch:g} s later",
+        "TREE still lists S: S starved while P failed over, so C2 is no witness against it for 5 s",
+        f"TREE {'lists' if listed else 'does not list'} S",
+    )
+
+
+async def _rejoin(
+    target: TrackerTarget, stream: Stream, node: Node, dead: bytes, sent: str
+) -> None:
+    token = target.token(stream.id, node.id)
+    await target.ask_for(rejoin(stream.id, node, dead, None, token), Assigned, sent)
+
+
 @case("7.3-second-reporter-removes", "7.3", Level.MUST,
       "a second distinct reporter removes the suspect; its children are re-homed")  # fmt: skip
 async def _second_reporter(target: TrackerTarget) -> Outcome:

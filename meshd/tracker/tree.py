@@ -24,11 +24,12 @@ for itself) after a child reported it is *unproven*: alive, but maybe not delive
 wedged relay answers handshakes), so it gets no new children for `report_window`, or
 until a child claims it as its actual parent. Its reports still count: a quorum reached
 after it was found alive evicts it at once under the origin (which never fails), and
-elsewhere *convicts* it: `expire` evicts it `_EXCUSED_FOR` later, unless its own parent
-fails meanwhile (its REJOIN, or that parent's eviction, *excuses* it: its children
-starved because it did, and their reports only doubt it for a while). An evicted node's
-remaining children keep their subtrees; the tracker re-homes each one at once so that
-every peer always reaches the origin in the tracker's view.
+elsewhere *convicts* it: `expire` evicts it `_EXCUSED_FOR` later, unless it is *excused*
+meanwhile: by its own REJOIN or its parent's eviction (its parent failed), or by an
+ancestor's REJOIN (a failover above it): its children starved because it did, and their
+reports only doubt it for a while. An evicted node's remaining children keep their subtrees;
+the tracker re-homes each one at once so that every peer always reaches the origin in the
+tracker's view.
 
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
@@ -87,9 +88,11 @@ _BACKUP_POOL = 3
 _UNSURE = b""
 # A relay whose own parent failed (it said so by REJOIN, or we removed that parent)
 # starves its children through no fault of its own while it fails over: for this long
-# their reports only get it probed, as a refusal does. Its REJOIN comes within about
-# its stall timeout and a connect timeout (2 s each) of theirs, when the tracker keeps
-# up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
+# their reports only get it probed, as a refusal does. So does a relay below an ancestor
+# that is failing over (its REJOIN), once found alive: one not found alive yet may be
+# dead (a melt), and a quorum removes it sooner than a probe. Its REJOIN comes within
+# about its stall timeout and a connect timeout (2 s each) of theirs, when the tracker
+# keeps up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
 _EXCUSED_FOR = 5.0
 
 
@@ -183,6 +186,7 @@ class _Node:
         "placed",
         "pos",
         "ref",
+        "rejoined",
         "slot_depth",
         "vouched",
     )
@@ -210,6 +214,9 @@ class _Node:
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
         self.excused = -math.inf  # when its own parent last failed (see _EXCUSED_FOR)
+        # When it last sent a REJOIN: its subtree starves while it fails over. A node that
+        # moves takes along the latest of its old ancestors' (`_detach`).
+        self.rejoined = -math.inf
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
         self.pos = 0  # index inside that bucket, for O(1) removal
 
@@ -344,25 +351,26 @@ class StreamTree:
     def suspects(self, now: float) -> list[bytes]:
         """Peers reported dead but not (yet) confirmed: worth a probe by the host."""
         for node, reports in list(self._reports.items()):
-            self._prune_reports(reports, now)
+            self._prune_reports(reports, now - self._window)
             if not reports:
                 del self._reports[node]
         for node, since in list(self._unproven.items()):
             if since < now - self._window:
                 del self._unproven[node]
         for node, reports in list(self._witnesses.items()):
-            self._prune_reports(reports, now)
+            self._prune_reports(reports, now - self._window)
             if not reports:
                 del self._witnesses[node]
         return [node.ref.peer_id for node in self._reports]
 
     def is_excused(self, peer_id: bytes, now: float) -> bool:
-        """True if the peer's parent failed lately: reports against it only doubt it."""
-        return now - self._get(peer_id).excused < _EXCUSED_FOR
+        """True if reports against the peer only doubt it now: its parent failed lately,
+        or, found alive since it was reported, an ancestor is failing over."""
+        return now - self._excused_since(self._get(peer_id)) < _EXCUSED_FOR
 
     def is_convicted(self, peer_id: bytes) -> bool:
         """True if a quorum reported the peer after it was found alive: `expire` removes
-        it unless its own parent fails first."""
+        it unless it is excused first."""
         return self._get(peer_id) in self._convicted
 
     def is_unproven(self, peer_id: bytes) -> bool:
@@ -449,6 +457,7 @@ class StreamTree:
         if node is self._origin:
             raise InvalidRequest("the origin has no parent")
         self._update(node, now, capacity, address)
+        node.rejoined = now
         self._excuse(node, now)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
@@ -608,7 +617,11 @@ class StreamTree:
         self._now = now
         removed: list[bytes] = []
         for node, since in list(self._convicted.items()):
-            if now - since >= _EXCUSED_FOR and self._live(node):
+            if not self._live(node):
+                continue  # removed with a subtree just now
+            if self._excused_since(node) >= since:
+                self._pardon(node, now)  # starved by a failure above it, which came to light
+            elif now - since >= _EXCUSED_FOR:
                 removed += self._evict(node)
         horizon = now - self._ttl
         queue = self._expiry
@@ -961,6 +974,7 @@ class StreamTree:
         """Cut the node (and its subtree) from its parent; its depths stay as they were."""
         parent = node.parent
         assert parent is not None, "the origin is never detached"
+        node.rejoined = self._rejoined_above(node)  # its subtree starved on the old path
         parent.children.remove(node)
         node.parent = None
         if self._live(parent):  # a removed parent no longer counts its slots
@@ -1085,22 +1099,24 @@ class StreamTree:
 
     # --- reports and re-insertion
 
-    def _prune_reports(self, reports: dict[bytes, float], now: float) -> None:
-        horizon = now - self._window
+    def _prune_reports(self, reports: dict[bytes, float], horizon: float) -> None:
+        """Drop the reports made before `horizon`."""
         for reporter, when in list(reports.items()):
             if when < horizon:
                 del reports[reporter]
 
     def _record_report(self, suspect: _Node, reporter: bytes, now: float) -> None:
         """Count a first-hand report; evict once confirmed (quorum or expired state)."""
-        if now - suspect.excused < _EXCUSED_FOR:
+        failed = self._excused_since(suspect)
+        if now - failed < _EXCUSED_FOR:
             self._doubt(suspect, now)
             return
         reports = self._reports.setdefault(suspect, {})
         found_alive = suspect in self._witnesses or suspect in self._convicted
         reports.update(self._witnesses.pop(suspect, {}))
         reports[reporter] = now
-        self._prune_reports(reports, now)
+        # Those made before that failure came from children it starved.
+        self._prune_reports(reports, max(now - self._window, failed))
         witnesses = len(reports) - (_UNSURE in reports)
         # Found alive since the first report, it may be starved by a failure above it,
         # which its REJOIN would tell us soon; not under the origin, which never fails.
@@ -1125,10 +1141,30 @@ class StreamTree:
             self._unproven[node] = now
             self._witnesses[node] = reports
 
+    def _rejoined_above(self, node: _Node) -> float:
+        """When the node or one of its ancestors last sent a REJOIN."""
+        last = node.rejoined
+        ancestor = node.parent
+        while ancestor is not None:
+            last = max(last, ancestor.rejoined)
+            ancestor = ancestor.parent
+        return last
+
+    def _excused_since(self, node: _Node) -> float:
+        """Since when its children's reports prove nothing: its parent failed, or, if it
+        was found alive since they reported it, a node at or above it is failing over."""
+        if node in self._witnesses or node in self._convicted:
+            return max(node.excused, self._rejoined_above(node))
+        return node.excused
+
     def _excuse(self, node: _Node, now: float) -> None:
         """The node's parent failed: its children's reports so far, and for a while, do
         not count against it (it was starved too)."""
         node.excused = now
+        self._pardon(node, now)
+
+    def _pardon(self, node: _Node, now: float) -> None:
+        """Its children's reports so far were made starving: only a probe is left."""
         self._witnesses.pop(node, None)
         self._convicted.pop(node, None)
         if self._reports.pop(node, None):

@@ -94,6 +94,7 @@ _UNSURE = b""
 # about its stall timeout and a connect timeout (2 s each) of theirs, when the tracker
 # keeps up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
 _EXCUSED_FOR = 5.0
+_NEVER = -math.inf  # one shared float for "not yet": each node would hold its own copy
 
 
 class TreeErrorCode(StrEnum):
@@ -213,10 +214,10 @@ class _Node:
         self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
-        self.excused = -math.inf  # when its own parent last failed (see _EXCUSED_FOR)
+        self.excused = _NEVER  # when its own parent last failed (see _EXCUSED_FOR)
         # When it last sent a REJOIN: its subtree starves while it fails over. A node that
         # moves takes along the latest of its old ancestors' (`_detach`).
-        self.rejoined = -math.inf
+        self.rejoined = _NEVER
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
         self.pos = 0  # index inside that bucket, for O(1) removal
 

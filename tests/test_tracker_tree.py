@@ -422,9 +422,16 @@ def test_a_convicted_relay_whose_own_parent_failed_is_excused() -> None:
     check_invariants(tree)
 
 
-def test_a_relay_found_alive_below_a_failover_is_excused() -> None:
+def relay_7_below_6_below_1() -> StreamTree:
+    """origin <- 1 <- 6 <- 7 <- 2, 3 (and 5 under the origin): 7's children can report
+    it, and 6's REJOIN naming 1 is a failover two levels above it."""
     tree = make_tree(origin_capacity=2)
     build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 7: (6, 3), 2: (7, 2), 3: (7, 2)})
+    return tree
+
+
+def test_a_relay_found_alive_below_a_failover_is_excused() -> None:
+    tree = relay_7_below_6_below_1()
     tree.report_failure(pid(2), pid(7), 1.0)
     assert tree.probe_result(pid(7), True, 1.5) == []
     tree.report_failure(pid(6), pid(1), 2.0)  # two levels above 7: it starved with 6
@@ -437,8 +444,7 @@ def test_a_relay_found_alive_below_a_failover_is_excused() -> None:
 
 def test_a_relay_not_found_alive_below_a_failover_is_removed_by_a_quorum() -> None:
     """It may have died with the rest (a melt): a probe would only be slower."""
-    tree = make_tree(origin_capacity=2)
-    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 7: (6, 3), 2: (7, 2), 3: (7, 2)})
+    tree = relay_7_below_6_below_1()
     tree.report_failure(pid(6), pid(1), 1.0)
     tree.report_failure(pid(2), pid(7), 2.0)
     tree.report_failure(pid(3), pid(7), 2.5)
@@ -447,8 +453,7 @@ def test_a_relay_not_found_alive_below_a_failover_is_removed_by_a_quorum() -> No
 
 
 def test_a_failure_further_up_lifts_a_conviction() -> None:
-    tree = make_tree(origin_capacity=2)
-    build(tree, {1: (0, 3), 5: (0, 3), 6: (1, 3), 7: (6, 3), 2: (7, 2), 3: (7, 2)})
+    tree = relay_7_below_6_below_1()
     tree.report_failure(pid(2), pid(7), 1.0)
     assert tree.probe_result(pid(7), True, 1.5) == []
     tree.report_failure(pid(3), pid(7), 2.0)

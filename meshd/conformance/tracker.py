@@ -1017,10 +1017,9 @@ async def _suspected(target: TrackerTarget, key: Ed25519PrivateKey, address: str
 
 
 async def _report_dead(target: TrackerTarget, tree: _Suspected, child: Node) -> Assigned:
-    token = target.token(tree.stream.id, child.id)
-    data = rejoin(tree.stream.id, child, tree.suspect.id, None, token)
-    answer: Assigned = await target.ask_for(data, Assigned, "REJOIN(dead = S, attached = nil)")
-    return answer
+    return await _rejoin(
+        target, tree.stream, child, tree.suspect.id, "REJOIN(dead = S, attached = nil)"
+    )
 
 
 def _offers(answer: Assigned, node: bytes) -> bool:
@@ -1193,9 +1192,11 @@ async def _excused_below_a_failure(target: TrackerTarget) -> Outcome:
 
 async def _rejoin(
     target: TrackerTarget, stream: Stream, node: Node, dead: bytes, sent: str
-) -> None:
+) -> Assigned:
     token = target.token(stream.id, node.id)
-    await target.ask_for(rejoin(stream.id, node, dead, None, token), Assigned, sent)
+    data = rejoin(stream.id, node, dead, None, token)
+    answer: Assigned = await target.ask_for(data, Assigned, sent)
+    return answer
 
 
 @case("7.3-second-reporter-removes", "7.3", Level.MUST,

@@ -15,6 +15,7 @@ from protocol import (
     ErrorCode,
     Goodbye,
     Heartbeat,
+    Join,
     LocalProtocolError,
     PathUpdate,
     Peer,
@@ -120,17 +121,22 @@ def test_invalid_messages_are_rejected_with_a_code(items: Any, code: ErrorCode) 
     assert caught.value.code == code
 
 
+def decode_join(items: list[Any]) -> Join:
+    """Decode msgpack'd `items`, which must come out a JOIN."""
+    decoded = decode_message(msgpack.packb(items, use_bin_type=True))
+    assert isinstance(decoded, Join), decoded
+    return decoded
+
+
 @pytest.mark.parametrize(
     "address", ["127.0.0.1:4433", "[::1]:9", "[fe80::1%eth0]:4433", "relay.example:65535"]
 )
 def test_addresses_that_name_a_host_and_port_are_accepted(address: str) -> None:
-    join = [0x11, KEY, KEY, 2, address, None, 0, bytes(64)]
-    assert decode_message(msgpack.packb(join, use_bin_type=True)).address == address  # type: ignore[attr-defined]
+    assert decode_join([0x11, KEY, KEY, 2, address, None, 0, bytes(64)]).address == address
 
 
 def test_a_leaf_may_leave_its_address_empty() -> None:
-    join = [0x11, KEY, KEY, 0, "", None, 0, bytes(64)]
-    assert decode_message(msgpack.packb(join, use_bin_type=True)).address == ""  # type: ignore[attr-defined]
+    assert decode_join([0x11, KEY, KEY, 0, "", None, 0, bytes(64)]).address == ""
 
 
 def test_non_shortest_encodings_are_accepted() -> None:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshd.addresses import parse_address
 from meshd.conformance.report import Level, Report, Verdict
 from meshd.conformance.runner import check_parent, check_tracker
+from meshd.conformance.suite import Case
 from meshd.keys import load_key
 from meshd.node.origin import Origin, OriginSettings
 from meshd.tracker.server import serve_tracker
@@ -166,7 +167,8 @@ def test_docs_list_every_case() -> None:
     from meshd.conformance.tracker import CASES as TRACKER
 
     doc = (Path(__file__).parent.parent / "docs" / "conformance.md").read_text()
-    for case in [*TRACKER.cases, *PARENT.cases, *CHILD.cases]:
+    every: list[Case[Any]] = [*TRACKER.cases, *PARENT.cases, *CHILD.cases]
+    for case in every:
         row = f"| `{case.id}` | {case.section} | {case.level.value} | {case.title} |"
         assert row in doc, f"docs/conformance.md lacks {case.id}"
 

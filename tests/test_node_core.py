@@ -99,8 +99,16 @@ def wedge(node: NodeHost, forward: Callable[[VerifiedChunk, float], None] | None
     """The node keeps its links and heartbeats but forwards what `forward` says (None:
     nothing), and answers every REPAIR with MISSING."""
     children = node.core.children
-    children.forward = forward or (lambda item, now: None)  # type: ignore[method-assign]
-    children._repair = lambda child, seqs: children._links[child].answer_repair([], seqs)  # type: ignore[method-assign]
+
+    def wedged(item: VerifiedChunk, now: float) -> None:
+        if forward is not None:
+            forward(item, now)
+
+    def missing(child: int, seqs: tuple[int, ...]) -> None:
+        children._links[child].answer_repair([], seqs)
+
+    children.forward = wedged  # type: ignore[method-assign]
+    children._repair = missing  # type: ignore[method-assign]
 
 
 def replaying(node: NodeHost) -> Callable[[VerifiedChunk, float], None]:
@@ -260,10 +268,12 @@ def test_a_parent_stops_telling_a_tracker_that_does_not_know_child_gone() -> Non
     tracker = world.tracker.tracker
     answer = tracker.handle
 
-    def older(request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
+    def older(
+        request: TrackerRequest, now: float, wall_ms: int, network: str = ""
+    ) -> TrackerResponse:
         if isinstance(request, ChildGone):
             return Goodbye(ErrorCode.UNKNOWN_MESSAGE, "unknown message type 23")
-        return answer(request, now, wall_ms)
+        return answer(request, now, wall_ms, network)
 
     tracker.handle = older  # type: ignore[method-assign]
     leaves = next(group for group in leaves_by_parent(world).values() if len(group) >= 2)
@@ -294,12 +304,14 @@ def test_a_failover_names_a_dead_tracker_choice_at_once_and_is_back_within_2_s()
     answer = tracker.handle
     rejoins: list[tuple[float, bytes]] = []
 
-    def stale(request: TrackerRequest, now: float, wall_ms: int) -> TrackerResponse:
+    def stale(
+        request: TrackerRequest, now: float, wall_ms: int, network: str = ""
+    ) -> TrackerResponse:
         if isinstance(request, Rejoin) and request.node == child.node_id:
             rejoins.append((now, request.dead))
             if len(rejoins) == 1:  # the first answer names a node that just died
                 return Assigned(Peer(dead.node_id, dead.address), (), 2, 180)
-        return answer(request, now, wall_ms)
+        return answer(request, now, wall_ms, network)
 
     tracker.handle = stale  # type: ignore[method-assign]
     world.kill([parent, dead, *backups])

@@ -74,10 +74,8 @@ def test_the_scenarios_plans() -> None:
     assert melt.initial == 1000 and len(melt.listeners) == 1250
     assert [shock.kind for shock in melt.shocks] == [ShockKind.MELT]
     churn = SCENARIOS["churn"].plan(1000, 1, 300)
-    assert all(
-        churn.departure(listener) is None or churn.departure(listener) <= 300 - QUIET
-        for listener in churn.listeners
-    )
+    departures = [churn.departure(listener) for listener in churn.listeners]
+    assert all(left is None or left <= 300 - QUIET for left in departures)
     arrivals = len(churn.listeners) - churn.initial
     assert 300 < arrivals < 700  # 1000 listeners staying 10 min on average: ~475 in 285 s
     top_kill = SCENARIOS["top-kill"].plan(1000, 1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Generic, ParamSpec, TypeVar
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -39,9 +40,24 @@ STREAM = key_id(STREAM_KEY)
 CLIENTS = 8
 STEPS = 12
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class Counting(Generic[P, R]):
+    """`call`, counting the calls."""
+
+    def __init__(self, call: Callable[P, R]) -> None:
+        self.call = call
+        self.calls = 0
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        self.calls += 1
+        return self.call(*args, **kwargs)
 
 
 @asynccontextmanager
@@ -82,8 +98,8 @@ async def churn(address: tuple[str, int], seed: int, nodes: list[bytes]) -> int:
     async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
         connections = TrackerConnections()
 
-        async def ask(request: object) -> TrackerResponse:
-            signed = sign_message(request, key)  # type: ignore[type-var]
+        async def ask(request: Join | Refresh | Rejoin | Leave) -> TrackerResponse:
+            signed = sign_message(request, key)
             return await ask_tracker(
                 endpoint, address, signed, rng=rng, give_up_after=30, connections=connections
             )
@@ -179,15 +195,8 @@ async def test_a_node_reuses_its_tracker_connection() -> None:
         ):
             register = sign_message(Register(STREAM, "127.0.0.1:9", 3, now_ms()), STREAM_KEY)
             assert isinstance(await ask_tracker(endpoint, address, register), Ack)
-            opened = 0
-            connect = endpoint.connect
-
-            def counting_connect(*args: object, **kwargs: object) -> object:
-                nonlocal opened
-                opened += 1
-                return connect(*args, **kwargs)  # type: ignore[arg-type]
-
-            endpoint.connect = counting_connect  # type: ignore[method-assign]
+            connect = Counting(endpoint.connect)
+            endpoint.connect = connect  # type: ignore[method-assign]
             connections = TrackerConnections()
             key = Ed25519PrivateKey.generate()
             node = key_id(key)
@@ -198,4 +207,4 @@ async def test_a_node_reuses_its_tracker_connection() -> None:
             ):
                 signed = sign_message(request, key)
                 await ask_tracker(endpoint, address, signed, connections=connections)
-            assert opened == 1
+            assert connect.calls == 1

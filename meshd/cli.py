@@ -365,9 +365,10 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         type=_rate,
         default=20.0,
         metavar="RATE",
-        help="JOINs per second from one source network (IPv4 /24, IPv6 /48) per worker, "
-        "after a burst of --join-burst; beyond, clients are told to retry later, so one "
-        "machine cannot flood the tree with fresh identities (default 20; 0: no limit)",
+        help="JOINs per second from one source network (IPv4 /24, IPv6 /48), all workers "
+        "together, after a burst of --join-burst; beyond, clients are told to retry later, "
+        "so one machine cannot flood the tree with fresh identities (default 20; 0: no "
+        "limit)",
     )
     command.add_argument(
         "--join-burst",
@@ -382,8 +383,8 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         type=_rate,
         default=50.0,
         metavar="RATE",
-        help="QUIC handshakes per second one source network may start (per worker), "
-        "after a burst of 200; beyond, its connection attempts are dropped before any "
+        help="QUIC handshakes per second one source network may start (all workers "
+        "together), after a burst of 200; beyond, its connection attempts are dropped before any "
         "crypto, so one machine cannot keep the tracker busy with handshakes "
         "(default 50; 0: no limit)",
     )

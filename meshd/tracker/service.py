@@ -81,13 +81,13 @@ class TrackerConfig:
     refused before the handshake (and requests that slip past answered RETRY_AFTER)."""
     retry_after_ms: int = 1_000
     joins_per_network_s: float = 20.0
-    """JOINs per second from one source network (IPv4 /24, IPv6 /48), per worker (0: no
-    limit)..."""
+    """JOINs per second from one source network (IPv4 /24, IPv6 /48), in all: the workers
+    share it (0: no limit)..."""
     join_burst_per_network: int = 100
     """...after a burst of this many; beyond, RETRY_AFTER (meshd.networks)."""
     handshakes_per_network_s: float = 50.0
-    """QUIC handshakes per second one source network may start, per worker (0: no
-    limit)..."""
+    """QUIC handshakes per second one source network may start, in all: the workers share
+    it (0: no limit)..."""
     handshake_burst_per_network: int = 200
     """...after a burst of this many; beyond, its Initials are dropped before any crypto
     (REFRESH, STATUS and retries need connections too, hence more than the JOINs)."""

@@ -10,10 +10,11 @@ with `Tracker.decide`. One process holds each tree, so decisions are made one at
 on one consistent view, exactly as with no workers; nothing is shared or locked.
 
 The link carries length-prefixed msgpack arrays. The coordinator sends INIT (the key,
-the config, the log levels) and the worker answers READY once it serves; then REQUEST
-(id, encoded request, the sender's source network) one way and RESPONSE (id, encoded
-response) back, and SHED (how many requests were shed) now and then. A worker whose link
-closes exits; a worker that dies is started again.
+the config with the per-network limits split among the workers, the log levels) and the
+worker answers READY once it serves; then REQUEST (id, encoded request, the sender's
+source network) one way and RESPONSE (id, encoded response) back, and SHED (how many
+requests were shed) now and then. A worker whose link closes exits; a worker that dies
+is started again.
 """
 
 from __future__ import annotations
@@ -109,16 +110,32 @@ async def serve_workers(
         raise OSError("tracker workers need SO_REUSEPORT (Linux); run without workers")
     first = await bind_udp(host, port, reuse_port=True)
     host, port = first.getsockname()[:2]
+    config = worker_share(tracker.config, count)
     async with trio.open_nursery() as nursery:
         for index in range(count):
             sock = first if index == 0 else await bind_udp(host, port, reuse_port=True)
-            await nursery.start(_keep_worker, tracker, key, host, port, index, sock)
+            await nursery.start(_keep_worker, tracker, config, key, host, port, index, sock)
         logger.info("%d tracker workers serve %s:%d", count, host, port)
         task_status.started((host, port))
 
 
+def worker_share(config: TrackerConfig, workers: int) -> TrackerConfig:
+    """What each of `workers` workers enforces per source network. The kernel spreads a
+    network's connections over all of them (by source port), so each takes an even share
+    of the JOIN and handshake rates and bursts (bursts rounded up): together they allow
+    what `config` says, not that many times over."""
+    return dataclasses.replace(
+        config,
+        joins_per_network_s=config.joins_per_network_s / workers,
+        join_burst_per_network=-(-config.join_burst_per_network // workers),
+        handshakes_per_network_s=config.handshakes_per_network_s / workers,
+        handshake_burst_per_network=-(-config.handshake_burst_per_network // workers),
+    )
+
+
 async def _keep_worker(
     tracker: Tracker,
+    config: TrackerConfig,
     key: Ed25519PrivateKey,
     host: str,
     port: int,
@@ -127,9 +144,10 @@ async def _keep_worker(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run worker `index`, and start it again (on a new socket) whenever it dies."""
+    """Run worker `index` with `config`, and start it again (on a new socket) whenever it
+    dies."""
     while True:
-        status = await _run_worker(tracker, key, sock, index, task_status)
+        status = await _run_worker(tracker, config, key, sock, index, task_status)
         task_status = trio.TASK_STATUS_IGNORED
         logger.error(
             "tracker worker %d exited (status %s); starting another in %g s",
@@ -143,6 +161,7 @@ async def _keep_worker(
 
 async def _run_worker(
     tracker: Tracker,
+    config: TrackerConfig,
     key: Ed25519PrivateKey,
     sock: socket.socket,
     index: int,
@@ -166,7 +185,7 @@ async def _run_worker(
     try:
         with trio.fail_after(STARTUP_TIMEOUT):
             levels = [logging.getLogger(name).getEffectiveLevel() for name in ("meshd", "quic")]
-            await link.send([INIT, _private_bytes(key), _config_fields(tracker.config), levels])
+            await link.send([INIT, _private_bytes(key), _config_fields(config), levels])
             if (await link.receive())[0] != READY:
                 raise RuntimeError(f"tracker worker {index} did not start")
         task_status.started()

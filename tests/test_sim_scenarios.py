@@ -193,10 +193,22 @@ def test_meshd_sim_prints_the_table_and_writes_json_and_a_plot(
     assert "top-kill (seed 3, flow level, 300 listeners)" in printed
     for row in ("origin egress", "depth at the end", "recovery after the shock", "tracker"):
         assert row in printed
+    assert "hint" not in printed, "the tracker kept up"
     f = json.loads(out.read_text())
     assert f["scenario"] == "top-kill" and f["listeners"] == 300 and f["survivors"] > 0
     png = tmp_path / "plots" / "top-kill-flow-300-seed3.png"
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_meshd_sim_says_when_its_tracker_was_overloaded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--listeners", "300", "--level", "flow", "--duration", "30", "--tracker-rate", "5"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["sim", "launch", *args])
+    assert exit_.value.code == 0
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("hint"))
+    assert "give it more capacity (--tracker-rate) or less to do (--refresh" in hint
 
 
 def test_meshd_sim_refuses_a_run_too_short_for_its_scenario(

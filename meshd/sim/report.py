@@ -72,6 +72,19 @@ def figures(results: Results) -> dict[str, Any]:
     }
 
 
+def _overload(f: dict[str, Any]) -> str:
+    """A hint when the tracker's busiest second brought it over twice what it serves:
+    refused requests come back as retries, and a launch can collapse under them."""
+    rate = f["tracker_rate"]
+    if rate is None or f["tracker_messages_peak"] <= 2 * rate:
+        return ""
+    return (
+        f"the tracker was asked {f['tracker_messages_peak'] / rate:.0f} times what it serves "
+        "in its busiest second; give it more capacity (--tracker-rate) or less to do "
+        "(--refresh: each listener refreshes every S seconds)"
+    )
+
+
 def table(results: Results) -> str:
     """The run as a two-column table."""
     f = figures(results)
@@ -144,6 +157,11 @@ def table(results: Results) -> str:
             "broken at the end",
             ", ".join(f"{kind} {n}" for kind, n in f["problems"].items()) or "nothing",
         ),
+    ]
+    overload = _overload(f)
+    if overload:
+        rows.append(("hint", overload))
+    rows += [
         (
             "the sim itself",
             f"{f['wall_s']:.1f} s wall, {f['rss_mb']} MB peak RSS, {f['events']:,} events",

@@ -154,6 +154,17 @@ def test_a_listener_warns_early_and_leaves_no_file_when_nothing_comes(tmp_path: 
         assert re.search(r" relay [a-z2-7]{8}: ", proc.log.read_text())  # names the node
 
 
+def test_a_tracker_warns_of_a_peer_ttl_that_one_missed_refresh_outlasts(tmp_path: Path) -> None:
+    """A longer --refresh lengthens the default --peer-ttl with it (3 x), so that live
+    nodes are not forgotten; a --peer-ttl given under twice --refresh gets a warning."""
+    warning = r"--peer-ttl 600 s is under twice --refresh \(600 s\)"
+    with cluster(tmp_path) as room:
+        short, _ = room.tracker("--refresh", "600", "--peer-ttl", "600")
+        default, _ = room.tracker("--refresh", "600")
+        assert short.find_output(warning) is not None
+        assert default.find_output("is under twice") is None
+
+
 def test_a_room_of_processes_delivers_every_packet(tmp_path: Path) -> None:
     """Tracker, origin and 10 listeners as real processes; every output is complete. The
     listeners start first (ten processes starting take a while on a busy machine)."""

@@ -66,12 +66,18 @@ TREE_CODES = {
 }
 
 
+def peer_ttl_for(refresh_s: int) -> float:
+    """The soft-state lifetime that goes with a refresh period: 600 s, or three periods if
+    that is longer, so that a node that misses a REFRESH or two is not forgotten alive."""
+    return max(600.0, 3.0 * refresh_s)
+
+
 @dataclass(frozen=True)
 class TrackerConfig:
     refresh_s: int = 180
     """How often nodes refresh their soft state (told to them in ASSIGNED/ACK)."""
     peer_ttl: float = 600.0
-    """A node not heard from for this long is removed as failed."""
+    """A node not heard from for this long is removed as failed (see `peer_ttl_for`)."""
     host_keys: Sequence[Ed25519PublicKey] = ()
     """Keys whose admission tokens are accepted; empty = open mode (no tokens needed)."""
     max_skew_ms: int = 300_000

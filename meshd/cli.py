@@ -35,7 +35,7 @@ from meshd.node.stats import ChunkTrace, NodeStats
 from meshd.quic import open_quic_endpoint
 from meshd.tracker.front import collect_garbage_less_often
 from meshd.tracker.server import serve_tracker
-from meshd.tracker.service import Tracker, TrackerConfig, peer_ttl_for
+from meshd.tracker.service import Tracker, TrackerConfig
 from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker
 from meshd.view import format_status, status_dict
 from protocol import (
@@ -438,17 +438,9 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def run_tracker(args: argparse.Namespace) -> int:
     key = load_key(args.key) if args.key else Ed25519PrivateKey.generate()
-    peer_ttl = peer_ttl_for(args.refresh) if args.peer_ttl is None else args.peer_ttl
-    if peer_ttl < 2 * args.refresh:
-        logger.warning(
-            "--peer-ttl %g s is under twice --refresh (%d s): a node that misses one "
-            "REFRESH will be forgotten while it still streams",
-            peer_ttl,
-            args.refresh,
-        )
     config = TrackerConfig(
         refresh_s=args.refresh,
-        peer_ttl=peer_ttl,
+        peer_ttl=args.peer_ttl or 0.0,
         host_keys=tuple(public_key_from_id(k) for k in args.host_id),
         max_pending=args.max_pending,
         joins_per_network_s=args.joins_per_network,
@@ -459,6 +451,13 @@ def run_tracker(args: argparse.Namespace) -> int:
         identities_per_network=args.identities_per_network,
         capacity_per_network=args.capacity_per_network,
     )
+    if config.peer_ttl < 2 * config.refresh_s:
+        logger.warning(
+            "--peer-ttl %g s is under twice --refresh (%d s): a node that misses one "
+            "REFRESH will be forgotten while it still streams",
+            config.peer_ttl,
+            config.refresh_s,
+        )
     tracker = Tracker(config)
     collect_garbage_less_often()
 

@@ -21,7 +21,7 @@ from meshd.node.config import NodeConfig
 from meshd.sim.clock import Scheduler
 from meshd.sim.hosts import NodeHost, OriginHost, SharedVerifier, TrackerHost
 from meshd.sim.network import Host, Network
-from meshd.tracker.service import Tracker, TrackerConfig, peer_ttl_for
+from meshd.tracker.service import Tracker, TrackerConfig
 from protocol import short_id
 
 
@@ -62,8 +62,9 @@ class World:
         self.rng = random.Random(spec.seed)
         self.scheduler = Scheduler()
         self.network = Network(self.scheduler, random.Random(self.rng.random()), loss=spec.loss)
-        config = TrackerConfig(refresh_s=spec.refresh_s, peer_ttl=peer_ttl_for(spec.refresh_s))
-        self.tracker = TrackerHost(self.network, Tracker(config), self._delay())
+        self.tracker = TrackerHost(
+            self.network, Tracker(TrackerConfig(refresh_s=spec.refresh_s)), self._delay()
+        )
         self.network.add(self.tracker)
         self.origin = OriginHost(
             self.network,

@@ -66,18 +66,14 @@ TREE_CODES = {
 }
 
 
-def peer_ttl_for(refresh_s: int) -> float:
-    """The soft-state lifetime that goes with a refresh period: 600 s, or three periods if
-    that is longer, so that a node that misses a REFRESH or two is not forgotten alive."""
-    return max(600.0, 3.0 * refresh_s)
-
-
 @dataclass(frozen=True)
 class TrackerConfig:
     refresh_s: int = 180
     """How often nodes refresh their soft state (told to them in ASSIGNED/ACK)."""
-    peer_ttl: float = 600.0
-    """A node not heard from for this long is removed as failed (see `peer_ttl_for`)."""
+    peer_ttl: float = 0.0
+    """A node not heard from for this long is removed as failed. 0: 600 s, or three
+    refresh periods if that is longer, so that a node that misses a REFRESH or two is
+    not forgotten while it streams."""
     host_keys: Sequence[Ed25519PublicKey] = ()
     """Keys whose admission tokens are accepted; empty = open mode (no tokens needed)."""
     max_skew_ms: int = 300_000
@@ -109,6 +105,10 @@ class TrackerConfig:
     capacity_per_network: int = 256
     """...and declared capacity (within `max_capacity`) it may hold there; a node over
     it counts as a leaf. Beyond the identities, RETRY_AFTER (meshd.tracker.limits)."""
+
+    def __post_init__(self) -> None:
+        if not self.peer_ttl:
+            object.__setattr__(self, "peer_ttl", max(600.0, 3.0 * self.refresh_s))
 
 
 class RateMeter:

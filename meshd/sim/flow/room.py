@@ -20,7 +20,7 @@ from meshd.sim.hosts import wall_ms
 from meshd.sim.metrics import EgressSample, Results, TrackerLoad
 from meshd.sim.population import WIRE_BYTES_PER_S, Listener
 from meshd.sim.scenarios import Plan, Shock, ShockKind
-from meshd.tracker.service import Tracker, TrackerConfig, peer_ttl_for
+from meshd.tracker.service import Tracker, TrackerConfig
 from protocol import Register
 from protocol.limits import MAX_PATH
 
@@ -61,11 +61,10 @@ class FlowRoom:
             is_origin=True,
         )
         self.nodes[self.stream_id] = self.origin
-        refresh_s = options.refresh_s
         self.tracker = QueuedTracker(
             self.scheduler,
             self.rng,
-            Tracker(TrackerConfig(refresh_s=refresh_s, peer_ttl=peer_ttl_for(refresh_s))),
+            Tracker(TrackerConfig(refresh_s=options.refresh_s)),
             rate=options.tracker_rate,
             delay=SERVER_DELAY,
             load=self.load,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import socket
 import struct
@@ -123,13 +124,14 @@ def worker_share(config: TrackerConfig, workers: int) -> TrackerConfig:
     """What each of `workers` workers enforces per source network. The kernel spreads a
     network's connections over all of them (by source port), so each takes an even share
     of the JOIN and handshake rates and bursts (bursts rounded up): together they allow
-    what `config` says, not that many times over."""
+    what `config` says, not that many times over. A network whose connections happen to
+    land unevenly gets less at once, and its nodes retry after RETRY_AFTER."""
     return dataclasses.replace(
         config,
         joins_per_network_s=config.joins_per_network_s / workers,
-        join_burst_per_network=-(-config.join_burst_per_network // workers),
+        join_burst_per_network=math.ceil(config.join_burst_per_network / workers),
         handshakes_per_network_s=config.handshakes_per_network_s / workers,
-        handshake_burst_per_network=-(-config.handshake_burst_per_network // workers),
+        handshake_burst_per_network=math.ceil(config.handshake_burst_per_network / workers),
     )
 
 

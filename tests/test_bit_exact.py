@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshd.ogg import read_ogg_opus
-from tests.procs import Proc, cluster
+from tests.procs import Proc, cluster, wait_until
 from tests.room import TONE
 
 METRICS = r"metrics on http://(\S+)/metrics"
@@ -68,6 +68,12 @@ def test_listeners_that_wait_for_the_stream_get_all_of_it_bit_exact(tmp_path: Pa
         first.wait_for_output("receiving from", timeout=20)
         second.wait_for_output("receiving from", timeout=20)
         tracker_metrics = scrape(tracker_proc)
+        # "receiving from" is logged at the parent's acceptance, before any chunk.
+        wait_until(
+            lambda: scrape(first)["meshd_node_bytes_received_total"] > 0,
+            "the first listener counts the bytes it receives",
+            timeout=5,
+        )
         node_metrics = scrape(first)
         origin_metrics = scrape(origin)
         for listener in (first, second):

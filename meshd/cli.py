@@ -384,8 +384,8 @@ def _add_tracker(sub: Subparsers, common: argparse.ArgumentParser) -> None:
         default=50.0,
         metavar="RATE",
         help="QUIC handshakes per second one source network may start (all workers "
-        "together), after a burst of 200; beyond, its connection attempts are dropped before any "
-        "crypto, so one machine cannot keep the tracker busy with handshakes "
+        "together), after a burst of 200; beyond, its connection attempts are dropped "
+        "before any crypto, so one machine cannot keep the tracker busy with handshakes "
         "(default 50; 0: no limit)",
     )
     command.add_argument(

@@ -157,16 +157,14 @@ def table(results: Results) -> str:
             "broken at the end",
             ", ".join(f"{kind} {n}" for kind, n in f["problems"].items()) or "nothing",
         ),
-    ]
-    overload = _overload(f)
-    if overload:
-        rows.append(("hint", overload))
-    rows += [
         (
             "the sim itself",
             f"{f['wall_s']:.1f} s wall, {f['rss_mb']} MB peak RSS, {f['events']:,} events",
         ),
     ]
+    overload = _overload(f)
+    if overload:
+        rows.insert(-1, ("hint", overload))  # just above the sim's own cost
     width = max(len(label) for label, _ in rows)
     title = f"{f['scenario']} (seed {f['seed']}, {f['level']} level, {f['listeners']:,} listeners)"
     lines = [title, "-" * len(title)]

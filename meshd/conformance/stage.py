@@ -187,9 +187,10 @@ class NodeLink:
         self.link.send_datagram(data)
 
     async def accept(self, nodes: Sequence[bytes] | None = None, *, forged: bool = False) -> None:
-        """STREAM_INFO, then PATH (this parent's own, unless `nodes` is given)."""
-        await self.send(framed(self.media.info(forged=forged)))
-        await self.send(path(self.parent.path if nodes is None else nodes))
+        """STREAM_INFO, then PATH (this parent's own, unless `nodes` is given), in one
+        write: a node that refuses the STREAM_INFO may close before a second one."""
+        info = framed(self.media.info(forged=forged))
+        await self.send(info + path(self.parent.path if nodes is None else nodes))
 
     async def chunks(self, seqs: Sequence[int], *, datagram: bool = False) -> None:
         for seq in seqs:

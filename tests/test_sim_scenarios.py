@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from meshd.cli import main
+from meshd.sim.flow import FlowOptions, FlowRoom
 from meshd.sim.population import Audience, draw
 from meshd.sim.report import figures
 from meshd.sim.run import RunSpec, run
@@ -150,6 +151,19 @@ def test_the_levels_agree_on_a_small_launch() -> None:
     for f in (chunk, flow):
         assert_sound(f)
     assert abs(chunk["depth_mean"] - flow["depth_mean"]) < 1.0
+
+
+def test_a_flow_node_that_moves_while_playing_counts_its_new_parent_as_delivering() -> None:
+    """A lit node that moves (make before break) plays on from its new parent, so that
+    parent has delivered: a stall then gets the stall rules' grace, not the first-chunk
+    timeout (as `NodeCore`, where the first chunk played from a parent proves it)."""
+    plan = SCENARIOS["churn"].plan(400, 1, 60)
+    room = FlowRoom(plan, FlowOptions())
+    room.run()
+    playing = [node for node in room.listeners if node.alive and node.lit]
+    moved = [node for node in playing if node.up_at > (node.first_audio_at or 0.0)]
+    assert len(moved) > 20
+    assert all(node.delivered for node in playing)
 
 
 def test_a_run_is_the_same_for_the_same_seed() -> None:

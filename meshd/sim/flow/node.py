@@ -437,7 +437,9 @@ class FlowNode:
         self.up_at = now
         self.link_epoch += 1
         self.up_silence = self.room.config.silence_timeout * self._storm_factor(now)
-        self.delivered = False
+        # A lit parent delivers at once; a moving node that plays on is already lit, so
+        # `Media.light` would pass it by.
+        self.delivered = parent.lit
         media = self.room.media
         if parent.lit:
             media.light(self, now)

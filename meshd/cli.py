@@ -40,11 +40,13 @@ from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker
 from meshd.view import format_status, status_dict
 from protocol import (
     ProtocolError,
+    RemoteProtocolError,
     StatusReport,
     StatusRequest,
     Token,
     TreeReport,
     TreeRequest,
+    check_token,
     decode_message,
     issue_token,
     key_from_text,
@@ -778,7 +780,15 @@ def run_listen(args: argparse.Namespace) -> int:
     if args.token and not args.key:
         raise UsageError("--token needs --key: a token admits the one node key it was issued for")
     key = load_key(args.key) if args.key else Ed25519PrivateKey.generate()
-    token = _check_token(args.token, args.stream, key_id(key)) if args.token else None
+    token = None
+    if args.token:
+        token = _check_token(args.token, args.stream, key_id(key), args.host_id)
+        if not args.host_id and args.max_children > 0:
+            logger.warning(
+                "this listener holds an admission token but was given no --host-id: it "
+                "relays to any child that reaches it, admitted or not; pass the host's id "
+                "(--host-id HOST_ID, as the tracker has it) so it checks its children's tokens"
+            )
     output = AudioSink(args.output)
     _check_node_files(args)
     config = NodeConfig(
@@ -815,8 +825,9 @@ def run_listen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_token(text: str, stream: bytes, node: bytes) -> bytes:
-    """The token's bytes, if it is one this node can use for this stream."""
+def _check_token(text: str, stream: bytes, node: bytes, hosts: list[bytes]) -> bytes:
+    """The token's bytes, if it is one this node can use for this stream (signed by one
+    of `hosts`, when it was given any)."""
     hint = "copy it whole, as `meshd token` printed it"
     try:
         data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -835,6 +846,15 @@ def _check_token(text: str, stream: bytes, node: bytes) -> bytes:
     if token.expires_ms <= time.time() * 1000:
         expired = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(token.expires_ms / 1000))
         raise UsageError(f"--token expired at {expired}; ask the host for a new one")
+    host_keys = [public_key_from_id(host) for host in hosts]
+    try:
+        check_token(data, host_keys, stream=stream, node=node, now_ms=int(time.time() * 1000))
+    except RemoteProtocolError:
+        ids = ", ".join(f"{short_id(host)}…" for host in hosts)
+        raise UsageError(
+            f"--token is not signed by the host of --host-id ({ids}): ask that host for a "
+            "token, or check --host-id"
+        ) from None
     return data
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,9 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd import __version__
-from meshd.keys import write_new_key
+from meshd.keys import load_key, write_new_key
+from protocol import issue_token, key_from_text, key_id, key_to_text
 from tests.procs import MESHD, cluster
 from tests.room import DATA, assert_gap_free_tail, packets_of
 
@@ -118,6 +121,39 @@ def test_errors_are_one_clear_line_and_a_nonzero_exit(
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and fill(message) in errors[0], result.stderr
     assert "Traceback" not in result.stderr and "MalformedFraming" not in result.stderr
+
+
+def _token_for(key_file: Path, host: Ed25519PrivateKey) -> str:
+    """A token `host` signed for the listener whose key is `key_file`, in STREAM."""
+    node = key_id(load_key(key_file))
+    data = issue_token(host, key_from_text(STREAM), node, int((time.time() + 600) * 1000))
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def test_a_listener_refuses_a_token_its_host_id_did_not_sign(origin_key: Path) -> None:
+    host, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    token = _token_for(origin_key, host)
+    args = [*LISTEN, "--output", "-", "--key", str(origin_key), "--token", token]
+    result = meshd(*args, "--host-id", key_to_text(key_id(other)))
+    assert result.returncode == 2, result.stderr
+    assert "--token is not signed by the host of --host-id" in result.stderr
+
+
+def test_a_relaying_listener_with_a_token_but_no_host_id_warns_it_feeds_anyone(
+    origin_key: Path,
+) -> None:
+    """It holds a token, so the stream is protected; without the host's id it cannot
+    check its own children's tokens, and would feed anyone who reaches it."""
+    host = Ed25519PrivateKey.generate()
+    args = [*LISTEN, "--output", os.devnull, "--key", str(origin_key), "--join-timeout", "1"]
+    args += ["--token", _token_for(origin_key, host)]
+    warned = "was given no --host-id: it relays to any child"
+    relaying = meshd(*args)
+    assert relaying.returncode == 1 and warned in relaying.stderr, relaying.stderr
+    checking = meshd(*args, "--host-id", key_to_text(key_id(host)))
+    assert checking.returncode == 1 and warned not in checking.stderr, checking.stderr
+    leaf = meshd(*args, "--max-children", "0")
+    assert leaf.returncode == 1 and warned not in leaf.stderr, leaf.stderr
 
 
 def test_an_origin_whose_tracker_does_not_answer_says_so_and_fails(

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.node.children import Children, CloseChild
 from meshd.node.config import NodeConfig
+from meshd.node.source import OriginCore
 from meshd.node.stats import NodeStats
 from protocol import (
     ChildLink,
@@ -199,3 +200,25 @@ def test_a_parent_that_knows_no_host_ignores_the_token() -> None:
     parent = Parent()
     parent.subscribe(7, now=0.0, token=b"anything")
     assert parent.children.streaming_nodes() == {bytes([7]) * 32}
+
+
+def test_the_origin_hands_its_driver_each_child_it_let_go_for_silence_once() -> None:
+    """The origin tells the tracker too (CHILD_GONE): a dead leaf under the origin has
+    nobody else to report it, and would hold one of its few slots for the peer TTL."""
+    origin = OriginCore(Ed25519PrivateKey.generate(), 2, NodeConfig())
+    origin.set_head(b"OpusHead-test", 0.0)
+    heard = {1: 0.0, 2: 0.0}
+    origin.children.last_heard = heard.get
+    for child in (1, 2):
+        node = bytes([child]) * 32
+        link = ChildLink(origin.stream_id, node, None, parent=origin.stream_id, now=0.0)
+        origin.children.open(child, 1200, 0.0, f"192.0.2.{child}/32", node)
+        origin.children.receive_data(child, link.data_to_send(), 0.0)
+    assert origin.take_gone() == []
+    heard[2] = 0.9  # child 2 is heard from; child 1 falls silent
+    origin.handle_timer(1.0)
+    assert origin.take_gone() == [b"\x01" * 32]
+    assert origin.take_gone() == []
+    origin.children.receive_data(2, frame(Goodbye(ErrorCode.NO_ERROR, "bye")), 1.1)
+    origin.handle_timer(1.2)
+    assert origin.take_gone() == []  # it said goodbye: the tracker hears of that from it

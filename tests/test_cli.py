@@ -24,6 +24,7 @@ from tests.procs import MESHD, cluster
 from tests.room import DATA, assert_gap_free_tail, packets_of
 
 TONE = DATA / "tone12.opus"  # long enough for ten processes to start and join
+SAMPLE = Path(__file__).parents[1] / "meshd" / "data" / "sample.opus"  # 24 s
 
 COMMANDS = ["keygen", "tracker", "origin", "listen", "status", "token", "demo"]
 
@@ -264,6 +265,29 @@ def test_status_shows_the_tree(tmp_path: Path) -> None:
     ]
     assert nodes[1]["parent"] == stream and nodes[2]["parent"] == nodes[1]["node"]
     assert cut.stdout.splitlines()[-1] == "… 2 more nodes not shown"
+
+
+def test_the_slot_of_a_dead_child_of_the_origin_is_free_again_within_seconds(
+    tmp_path: Path,
+) -> None:
+    """A leaf under the origin dies: nobody below it can report it, so the origin tells
+    the tracker (CHILD_GONE) once it lets the child go, and the next leaf gets the slot.
+    Without that the tracker holds it for the peer TTL (600 s), and keeps the origin's
+    other slot, its last free one, for a relay."""
+    with cluster(tmp_path) as room:
+        _, tracker = room.tracker()
+        key, stream = room.keygen("origin")
+        room.start(
+            "origin", "origin", "--tracker", tracker, "--key", str(key),
+            "--input", str(SAMPLE), "--capacity", "2",
+        ).wait_for_output("registered")  # fmt: skip
+        dead = room.listener("dead", tracker, stream, "--max-children", "0")
+        dead.wait_for_output("receiving from")
+        dead.signal(signal.SIGKILL)
+        newcomer = room.listener("newcomer", tracker, stream, "--max-children", "0")
+        newcomer.wait_for_output("receiving from", timeout=15)
+        result = meshd("status", "--tracker", tracker, "--stream", stream)
+    assert "audience  1 listener (at depth 1: 1)" in result.stdout, result.stdout
 
 
 def test_demo_runs_a_room_and_sums_it_up(tmp_path: Path) -> None:

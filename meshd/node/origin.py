@@ -7,6 +7,7 @@ else gets the stream from other listeners.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import sys
@@ -30,7 +31,16 @@ from meshd.node.timer import CoreTimer
 from meshd.ogg import AudioError, OggOpusParser, OpusPacket
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker, now_ms
-from protocol import Ack, Leave, Register, key_to_text, short_id, sign_message
+from protocol import (
+    Ack,
+    ChildGone,
+    ErrorCode,
+    Leave,
+    Register,
+    key_to_text,
+    short_id,
+    sign_message,
+)
 from protocol.backoff import Backoff
 from protocol.media import OPUS_RATE
 
@@ -80,6 +90,7 @@ class Origin:
         self._endpoint: QuicEndpoint | None = None
         self._input_scope = trio.CancelScope()
         self._timer = CoreTimer(self.core.get_timer)
+        self._gone_out, self._gone_in = trio.open_memory_channel[bytes](math.inf)
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -118,6 +129,7 @@ class Origin:
                 await nursery.start(endpoint.serve, self.fanout.handle_connection)
                 nursery.start_soon(self._run_timer)
                 nursery.start_soon(self.reporter.run)
+                nursery.start_soon(self._tell_children_gone)
                 task_status.started()
                 try:
                     with self._input_scope:
@@ -167,6 +179,37 @@ class Origin:
         """Send what the children core queued and move the timer's deadline."""
         self.fanout.flush()
         self._timer.rearm()
+        for child in self.core.take_gone():
+            self._gone_out.send_nowait(child)
+
+    async def _tell_children_gone(self) -> None:
+        """CHILD_GONE for each child let go for silence, once the stream is registered
+        (docs/spec.md §5.2): advice, so a refusal or no answer is only logged, and a
+        tracker too old to know the message is not told again."""
+        await self.registered.wait()
+        assert self._endpoint is not None
+        tell = True
+        async for child in self._gone_in:
+            if not tell:
+                continue
+            gone = ChildGone(self.stream_id, self.stream_id, child, now_ms())
+            try:
+                await ask_tracker(
+                    self._endpoint,
+                    self.settings.tracker,
+                    sign_message(gone, self.key),
+                    rng=self.rng,
+                    give_up_after=10.0,
+                    tracker_key=self.settings.tracker_key,
+                )
+            except TrackerRefused as exc:
+                if exc.code == ErrorCode.UNKNOWN_MESSAGE:
+                    logger.info("the tracker does not know CHILD_GONE; not sending it any more")
+                    tell = False
+                    continue
+                logger.info("CHILD_GONE for %s not taken: %s", short_id(child), exc)
+            except trio.TooSlowError as exc:
+                logger.info("CHILD_GONE for %s not answered: %s", short_id(child), exc)
 
     async def _run_timer(self) -> None:
         while True:

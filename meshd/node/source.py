@@ -33,8 +33,18 @@ class OriginCore:
         self.stats = NodeStats("origin", text_id, text_id, depth=0)
         self.ring = ChunkRing(int(config.buffer_seconds * OPUS_RATE))
         self.children = Children(self.stream_id, self.ring, capacity, config, self.stats)
+        self._gone: list[bytes] = []
+        self.children.on_gone = self._gone.append
         self.ended = False
         self._last_push: float | None = None
+
+    def take_gone(self) -> list[bytes]:
+        """Children let go for silence since the last call, for the driver to tell the
+        tracker (CHILD_GONE): a dead child of the origin with no child of its own has
+        nobody to report it, and its slot would look taken for the tracker's peer_ttl."""
+        gone = list(self._gone)
+        self._gone.clear()
+        return gone
 
     def set_head(self, head: bytes, now: float) -> None:
         """The codec header (OpusHead): children can be accepted from now on."""

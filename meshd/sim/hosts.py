@@ -30,6 +30,7 @@ from meshd.sim.metrics import TrackerLoad
 from meshd.sim.network import MAX_DATAGRAM, ConnEnd, Host, Network
 from meshd.tracker.service import Tracker
 from protocol import (
+    ChildGone,
     Chunk,
     Register,
     StreamInfo,
@@ -455,3 +456,6 @@ class OriginHost(Host):
     def _pump(self) -> None:
         self._children.flush()
         self._timer.arm(self.core.get_timer())
+        for child in self.core.take_gone():
+            gone = ChildGone(self.stream_id, self.stream_id, child, wall_ms(self.scheduler.now))
+            self.tracker.ask(self, sign_message(gone, self.key), lambda answer: None)

@@ -21,7 +21,7 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
 - A graceful leave sends LEAVE, REDIRECTs its children where MOVED says (or to its own
   parent), keeps feeding them until they moved (at most 5 s), then goes.
 - A parent lets a dead child go after the child timeout and tells the tracker
-  (CHILD_GONE); the origin does not.
+  (CHILD_GONE), the origin too.
 - A parent admits at most `capacity` children, refuses its own ancestors and, while it
   has no path yet, or while a dead child still holds a slot, holds a SUBSCRIBE as
   `Children` does. Leaves (capacity 0) never get children.
@@ -320,10 +320,10 @@ class FlowNode:
 
     def child_silent(self, child: FlowNode) -> None:
         """A dead child is let go after the child timeout, and the tracker is told
-        (CHILD_GONE), as `NodeCore` does; the origin's core does not tell it."""
+        (CHILD_GONE), as `NodeCore` and the origin do."""
         ours = child in self.children
         self.drop_child(child)
-        if ours and self.alive and self.phase is Phase.RUNNING and not self.is_origin:
+        if ours and self.alive and self.phase is Phase.RUNNING:
             gone = ChildGone(self.room.stream_id, self.id, child.id, wall_ms(self.room.now))
             self._ask(gone, Purpose.CHILD_GONE)
 

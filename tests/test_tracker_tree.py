@@ -1372,3 +1372,35 @@ def test_a_rejoin_from_an_unknown_peer_is_placed_tentatively() -> None:
     tree.report_failure(pid(5), got.parent.peer_id, 1.5)
     assert not tree.is_unproven(got.parent.peer_id)
     check_invariants(tree)
+
+
+def test_a_guess_in_an_origin_slot_that_nobody_confirms_moves_out_of_it() -> None:
+    """Relay 1 expires; its child 2 is re-homed under the origin, a guess. 2 answers the
+    probe but never asks: it streams from elsewhere. After 10 s the guess leaves the
+    origin's slot for another one, so the origin's slot is offered again."""
+    tree = make_tree(origin_capacity=2, peer_ttl=30.0)
+    build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})
+    tree.refresh(pid(2), 20.0, parent=pid(1))
+    tree.refresh(pid(3), 20.0, parent=ORIGIN)
+    assert tree.expire(31.0) == [pid(1)]
+    assert tree.parent_of(pid(2)) == ORIGIN and tree.is_orphaned(pid(2))
+    tree.probe_result(pid(2), True, 32.0)
+    tree.expire(40.0)
+    assert tree.parent_of(pid(2)) == ORIGIN  # it may still be on its way
+    tree.expire(41.0)
+    assert tree.parent_of(pid(2)) == pid(3) and tree.is_orphaned(pid(2))
+    assert tree.join(pid(4), 2, addr(4), 41.0).parent.peer_id == ORIGIN
+    check_invariants(tree)
+
+
+def test_a_confirmed_orphan_keeps_its_origin_slot() -> None:
+    tree = make_tree(origin_capacity=2, peer_ttl=30.0)
+    build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})
+    tree.refresh(pid(2), 20.0, parent=pid(1))
+    tree.refresh(pid(3), 20.0, parent=ORIGIN)
+    tree.expire(31.0)
+    tree.probe_result(pid(2), True, 32.0)
+    assert tree.refresh(pid(2), 33.0, parent=ORIGIN) is None  # it followed, and says so
+    tree.expire(50.0)
+    assert tree.parent_of(pid(2)) == ORIGIN and not tree.is_orphaned(pid(2))
+    check_invariants(tree)

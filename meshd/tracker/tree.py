@@ -94,6 +94,7 @@ _UNSURE = b""
 # about its stall timeout and a connect timeout (2 s each) of theirs, when the tracker
 # keeps up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
 _EXCUSED_FOR = 5.0
+_GUESS_FOR = 10.0
 _NEVER = -math.inf  # one shared float for "not yet": each node would hold its own copy
 
 
@@ -624,6 +625,7 @@ class StreamTree:
                 self._pardon(node, now)  # starved by a failure above it, which came to light
             elif now - since >= _EXCUSED_FOR:
                 removed += self._evict(node)
+        self._unguess_origin_slots(now)
         horizon = now - self._ttl
         queue = self._expiry
         while queue and queue[0][0] < horizon:
@@ -631,6 +633,20 @@ class StreamTree:
             if node.last_seen == seen and self._peers.get(node.ref.peer_id) is node:
                 removed += self._evict(node)
         return removed
+
+    def _unguess_origin_slots(self, now: float) -> None:
+        """A guess in one of the origin's few slots that its node has not confirmed
+        within `_GUESS_FOR` moves to the best other slot: an orphan that lost the stream
+        asks within seconds, so one that stays silent streams from elsewhere (it moved
+        before its old parent was removed) and never comes, until its next REFRESH."""
+        for child in list(self._origin.children):
+            if not child.orphaned or now - child.placed < _GUESS_FOR:
+                continue
+            if child in self._reports:
+                continue  # probed: removed if dead, else it stays a guess a while longer
+            target = self._pick_parent(child, child.capacity, avoid=self._origin)
+            if target is not None:
+                self._move(child, target)
 
     # ----------------------------------------------------------------- internals
 

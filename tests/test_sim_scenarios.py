@@ -141,6 +141,7 @@ def test_top_kill_flow_level_every_survivor_is_back_and_lost_nothing(seed: int) 
     f = sim("top-kill", "flow", 1000, 60, seed)
     assert f["survivors"] > 990
     assert f["survivors_losing"] == 0 and f["unrecovered"] == 0
+    assert f["recovery_p99"] <= 2.0  # issue 9's target, in virtual time
     assert f["problems"] == {}
 
 

@@ -505,7 +505,9 @@ class FlowNode:
             if peer.node != self.id and peer.address and peer.node not in tried:
                 round_.pending.append(peer)
                 tried.add(peer.node)
-        if round_.pending and (round_.stagger == 0 or not round_.trying):
+        # As `NodeCore`, whose timer launches pending candidates once `next_at` passed: a
+        # candidate added after the last stagger ran out is tried at once.
+        if round_.pending and (round_.stagger == 0 or not round_.trying or now >= round_.next_at):
             self._launch_next(round_, now)
 
     def _launch_next(self, round_: Round, now: float) -> None:

@@ -53,6 +53,7 @@ from protocol import (
     key_id,
     key_to_text,
     short_id,
+    token_to_text,
 )
 from protocol.identity import public_key_from_id
 from protocol.limits import MAX_TREE_NODES
@@ -976,7 +977,7 @@ def run_token(args: argparse.Namespace) -> int:
     host_key = load_key(args.host_key)
     expires_ms = int((time.time() + args.ttl) * 1000)
     token = issue_token(host_key, args.stream, args.node, expires_ms)
-    print(base64.urlsafe_b64encode(token).decode().rstrip("="))
+    print(token_to_text(token))
     return 0
 
 

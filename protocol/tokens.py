@@ -6,6 +6,7 @@ configured with no host keys runs in open mode and ignores tokens.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -19,6 +20,11 @@ from protocol.signing import sign_message, verify_message
 def issue_token(host_key: Ed25519PrivateKey, stream: bytes, node: bytes, expires_ms: int) -> bytes:
     """What the host hands a listener it admits (e.g. in its web page or API response)."""
     return encode_message(sign_message(Token(stream, node, expires_ms), host_key))
+
+
+def token_to_text(data: bytes) -> str:
+    """A token as it travels out of band (docs/spec.md §5.4): URL-safe base64, no padding."""
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
 def check_token(

@@ -8,7 +8,6 @@ caller's trio run (tests/attackers.py). Everything here is driven from trio: wai
 
 from __future__ import annotations
 
-import base64
 import math
 import subprocess
 import time
@@ -22,7 +21,7 @@ from meshd.addresses import parse_address
 from meshd.keys import write_new_key
 from meshd.ogg import read_ogg_opus
 from meshd.quic import open_quic_endpoint
-from protocol import StatusRequest, issue_token, key_from_text, key_id, key_to_text
+from protocol import StatusRequest, issue_token, key_from_text, key_id, key_to_text, token_to_text
 from tests.attackers import ask
 from tests.procs import MESHD, Cluster, Proc
 from tests.room import packets_of
@@ -161,8 +160,7 @@ class AttackRoom:
             return []
         path = self.cluster.workdir / f"{name}.key"
         token = issue_token(self.host_key, self.stream_id, key_id(write_new_key(path)), 2**42)
-        text = base64.urlsafe_b64encode(token).decode().rstrip("=")
-        return ["--key", str(path), "--token", text, *self._host_args()]
+        return ["--key", str(path), "--token", token_to_text(token), *self._host_args()]
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ask the tracker for STATUS and sample memory every second, until cancelled."""

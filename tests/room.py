@@ -20,6 +20,7 @@ from meshd.tracker.service import Tracker, TrackerConfig
 
 DATA = Path(__file__).parent / "data"
 TONE = DATA / "tone.opus"
+SAMPLE = Path(__file__).parents[1] / "meshd" / "data" / "sample.opus"  # 24 s
 FAST = NodeConfig(heartbeat_interval=0.1, silence_timeout=0.5, stats_interval=1.0)
 
 

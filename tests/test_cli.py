@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -19,12 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd import __version__
 from meshd.keys import load_key, write_new_key
-from protocol import issue_token, key_from_text, key_id, key_to_text
+from protocol import issue_token, key_from_text, key_id, key_to_text, token_to_text
 from tests.procs import MESHD, cluster
-from tests.room import DATA, assert_gap_free_tail, packets_of
+from tests.room import DATA, SAMPLE, assert_gap_free_tail, packets_of
 
 TONE = DATA / "tone12.opus"  # long enough for ten processes to start and join
-SAMPLE = Path(__file__).parents[1] / "meshd" / "data" / "sample.opus"  # 24 s
 
 COMMANDS = ["keygen", "tracker", "origin", "listen", "status", "token", "demo"]
 
@@ -128,7 +126,7 @@ def _token_for(key_file: Path, host: Ed25519PrivateKey) -> str:
     """A token `host` signed for the listener whose key is `key_file`, in STREAM."""
     node = key_id(load_key(key_file))
     data = issue_token(host, key_from_text(STREAM), node, int((time.time() + 600) * 1000))
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+    return token_to_text(data)
 
 
 def test_a_listener_refuses_a_token_its_host_id_did_not_sign(origin_key: Path) -> None:

@@ -3,7 +3,6 @@ cases that should catch them (so the suite cannot pass vacuously)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -26,7 +25,7 @@ from meshd.node.origin import Origin, OriginSettings
 from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
 from meshd.tracker.tree import StreamTree
-from protocol import ErrorCode, Goodbye, issue_token, key_from_text
+from protocol import ErrorCode, Goodbye, issue_token, key_from_text, token_to_text
 from protocol.media import ChunkRing, VerifiedChunk
 from protocol.messages import TrackerRequest
 from tests.procs import MESHD, Cluster, cluster
@@ -76,7 +75,7 @@ def _start_room(procs: Cluster, workdir: Path) -> ReferenceRoom:
     token = issue_token(host_key, stream, relay_id, 2**42)
     relay = procs.listener(
         "relay", tracker, stream_text, "--key", str(relay_path),
-        "--token", base64.urlsafe_b64encode(token).decode().rstrip("="),
+        "--token", token_to_text(token),
     )  # fmt: skip
     relay_address = relay.wait_for_output(r"serving children on (\S+)").group(1)
     relay.wait_for_output(r"receiving from")

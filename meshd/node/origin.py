@@ -7,7 +7,6 @@ else gets the stream from other listeners.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import sys
@@ -90,7 +89,9 @@ class Origin:
         self._endpoint: QuicEndpoint | None = None
         self._input_scope = trio.CancelScope()
         self._timer = CoreTimer(self.core.get_timer)
-        self._gone_out, self._gone_in = trio.open_memory_channel[bytes](math.inf)
+        self._nursery: trio.Nursery | None = None
+        self._tell_child_gone = True
+        """False once the tracker answered CHILD_GONE with UNKNOWN_MESSAGE (it is older)."""
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -126,10 +127,10 @@ class Origin:
             self._endpoint = endpoint
             self.address = self.settings.advertise or format_address(endpoint.address)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 await nursery.start(endpoint.serve, self.fanout.handle_connection)
                 nursery.start_soon(self._run_timer)
                 nursery.start_soon(self.reporter.run)
-                nursery.start_soon(self._tell_children_gone)
                 task_status.started()
                 try:
                     with self._input_scope:
@@ -180,36 +181,33 @@ class Origin:
         self.fanout.flush()
         self._timer.rearm()
         for child in self.core.take_gone():
-            self._gone_out.send_nowait(child)
+            if self._tell_child_gone:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._child_gone, child)
 
-    async def _tell_children_gone(self) -> None:
-        """CHILD_GONE for each child let go for silence, once the stream is registered
-        (docs/spec.md §5.2): advice, so a refusal or no answer is only logged, and a
-        tracker too old to know the message is not told again."""
-        await self.registered.wait()
+    async def _child_gone(self, child: bytes) -> None:
+        """CHILD_GONE for a child let go for silence (docs/spec.md §5.2; children are
+        accepted only once the stream is registered): advice, so a refusal or no answer
+        is only logged, and a tracker too old to know the message is not told again."""
         assert self._endpoint is not None
-        tell = True
-        async for child in self._gone_in:
-            if not tell:
-                continue
-            gone = ChildGone(self.stream_id, self.stream_id, child, now_ms())
-            try:
-                await ask_tracker(
-                    self._endpoint,
-                    self.settings.tracker,
-                    sign_message(gone, self.key),
-                    rng=self.rng,
-                    give_up_after=10.0,
-                    tracker_key=self.settings.tracker_key,
-                )
-            except TrackerRefused as exc:
-                if exc.code == ErrorCode.UNKNOWN_MESSAGE:
-                    logger.info("the tracker does not know CHILD_GONE; not sending it any more")
-                    tell = False
-                    continue
+        gone = ChildGone(self.stream_id, self.stream_id, child, now_ms())
+        try:
+            await ask_tracker(
+                self._endpoint,
+                self.settings.tracker,
+                sign_message(gone, self.key),
+                rng=self.rng,
+                give_up_after=10.0,
+                tracker_key=self.settings.tracker_key,
+            )
+        except TrackerRefused as exc:
+            if exc.code == ErrorCode.UNKNOWN_MESSAGE:
+                logger.info("the tracker does not know CHILD_GONE; not sending it any more")
+                self._tell_child_gone = False
+            else:
                 logger.info("CHILD_GONE for %s not taken: %s", short_id(child), exc)
-            except trio.TooSlowError as exc:
-                logger.info("CHILD_GONE for %s not answered: %s", short_id(child), exc)
+        except trio.TooSlowError as exc:
+            logger.info("CHILD_GONE for %s not answered: %s", short_id(child), exc)
 
     async def _run_timer(self) -> None:
         while True:

@@ -853,7 +853,7 @@ def _check_token(text: str, stream: bytes, node: bytes, hosts: list[bytes]) -> b
     except RemoteProtocolError:
         ids = ", ".join(f"{short_id(host)}…" for host in hosts)
         raise UsageError(
-            f"--token is not signed by the host of --host-id ({ids}): ask that host for a "
+            f"--token is not signed by any host given with --host-id ({ids}): ask that host for a "
             "token, or check --host-id"
         ) from None
     return data

@@ -220,5 +220,5 @@ def test_the_origin_hands_its_driver_each_child_it_let_go_for_silence_once() -> 
     assert origin.take_gone() == [b"\x01" * 32]
     assert origin.take_gone() == []
     origin.children.receive_data(2, frame(Goodbye(ErrorCode.NO_ERROR, "bye")), 1.1)
-    origin.handle_timer(1.2)
+    origin.handle_timer(2.5)
     assert origin.take_gone() == []  # it said goodbye: the tracker hears of that from it

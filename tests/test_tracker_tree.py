@@ -1393,6 +1393,24 @@ def test_a_guess_in_an_origin_slot_that_nobody_confirms_moves_out_of_it() -> Non
     check_invariants(tree)
 
 
+def test_a_guess_told_the_origin_again_by_its_rejoin_keeps_the_slot_a_while() -> None:
+    """2 asks just before its 10 s run out, and is told the origin again: it is on its
+    way there, so the wait starts anew."""
+    tree = make_tree(origin_capacity=2, peer_ttl=30.0)
+    build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})
+    tree.refresh(pid(2), 20.0, parent=pid(1))
+    tree.refresh(pid(3), 20.0, parent=ORIGIN)
+    tree.expire(31.0)
+    tree.probe_result(pid(2), True, 32.0)
+    assert tree.report_failure(pid(2), pid(1), 40.9).parent.peer_id == ORIGIN
+    tree.expire(41.0)
+    assert tree.parent_of(pid(2)) == ORIGIN
+    tree.refresh(pid(3), 45.0, parent=ORIGIN)
+    tree.expire(51.0)
+    assert tree.parent_of(pid(2)) == pid(3) and tree.is_orphaned(pid(2))
+    check_invariants(tree)
+
+
 def test_a_confirmed_orphan_keeps_its_origin_slot() -> None:
     tree = make_tree(origin_capacity=2, peer_ttl=30.0)
     build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})

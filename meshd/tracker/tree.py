@@ -638,9 +638,10 @@ class StreamTree:
         """A guess in one of the origin's few slots that its node has not confirmed
         within `_GUESS_FOR` moves to the best other slot: an orphan that lost the stream
         asks within seconds, so one that stays silent streams from elsewhere (it moved
-        before its old parent was removed) and never comes, until its next REFRESH."""
+        before its old parent was removed) and never comes, until its next REFRESH.
+        A REJOIN answered with the origin again starts the wait anew: it is on its way."""
         for child in list(self._origin.children):
-            if not child.orphaned or now - child.placed < _GUESS_FOR:
+            if not child.orphaned or now - max(child.placed, child.rejoined) < _GUESS_FOR:
                 continue
             if child in self._reports:
                 continue  # probed: removed if dead, else it stays a guess a while longer

@@ -473,6 +473,57 @@ def test_a_parent_that_accepts_and_sends_nothing_is_left_at_the_first_chunk_time
     assert solo.played == [(solo.played[0][0], 9)]  # the backup's live edge
 
 
+class BackupsOnly(Solo):
+    """The tracker answers the JOIN, then nothing: the child has only its backups."""
+
+    def answer(self, request: TrackerRequest) -> TrackerResponse | None:
+        return self.assign if isinstance(request, Join) else None
+
+
+def test_a_newcomer_under_silent_relays_tries_each_once_at_the_first_chunk_timeout() -> None:
+    """Hostile relays accept at once and send nothing. A newcomer leaves each after the
+    first-chunk timeout, not doubled by the failovers before (it has played nothing, so a
+    failover costs no parent a backlog), and does not go back to one that stalled it
+    while there is another backup: it used to bounce between the first two for ever."""
+    signer, chunks = signer_with_chunks(10)
+    silent = [FakeParent(signer, f"silent{i}") for i in range(3)]
+    good = FakeParent(signer, "good")
+    for item in chunks:
+        good.has(item, 0.0)
+    solo = BackupsOnly(signer, [*silent, good])
+    timeout = NodeConfig().first_chunk_timeout
+    solo.run_until(3 * timeout + 0.1)
+    stalled = [parent for parent, code in solo.closed if code == ErrorCode.PARENT_STALLED]
+    assert stalled == silent
+    assert solo.parent() is good
+    assert solo.played and solo.played[0][0] <= 3 * timeout + 0.1
+
+
+def test_a_node_that_played_waits_longer_on_each_new_parent_after_failovers() -> None:
+    """Once it plays, a failover lengthens the next first-chunk timeout (a starved machine
+    makes parents look silent): the storm rule, kept for nodes with audio to protect."""
+    signer, chunks = signer_with_chunks(5)
+    first, silent, good = (FakeParent(signer, name) for name in ("first", "silent", "good"))
+    for item in chunks:
+        first.has(item, 0.0)
+        good.has(item, 0.0)
+    solo = BackupsOnly(signer, [first, silent])
+    assert solo.parent() is first and solo.played
+    solo.parents[good.peer.address] = good
+    good.children.last_heard = lambda child: solo.now
+    solo.core.backups = (silent.peer, good.peer)
+    (link,) = solo.links
+    solo.core.link_failed(link, "connection lost", solo.now)
+    solo.pump()
+    assert solo.parent() is silent
+    attached = solo.now
+    timeout = NodeConfig().first_chunk_timeout
+    solo.run_until(attached + 2 * timeout - 0.05)
+    assert solo.parent() is silent, "left at the unlengthened first-chunk timeout"
+    solo.run_until(attached + 2 * timeout + 0.05)
+    assert solo.parent() is good
+
+
 def test_an_unproven_parent_that_says_it_is_stalled_is_kept_but_gets_no_grace() -> None:
     """A parent that never delivered but says its own playback is stalled (it joined, or
     failed over, just before us) is not left at the first-chunk timeout; a hostile one

@@ -78,6 +78,7 @@ logger = logging.getLogger("meshd.node")
 
 ATTACH_STAGGER = 0.25  # seconds before also trying the next candidate parent
 STORM_WINDOW = 30.0  # seconds during which failovers lengthen the silence timeout
+SHUN_FOR = 30.0  # seconds a failover passes over a backup that stalled us or broke the rules
 UNKNOWN_RETRIES = 3  # REFRESHes refused with UNKNOWN_PEER before joining again
 LEAVE_TIMEOUT = 3.0  # how long a leaving node waits for the tracker's MOVED
 STALL_SLACK = 0.5  # a parent stalled this much less than us still counts as stalled too
@@ -268,6 +269,9 @@ class NodeCore:
         """When the playback point last advanced (or the node started)."""
         self._stalled_notice = False
         self._failovers: list[float] = []
+        self._shunned: dict[bytes, float] = {}
+        """Parents that stalled us or broke the protocol -> when; a failover passes over
+        them for `SHUN_FOR` (they accept at once and would win every round again)."""
         self._place_retry = Backoff(rng, base=0.5, cap=10.0)
         self._round_retry = Backoff(rng, base=0.2, cap=5.0)
         self._follow_retry = Backoff(rng, base=0.5, cap=10.0)
@@ -903,12 +907,19 @@ class NodeCore:
         self.stats.failovers += 1
         self.stats.bad_peers += bad
         self._failovers.append(now)
+        if bad or code == ErrorCode.PARENT_STALLED:
+            self._shunned[up.peer.node] = now
         moving = self._moving_to()
         self._cancel_round()
         if self.assigned is not None and self.assigned.node not in moving:
             self.assigned = None
         self._reconcile_at = None
-        candidates = [peer for peer in self.backups if peer.node != up.peer.node]
+        self._shunned = {node: t for node, t in self._shunned.items() if now - t < SHUN_FOR}
+        candidates = [
+            peer
+            for peer in self.backups
+            if peer.node != up.peer.node and peer.node not in self._shunned
+        ]
         if refused == ErrorCode.CHILD_TIMEOUT:
             # It let us go because it heard nothing from us (we were stopped or starved):
             # it is alive, and the first place to try again.
@@ -953,7 +964,11 @@ class NodeCore:
         since = max(self._progress_at, up.attached_at)
         stall = since + self.config.stall_timeout * factor
         if not up.delivered:
-            return since + self.config.first_chunk_timeout * factor, stall
+            # Before our first audio a failover costs nobody a backlog (we subscribe at
+            # the live edge), and hostile parents that accept and send nothing must cost
+            # a newcomer 1 s each, not 1, 2, 4 and 8 s.
+            first = factor if self.stats.first_seq is not None else 1
+            return since + self.config.first_chunk_timeout * first, stall
         return stall, stall + self.config.stall_grace * factor
 
     def _stall_check_at(self) -> float | None:

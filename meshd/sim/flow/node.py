@@ -44,6 +44,7 @@ from meshd.node.core import (
     FAILOVER_ASK_AFTER,
     LEAVE_TIMEOUT,
     REJOIN_AGAIN_AFTER,
+    SHUN_FOR,
     STALL_SLACK,
     STORM_WINDOW,
     UNKNOWN_RETRIES,
@@ -134,6 +135,7 @@ class FlowNode:
         "reserved",
         "room",
         "round",
+        "shunned",
         "stall",
         "started_at",
         "timers",
@@ -205,6 +207,8 @@ class FlowNode:
         self.report_dead: Peer | None = None
         self.follow_failed = False
         self.failovers: list[float] = []
+        self.shunned: dict[bytes, float] = {}
+        """Parents that stalled us -> when (as `NodeCore._shunned`)."""
         self.timers = [0, 0, 0, 0]
         """Generations of the place, reconcile, refresh and drain timers: re-arming or
         clearing one bumps its generation, and a stale wake-up does nothing."""
@@ -407,8 +411,9 @@ class FlowNode:
         factor = self._storm_factor(self.room.now)
         since = max(self.progress_at, self.up_at)
         stall = since + config.stall_timeout * factor
-        if not self.delivered:
-            return since + config.first_chunk_timeout * factor, stall
+        if not self.delivered:  # before first audio, unlengthened (as NodeCore)
+            first = factor if self.first_audio_at is not None else 1
+            return since + config.first_chunk_timeout * first, stall
         return stall, stall + config.stall_grace * factor
 
     def _check_stall(self, epoch: int) -> None:
@@ -425,6 +430,7 @@ class FlowNode:
         # A parent that never lit us and is dark was dark when it took us: it says so.
         stalled_too = not up.lit and (not self.delivered or since <= self.progress_at + STALL_SLACK)
         if now >= last or (now >= first and not stalled_too):
+            self.shunned[up.id] = now
             self._link_ended(now)
         else:
             wake = first if now < first else last
@@ -472,7 +478,10 @@ class FlowNode:
         self._cancel_round()
         self.assigned = None
         self.timers[1] += 1  # no reconcile pending
-        candidates = [peer for peer in self.backups if peer.node != old.id]
+        self.shunned = {node: t for node, t in self.shunned.items() if now - t < SHUN_FOR}
+        candidates = [
+            peer for peer in self.backups if peer.node != old.id and peer.node not in self.shunned
+        ]
         self._start_round(Purpose.FAILOVER, candidates, now, dead=old.peer)
 
     def _storm_factor(self, now: float) -> int:

@@ -848,15 +848,57 @@ def test_a_few_high_capacity_identities_cannot_take_the_top(earned: bool) -> Non
         return
     assert all(tree.capacity_of(a) == INITIAL for a in attackers)
     assert len(starved) == len(attackers)  # one each, beside its sybil
-    for i in starved:  # they stall (2 s), report the attacker and move
+    for i in starved:  # they stall, report the attacker and move
         tree.report_failure(pid(i), tree.parent_of(pid(i)) or b"", VOUCH + 3)
-    for attacker in attackers:
-        tree.probe_result(attacker, True, VOUCH + 4)  # it answers handshakes
-        assert tree.is_unproven(attacker)
+    # Its only other child is of its own network: one report is a quorum.
+    assert not any(attacker in tree for attacker in attackers)
+    sybils = [pid(200 + i) for i in range(3)]
+    assert all(tree.is_unproven(sybil) for sybil in sybils)
+    for sybil in sybils:
+        tree.probe_result(sybil, True, VOUCH + 4)  # it answers handshakes
+        assert tree.is_unproven(sybil)
     for i in range(41, 81):
         tree.join(pid(i), 2, addr(i), VOUCH + 5, net(i))
+    hostile = {*attackers, *sybils}
     for i in range(1, 81):
-        assert not set(attackers) & {tree.parent_of(pid(i))}, "an attacker got new children"
+        assert tree.parent_of(pid(i)) not in hostile, "an attacker got new children"
+    check_invariants(tree)
+
+
+@pytest.mark.parametrize("own_network", [True, False], ids=["sybils", "other-listeners"])
+def test_one_report_evicts_a_relay_whose_other_children_are_of_its_own_network(
+    own_network: bool,
+) -> None:
+    """An attacker under the origin hangs its sybils below itself: the one honest child
+    it starves could never make a quorum of two. Children of the relay's own network
+    prove nothing by their silence, so that child's report is enough, and it gets the
+    slot the attacker leaves, before the sybils (which declare more), and they are
+    offered to nobody. Other listeners' silence still counts: then one report is not."""
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
+    tree.join(pid(9), 2, addr(9), 0.0, net(9))  # where the reporter can go
+    for i in (2, 3, 4):
+        network = EVIL if own_network else net(i)
+        tree.refresh(pid(i), 0.0, parent=pid(1), capacity=8, address=addr(i), network=network)
+    tree.refresh(pid(5), 0.0, parent=pid(1), capacity=2, address=addr(5), network=net(5))
+    got = tree.report_failure(pid(5), pid(1), 1.0)
+    assert (pid(1) in tree) is not own_network
+    if own_network:
+        assert got.parent.peer_id == ORIGIN
+        assert all(tree.is_unproven(pid(i)) for i in (2, 3, 4))
+    check_invariants(tree)
+
+
+def test_a_report_from_the_relays_own_network_needs_the_quorum() -> None:
+    """Honest listeners behind one /24 feed each other: one of them reporting its parent
+    is no sybil-free witness, and one report from it alone evicts nobody."""
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
+    tree.join(pid(9), 2, addr(9), 0.0, net(9))
+    for i in (2, 3):
+        tree.refresh(pid(i), 0.0, parent=pid(1), capacity=0, address="", network=EVIL)
+    tree.report_failure(pid(2), pid(1), 1.0)
+    assert pid(1) in tree
     check_invariants(tree)
 
 
@@ -1025,13 +1067,17 @@ class TreeMachine(RuleBasedStateMachine):
         if not refused and not self.tree.is_excused(victim, self.now):
             self.reports.setdefault(victim, {})[liar] = self.now
         self.reports.pop(liar, None)
+        unshielded = self.sybils_only(victim, liar)
         try:
             self.tree.report_failure(liar, victim, self.now)
         except NoCapacity:  # (the parent that refused it is no place either)
             eligible = eligible_parents(self.tree, liar, None if refused else victim, offered=True)
             assert not eligible - {victim}
         event("lie")
-        assert victim in self.tree, "one lying child evicted a healthy relay"
+        if victim not in self.tree:
+            assert unshielded, "one lying child evicted a healthy relay"
+            event("lie: evicted a relay whose other children are its sybils")
+            return
         # A report, or a refusal (it gets the parent probed): a suspect either way.
         assert victim in self.tree.suspects(self.now)
 
@@ -1098,6 +1144,11 @@ class TreeMachine(RuleBasedStateMachine):
             assert dead not in self.tree or self.tree.is_convicted(dead)
         else:
             assert dead in self.tree
+
+    def sybils_only(self, relay: bytes, reporter: bytes) -> bool:
+        """Whether the reporter is the relay's only child from another source network
+        while others are from the relay's own: then its report alone is a quorum."""
+        return False
 
     def witnesses(self, peer: bytes | None) -> int:
         """First-hand reports against `peer` that count towards its quorum now."""
@@ -1286,6 +1337,13 @@ class EarnedTreeMachine(TreeMachine):
             check_assignment(self.tree, reporter, got)
         if dead in self.tree and not refused:
             assert self.tree.capacity_of(dead) == min(INITIAL, self.tree.declared_of(dead))
+
+    def sybils_only(self, relay: bytes, reporter: bytes) -> bool:
+        if relay not in self.evil or reporter in self.evil:
+            return False
+        children = self.tree.children_of(relay)
+        honest = [child for child in children if child not in self.evil]
+        return len(honest) == 1 and len(children) > 1
 
     @rule(count=st.integers(1, 3))
     def attack(self, count: int) -> None:

@@ -223,6 +223,11 @@ class _Node:
         self.pos = 0  # index inside that bucket, for O(1) removal
 
 
+def _kin(relay: _Node, child: _Node) -> bool:
+    """Whether the child is from the relay's own known source network."""
+    return relay.network != "" and child.network == relay.network
+
+
 def _within(node: _Node, ancestor: _Node) -> bool:
     """True if `node` is `ancestor` or below it.
 
@@ -1087,8 +1092,13 @@ class StreamTree:
         self._detach(gone)
         self._forget(gone)
         placed: list[_Node] = []
-        # Relays first, so they get the shallow slots.
-        for child in sorted(gone.children, key=lambda c: -c.capacity):
+
+        # Relays first, so they get the shallow slots; those of gone's own network last
+        # (they may be its sybils: `_evict`).
+        def order(child: _Node) -> tuple[bool, int]:
+            return _kin(gone, child), -child.capacity
+
+        for child in sorted(gone.children, key=order):
             target = self._pick_parent(child, child.capacity, banned=gone, avoid=avoid)
             if target is None and avoid is not None:
                 target = self._pick_parent(child, child.capacity, banned=gone)
@@ -1113,6 +1123,10 @@ class StreamTree:
                 # Its parent died: it may have died with it (a mass failure), and nobody
                 # would report it then. A live one clears this by its REJOIN.
                 self._doubt(child, self._now)
+                if _kin(node, child):
+                    # Silent, from the network of a relay that fed nobody: likely its
+                    # sybil. Offered to nobody until a child of its own names it.
+                    self._unproven[child] = self._now
         return removed
 
     # --- reports and re-insertion
@@ -1136,13 +1150,27 @@ class StreamTree:
         # Those made before that failure came from children it starved.
         self._prune_reports(reports, max(now - self._window, failed))
         witnesses = len(reports) - (_UNSURE in reports)
+        quorum = self._quorum_against(suspect, self._peers.get(reporter))
         # Found alive since the first report, it may be starved by a failure above it,
         # which its REJOIN would tell us soon; not under the origin, which never fails.
         at_once = not found_alive or suspect.parent is self._origin
-        if now - suspect.last_seen > self._ttl or (witnesses >= self._quorum and at_once):
+        if now - suspect.last_seen > self._ttl or (witnesses >= quorum and at_once):
             self._evict(suspect)
-        elif witnesses >= self._quorum:
+        elif witnesses >= quorum:
             self._convicted.setdefault(suspect, now)
+
+    def _quorum_against(self, suspect: _Node, reporter: _Node | None) -> int:
+        """Reports that confirm a failure. Children in the suspect's own source network
+        may be its sybils, whose silence proves nothing: if a child from another network
+        reports it, the children from other networks are a quorum when they are fewer."""
+        if (
+            reporter is None
+            or _kin(suspect, reporter)
+            or not any(_kin(suspect, child) for child in suspect.children)
+        ):
+            return self._quorum
+        outside = sum(1 for child in suspect.children if not _kin(suspect, child))
+        return max(1, min(self._quorum, outside))
 
     def _proven_by_child(self, parent: _Node | None) -> None:
         """A child says it streams from `parent`: it delivers after all."""

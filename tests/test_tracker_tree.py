@@ -1432,10 +1432,9 @@ def test_a_rejoin_from_an_unknown_peer_is_placed_tentatively() -> None:
     check_invariants(tree)
 
 
-def test_a_guess_in_an_origin_slot_that_nobody_confirms_moves_out_of_it() -> None:
-    """Relay 1 expires; its child 2 is re-homed under the origin, a guess. 2 answers the
-    probe but never asks: it streams from elsewhere. After 10 s the guess leaves the
-    origin's slot for another one, so the origin's slot is offered again."""
+def guessed_into_an_origin_slot() -> StreamTree:
+    """Relay 1 expires at 31 s; its child 2 is re-homed under the origin, a guess, and
+    answers the probe at 32 s. 3 holds the origin's other slot."""
     tree = make_tree(origin_capacity=2, peer_ttl=30.0)
     build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})
     tree.refresh(pid(2), 20.0, parent=pid(1))
@@ -1443,6 +1442,13 @@ def test_a_guess_in_an_origin_slot_that_nobody_confirms_moves_out_of_it() -> Non
     assert tree.expire(31.0) == [pid(1)]
     assert tree.parent_of(pid(2)) == ORIGIN and tree.is_orphaned(pid(2))
     tree.probe_result(pid(2), True, 32.0)
+    return tree
+
+
+def test_a_guess_in_an_origin_slot_that_nobody_confirms_moves_out_of_it() -> None:
+    """2 never asks: it streams from elsewhere. After 10 s the guess leaves the origin's
+    slot for another one, so the origin's slot is offered again."""
+    tree = guessed_into_an_origin_slot()
     tree.expire(40.0)
     assert tree.parent_of(pid(2)) == ORIGIN  # it may still be on its way
     tree.expire(41.0)
@@ -1454,12 +1460,7 @@ def test_a_guess_in_an_origin_slot_that_nobody_confirms_moves_out_of_it() -> Non
 def test_a_guess_told_the_origin_again_by_its_rejoin_keeps_the_slot_a_while() -> None:
     """2 asks just before its 10 s run out, and is told the origin again: it is on its
     way there, so the wait starts anew."""
-    tree = make_tree(origin_capacity=2, peer_ttl=30.0)
-    build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})
-    tree.refresh(pid(2), 20.0, parent=pid(1))
-    tree.refresh(pid(3), 20.0, parent=ORIGIN)
-    tree.expire(31.0)
-    tree.probe_result(pid(2), True, 32.0)
+    tree = guessed_into_an_origin_slot()
     assert tree.report_failure(pid(2), pid(1), 40.9).parent.peer_id == ORIGIN
     tree.expire(41.0)
     assert tree.parent_of(pid(2)) == ORIGIN
@@ -1470,12 +1471,7 @@ def test_a_guess_told_the_origin_again_by_its_rejoin_keeps_the_slot_a_while() ->
 
 
 def test_a_confirmed_orphan_keeps_its_origin_slot() -> None:
-    tree = make_tree(origin_capacity=2, peer_ttl=30.0)
-    build(tree, {1: (0, 2), 2: (1, 2), 3: (0, 2)})
-    tree.refresh(pid(2), 20.0, parent=pid(1))
-    tree.refresh(pid(3), 20.0, parent=ORIGIN)
-    tree.expire(31.0)
-    tree.probe_result(pid(2), True, 32.0)
+    tree = guessed_into_an_origin_slot()
     assert tree.refresh(pid(2), 33.0, parent=ORIGIN) is None  # it followed, and says so
     tree.expire(50.0)
     assert tree.parent_of(pid(2)) == ORIGIN and not tree.is_orphaned(pid(2))

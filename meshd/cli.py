@@ -4,7 +4,6 @@ conformance."""
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from protocol import (
     key_id,
     key_to_text,
     short_id,
+    token_from_text,
     token_to_text,
 )
 from protocol.identity import public_key_from_id
@@ -831,7 +831,7 @@ def _check_token(text: str, stream: bytes, node: bytes, hosts: list[bytes]) -> b
     of `hosts`, when it was given any)."""
     hint = "copy it whole, as `meshd token` printed it"
     try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = token_from_text(text)
         token = decode_message(data)
     except (ValueError, ProtocolError):
         raise UsageError(f"--token is not an admission token ({hint})") from None

@@ -42,7 +42,7 @@ from protocol.messages import (
     TreeRequest,
 )
 from protocol.signing import sign_message, verify_message
-from protocol.tokens import check_token, issue_token, token_to_text
+from protocol.tokens import check_token, issue_token, token_from_text, token_to_text
 from protocol.tracker import ExchangeState, TrackerChannel, TrackerExchange
 
 __all__ = [
@@ -103,6 +103,7 @@ __all__ = [
     "key_to_text",
     "short_id",
     "sign_message",
+    "token_from_text",
     "token_to_text",
     "verify_message",
 ]

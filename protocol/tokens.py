@@ -27,6 +27,11 @@ def token_to_text(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
 
 
+def token_from_text(text: str) -> bytes:
+    """The bytes of a token given as `token_to_text` writes it; ValueError if not base64."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 def check_token(
     data: bytes | None,
     host_keys: Sequence[Ed25519PublicKey],

@@ -61,7 +61,10 @@ class Attack:
     """Run it in a room whose host admits listeners with tokens, checked on every hop."""
 
 
-def _relays(mode: str, count: int) -> Callable[..., Awaitable[None]]:
+def _relays(mode: str, count: int, honest_after: float = 0.0) -> Callable[..., Awaitable[None]]:
+    """`count` hostile relays of `mode`; the honest listeners start `honest_after` s after
+    the relays are placed (what an `old` relay replays is then that much older)."""
+
     async def run(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random) -> None:
         other = None
         if mode == "other-stream":
@@ -73,6 +76,7 @@ def _relays(mode: str, count: int) -> Callable[..., Awaitable[None]]:
                 other_stream=other, task_status=task_status,
             )
         )  # fmt: skip
+        await trio.sleep(honest_after)
         await room.add_listeners(n)
 
     return run
@@ -207,6 +211,9 @@ ATTACKS: dict[str, Attack] = {
     ),
     "missing-relay": Attack("stall timeout, then unproven", _relays("missing", 1), _served),
     "old-chunks-relay": Attack("stall timeout, then unproven", _relays("old", 1), _served),
+    "old-chunks-relay-12s": Attack(
+        "start lag behind the origin's live granule (ASSIGNED)", _relays("old", 1, 12.0), _served
+    ),
     "every-other-relay": Attack("stall timeout, then unproven", _relays("every-other", 1), _served),
     "other-stream-relay": Attack("signatures; stall timeout", _relays("other-stream", 1), _served),
     "late-no-audio-relays": Attack("stall timeout, then unproven", _late_relays, _served),

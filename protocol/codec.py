@@ -191,7 +191,7 @@ SCHEMA: dict[type[Any], tuple[Check, ...]] = {
     Redirect: (_peer, PEERS),
     PathUpdate: (array(KEY, limits.MAX_PATH, 1),),
     Goodbye: (uint(0xFFFF), text()),
-    Register: (KEY, ADDRESS, CAPACITY, uint(), SIG),
+    Register: (KEY, ADDRESS, CAPACITY, uint(), optional(uint()), SIG),
     Join: (KEY, KEY, CAPACITY, ADDRESS, optional(blob(maximum=limits.MAX_TOKEN_SIZE)), uint(), SIG),
     Rejoin: (
         KEY,
@@ -209,7 +209,7 @@ SCHEMA: dict[type[Any], tuple[Check, ...]] = {
     StatusRequest: (KEY,),
     TreeRequest: (KEY, uint(limits.MAX_TREE_NODES)),
     ChildGone: (KEY, KEY, KEY, uint(), SIG),
-    Assigned: (_peer, PEERS, uint(0xFFFF), uint(0xFFFFFFFF)),
+    Assigned: (_peer, PEERS, uint(0xFFFF), uint(0xFFFFFFFF), optional(uint())),
     Moved: (array(_move, limits.MAX_MOVES),),
     Ack: (uint(0xFFFFFFFF),),
     RetryAfter: (uint(0xFFFFFFFF), text()),

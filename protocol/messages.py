@@ -132,6 +132,8 @@ class Register:
     address: str
     capacity: int
     time_ms: int
+    live_granule: int | None = None
+    """The granule position of the newest chunk the origin sent (None before the first)."""
     sig: bytes = b""
 
 
@@ -232,6 +234,9 @@ class Assigned:
     backups: tuple[Peer, ...]
     depth: int
     refresh_s: int
+    live_granule: int | None = None
+    """The origin's `live_granule` from its last REGISTER: a newcomer starts no further
+    behind it than the start lag (docs/spec.md §6.3)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,10 +53,17 @@ def trusts_a_first_parent() -> None:
         setattr(NodeCore, name, as_if_delivered)
 
 
+def starts_in_the_past() -> None:
+    """Plays the first chunk a parent sends however far behind the live edge it is: no
+    start lag (§6.3)."""
+    setattr(NodeCore, "_too_old_to_start", lambda self, item: False)  # noqa: B010
+
+
 VARIANTS: dict[str, Callable[[], None]] = {
     "accepts-path-through-itself": accepts_path_through_itself,
     "skips-chunk-signatures": skips_chunk_signatures,
     "trusts-a-first-parent": trusts_a_first_parent,
+    "starts-in-the-past": starts_in_the_past,
 }
 
 if __name__ == "__main__":

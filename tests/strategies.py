@@ -46,7 +46,7 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     messages.Redirect: st.builds(messages.Redirect, peers, backups),
     messages.Goodbye: st.builds(messages.Goodbye, st.integers(0, 0xFFFF), reasons),
     messages.Register: serving(
-        st.builds(messages.Register, keys, addresses, capacities, u64, sigs)
+        st.builds(messages.Register, keys, addresses, capacities, u64, st.none() | u64, sigs)
     ),
     messages.Join: serving(
         st.builds(messages.Join, keys, keys, capacities, addresses, tokens, u64, sigs)
@@ -72,7 +72,12 @@ MESSAGES: dict[type[Any], st.SearchStrategy[Any]] = {
     messages.StatusRequest: st.builds(messages.StatusRequest, keys),
     messages.ChildGone: st.builds(messages.ChildGone, keys, keys, keys, u64, sigs),
     messages.Assigned: st.builds(
-        messages.Assigned, peers, backups, st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF)
+        messages.Assigned,
+        peers,
+        backups,
+        st.integers(0, 0xFFFF),
+        st.integers(0, 0xFFFFFFFF),
+        st.none() | u64,
     ),
     messages.Moved: st.builds(
         messages.Moved,

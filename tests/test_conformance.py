@@ -231,11 +231,34 @@ async def test_a_decoder_that_accepts_a_wrong_type_fails(monkeypatch: pytest.Mon
     from protocol import codec
     from protocol.messages import Register
 
-    lax = (codec.KEY, codec.ADDRESS, lambda value, name: int(value), codec.uint(), codec.SIG)
+    live = codec.optional(codec.uint())
+    lax = (codec.KEY, codec.ADDRESS, lambda value, name: int(value), codec.uint(), live, codec.SIG)
     monkeypatch.setitem(codec.SCHEMA, Register, lax)
     async with tracker_in_process() as address:
         report = await check_tracker(address, only=["4.1-bool-for-int", "4.1-nil"])
     assert _failed(report) == {"4.1-bool-for-int"}
+
+
+async def test_a_tracker_that_keeps_the_largest_live_granule_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An origin that starts its stream again starts from granule 0: a tracker that
+    kept the largest would have newcomers refuse every chunk as the past."""
+    register = Tracker._register
+
+    def keeping_the_largest(tracker: Tracker, request: Any, now: float) -> Any:
+        state = tracker.streams.get(request.stream)
+        before = state.live_granule if state is not None else None
+        answer = register(tracker, request, now)
+        state = tracker.streams[request.stream]
+        if before is not None and (state.live_granule or 0) < before:
+            state.live_granule = before
+        return answer
+
+    monkeypatch.setattr(Tracker, "_register", keeping_the_largest)
+    async with tracker_in_process() as address:
+        report = await check_tracker(address, only=["5.3-live-granule"])
+    assert _failed(report) == {"5.3-live-granule"}
 
 
 async def test_a_tracker_that_trusts_a_probe_over_reports_fails(

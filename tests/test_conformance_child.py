@@ -62,6 +62,11 @@ async def test_a_node_that_waits_out_the_stall_timeout_for_a_first_chunk_fails()
     assert report.by_id("6.3-first-chunk-stalled").verdict is Verdict.PASS
 
 
+async def test_a_node_that_starts_wherever_its_first_parent_is_fails() -> None:
+    report = await _check_variant("starts-in-the-past", ["6.3-start-lag"])
+    assert _verdicts(report, Verdict.NON_STRICT) == {"6.3-start-lag"}, report.format()
+
+
 def test_the_command_runs_the_child_target(tmp_path: Path) -> None:
     node = " ".join([*MESHD, *NODE_ARGS])
     result = subprocess.run(

@@ -347,9 +347,12 @@ class FakeParent:
 
 class Solo:
     """One `NodeCore` (a listener) between a scripted tracker and `FakeParent`s, on a
-    fake clock: the first answer assigns `parents[0]` with the others as backups."""
+    fake clock: the first answer assigns `parents[0]` with the others as backups, and
+    says the origin's live granule is `live_granule`."""
 
-    def __init__(self, signer: ChunkSigner, parents: list[FakeParent]) -> None:
+    def __init__(
+        self, signer: ChunkSigner, parents: list[FakeParent], live_granule: int | None = None
+    ) -> None:
         self.signer = signer
         self.parents = {parent.peer.address: parent for parent in parents}
         for parent in parents:  # the child's transport acknowledges all the time
@@ -359,7 +362,8 @@ class Solo:
             self.node, signer.stream_id, capacity=0,
             config=NodeConfig(), rng=random.Random(1), join_timeout=60.0,
         )  # fmt: skip
-        self.assign = Assigned(parents[0].peer, tuple(p.peer for p in parents[1:]), 2, 180)
+        backups = tuple(p.peer for p in parents[1:])
+        self.assign = Assigned(parents[0].peer, backups, 2, 180, live_granule)
         self.now = 0.0
         self.links: dict[int, tuple[FakeParent, int]] = {}
         self.played: list[tuple[float, int]] = []
@@ -471,6 +475,34 @@ def test_a_parent_that_accepts_and_sends_nothing_is_left_at_the_first_chunk_time
     assert solo.closed == [(silent, ErrorCode.PARENT_STALLED)]
     assert solo.parent() is backup  # tried at once, not after asking the tracker
     assert solo.played == [(solo.played[0][0], 9)]  # the backup's live edge
+
+
+@pytest.mark.parametrize("lag", [1.5, 12.0], ids=["a-little", "beyond-the-ring"])
+def test_a_newcomer_starts_no_further_behind_the_live_edge_than_the_start_lag(
+    lag: float,
+) -> None:
+    """A relay that replays chunks it kept (validly signed) would start a newcomer in the
+    past, then stop it there once the replay repeats; the ring buffers of the next parent
+    no longer hold what follows. The tracker says where the origin was (ASSIGNED): a
+    chunk further behind than the start lag is not played, and the relay is left at the
+    first-chunk timeout. One a little behind (a parent catching up) is played."""
+    signer, chunks = signer_with_chunks(int(14 / 0.02))  # 20 ms each: 14 s of audio
+    behind = int(lag / 0.02)
+    replaying, live = FakeParent(signer, "replaying"), FakeParent(signer, "live")
+    for item in chunks[: len(chunks) - behind]:
+        replaying.has(item, 0.0)
+    for item in chunks[-500:]:  # the last 10 s: what a ring holds
+        live.has(item, 0.0)
+    solo = Solo(signer, [replaying, live], live_granule=chunks[-1].chunk.granule)
+    solo.run_until(NodeConfig().first_chunk_timeout + 0.1)
+    if lag < NodeConfig().start_lag:
+        assert solo.parent() is replaying and not solo.closed
+        assert solo.played[0][1] == chunks[-1 - behind].seq
+        return
+    assert solo.closed == [(replaying, ErrorCode.PARENT_STALLED)]
+    assert solo.parent() is live
+    assert solo.played[0][1] == chunks[-1].seq  # the live edge, not the past
+    assert solo.core.stats.too_old == 1
 
 
 class BackupsOnly(Solo):

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.conformance.report import Level, Outcome, Verdict
 from meshd.conformance.stage import (
+    SAMPLES_PER_CHUNK,
     FakeParent,
     NodeLink,
     Scene,
@@ -687,6 +688,30 @@ async def _first_chunk_stalled(target: ChildTarget) -> Outcome:
         started = trio.current_time()
         reply = await read_until_closed(link.link, watch, 0)
     return _kept(reply, backup, started, watch, sent)
+
+
+@case("6.3-start-lag", "6.3", Level.SHOULD,
+      "a newcomer starts no further behind ASSIGNED's live_granule than the start lag")  # fmt: skip
+async def _start_lag(target: ChildTarget) -> Outcome:
+    live = 500  # ASSIGNED says the origin was at chunk 500's granule: 10 s after chunk 0's
+    sent = (
+        f"ASSIGNED(live_granule = chunk {live}'s); the parent: STREAM_INFO, PATH, chunks "
+        f"0…{PLAYED - 1}, then HEARTBEAT(latest_seq={PLAYED - 1}, stalled_ms=0) every 200 ms"
+    )
+    expected = "GOODBYE(PARENT_STALLED), then SUBSCRIBE(from_seq=nil) at the backup"
+    granule = (live + 1) * SAMPLES_PER_CHUNK
+    async with target.scene() as scene:
+        parent, backup = await scene.parent(), await scene.parent()
+        await scene.joined(parent, [backup], within=target.start_timeout, live_granule=granule)
+        link = await parent.subscribed(target.timeout)
+        await link.accept()
+        await link.chunks(range(PLAYED))
+        scene.background(lambda: link.heartbeats(PLAYED - 1))
+        subscribe, got = await _left(
+            target, link, backup, trio.current_time(), sent, target.stall_timeout + target.timeout
+        )
+    ok = f"GOODBYE({ErrorCode.PARENT_STALLED.name}" in got and subscribe.from_seq is None
+    return Outcome(_verdict(ok), sent, expected, got)
 
 
 @case("6.3-backups-at-once", "6.3", Level.SHOULD,

@@ -122,8 +122,10 @@ class FakeTracker:
         self.requests: list[Request] = []
         self._send, self._receive = trio.open_memory_channel[Request](100)
 
-    def assign(self, parent: Peer, backups: Sequence[Peer] = ()) -> None:
-        self.assignment = Assigned(parent, tuple(backups), 1, 180)
+    def assign(
+        self, parent: Peer, backups: Sequence[Peer] = (), live_granule: int | None = None
+    ) -> None:
+        self.assignment = Assigned(parent, tuple(backups), 1, 180, live_granule)
 
     async def request(self, within: float) -> Request | None:
         """The next request from the node, or None if none came within `within` s."""
@@ -379,10 +381,10 @@ class Scene:
         return self.node
 
     async def joined(self, parent: FakeParent, backups: Sequence[FakeParent] = (), *,
-                     within: float) -> Request:  # fmt: skip
-        """Assign `parent` (and `backups`), start the node, and wait for its first
-        request, which must be a JOIN."""
-        self.tracker.assign(parent.peer, [b.peer for b in backups])
+                     within: float, live_granule: int | None = None) -> Request:  # fmt: skip
+        """Assign `parent` (and `backups`, saying the origin was at `live_granule`), start
+        the node, and wait for its first request, which must be a JOIN."""
+        self.tracker.assign(parent.peer, [b.peer for b in backups], live_granule)
         await self.start()
         request = await self.request(within, "the node started")
         if not isinstance(request.message, Join):

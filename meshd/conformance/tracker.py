@@ -140,8 +140,14 @@ def _article(kind: type[Any]) -> str:
 # -- request encodings -------------------------------------------------------------------
 
 
-def register(stream: Stream, time_ms: int, key: Ed25519PrivateKey | None = None) -> bytes:
-    items = [0x10, stream.id, stream.address, stream.capacity, time_ms]
+def register(
+    stream: Stream,
+    time_ms: int,
+    key: Ed25519PrivateKey | None = None,
+    *,
+    live_granule: int | None = None,
+) -> bytes:
+    items = [0x10, stream.id, stream.address, stream.capacity, time_ms, live_granule]
     return signed(items, key or stream.key)
 
 
@@ -249,7 +255,7 @@ def _key_length(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
 @_error("4.1-bool-for-int", "4.1", "a boolean where an integer is required is MALFORMED_MESSAGE",
         {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
 def _bool_for_int(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
-    items = [0x10, stream.id, stream.address, True, now_ms()]
+    items = [0x10, stream.id, stream.address, True, now_ms(), None]
     return signed(items, stream.key), "REGISTER with capacity = true (c3), signed"
 
 
@@ -272,7 +278,7 @@ def _negative_int(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
 @_error("4.1-nil-not-optional", "4.1", "nil in a field that is not optional is MALFORMED_MESSAGE",
         {ErrorCode.MALFORMED_MESSAGE})  # fmt: skip
 def _nil_field(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
-    items = [0x10, stream.id, None, stream.capacity, now_ms()]
+    items = [0x10, stream.id, None, stream.capacity, now_ms(), None]
     return signed(items, stream.key), "REGISTER with address = nil, signed"
 
 
@@ -313,7 +319,7 @@ def _register_sig(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
 @_error("4.3-register-context", "4.3", "REGISTER signs with an empty context",
         _BAD_SIG, refusal=True)  # fmt: skip
 def _register_context(target: TrackerTarget, stream: Stream) -> tuple[bytes, str]:
-    items = [0x10, stream.id, stream.address, stream.capacity, now_ms()]
+    items = [0x10, stream.id, stream.address, stream.capacity, now_ms(), None]
     data = signed(items, stream.key, stream.id)
     return data, "REGISTER signed by the stream key with the stream id as context"
 
@@ -475,6 +481,26 @@ async def _register_replaces(target: TrackerTarget) -> Outcome:
         "REGISTER(capacity 1), REGISTER(capacity 5), STATUS",
         "STATUS_REPORT with origin_capacity 5",
         describe(report),
+    )
+
+
+@case("5.3-live-granule", "5.3", Level.MUST,
+      "ASSIGNED carries the live_granule of the origin's last REGISTER, the latest")  # fmt: skip
+async def _live_granule(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    sent = "REGISTER(live_granule nil), JOIN, REGISTER(live_granule 480000), JOIN, "
+    sent += "REGISTER(live_granule 9600), JOIN"
+    got = []
+    for live in (None, 480_000, 9_600):
+        await target.ask_for(register(stream, now_ms(), live_granule=live), Ack, "REGISTER")
+        node = await target.join(stream)
+        assert node.assigned is not None
+        got.append(node.assigned.live_granule)
+    return Outcome(
+        Verdict.PASS if got == [None, 480_000, 9_600] else Verdict.FAIL,
+        sent,
+        "ASSIGNED with live_granule nil, 480000, then 9600",
+        ", ".join("nil" if g is None else str(g) for g in got),
     )
 
 

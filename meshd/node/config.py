@@ -21,6 +21,9 @@ class NodeConfig:
     unless the parent showed it is behind (said it is stalled, or sent old chunks): a
     live parent's backlog comes with its acceptance, and a hostile one must not cost a
     newcomer the stall timeout."""
+    start_lag: float = 2.0
+    """A newcomer plays no chunk further behind than this the live granule the tracker
+    last heard from the origin (ASSIGNED): older ones are the past, replayed."""
     child_timeout: float = 1.0
     """A parent lets a child go after hearing nothing from its connection for this long."""
     subscribe_timeout: float = 2.0
@@ -58,5 +61,7 @@ class NodeConfig:
                 "the first-chunk timeout must be longer than 3 heartbeat intervals and at"
                 " most the stall timeout"
             )
+        if not 0 <= self.start_lag < self.buffer_seconds:
+            raise ValueError("the start lag must be less than the ring buffer holds")
         if self.buffer_seconds < 1:
             raise ValueError("the buffer must hold at least 1 s of audio")

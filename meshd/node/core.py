@@ -21,7 +21,9 @@ The rules it keeps (docs/spec.md §6.3):
   confirm. A parent the tracker chose after a failure that has not taken us within
   0.5 s is named in another REJOIN (it may have died too); the attempt goes on.
 - Every sequence number up to the newest announced is played; a gap is given up only
-  once no ring buffer can still hold it.
+  once no ring buffer can still hold it. Before its first audio a node plays nothing
+  further behind the origin's live granule, as the tracker last heard it, than the start
+  lag: a relay replaying the past would start it where no ring can follow.
 - A node cut off from the stream for the join timeout, or told by the tracker that the
   stream ended, exits, saying it missed audio.
 """
@@ -190,6 +192,8 @@ class Upstream:
     behind: bool = False
     """Whether it showed since it accepted us that it is behind us, catching up: it said
     its own playback is stalled, or sent a chunk we had already."""
+    too_old: int = 0
+    """Chunks it sent before our first audio that were older than a newcomer may start."""
 
 
 @dataclass
@@ -285,6 +289,9 @@ class NodeCore:
         self._problem = "the tracker did not answer"
         self._said: str | None = None
         """The last placement problem logged as a warning (a repeat is not worth one)."""
+        self._start_floor: int | None = None
+        """The oldest granule our first chunk may have: the origin's live granule by the
+        tracker's last ASSIGNED, less the start lag (None: the tracker did not say)."""
         self._before_start = False
         """The tracker did not know the stream when we first asked: once it starts, it is
         played from its first chunk."""
@@ -557,6 +564,8 @@ class NodeCore:
         self.backups = answer.backups
         self.stats.backups = [key_to_text(peer.node) for peer in answer.backups]
         self.refresh_s = answer.refresh_s
+        if answer.live_granule is not None:
+            self._start_floor = answer.live_granule - int(self.config.start_lag * OPUS_RATE)
         if self.stats.joined_at is None:
             self.stats.joined_at = now
             self._schedule_refresh(now)
@@ -822,7 +831,7 @@ class NodeCore:
         while (event := up.link.next_event()) is not None:
             if isinstance(event, ChunkReceived):
                 if current:
-                    self._on_chunk(event.item, now)
+                    self._on_chunk(up, event.item, now)
             elif isinstance(event, InfoReceived):
                 self.children.set_info(event.info, now)
                 if not self._output_started:
@@ -1015,6 +1024,8 @@ class NodeCore:
         if now >= last or (now >= first and not self._parent_stalled_too(up, now)):
             seconds = now - max(self._progress_at, up.attached_at)
             since = "" if up.delivered else " since it accepted us"
+            if up.too_old:
+                since += f" (it sent {up.too_old} chunks from the past)"
             self._link_ended(
                 up,
                 f"nothing new to play for {seconds:.1f} s{since}",
@@ -1040,7 +1051,13 @@ class NodeCore:
 
     # -- the data path -----------------------------------------------------------------
 
-    def _on_chunk(self, item: VerifiedChunk, now: float) -> None:
+    def _on_chunk(self, up: Upstream, item: VerifiedChunk, now: float) -> None:
+        if self._too_old_to_start(item):
+            # Validly signed, but the past: a relay replaying it would start us behind
+            # the live edge by more than the ring buffers, and cost a gap once it stops.
+            up.too_old += 1
+            self.stats.too_old += 1
+            return
         if not self.reorder.add(item, now):
             self.stats.duplicates += 1
             if self.current is not None:
@@ -1053,6 +1070,10 @@ class NodeCore:
         self.ring.add(item)
         self.children.forward(item, now)
         self._play_ready(now)
+
+    def _too_old_to_start(self, item: VerifiedChunk) -> bool:
+        floor = self._start_floor
+        return self.stats.first_seq is None and floor is not None and item.chunk.granule < floor
 
     def _play_ready(self, now: float) -> None:
         ready = self.reorder.pop_ready()

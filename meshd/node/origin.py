@@ -253,7 +253,9 @@ class Origin:
 
     async def _register(self, give_up_after: float | None) -> Ack:
         assert self._endpoint is not None
-        request = Register(self.stream_id, self.address, self.settings.capacity, now_ms())
+        signer = self.core.signer
+        live = signer.last_granule if signer.next_seq else None  # newcomers' reference
+        request = Register(self.stream_id, self.address, self.settings.capacity, now_ms(), live)
         answer = await ask_tracker(
             self._endpoint,
             self.settings.tracker,

@@ -30,6 +30,9 @@ class NodeStats:
     bytes_out: int = 0
     packets_played: int = 0
     duplicates: int = 0
+    too_old: int = 0
+    """Chunks a parent offered before our first audio from further behind the live edge
+    than a newcomer may start (docs/spec.md §6.3): not played, not counted as progress."""
     gaps: int = 0
     repairs_requested: int = 0
     repairs_refused: int = 0

@@ -54,7 +54,7 @@ from protocol.messages import TrackerRequest, TrackerResponse
 logger = logging.getLogger("meshd.tracker")
 
 NO_SUCH_STREAM = "no such stream: its origin has not registered here (not started yet?)"
-REGISTER_REFRESH_S = 5  # how often the origin re-registers (a restarted tracker learns fast)
+REGISTER_REFRESH_S = 2  # how often the origin re-registers (a restarted tracker learns fast)
 NETWORK_FULL_RETRY_MS = 10_000
 """RETRY_AFTER for a new identity from a network at its limit: it waits for one to go."""
 RATE_WINDOW = 10.0  # seconds over which joins/s and rejoins/s are measured
@@ -146,6 +146,8 @@ class StreamState:
     left the tree are pruned by `Tracker.expire`."""
     census: NetworkCensus = field(default_factory=NetworkCensus)
     """The live identities of each source network, and their declared capacity."""
+    live_granule: int | None = None
+    """The origin's newest granule by its last REGISTER, passed on in every ASSIGNED."""
 
     def seen(self, node: bytes, now: float) -> None:
         if node in self.tree:
@@ -318,8 +320,8 @@ class Tracker:
                 max_capacity=self.config.max_capacity,
                 initial_capacity=self.config.initial_capacity or None,
             )
-            self.streams[request.stream] = StreamState(tree, now)
-            self.streams[request.stream].seen(request.stream, now)
+            state = self.streams[request.stream] = StreamState(tree, now)
+            state.seen(request.stream, now)
             logger.info(
                 "register stream=%s origin=%s capacity=%d",
                 short_id(request.stream),
@@ -331,6 +333,7 @@ class Tracker:
             state.tree.refresh(
                 request.stream, now, capacity=request.capacity, address=request.address
             )
+        state.live_granule = request.live_granule  # the latest, not the largest: a restart
         # The origin re-registers often: a restarted tracker knows the stream again, and
         # seats new listeners, within seconds (one small request per stream).
         return Ack(min(REGISTER_REFRESH_S, self.config.refresh_s))
@@ -383,7 +386,7 @@ class Tracker:
         assignment = state.tree.join(request.node, capacity, request.address, now, network)
         self._admitted(state, request.node, network, now)
         if known:  # a retried JOIN (its answer was lost): the same place, not a new join
-            return self._assigned(assignment)
+            return self._assigned(state, assignment)
         state.total_joins += 1
         state.joins.tick(now)
         logger.info(
@@ -394,7 +397,7 @@ class Tracker:
             short_id(assignment.parent.peer_id),
             assignment.depth,
         )
-        return self._assigned(assignment)
+        return self._assigned(state, assignment)
 
     def _rejoin(
         self, state: StreamState, request: Rejoin, capacity: int, network: str, now: float
@@ -429,7 +432,7 @@ class Tracker:
             short_id(assignment.parent.peer_id),
             assignment.depth,
         )
-        return self._assigned(assignment)
+        return self._assigned(state, assignment)
 
     def _leave(self, request: Leave, now: float) -> Moved:
         if request.node == request.stream:
@@ -470,7 +473,7 @@ class Tracker:
         )
         self._admitted(state, request.node, network, now)
         if placement is not None:
-            return self._assigned(placement)
+            return self._assigned(state, placement)
         return Ack(self.config.refresh_s)
 
     def _child_gone(self, request: ChildGone, now: float) -> Ack:
@@ -505,12 +508,13 @@ class Tracker:
         del self.streams[stream_id]
         self.ended[stream_id] = now
 
-    def _assigned(self, assignment: Assignment) -> Assigned:
+    def _assigned(self, state: StreamState, assignment: Assignment) -> Assigned:
         return Assigned(
             _peer(assignment.parent),
             tuple(_peer(b) for b in assignment.backups),
             assignment.depth,
             self.config.refresh_s,
+            state.live_granule,
         )
 
 

@@ -1,6 +1,7 @@
 """Issue 11's attacks against a room of real `meshd` processes, one room per attack.
 
 Run: .venv/bin/python bench/bench_attacks.py [--attack NAME] [--listeners 10] [--seed 11]
+                                             [--spread-networks]
 
 Each room is a tracker (one process), an origin (`--capacity 2`) streaming a 36 s Opus
 tone made with ffmpeg (without ffmpeg, the bundled 24 s sample), and --listeners honest
@@ -287,11 +288,13 @@ async def _run(name: str, room: AttackRoom, listeners: int, seed: int) -> Result
     return Result(name, honest, health, attack.take(take), take.as_dict(), left)
 
 
-def run_one(name: str, workdir: Path, audio: Path, listeners: int, seed: int) -> Result:
+def run_one(
+    name: str, workdir: Path, audio: Path, listeners: int, seed: int, spread: bool
+) -> Result:
     if ATTACKS[name].run is _initials and not INITIALS:
         INITIALS.extend(hostile.make_initials(("127.0.0.1", 9), 3000))
     with cluster(workdir) as procs:
-        room = AttackRoom(procs, audio, admission=ATTACKS[name].admission)
+        room = AttackRoom(procs, audio, admission=ATTACKS[name].admission, spread=spread)
         return trio.run(_run, name, room, listeners, seed)
 
 
@@ -355,6 +358,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--keep", action="store_true", help="keep the rooms' logs")
+    parser.add_argument(
+        "--spread-networks", action="store_true",
+        help="each honest listener from a loopback /24 of its own (127.1.k.1), as an audience"
+        " on the Internet; by default all are 127.0.0.1, one network, as a campus",
+    )  # fmt: skip
     args = parser.parse_args()
     names = ["baseline", *[a for a in (args.attack or list(ATTACKS)) if a != "baseline"]]
     top = Path(tempfile.mkdtemp(prefix="bench_attacks."))
@@ -366,7 +374,9 @@ def main() -> None:
             workdir = top / f"{index:02d}"
             workdir.mkdir()
             print(f"[{time.monotonic() - started:5.0f} s] {name} ...", file=sys.stderr, flush=True)
-            result = run_one(name, workdir, audio, args.listeners, args.seed + index)
+            result = run_one(
+                name, workdir, audio, args.listeners, args.seed + index, args.spread_networks
+            )
             results.append(result)
             print(f"        stream left at the last honest start: {result.stream_left_s:.1f} s",
                   file=sys.stderr)  # fmt: skip

@@ -76,9 +76,14 @@ class AttackRoom:
     nursery: trio.Nursery
     """Where attacker tasks run while the honest listeners play (set by the caller)."""
 
-    def __init__(self, cluster: Cluster, audio: Path, *, admission: bool = False) -> None:
+    def __init__(
+        self, cluster: Cluster, audio: Path, *, admission: bool = False, spread: bool = False
+    ) -> None:
         self.cluster = cluster
         self.audio = audio
+        self.spread = spread
+        """Each honest listener from a loopback network of its own (127.1.k.0/24), as an
+        audience on the Internet is, rather than all from 127.0.0.0/24 as one campus."""
         self.host_key = Ed25519PrivateKey.generate() if admission else None
         """With admission, the host's key: the tracker and every parent (the origin and
         the honest listeners) take only children holding a token it signed."""
@@ -149,6 +154,8 @@ class AttackRoom:
         for _ in range(count):
             name = f"listener{len(self.listeners)}"
             args = ["--max-children", str(max_children), *self._admitted_args(name)]
+            if self.spread:
+                args += ["--listen", f"127.1.{len(self.listeners) + 1}.1:0"]
             self.listeners.append(self.cluster.listener(name, self.tracker, self.stream, *args))
             self.last_listener_at = trio.current_time()
             await trio.sleep(stagger)

@@ -76,6 +76,32 @@ def test_a_relay_that_sends_no_audio_loses_its_children_and_they_lose_no_chunk(
 
 
 @pytest.mark.timeout(120)
+def test_a_relay_replaying_old_chunks_cannot_start_newcomers_in_the_past(tmp_path: Path) -> None:
+    """A hostile relay joins first and keeps the stream's first 10 s; 12 s later 6 honest
+    listeners join, and it replays those chunks to the ones placed under it. A newcomer
+    used to play them, stall once the replay repeated, and find the chunks after them
+    gone from every ring. Now it plays nothing further behind the origin's live granule
+    (ASSIGNED) than the start lag, and every honest listener plays every chunk from its
+    first to the end."""
+    take = hostile.Take()
+
+    async def body(room: AttackRoom) -> None:
+        await room.nursery.start(
+            lambda task_status: hostile.hostile_relays(
+                room.tracker_address, room.stream_id, take, mode="old", count=1,
+                task_status=task_status,
+            )
+        )  # fmt: skip
+        await trio.sleep(12.0)
+        await room.add_listeners(6)
+        honest = await room.finish(within=60)
+        assert honest.intact == honest.started, honest.problems
+        assert take.children_served >= 1, "no honest listener was placed under the relay"
+
+    run_in_room(tmp_path, SAMPLE, body)
+
+
+@pytest.mark.timeout(120)
 def test_nobody_the_host_did_not_admit_pulls_from_a_relay(tmp_path: Path) -> None:
     """A token-protected stream whose parents know the host key: a node with no token
     that subscribes straight to a relay (no JOIN) is refused TOKEN_REQUIRED and gets no

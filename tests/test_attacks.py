@@ -48,57 +48,48 @@ def run_in_room(
         trio.run(main)
 
 
+def six_honest_listeners_under_a_hostile_relay(
+    tmp_path: Path, mode: str, honest_after: float = 0.0
+) -> None:
+    """A hostile relay of `mode` joins first with capacity 1024; `honest_after` s later 6
+    honest listeners join (1 identity in 7 hostile). Every honest listener plays every
+    chunk from its first to the end, and one at least was placed under the relay."""
+    take = hostile.Take()
+
+    async def body(room: AttackRoom) -> None:
+        await room.nursery.start(
+            lambda task_status: hostile.hostile_relays(
+                room.tracker_address, room.stream_id, take, mode=mode, count=1,
+                task_status=task_status,
+            )
+        )  # fmt: skip
+        await trio.sleep(honest_after)
+        await room.add_listeners(6)
+        honest = await room.finish(within=60)
+        assert honest.intact == honest.started, honest.problems
+        assert take.children_served >= 1, "no honest listener was placed under the relay"
+
+    run_in_room(tmp_path, SAMPLE, body)
+
+
 @pytest.mark.timeout(120)
 def test_a_relay_that_sends_no_audio_loses_its_children_and_they_lose_no_chunk(
     tmp_path: Path,
 ) -> None:
-    """A hostile relay joins first with capacity 1024 and sends STREAM_INFO, PATH and
-    HEARTBEATs but no audio; then 6 honest listeners join (1 identity in 7 hostile).
-    Those placed under it leave (PARENT_STALLED), and every honest listener plays every
-    chunk from its first to the end. (bench/bench_attacks.py runs the relays that send
-    old chunks, every other chunk, another stream's chunks or MISSING, and more hostile
+    """The relay sends STREAM_INFO, PATH and HEARTBEATs but no audio: those placed under
+    it leave (PARENT_STALLED) and lose nothing. (bench/bench_attacks.py runs the relays
+    that send every other chunk, another stream's chunks or MISSING, and more hostile
     identities, which this defence does not cover.)"""
-    take = hostile.Take()
-
-    async def body(room: AttackRoom) -> None:
-        await room.nursery.start(
-            lambda task_status: hostile.hostile_relays(
-                room.tracker_address, room.stream_id, take, mode="silent", count=1,
-                task_status=task_status,
-            )
-        )  # fmt: skip
-        await room.add_listeners(6)
-        honest = await room.finish(within=60)
-        assert honest.intact == honest.started, honest.problems
-        assert take.children_served >= 1, "no honest listener was placed under the relay"
-
-    run_in_room(tmp_path, SAMPLE, body)
+    six_honest_listeners_under_a_hostile_relay(tmp_path, "silent")
 
 
 @pytest.mark.timeout(120)
 def test_a_relay_replaying_old_chunks_cannot_start_newcomers_in_the_past(tmp_path: Path) -> None:
-    """A hostile relay joins first and keeps the stream's first 10 s; 12 s later 6 honest
-    listeners join, and it replays those chunks to the ones placed under it. A newcomer
-    used to play them, stall once the replay repeated, and find the chunks after them
-    gone from every ring. Now it plays nothing further behind the origin's live granule
-    (ASSIGNED) than the start lag, and every honest listener plays every chunk from its
-    first to the end."""
-    take = hostile.Take()
-
-    async def body(room: AttackRoom) -> None:
-        await room.nursery.start(
-            lambda task_status: hostile.hostile_relays(
-                room.tracker_address, room.stream_id, take, mode="old", count=1,
-                task_status=task_status,
-            )
-        )  # fmt: skip
-        await trio.sleep(12.0)
-        await room.add_listeners(6)
-        honest = await room.finish(within=60)
-        assert honest.intact == honest.started, honest.problems
-        assert take.children_served >= 1, "no honest listener was placed under the relay"
-
-    run_in_room(tmp_path, SAMPLE, body)
+    """The relay keeps the stream's first 10 s and replays them to the honest listeners,
+    who join 12 s later. A newcomer used to play them, stall once the replay repeated,
+    and find the chunks after them gone from every ring. Now it plays nothing further
+    behind the origin's live granule (ASSIGNED) than the start lag."""
+    six_honest_listeners_under_a_hostile_relay(tmp_path, "old", honest_after=12.0)
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""Hostile peers that speak raw meshd/1, for tests/test_attacks.py and bench/bench_attacks.py.
+"""Hostile peers that speak raw meshd/2, for tests/test_attacks.py and bench/bench_attacks.py.
 
 One small async function per attack from the security trial (issue 11). Each runs until
 cancelled (or until its work is done) and fills in a `Take`: what the attacker got out

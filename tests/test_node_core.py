@@ -477,7 +477,9 @@ def test_a_parent_that_accepts_and_sends_nothing_is_left_at_the_first_chunk_time
     assert solo.played == [(solo.played[0][0], 9)]  # the backup's live edge
 
 
-@pytest.mark.parametrize("lag", [1.5, 12.0], ids=["a-little", "beyond-the-ring"])
+@pytest.mark.parametrize(
+    "lag", [1.5, 3.0, 12.0], ids=["a-little", "beyond-the-start-lag", "beyond-the-ring"]
+)
 def test_a_newcomer_starts_no_further_behind_the_live_edge_than_the_start_lag(
     lag: float,
 ) -> None:
@@ -503,6 +505,41 @@ def test_a_newcomer_starts_no_further_behind_the_live_edge_than_the_start_lag(
     assert solo.parent() is live
     assert solo.played[0][1] == chunks[-1].seq  # the live edge, not the past
     assert solo.core.stats.too_old == 1
+
+
+class BeforeTheStart(Solo):
+    """The tracker does not know the stream at the first JOIN (it has not started yet, or
+    the tracker just restarted); it answers the next one."""
+
+    def __init__(self, signer: ChunkSigner, parents: list[FakeParent], live_granule: int) -> None:
+        self.told = False
+        super().__init__(signer, parents, live_granule)
+
+    def answer(self, request: TrackerRequest) -> TrackerResponse | None:
+        if isinstance(request, Join) and not self.told:
+            self.told = True
+            return Goodbye(ErrorCode.UNKNOWN_STREAM, "not yet")
+        return super().answer(request)
+
+
+@pytest.mark.parametrize("started_s", [4.0, 30.0], ids=["just-started", "long-running"])
+def test_a_node_that_waited_for_the_stream_plays_it_from_the_start_while_rings_hold_it(
+    started_s: float,
+) -> None:
+    """Told the stream had not started, a node plays it from chunk 0 once it has, even
+    beyond the start lag: it asked for the beginning, and it is not a replay. But when the
+    tracker says the stream is older than a ring holds (the tracker restarted mid-stream),
+    it starts at the live edge like any newcomer, not from the oldest chunk rings hold."""
+    signer, chunks = signer_with_chunks(int(started_s / 0.02))
+    parent, backup = FakeParent(signer, "parent"), FakeParent(signer, "backup")
+    for item in chunks:
+        parent.has(item, 0.0)
+        backup.has(item, 0.0)
+    solo = BeforeTheStart(signer, [parent, backup], live_granule=chunks[-1].chunk.granule)
+    solo.run_until(2.0)
+    assert not solo.closed and solo.parent() is parent
+    first = solo.played[0][1]
+    assert first == (0 if started_s < NodeConfig().buffer_seconds else chunks[-1].seq)
 
 
 class BackupsOnly(Solo):

@@ -14,7 +14,7 @@ import trio
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from meshd.quic import EndpointConfig, QuicConn, QuicEndpoint, open_quic_endpoint
+from meshd.quic import DEFAULT_ALPN, EndpointConfig, QuicConn, QuicEndpoint, open_quic_endpoint
 from tests.quic_helpers import endpoints, new_key
 
 INITIAL_SIZE = 1200
@@ -33,7 +33,7 @@ def random_initial(rng: random.Random, version: int = 1) -> bytes:
 
 def client_hello(address: tuple[str, int]) -> bytes:
     """A genuine first Initial from a client that will never follow up."""
-    quic = QuicConnection(configuration=QuicConfiguration(alpn_protocols=["meshd/1"]))
+    quic = QuicConnection(configuration=QuicConfiguration(alpn_protocols=[DEFAULT_ALPN]))
     quic.connect(address, now=0.0)
     datagram, _ = quic.datagrams_to_send(now=0.0)[0]
     return datagram

@@ -262,6 +262,7 @@ async def test_alpn_mismatch_fails_the_handshake() -> None:
             assert (
                 info.value.error_code == QuicErrorCode.CRYPTO_ERROR + 120
             )  # no_application_protocol
+            assert "another version than meshd/2" in str(info.value)
             with trio.move_on_after(0.5) as scope:
                 await server.accept()
             assert scope.cancelled_caught

@@ -302,7 +302,7 @@ def render(value: Any, name: str = "") -> str:
     if value is None:
         return "nil"
     if isinstance(value, bool):
-        raise TypeError("meshd/1 has no booleans")
+        raise TypeError("meshd has no booleans")
     if name == "code":
         return f"{int(value)} ({ErrorCode(value).name})"
     if isinstance(value, int):

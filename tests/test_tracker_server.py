@@ -399,3 +399,5 @@ def test_assigned_tells_newcomers_where_the_origin_was_at_its_last_register() ->
     assert join(6.0) == 480_000
     register(9_600, 10.0)
     assert join(11.0) == 9_600
+    register(None, 15.0)  # it started again and has sent nothing yet
+    assert join(16.0) is None

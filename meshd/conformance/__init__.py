@@ -1,4 +1,4 @@
-"""A black-box conformance suite for meshd/1 (docs/spec.md), run over the wire.
+"""A black-box conformance suite for meshd/2 (docs/spec.md), run over the wire.
 
 Point it at an implementation's address: it drives it only through real QUIC
 connections, with numbered cases tied to spec sections, and reports what each case

@@ -27,7 +27,7 @@ REFERENCE_NODE = (
 
 
 DESCRIPTION = """\
-Test another meshd/1 implementation (or this one) against docs/spec.md, over the
+Test another meshd/2 implementation (or this one) against docs/spec.md, over the
 wire only: real QUIC connections to HOST:PORT, numbered cases tied to spec sections
 (e.g. 4.2-zero-length), each MUST / SHOULD / INFO, each reported with what was sent,
 what the spec expects and what came back. Verdicts: pass, fail, non-strict (acceptable
@@ -72,7 +72,7 @@ def register(
     """Add the `conformance` command (meshd.cli passes its argument parsers)."""
     command = sub.add_parser(
         "conformance",
-        help="test an implementation against the meshd/1 spec",
+        help="test an implementation against the meshd/2 spec",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,5 +1,5 @@
 """What every target shares: the connection settings, and the cases that hold for any
-QUIC server speaking meshd/1 (handshake, framing, decoding).
+QUIC server speaking meshd/2 (handshake, framing, decoding).
 
 Each common case is added to a target's case list by `add_common_cases`; `first` is a
 valid first message for that target, used where a case needs one (trailing bytes,

@@ -136,7 +136,7 @@ class Report:
     def format(self, *, verbose: bool = False) -> str:
         """The terminal summary: per section counts, then every case that did not pass
         (every case with `verbose`) with what was sent, expected and got."""
-        lines = [f"meshd/1 conformance: {self.target}", ""]
+        lines = [f"meshd/2 conformance: {self.target}", ""]
         for section, results in _by_section(self.results).items():
             counts = Counter(r.verdict for r in results)
             summary = ", ".join(f"{counts[v]} {v.value}" for v in Verdict if counts[v])

@@ -484,26 +484,6 @@ async def _register_replaces(target: TrackerTarget) -> Outcome:
     )
 
 
-@case("5.3-live-granule", "5.3", Level.MUST,
-      "ASSIGNED carries the live_granule of the origin's last REGISTER, the latest")  # fmt: skip
-async def _live_granule(target: TrackerTarget) -> Outcome:
-    stream = await target.new_stream()
-    sent = "REGISTER(live_granule nil), JOIN, REGISTER(live_granule 480000), JOIN, "
-    sent += "REGISTER(live_granule 9600), JOIN"
-    got = []
-    for live in (None, 480_000, 9_600):
-        await target.ask_for(register(stream, now_ms(), live_granule=live), Ack, "REGISTER")
-        node = await target.join(stream)
-        assert node.assigned is not None
-        got.append(node.assigned.live_granule)
-    return Outcome(
-        Verdict.PASS if got == [None, 480_000, 9_600] else Verdict.FAIL,
-        sent,
-        "ASSIGNED with live_granule nil, 480000, then 9600",
-        ", ".join("nil" if g is None else str(g) for g in got),
-    )
-
-
 @case("5.2-join-assigned", "5.2", Level.MUST,
       "the first JOIN is ASSIGNED the origin (node = stream id) at depth 1")  # fmt: skip
 async def _join_assigned(target: TrackerTarget) -> Outcome:
@@ -522,6 +502,27 @@ async def _join_assigned(target: TrackerTarget) -> Outcome:
         "REGISTER, then JOIN(capacity 2)",
         f"ASSIGNED(parent=(stream id, {stream.address!r}), depth 1, refresh_s > 0)",
         describe(assigned),
+    )
+
+
+@case("5.3-live-granule", "5.3", Level.MUST,
+      "ASSIGNED carries the live_granule of the last REGISTER: the latest, nil too")  # fmt: skip
+async def _live_granule(target: TrackerTarget) -> Outcome:
+    stream = await target.new_stream()
+    sent = "REGISTER(live_granule nil), JOIN, REGISTER(live_granule 480000), JOIN, "
+    sent += "REGISTER(live_granule 9600), JOIN, REGISTER(live_granule nil), JOIN"
+    sequence = [None, 480_000, 9_600, None]
+    got = []
+    for live in sequence:
+        await target.ask_for(register(stream, now_ms(), live_granule=live), Ack, "REGISTER")
+        node = await target.join(stream)
+        assert node.assigned is not None
+        got.append(node.assigned.live_granule)
+    return Outcome(
+        Verdict.PASS if got == sequence else Verdict.FAIL,
+        sent,
+        "ASSIGNED with live_granule nil, 480000, 9600, then nil",
+        ", ".join("nil" if g is None else str(g) for g in got),
     )
 
 

@@ -36,7 +36,7 @@ class Received:
 
 @dataclass(frozen=True)
 class Undecodable:
-    """Bytes from the implementation that are not a valid meshd/1 message (or frame)."""
+    """Bytes from the implementation that are not a valid meshd/2 message (or frame)."""
 
     error: str
     datagram: bool

@@ -22,8 +22,8 @@ class NodeConfig:
     live parent's backlog comes with its acceptance, and a hostile one must not cost a
     newcomer the stall timeout."""
     start_lag: float = 2.0
-    """A newcomer plays no chunk further behind than this the live granule the tracker
-    last heard from the origin (ASSIGNED): older ones are the past, replayed."""
+    """How far behind the origin's live granule (as the tracker last heard it, ASSIGNED)
+    a newcomer's first chunk may be: anything older is the past, replayed."""
     child_timeout: float = 1.0
     """A parent lets a child go after hearing nothing from its connection for this long."""
     subscribe_timeout: float = 2.0

@@ -289,9 +289,9 @@ class NodeCore:
         self._problem = "the tracker did not answer"
         self._said: str | None = None
         """The last placement problem logged as a warning (a repeat is not worth one)."""
-        self._start_floor: int | None = None
-        """The oldest granule our first chunk may have: the origin's live granule by the
-        tracker's last ASSIGNED, less the start lag (None: the tracker did not say)."""
+        self._live_granule: int | None = None
+        """Where the origin was by the tracker's last ASSIGNED (None: it did not say); our
+        first chunk may be at most the start lag behind it."""
         self._before_start = False
         """The tracker did not know the stream when we first asked: once it starts, it is
         played from its first chunk."""
@@ -351,7 +351,7 @@ class NodeCore:
         up = self._links.get(link)
         if up is None:
             return
-        if self.reorder.next_seq is None and self._before_start:
+        if self.reorder.next_seq is None and self._from_the_start():
             self.reorder.next_seq = 0  # it started since we asked: all of it is ours to play
         up.link = ChildLink(
             self.stream_id,
@@ -564,8 +564,7 @@ class NodeCore:
         self.backups = answer.backups
         self.stats.backups = [key_to_text(peer.node) for peer in answer.backups]
         self.refresh_s = answer.refresh_s
-        if answer.live_granule is not None:
-            self._start_floor = answer.live_granule - int(self.config.start_lag * OPUS_RATE)
+        self._live_granule = answer.live_granule  # the latest word, nil included
         if self.stats.joined_at is None:
             self.stats.joined_at = now
             self._schedule_refresh(now)
@@ -1053,8 +1052,8 @@ class NodeCore:
 
     def _on_chunk(self, up: Upstream, item: VerifiedChunk, now: float) -> None:
         if self._too_old_to_start(item):
-            # Validly signed, but the past: a relay replaying it would start us behind
-            # the live edge by more than the ring buffers, and cost a gap once it stops.
+            # Validly signed, but the past: a relay replaying what it kept would start us
+            # far behind the live edge, and once it stops no ring holds what follows.
             up.too_old += 1
             self.stats.too_old += 1
             return
@@ -1071,9 +1070,19 @@ class NodeCore:
         self.children.forward(item, now)
         self._play_ready(now)
 
+    def _from_the_start(self) -> bool:
+        """Whether we play the stream from its first chunk: the tracker did not know it
+        when we first asked, and by its word the rings still hold the beginning (after a
+        tracker restart mid-stream they do not: we start near the live edge then)."""
+        live = self._live_granule
+        held = self.config.buffer_seconds * OPUS_RATE
+        return self._before_start and (live is None or live <= held)
+
     def _too_old_to_start(self, item: VerifiedChunk) -> bool:
-        floor = self._start_floor
-        return self.stats.first_seq is None and floor is not None and item.chunk.granule < floor
+        live = self._live_granule
+        if self.stats.first_seq is not None or live is None or self._from_the_start():
+            return False
+        return item.chunk.granule < live - int(self.config.start_lag * OPUS_RATE)
 
     def _play_ready(self, now: float) -> None:
         ready = self.reorder.pop_ready()

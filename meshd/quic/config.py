@@ -9,7 +9,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-DEFAULT_ALPN = "meshd/1"
+DEFAULT_ALPN = "meshd/2"
 # Large enough that the packet size, not the peer's limit, bounds a datagram.
 MAX_DATAGRAM_FRAME_SIZE = 65536
 # Below the 25 ms max_ack_delay aioquic advertises: holding a reply delays an ACK.
@@ -52,7 +52,7 @@ class EndpointConfig:
 
     ``client_datagram_error``, when set, is the application error code a server
     connection closes with when its client sends a DATAGRAM frame (None: datagrams are
-    delivered). In meshd/1 datagrams flow only from a parent to its child.
+    delivered). In meshd datagrams flow only from a parent to its child.
     """
 
     alpn: str = DEFAULT_ALPN

@@ -8,6 +8,12 @@ callers can tell a bug in their own code from a peer going away.
 from __future__ import annotations
 
 import trio
+from aioquic.quic.packet import QuicErrorCode
+
+from meshd.quic.config import DEFAULT_ALPN
+
+NO_APPLICATION_PROTOCOL = QuicErrorCode.CRYPTO_ERROR + 120
+"""The TLS alert a peer sends when no ALPN (protocol version) is common to both."""
 
 
 class ConnectionLost(trio.BrokenResourceError):
@@ -28,6 +34,11 @@ class ConnectionLost(trio.BrokenResourceError):
 
 class HandshakeFailed(ConnectionLost):
     """The QUIC/TLS handshake did not complete (timeout, refusal, TLS alert)."""
+
+    def __init__(self, error_code: int | None, reason: str, *, by_peer: bool) -> None:
+        if error_code == NO_APPLICATION_PROTOCOL:
+            reason = f"{reason or 'no common ALPN'} (it speaks another version than {DEFAULT_ALPN})"
+        super().__init__(error_code, reason, by_peer=by_peer)
 
 
 class PeerKeyMismatch(HandshakeFailed):

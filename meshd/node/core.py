@@ -1059,8 +1059,7 @@ class NodeCore:
             return
         if not self.reorder.add(item, now):
             self.stats.duplicates += 1
-            if self.current is not None:
-                self.current.behind = True
+            up.behind = True
             return
         self.stats.chunks_in += 1
         self.stats.bytes_in += len(item.raw)

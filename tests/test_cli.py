@@ -227,6 +227,29 @@ def test_a_room_of_processes_delivers_every_packet(tmp_path: Path) -> None:
     assert status_after.returncode == 1 and "STREAM_ENDED" in status_after.stderr
 
 
+def test_a_listener_started_before_the_stream_plays_it_from_its_first_chunk(
+    tmp_path: Path,
+) -> None:
+    """Someone waiting for the show to start hears it from the beginning: the listener
+    is told the tracker does not know the stream yet, and once the origin starts it
+    subscribes from chunk 0, not at the live edge (and not refusing chunk 0 as the past,
+    which the start lag would for a newcomer)."""
+    source = packets_of(TONE)
+    with cluster(tmp_path) as room:
+        _, tracker = room.tracker()
+        key, stream = room.keygen("origin")
+        listener = room.listener("listener", tracker, stream)
+        listener.wait_for_output("does not know stream", timeout=30)
+        origin = room.start(
+            "origin", "origin", "--tracker", tracker, "--key", str(key), "--input", str(TONE),
+        )  # fmt: skip
+        assert listener.wait(30) == 0, listener.tail()
+        assert origin.wait(30) == 0, origin.tail()
+    assert_gap_free_tail(tmp_path / "listener.opus", source)
+    stats = room.stats("listener")
+    assert stats["first_seq"] == 0 and stats["lost"] == 0 and stats["too_old"] == 0
+
+
 def test_status_shows_the_tree(tmp_path: Path) -> None:
     with cluster(tmp_path) as room:
         _, tracker = room.tracker()

@@ -1051,7 +1051,7 @@ class NodeCore:
     # -- the data path -----------------------------------------------------------------
 
     def _on_chunk(self, up: Upstream, item: VerifiedChunk, now: float) -> None:
-        if self._too_old_to_start(item):
+        if self.stats.first_seq is None and self._too_old_to_start(item):
             # Validly signed, but the past: a relay replaying what it kept would start us
             # far behind the live edge, and once it stops no ring holds what follows.
             up.too_old += 1
@@ -1078,8 +1078,10 @@ class NodeCore:
         return self._before_start and (live is None or live <= held)
 
     def _too_old_to_start(self, item: VerifiedChunk) -> bool:
+        """Before our first audio: whether `item` is further behind the origin's live
+        granule than the start lag (the check costs nothing once we play)."""
         live = self._live_granule
-        if self.stats.first_seq is not None or live is None or self._from_the_start():
+        if live is None or self._from_the_start():
             return False
         return item.chunk.granule < live - int(self.config.start_lag * OPUS_RATE)
 

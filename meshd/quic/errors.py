@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import trio
 from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import AlertDescription
 
 from meshd.quic.config import DEFAULT_ALPN
 
-NO_APPLICATION_PROTOCOL = QuicErrorCode.CRYPTO_ERROR + 120
+NO_APPLICATION_PROTOCOL = QuicErrorCode.CRYPTO_ERROR + AlertDescription.no_application_protocol
 """The TLS alert a peer sends when no ALPN (protocol version) is common to both."""
 
 

@@ -333,7 +333,8 @@ class Tracker:
             state.tree.refresh(
                 request.stream, now, capacity=request.capacity, address=request.address
             )
-        state.live_granule = request.live_granule  # the latest, not the largest: a restart
+        # The latest, not the largest: an origin that starts its stream again counts from 0.
+        state.live_granule = request.live_granule
         # The origin re-registers often: a restarted tracker knows the stream again, and
         # seats new listeners, within seconds (one small request per stream).
         return Ack(min(REGISTER_REFRESH_S, self.config.refresh_s))

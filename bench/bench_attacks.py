@@ -122,6 +122,15 @@ async def _reports(room: AttackRoom, take: hostile.Take, n: int, rng: random.Ran
     await hostile.false_reports(room.tracker_address, room.stream_id, take)
 
 
+async def _reports_by_join(
+    room: AttackRoom, take: hostile.Take, n: int, rng: random.Random
+) -> None:
+    await room.add_listeners(n)
+    await room.wait_playing()
+    await trio.sleep(1.0)
+    await hostile.false_reports_by_join(room.tracker_address, room.stream_id, take)
+
+
 async def _pull(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random) -> None:
     await room.add_listeners(n)
     await room.wait_playing()
@@ -199,6 +208,14 @@ def _pulled(take: hostile.Take) -> str:
     )
 
 
+def _evicted(take: hostile.Take) -> str:
+    return (
+        f"{take.identities_accepted} planted ({take.identities_refused} refused),"
+        f" {take.relays_evicted} relays evicted"
+        f" ({take.note}); audience {take.audience_before} -> {take.audience_after}"
+    )
+
+
 def _held(take: hostile.Take) -> str:
     closed = ", ".join(f"{v} {k}" for k, v in sorted(take.closed_by_target.items()))
     return f"{take.connections_opened} opened, max {take.max_held} held at once; closed: {closed}"
@@ -221,13 +238,10 @@ ATTACKS: dict[str, Attack] = {
     "slot-squat-40": Attack("a parent's last free slot is kept for a relay", _squat, _joins),
     "join-flood-2000": Attack("JOINs per network: burst 100, 20/s", _flood, _joins),
     "false-reports": Attack(
-        "NOT DEFENDED (2 planted reports evict)",
-        _reports,
-        lambda take: (
-            f"{take.identities_accepted} planted ({take.identities_refused} refused),"
-            f" {take.relays_evicted} relays evicted"
-            f" ({take.note}); audience {take.audience_before} -> {take.audience_after}"
-        ),
+        "a child under a parent by its own claim is no witness", _reports, _evicted
+    ),
+    "false-reports-joined": Attack(
+        "one source network is one witness (see --spread-networks)", _reports_by_join, _evicted
     ),
     "unauthenticated-pull": Attack(
         "token-protected stream: every parent checks the child's token (ADMIT)",

@@ -531,6 +531,45 @@ async def false_reports(
         take.note = f"{planted_under} of {len(targets)} relays planted under"
 
 
+async def false_reports_by_join(
+    tracker: tuple[str, int], stream: bytes, take: Take, *, relays: int = 3, tries: int = 60
+) -> None:
+    """Let the tracker place the planted identities: JOIN fresh capacity-0 identities one
+    at a time until two landed under each of `relays` listeners (or `tries` JOINs were
+    made), then have both REJOIN naming it dead. Counts the relays the tracker no longer
+    has in its tree 4 s later (after its probes)."""
+    async with open_quic_endpoint(Ed25519PrivateKey.generate(), ATTACKER_HOST) as endpoint:
+        before = await tree(endpoint, tracker, stream)
+        if before is None:
+            take.note = "no TREE answer"
+            return
+        take.audience_before = before.audience
+        origin = next(n.node for n in before.nodes if n.parent is None)
+        under: dict[bytes, list[Ed25519PrivateKey]] = {}
+        for _ in range(tries):
+            key = Ed25519PrivateKey.generate()
+            (answer,) = await ask(endpoint, tracker, [join_request(key, stream, 0, "")])
+            assigned = count_answer(take, answer)
+            if assigned is not None and assigned.parent.node != origin:
+                under.setdefault(assigned.parent.node, []).append(key)
+            if sum(len(keys) >= 2 for keys in under.values()) >= relays:
+                break
+        targets = [parent for parent, keys in under.items() if len(keys) >= 2]
+        for target in targets:
+            reports: list[Message] = [
+                sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
+                for k in under[target][:2]
+            ]
+            await ask(endpoint, tracker, reports)
+        await trio.sleep(4.0)  # the tracker's probes take up to 3 s
+        after = await tree(endpoint, tracker, stream)
+        if after is not None:
+            take.audience_after = after.audience
+            left = {n.node for n in after.nodes}
+            take.relays_evicted = sum(1 for t in targets if t not in left)
+        take.note = f"two placed under {len(targets)} relays"
+
+
 # -- pulling the stream ----------------------------------------------------------------
 
 

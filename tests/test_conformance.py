@@ -289,6 +289,21 @@ async def test_a_tracker_that_excuses_only_a_parents_failure_fails(
     assert _failed(report) == {"7.3-excused-below-a-failure"}
 
 
+async def test_a_tracker_that_takes_claimed_children_as_witnesses_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any node can put itself under a relay with a free slot by REFRESH: a tracker that
+    counts its report lets two planted identities remove a healthy relay."""
+
+    def follow_unmarked(tree: StreamTree, node: Any, parent: Any) -> None:
+        tree._move(node, parent)
+
+    monkeypatch.setattr(StreamTree, "_move_by_claim", follow_unmarked)
+    async with tracker_in_process() as address:
+        report = await check_tracker(address, only=["7.3-claimed-child-no-witness"])
+    assert _failed(report) == {"7.3-claimed-child-no-witness"}
+
+
 @asynccontextmanager
 async def origin_in_process() -> AsyncIterator[Origin]:
     """An origin streaming (it streams once its tracker has the stream)."""

@@ -52,13 +52,17 @@ def make_tree(
 
 
 def build(tree: StreamTree, edges: dict[int, tuple[int, int]], now: float = 0.0) -> None:
-    """Insert peer i under edges[i] = (parent, capacity) (0: the origin), in order.
+    """Insert peer i under edges[i] = (parent, capacity) (0: the origin), in order, as
+    if the tracker had placed it there (the shape JOINs would need many more peers for).
 
-    Uses the refresh re-insertion path, which puts a peer exactly where it says it is.
+    Uses the refresh re-insertion path, which puts a peer exactly where it says it is,
+    then forgets (white box) that the peer put itself there: a claimed placement's
+    failure reports count for nothing (see test_a_child_placed_by_its_own_claim_is_no_witness).
     """
     for i, (parent, capacity) in edges.items():
         parent_id = ORIGIN if parent == 0 else pid(parent)
         tree.refresh(pid(i), now, parent=parent_id, capacity=capacity, address=addr(i))
+        tree._peers[pid(i)].claimed = False
 
 
 def join_all(tree: StreamTree, ids: Iterable[int], capacity: int, now: float = 0.0) -> None:
@@ -313,6 +317,100 @@ def test_single_report_moves_reporter_but_does_not_evict() -> None:
     # The same liar again makes no quorum (and it is not 1's child any more).
     tree.report_failure(pid(3), pid(1), 11.0)
     assert pid(1) in tree
+    check_invariants(tree)
+
+
+@pytest.mark.parametrize("how", ["refresh-unknown", "refresh-known", "rejoin-attached"])
+def test_a_child_placed_by_its_own_claim_is_no_witness(how: str) -> None:
+    """Anyone can claim a free slot (a REFRESH naming a parent, a REJOIN's `attached`):
+    two identities that put themselves under a healthy relay the tracker never offered
+    them cannot report it away. Their reports get it probed; found alive, it keeps its
+    children, its vouches and its place in the offers. Children the tracker placed
+    there still count."""
+    tree = earned_tree(origin_capacity=3)
+    for i in (8, 9):  # where the reporters go
+        tree.join(pid(i), 4, addr(i), 0.0, net(i))
+    tree.join(pid(1), 8, addr(1), 0.0, net(1))
+    honest = [pid(i) for i in (2, 3)]
+    for i in (2, 3):
+        assert tree.join(pid(i), 0, "", 0.0, net(i)).parent.peer_id == pid(1)
+    liars = [pid(i) for i in (5, 6)]
+    if how != "refresh-unknown":
+        for liar in liars:  # while 1 is full: it is offered to neither
+            got = tree.join(liar, 0, "", 1.0, EVIL)
+            assert pid(1) not in (got.parent.peer_id, *(b.peer_id for b in got.backups))
+    for child in honest:
+        tree.refresh(child, VOUCH, parent=pid(1))  # they vouch: 1 earns 4 slots
+    assert tree.capacity_of(pid(1)) == 4
+    for liar in liars:
+        if how == "refresh-unknown":
+            tree.refresh(liar, VOUCH, parent=pid(1), capacity=0, address="", network=EVIL)
+        elif how == "refresh-known":
+            tree.refresh(liar, VOUCH, parent=pid(1))
+        else:
+            tree.report_failure(liar, pid(77), VOUCH, attached_to=pid(1))  # a parent long gone
+        assert tree.parent_of(liar) == pid(1)
+    for liar in liars:
+        tree.report_failure(liar, pid(1), VOUCH + 1)
+    assert pid(1) in tree and tree.suspects(VOUCH + 1) == [pid(1)]
+    assert tree.capacity_of(pid(1)) == 4  # no vouch lost
+    tree.probe_result(pid(1), True, VOUCH + 2)
+    assert not tree.is_unproven(pid(1))
+    assert set(tree.children_of(pid(1))) == set(honest)
+    # The children the tracker placed are witnesses: two of them evict it.
+    for child in honest:
+        tree.report_failure(child, pid(1), VOUCH + 3)
+    assert pid(1) not in tree
+    check_invariants(tree)
+
+
+def test_a_failover_to_an_offered_backup_is_the_trackers_placement() -> None:
+    """A node that fails over to a backup of its last ASSIGNED and says so (REJOIN
+    `attached`) is where the tracker sent it: its report counts. One that moves to a
+    parent it was never offered is not (white box: `claimed`)."""
+    tree = make_tree(origin_capacity=3)
+    for i in (1, 2):
+        tree.join(pid(i), 4, addr(i), 0.0, net(i))
+    got = tree.join(pid(5), 0, "", 0.0, net(5))
+    backup = got.backups[0].peer_id
+    tree.report_failure(pid(5), got.parent.peer_id, 1.0, attached_to=backup)
+    assert tree.parent_of(pid(5)) == backup and not tree._peers[pid(5)].claimed
+    tree.join(pid(3), 4, addr(3), 1.5, net(3))  # after its last ASSIGNED
+    tree.refresh(pid(5), 2.0, parent=pid(3))
+    assert tree.parent_of(pid(5)) == pid(3) and tree._peers[pid(5)].claimed
+    check_invariants(tree)
+
+
+def test_children_of_one_network_are_one_witness() -> None:
+    """An attacker's identities placed under a relay by JOINs, all from one source
+    network, are one witness however many report it; a child of another network makes
+    the second."""
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(9), 4, addr(9), 0.0, net(9))
+    tree.join(pid(1), 8, addr(1), 0.0, net(1))
+    for i in (2, 5, 6, 7):
+        network = net(i) if i == 2 else EVIL
+        assert tree.join(pid(i), 0, "", 0.0, network).parent.peer_id == pid(1)
+    for i in (5, 6, 7):
+        tree.report_failure(pid(i), pid(1), 1.0)
+    assert pid(1) in tree
+    tree.report_failure(pid(2), pid(1), 1.5)
+    assert pid(1) not in tree
+    check_invariants(tree)
+
+
+def test_one_network_is_a_quorum_against_a_relay_it_alone_listens_to() -> None:
+    """When every child from outside a relay's network is of one network, one report
+    from it is a quorum: a relay holding the origin's slot for a room behind one NAT
+    would otherwise starve it for good. Costs an attacker nothing it could not do by
+    leaving: the relay fed only its identities."""
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(9), 4, addr(9), 0.0, net(9))
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
+    for i in (2, 3):
+        assert tree.join(pid(i), 0, "", 0.0, net(100)).parent.peer_id == pid(1)
+    tree.report_failure(pid(2), pid(1), 1.0)
+    assert pid(1) not in tree
     check_invariants(tree)
 
 
@@ -875,12 +973,12 @@ def test_one_report_evicts_a_relay_whose_other_children_are_of_its_own_network(
     slot the attacker leaves, before the sybils (which declare more), and they are
     offered to nobody. Other listeners' silence still counts: then one report is not."""
     tree = make_tree(origin_capacity=2)
-    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
     tree.join(pid(9), 2, addr(9), 0.0, net(9))  # where the reporter can go
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
+    assert tree.join(pid(5), 2, addr(5), 0.0, net(5)).parent.peer_id == pid(1)
     for i in (2, 3, 4):
         network = EVIL if own_network else net(i)
         tree.refresh(pid(i), 0.0, parent=pid(1), capacity=8, address=addr(i), network=network)
-    tree.refresh(pid(5), 0.0, parent=pid(1), capacity=2, address=addr(5), network=net(5))
     got = tree.report_failure(pid(5), pid(1), 1.0)
     assert (pid(1) in tree) is not own_network
     if own_network:
@@ -891,14 +989,17 @@ def test_one_report_evicts_a_relay_whose_other_children_are_of_its_own_network(
 
 def test_a_report_from_the_relays_own_network_needs_the_quorum() -> None:
     """Honest listeners behind one /24 feed each other: one of them reporting its parent
-    is no sybil-free witness, and one report from it alone evicts nobody."""
+    is no sybil-free witness, and one report from it alone evicts nobody. Each child of
+    the relay's own network is a witness of its own (its sybils could only evict it)."""
     tree = make_tree(origin_capacity=2)
-    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
     tree.join(pid(9), 2, addr(9), 0.0, net(9))
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
     for i in (2, 3):
-        tree.refresh(pid(i), 0.0, parent=pid(1), capacity=0, address="", network=EVIL)
+        assert tree.join(pid(i), 0, "", 0.0, EVIL).parent.peer_id == pid(1)
     tree.report_failure(pid(2), pid(1), 1.0)
     assert pid(1) in tree
+    tree.report_failure(pid(3), pid(1), 1.5)
+    assert pid(1) not in tree
     check_invariants(tree)
 
 
@@ -1019,10 +1120,11 @@ class TreeMachine(RuleBasedStateMachine):
         backup = data.draw(st.sampled_from(sorted(self.tree))) if use_backup else None
         # A reporter we only told to go there never streamed from it: a refusal, no report.
         refused = self.tree.is_orphaned(reporter)
+        claimed = self.claimed(reporter)
         backup_ok = backup in eligible_parents(self.tree, reporter, None if refused else dead)
         room_outside = bool(eligible_parents(self.tree, reporter, dead, offered=True) - {dead})
         # A parent whose own parent failed lately is excused: the report only doubts it.
-        if not refused and not self.tree.is_excused(dead, self.now):
+        if not refused and not claimed and not self.tree.is_excused(dead, self.now):
             self.reports.setdefault(dead, {})[reporter] = self.now
         self.reports.pop(reporter, None)  # its own parent failed: it was starved too
         confirmed = self.witnesses(dead) >= 2
@@ -1064,10 +1166,11 @@ class TreeMachine(RuleBasedStateMachine):
         victim = self.tree.parent_of(liar)
         assert victim is not None
         refused = self.tree.is_orphaned(liar)  # never streamed from it: no report
-        if not refused and not self.tree.is_excused(victim, self.now):
+        claimed = self.claimed(liar)
+        if not refused and not claimed and not self.tree.is_excused(victim, self.now):
             self.reports.setdefault(victim, {})[liar] = self.now
         self.reports.pop(liar, None)
-        unshielded = self.sybils_only(victim, liar)
+        unshielded = not claimed and self.one_witness_is_a_quorum(victim, liar)
         try:
             self.tree.report_failure(liar, victim, self.now)
         except NoCapacity:  # (the parent that refused it is no place either)
@@ -1076,7 +1179,7 @@ class TreeMachine(RuleBasedStateMachine):
         event("lie")
         if victim not in self.tree:
             assert unshielded, "one lying child evicted a healthy relay"
-            event("lie: evicted a relay whose other children are its sybils")
+            event("lie: evicted a relay whose other children are one witness")
             return
         # A report, or a refusal (it gets the parent probed): a suspect either way.
         assert victim in self.tree.suspects(self.now)
@@ -1145,10 +1248,16 @@ class TreeMachine(RuleBasedStateMachine):
         else:
             assert dead in self.tree
 
-    def sybils_only(self, relay: bytes, reporter: bytes) -> bool:
-        """Whether the reporter is the relay's only child from another source network
-        while others are from the relay's own: then its report alone is a quorum."""
+    def one_witness_is_a_quorum(self, relay: bytes, reporter: bytes) -> bool:
+        """Whether the reporter's report alone is a quorum against the relay: here every
+        peer is a network of its own, so never."""
         return False
+
+    def claimed(self, peer: bytes) -> bool:
+        """Whether the peer is under its parent by its own claim (REJOIN `attached`), so
+        that its reports count for nothing. White box: which moves the tracker makes
+        along the way (re-homing, rebalancing) is the tree's business, not the model's."""
+        return self.tree._peers[peer].claimed
 
     def witnesses(self, peer: bytes | None) -> int:
         """First-hand reports against `peer` that count towards its quorum now."""
@@ -1332,18 +1441,28 @@ class EarnedTreeMachine(TreeMachine):
         dead = self.tree.parent_of(reporter)
         assert dead is not None
         refused = self.tree.is_orphaned(reporter)  # never streamed from it: no report
+        claimed = self.claimed(reporter)
         with contextlib.suppress(NoCapacity):
             got = self.tree.report_failure(reporter, dead, self.now)
             check_assignment(self.tree, reporter, got)
-        if dead in self.tree and not refused:
+        if dead in self.tree and not refused and not claimed:
             assert self.tree.capacity_of(dead) == min(INITIAL, self.tree.declared_of(dead))
 
-    def sybils_only(self, relay: bytes, reporter: bytes) -> bool:
-        if relay not in self.evil or reporter in self.evil:
-            return False
+    def one_witness_is_a_quorum(self, relay: bytes, reporter: bytes) -> bool:
+        """Honest peers are networks of their own, the attacker's are one network. A
+        relay's children from other networks are one witness (one honest listener, or
+        the attacker's), while it has more children: then one report from another
+        network than the relay's is a quorum."""
+
+        def witness(peer: bytes) -> bytes:
+            return EVIL.encode() if peer in self.evil else peer
+
+        evil = relay in self.evil
+        if evil and reporter in self.evil:
+            return False  # its own network: one witness of two
         children = self.tree.children_of(relay)
-        honest = [child for child in children if child not in self.evil]
-        return len(honest) == 1 and len(children) > 1
+        outside = {witness(c) for c in children if not (evil and c in self.evil)}
+        return len(outside) == 1 and len(children) > 1
 
     @rule(count=st.integers(1, 3))
     def attack(self, count: int) -> None:

@@ -1250,6 +1250,49 @@ async def _second_reporter(target: TrackerTarget) -> Outcome:
     )
 
 
+_CLAIMED = (
+    "origin(1) ← T(3) ← C1, C2 (capacity 0); REGISTER(capacity 2); S(2); C1 and C2 "
+    "REFRESH(parent = S); C1 and C2 REJOIN(dead = S), while a QUIC server with S's key "
+    "answers at S's address"
+)
+
+
+@case("7.3-claimed-child-no-witness", "7.3", Level.MUST,
+      "children that put themselves under a relay by REFRESH cannot report it away")  # fmt: skip
+async def _claimed_child_no_witness(target: TrackerTarget) -> Outcome:
+    key = Ed25519PrivateKey.generate()
+    watch = 8.0  # past a probe, the 5 s a conviction waits, and the reference's expiry pass
+    async with answering(key, _host(target)) as alive:
+        stream = await target.new_stream(capacity=1)
+        other = await target.join(stream, capacity=3)
+        claimers = [await target.join(stream, capacity=0) for _ in range(2)]
+        stream.capacity = 2
+        await target.ask_for(register(stream, now_ms()), Ack, "REGISTER(capacity 2)")
+        suspect = Node(key, key_id(key), alive.address, 2)
+        await _join_as(target, stream, suspect)
+        c1, c2 = (c.id for c in claimers)
+        names = _Names(origin=stream.id, T=other.id, S=suspect.id, C1=c1, C2=c2)
+        nodes = [other, *claimers, suspect]
+        if [_parent(n) for n in nodes] != [stream.id, other.id, other.id, stream.id]:
+            expected = "T and S under the origin, C1 and C2 under T (§7.3 placement)"
+            raise Mismatch(_CLAIMED, expected, names.placed(nodes))
+        for claimer in claimers:
+            sent = "REFRESH(parent = S), S having free slots"
+            await target.ask_for(refresh(stream.id, claimer, suspect.id), Ack, sent)
+        for claimer in claimers:
+            await _rejoin(target, stream, claimer, suspect.id, "REJOIN(dead = S)")
+        await trio.sleep(watch)
+        report = await _tree(target, stream)
+    listed = suspect.id in _parents(report)
+    return Outcome(
+        Verdict.PASS if listed else Verdict.FAIL,
+        f"{_CLAIMED}; TREE {watch:g} s later",
+        "TREE still lists S: C1 and C2 are under S by their own claim, not the tracker's "
+        "placement, so they are no witnesses, and S answers the probe",
+        f"TREE {'lists' if listed else 'does not list'} S",
+    )
+
+
 @case("7.3-unreachable-suspect-removed", "7.3", Level.MUST,
       "a suspect whose address answers nothing is removed once the probe fails")  # fmt: skip
 async def _unreachable_removed(target: TrackerTarget) -> Outcome:

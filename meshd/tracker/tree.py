@@ -17,12 +17,15 @@ that (`_better_place`): stable relays move up into shallow free slots, leaves mo
 out of them, each when it next refreshes (see bench/bench_tracker_core.py).
 
 Failure reports are hearsay until confirmed: a node reported dead becomes a suspect
-(nobody is sent to it) and is evicted only after `report_quorum` distinct children
-reported it within `report_window`, when its soft state has expired, or when the host's
-probe says it is unreachable. A suspect found alive (by the probe, or because it spoke
-for itself) after a child reported it is *unproven*: alive, but maybe not delivering (a
-wedged relay answers handshakes), so it gets no new children for `report_window`, or
-until a child claims it as its actual parent. Its reports still count: a quorum reached
+(nobody is sent to it) and is evicted only after `report_quorum` distinct witnesses among
+its children reported it within `report_window`, when its soft state has expired, or
+when the host's probe says it is unreachable. Only children the tracker put there are
+witnesses: a node under a parent by its own claim of a slot it was never offered is none
+(anyone can claim a free slot), and the reporters of one source network are one
+(`_witness`). A suspect found alive (by the probe, or because it spoke for itself) after
+a child reported it is *unproven*: alive, but maybe not delivering (a wedged relay
+answers handshakes), so it gets no new children for `report_window`, or until a child
+claims it as its actual parent. Its reports still count: a quorum reached
 after it was found alive evicts it at once under the origin (which never fails), and
 elsewhere *convicts* it: `expire` evicts it `_EXCUSED_FOR` later, unless it is *excused*
 meanwhile: by its own REJOIN or its parent's eviction (its parent failed), or by an
@@ -176,6 +179,7 @@ class _Node:
     __slots__ = (
         "capacity",
         "children",
+        "claimed",
         "declared",
         "depth",
         "earned",
@@ -183,6 +187,7 @@ class _Node:
         "joined",
         "last_seen",
         "network",
+        "offered",
         "orphaned",
         "parent",
         "placed",
@@ -215,6 +220,11 @@ class _Node:
         self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
+        # Under a parent by its own claim (REFRESH, REJOIN `attached`) of a slot the
+        # tracker never offered it: anyone can claim a free slot, so its failure reports
+        # prove nothing. `offered`: the parent and backups of its last assignment.
+        self.claimed = False
+        self.offered: tuple[_Node, ...] = ()
         self.excused = _NEVER  # when its own parent last failed (see _EXCUSED_FOR)
         # When it last sent a REJOIN: its subtree starves while it fails over. A node that
         # moves takes along the latest of its old ancestors' (`_detach`).
@@ -476,6 +486,11 @@ class StreamTree:
             self._doubt(banned, now)
             banned = None
         counted = banned is not None and node.parent is banned
+        if banned is not None and counted and node.claimed:
+            # It put itself there by a claim, as anyone can into a free slot: its report
+            # only gets that parent probed (and costs it no vouch).
+            self._doubt(banned, now)
+            counted = False
         if banned is not None and counted:
             self._record_report(banned, reporter, now)  # may evict it and re-home us
             if self._peers.get(reporter) is not node:
@@ -496,9 +511,12 @@ class StreamTree:
                 return self._assignment(node)
             if target is None:
                 raise NoCapacity("no free slot outside the reporter's subtree")
-            self._move(node, target)
+            if target is claim:
+                self._move_by_claim(node, target)
+            else:
+                self._move(node, target)
         elif claim is not None and claim is not node.parent:
-            self._move(node, claim)
+            self._move_by_claim(node, claim)
         # Where it streams from now is a fact; anywhere else we just told it to go.
         self._set_orphaned(node, node.parent is None or node.parent.ref.peer_id != attached_to)
         if claim is not None and claim is node.parent:
@@ -604,7 +622,7 @@ class StreamTree:
         if claim is None:
             return self._assignment(node)
         if claim is not node.parent:
-            self._move(node, claim)
+            self._move_by_claim(node, claim)
         self._set_orphaned(node, False)
         self._vouch(node)
         better = self._better_place(node, now)
@@ -668,7 +686,10 @@ class StreamTree:
     def _assignment(self, node: _Node) -> Assignment:
         parent = node.parent
         assert parent is not None, "only attached non-origin nodes have assignments"
-        return Assignment(parent.ref, self._backups(node), node.depth)
+        backups = self._backups(node)
+        # A node tries candidates of an answer while it asks again: the last two count.
+        node.offered = (parent, *backups)
+        return Assignment(parent.ref, tuple(backup.ref for backup in backups), node.depth)
 
     def _touch(self, node: _Node, now: float) -> None:
         node.last_seen = now
@@ -865,7 +886,7 @@ class StreamTree:
             if guess is None or full or not swappable or old is None:
                 return None
             self._detach(guess)
-            self._move(node, parent)
+            self._move_by_claim(node, parent)
             self._attach(guess, old)
             return parent
         if full:
@@ -874,7 +895,7 @@ class StreamTree:
                 return None
             guess = guesses[-1]
             self._detach(guess)
-            self._move(node, parent)
+            self._move_by_claim(node, parent)
             self._attach(guess, old)
         return parent
 
@@ -929,7 +950,7 @@ class StreamTree:
             node = node.parent
         return None
 
-    def _backups(self, node: _Node) -> tuple[PeerRef, ...]:
+    def _backups(self, node: _Node) -> tuple[_Node, ...]:
         """Up to `backups` nodes with a free slot, shallow first.
 
         Never the node, its parent or its subtree; nodes outside the parent's subtree
@@ -942,8 +963,8 @@ class StreamTree:
         parent = node.parent
         shared = None if parent is self._origin else parent  # sharing the origin is moot
         pool_size = wanted * _BACKUP_POOL
-        preferred: list[PeerRef] = []
-        fallback: list[PeerRef] = []
+        preferred: list[_Node] = []
+        fallback: list[_Node] = []
         examined = 0
         for candidate in self._free_nodes(shallow_first=True):
             if len(preferred) == pool_size:
@@ -952,9 +973,9 @@ class StreamTree:
                 continue
             if shared is not None and _within(candidate, shared):
                 if len(fallback) < wanted:
-                    fallback.append(candidate.ref)
+                    fallback.append(candidate)
             else:
-                preferred.append(candidate.ref)
+                preferred.append(candidate)
             examined += 1
             if examined >= _BACKUP_SCAN and len(preferred) + len(fallback) >= wanted:
                 break
@@ -1009,12 +1030,18 @@ class StreamTree:
         self._detach(node)
         self._attach(node, parent)
 
+    def _move_by_claim(self, node: _Node, parent: _Node) -> None:
+        """Follow the node to the parent it says it streams from (see `_Node.claimed`)."""
+        self._move(node, parent)
+        node.claimed = parent not in node.offered
+
     def _attach(self, node: _Node, parent: _Node) -> None:
         """Hang a detached node with its whole subtree under `parent` (a free slot)."""
         node.parent = parent
         parent.children.append(node)
         node.placed = self._now
         node.vouched = False
+        node.claimed = False
         self._free_slots -= 1
         self._index(parent)
         self._set_depth(node, parent.depth + 1)
@@ -1146,7 +1173,7 @@ class StreamTree:
         reports = self._reports.setdefault(suspect, {})
         found_alive = suspect in self._witnesses or suspect in self._convicted
         reports.update(self._witnesses.pop(suspect, {}))
-        reports[reporter] = now
+        reports[self._witness(suspect, self._peers.get(reporter), reporter)] = now
         # Those made before that failure came from children it starved.
         self._prune_reports(reports, max(now - self._window, failed))
         witnesses = len(reports) - (_UNSURE in reports)
@@ -1159,18 +1186,30 @@ class StreamTree:
         elif witnesses >= quorum:
             self._convicted.setdefault(suspect, now)
 
+    def _witness(self, suspect: _Node, reporter: _Node | None, reporter_id: bytes) -> bytes:
+        """Who a report counts as: its source network, which may hold any number of
+        identities; the reporter itself if it is of the suspect's own network (its
+        sybils could only evict it) or of none known."""
+        if reporter is None or reporter.network == "" or _kin(suspect, reporter):
+            return reporter_id
+        return reporter.network.encode()
+
     def _quorum_against(self, suspect: _Node, reporter: _Node | None) -> int:
-        """Reports that confirm a failure. Children in the suspect's own source network
-        may be its sybils, whose silence proves nothing: if a child from another network
-        reports it, the children from other networks are a quorum when they are fewer."""
-        if (
-            reporter is None
-            or _kin(suspect, reporter)
-            or not any(_kin(suspect, child) for child in suspect.children)
-        ):
+        """Reports that confirm a failure: `report_quorum` distinct witnesses. Children in
+        the suspect's own source network may be its sybils, whose silence proves nothing,
+        and other networks count once each: if a child from another network reports it
+        and its children are not all witnesses of their own, the networks of those from
+        other networks are a quorum when they are fewer."""
+        if reporter is None or _kin(suspect, reporter):
             return self._quorum
-        outside = sum(1 for child in suspect.children if not _kin(suspect, child))
-        return max(1, min(self._quorum, outside))
+        outside = {
+            self._witness(suspect, child, child.ref.peer_id)
+            for child in suspect.children
+            if not _kin(suspect, child)
+        }
+        if len(outside) == len(suspect.children):
+            return self._quorum
+        return max(1, min(self._quorum, len(outside)))
 
     def _proven_by_child(self, parent: _Node | None) -> None:
         """A child says it streams from `parent`: it delivers after all."""
@@ -1253,6 +1292,7 @@ class StreamTree:
         node = self._insert(peer_id, capacity, address, parent, now, network)
         # Like any REJOIN's answer other than its `attached`: ours to guess until confirmed.
         self._set_orphaned(node, parent.ref.peer_id != attached_to)
+        node.claimed = not node.orphaned
         return self._assignment(node)
 
     def _reinsert(
@@ -1273,4 +1313,4 @@ class StreamTree:
             raise UnknownParent("unknown parent: retry later or join")
         if len(parent.children) >= parent.capacity:
             raise UnknownPeer("the claimed parent is full in our view: join")
-        self._insert(peer_id, capacity, address or "", parent, now, network)
+        self._insert(peer_id, capacity, address or "", parent, now, network).claimed = True

@@ -241,7 +241,9 @@ ATTACKS: dict[str, Attack] = {
         "a child under a parent by its own claim is no witness", _reports, _evicted
     ),
     "false-reports-joined": Attack(
-        "one source network is one witness (see --spread-networks)", _reports_by_join, _evicted
+        "one network is one witness (but a relay it alone listens to goes)",
+        _reports_by_join,
+        _evicted,
     ),
     "unauthenticated-pull": Attack(
         "token-protected stream: every parent checks the child's token (ADMIT)",

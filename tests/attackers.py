@@ -95,6 +95,8 @@ class Take:
     held_now: int = 0
     closed_by_target: dict[str, int] = field(default_factory=dict)
     """Connections the target closed, by error code name."""
+    relays_targeted: int = 0
+    """Relays with two planted identities under them (a quorum, were they witnesses)."""
     relays_evicted: int = 0
     audience_before: int = 0
     audience_after: int = 0
@@ -516,6 +518,7 @@ async def false_reports(
                 else:
                     take.identities_refused += 1
             planted_under += len(planted) > 0
+            take.relays_targeted += len(planted) >= 2
             reports: list[Message] = [
                 sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
                 for k in planted
@@ -555,6 +558,14 @@ async def false_reports_by_join(
             if sum(len(keys) >= 2 for keys in under.values()) >= relays:
                 break
         targets = [parent for parent, keys in under.items() if len(keys) >= 2]
+        take.relays_targeted = len(targets)
+        planted = {key_id(k) for keys in under.values() for k in keys}
+        view = await tree(endpoint, tracker, stream)
+        shared = (
+            sum(any(n.parent == t and n.node not in planted for n in view.nodes) for t in targets)
+            if view is not None
+            else 0
+        )
         for target in targets:
             reports: list[Message] = [
                 sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
@@ -567,7 +578,7 @@ async def false_reports_by_join(
             take.audience_after = after.audience
             left = {n.node for n in after.nodes}
             take.relays_evicted = sum(1 for t in targets if t not in left)
-        take.note = f"two placed under {len(targets)} relays"
+        take.note = f"two placed under {len(targets)} relays, {shared} with other children"
 
 
 # -- pulling the stream ----------------------------------------------------------------

@@ -93,6 +93,28 @@ def test_a_relay_replaying_old_chunks_cannot_start_newcomers_in_the_past(tmp_pat
 
 
 @pytest.mark.timeout(120)
+def test_identities_planted_under_relays_by_refresh_cannot_report_them_away(
+    tmp_path: Path,
+) -> None:
+    """Fresh identities put themselves under the honest relays by REFRESH (a free slot
+    in the tracker's view is all it takes), two under each, then both report it dead.
+    They are no witnesses: no relay leaves the tracker's view (all those planted under
+    did on the old tracker), and the honest listeners play every chunk."""
+    take = hostile.Take()
+
+    async def body(room: AttackRoom) -> None:
+        await room.add_listeners(6)
+        assert await room.wait_playing(), "the listeners did not start playing"
+        await hostile.false_reports(room.tracker_address, room.stream_id, take)
+        honest = await room.finish(within=60)
+        assert honest.intact == honest.started, honest.problems
+
+    run_in_room(tmp_path, SAMPLE, body)
+    assert take.relays_targeted >= 1, take
+    assert take.relays_evicted == 0, take
+
+
+@pytest.mark.timeout(120)
 def test_nobody_the_host_did_not_admit_pulls_from_a_relay(tmp_path: Path) -> None:
     """A token-protected stream whose parents know the host key: a node with no token
     that subscribes straight to a relay (no JOIN) is refused TOKEN_REQUIRED and gets no

@@ -414,6 +414,28 @@ def test_one_network_is_a_quorum_against_a_relay_it_alone_listens_to() -> None:
     check_invariants(tree)
 
 
+def test_reports_from_one_network_add_up_against_a_relay_its_listeners_come_to_in_turn() -> None:
+    """A room behind one NAT: its listeners are one witness. A silent relay under the
+    origin that they come to one after another (the second by failing over to it as an
+    offered backup) is removed once two of them reported it, as two listeners of any
+    networks would: those who have been under it are two identities of one network."""
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(9), 4, addr(9), 0.0, net(9))
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
+    for i in (2, 3):
+        got = tree.join(pid(i), 0, "", 0.0, net(100))
+        assert got.parent.peer_id == pid(1) and got.backups[0].peer_id == pid(9)
+    tree.refresh(pid(3), 0.5, parent=pid(9))  # it moved to its backup meanwhile
+    tree.report_failure(pid(2), pid(1), 1.0)
+    tree.probe_result(pid(1), True, 1.5)  # it answers handshakes
+    assert pid(1) in tree and tree.is_unproven(pid(1))
+    tree.report_failure(pid(3), pid(77), 2.0, attached_to=pid(1))  # back to an offered slot
+    assert tree.parent_of(pid(3)) == pid(1)
+    tree.report_failure(pid(3), pid(1), 3.0)
+    assert pid(1) not in tree
+    check_invariants(tree)
+
+
 def test_an_evicted_relays_child_goes_under_a_suspect_rather_than_out_of_the_view() -> None:
     tree = make_tree(origin_capacity=1)
     build(tree, {1: (0, 2), 2: (1, 1), 3: (1, 1), 4: (2, 2), 5: (4, 0)})
@@ -1449,10 +1471,11 @@ class EarnedTreeMachine(TreeMachine):
             assert self.tree.capacity_of(dead) == min(INITIAL, self.tree.declared_of(dead))
 
     def one_witness_is_a_quorum(self, relay: bytes, reporter: bytes) -> bool:
-        """Honest peers are networks of their own, the attacker's are one network. A
-        relay's children from other networks are one witness (one honest listener, or
-        the attacker's), while it has more children: then one report from another
-        network than the relay's is a quorum."""
+        """Honest peers are networks of their own, the attacker's are one network. Those
+        who have been under the relay (its children from other networks, its reporters
+        in the window, the reporter too) are one witness: the attacker's network, or one
+        honest listener. Then one report from another network than the relay's is a
+        quorum if they are several identities or the relay has children of its own."""
 
         def witness(peer: bytes) -> bytes:
             return EVIL.encode() if peer in self.evil else peer
@@ -1461,8 +1484,11 @@ class EarnedTreeMachine(TreeMachine):
         if evil and reporter in self.evil:
             return False  # its own network: one witness of two
         children = self.tree.children_of(relay)
-        outside = {witness(c) for c in children if not (evil and c in self.evil)}
-        return len(outside) == 1 and len(children) > 1
+        sybils = evil and any(c in self.evil for c in children)
+        recent = {r for r, when in self.reports.get(relay, {}).items() if when >= self.now - 60}
+        population = {p for p in (*children, *recent, reporter) if not (evil and p in self.evil)}
+        witnesses = {witness(p) for p in population}
+        return len(witnesses) == 1 and (len(population) > 1 or sybils)
 
     @rule(count=st.integers(1, 3))
     def attack(self, count: int) -> None:

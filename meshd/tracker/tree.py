@@ -89,6 +89,8 @@ _BACKUP_POOL = 3
 # In a suspect's reports, the mark of "someone could not get there" (ids are 32 bytes):
 # it gets the suspect probed, but is no witness towards evicting it.
 _UNSURE = b""
+# A suspect's reports: reporter id -> (when, the witness it counts as: see `_witness`).
+_Reports = dict[bytes, tuple[float, bytes]]
 # A relay whose own parent failed (it said so by REJOIN, or we removed that parent)
 # starves its children through no fault of its own while it fails over: for this long
 # their reports only get it probed, as a refusal does. So does a relay below an ancestor
@@ -303,13 +305,13 @@ class StreamTree:
         # refreshed since (its last_seen differs) or is gone. Popped lazily by expire().
         self._expiry: deque[tuple[float, _Node]] = deque()
         # Suspects: reporter id -> time of its report, per reported node.
-        self._reports: dict[_Node, dict[bytes, float]] = {}
+        self._reports: dict[_Node, _Reports] = {}
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
         # First-hand reports of a suspect found alive: being reachable proves no delivery
         # (a silent relay answers probes and refreshes), so they still count towards the
         # quorum until they leave the window.
-        self._witnesses: dict[_Node, dict[bytes, float]] = {}
+        self._witnesses: dict[_Node, _Reports] = {}
         # Suspects found alive that a quorum still reported -> since when: evicted by
         # expire() unless excused (their own parent failed) within _EXCUSED_FOR.
         self._convicted: dict[_Node, float] = {}
@@ -1158,9 +1160,9 @@ class StreamTree:
 
     # --- reports and re-insertion
 
-    def _prune_reports(self, reports: dict[bytes, float], horizon: float) -> None:
+    def _prune_reports(self, reports: _Reports, horizon: float) -> None:
         """Drop the reports made before `horizon`."""
-        for reporter, when in list(reports.items()):
+        for reporter, (when, _) in list(reports.items()):
             if when < horizon:
                 del reports[reporter]
 
@@ -1173,11 +1175,13 @@ class StreamTree:
         reports = self._reports.setdefault(suspect, {})
         found_alive = suspect in self._witnesses or suspect in self._convicted
         reports.update(self._witnesses.pop(suspect, {}))
-        reports[self._witness(suspect, self._peers.get(reporter), reporter)] = now
+        node = self._peers.get(reporter)
+        reports[reporter] = (now, self._witness(suspect, node, reporter))
         # Those made before that failure came from children it starved.
         self._prune_reports(reports, max(now - self._window, failed))
-        witnesses = len(reports) - (_UNSURE in reports)
-        quorum = self._quorum_against(suspect, self._peers.get(reporter))
+        reporters = {r: witness for r, (_, witness) in reports.items() if r != _UNSURE}
+        witnesses = len(set(reporters.values()))
+        quorum = self._quorum_against(suspect, node, reporters)
         # Found alive since the first report, it may be starved by a failure above it,
         # which its REJOIN would tell us soon; not under the origin, which never fails.
         at_once = not found_alive or suspect.parent is self._origin
@@ -1194,22 +1198,30 @@ class StreamTree:
             return reporter_id
         return reporter.network.encode()
 
-    def _quorum_against(self, suspect: _Node, reporter: _Node | None) -> int:
-        """Reports that confirm a failure: `report_quorum` distinct witnesses. Children in
-        the suspect's own source network may be its sybils, whose silence proves nothing,
-        and other networks count once each: if a child from another network reports it
-        and its children are not all witnesses of their own, the networks of those from
-        other networks are a quorum when they are fewer."""
+    def _quorum_against(
+        self, suspect: _Node, reporter: _Node | None, reporters: dict[bytes, bytes]
+    ) -> int:
+        """Witnesses that confirm a failure: `report_quorum`, unless those who have been
+        under the suspect lately (its children from other networks than its own, and
+        its reporters within the window) are fewer witnesses than identities, or it has
+        children of its own network: then as many as they are witnesses, if fewer (at
+        least 1). Children of its network may be its sybils, whose silence proves
+        nothing; and a room behind one NAT, its listeners one witness, could never
+        report away a relay that feeds it nothing. One identity alone (a single child,
+        none of its own network) is no quorum: it may lie."""
         if reporter is None or _kin(suspect, reporter):
             return self._quorum
-        outside = {
-            self._witness(suspect, child, child.ref.peer_id)
-            for child in suspect.children
-            if not _kin(suspect, child)
-        }
-        if len(outside) == len(suspect.children):
+        population = dict(reporters)
+        sybils = False
+        for child in suspect.children:
+            if _kin(suspect, child):
+                sybils = True
+            else:
+                population[child.ref.peer_id] = self._witness(suspect, child, child.ref.peer_id)
+        witnesses = len(set(population.values()))
+        if witnesses >= self._quorum or (witnesses == len(population) and not sybils):
             return self._quorum
-        return max(1, min(self._quorum, len(outside)))
+        return max(1, witnesses)
 
     def _proven_by_child(self, parent: _Node | None) -> None:
         """A child says it streams from `parent`: it delivers after all."""
@@ -1259,7 +1271,7 @@ class StreamTree:
         """A peer we sent someone to did not take them: probe it, without counting that
         as a failure report (it may just be full, or the view of it stale)."""
         if node is not self._origin:
-            self._reports.setdefault(node, {})[_UNSURE] = now
+            self._reports.setdefault(node, {})[_UNSURE] = (now, _UNSURE)
 
     def _place_unknown(
         self,

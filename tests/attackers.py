@@ -519,18 +519,8 @@ async def false_reports(
                     take.identities_refused += 1
             planted_under += len(planted) > 0
             take.relays_targeted += len(planted) >= 2
-            reports: list[Message] = [
-                sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
-                for k in planted
-            ]
-            if reports:
-                await ask(endpoint, tracker, reports)
-        await trio.sleep(4.0)  # the tracker's probes take up to 3 s
-        after = await tree(endpoint, tracker, stream)
-        if after is not None:
-            take.audience_after = after.audience
-            left = {n.node for n in after.nodes}
-            take.relays_evicted = sum(1 for t in targets if t not in left)
+            await _report_dead(endpoint, tracker, stream, target, planted)
+        await _count_evicted(endpoint, tracker, stream, targets, take)
         take.note = f"{planted_under} of {len(targets)} relays planted under"
 
 
@@ -567,18 +557,42 @@ async def false_reports_by_join(
             else 0
         )
         for target in targets:
-            reports: list[Message] = [
-                sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
-                for k in under[target][:2]
-            ]
-            await ask(endpoint, tracker, reports)
-        await trio.sleep(4.0)  # the tracker's probes take up to 3 s
-        after = await tree(endpoint, tracker, stream)
-        if after is not None:
-            take.audience_after = after.audience
-            left = {n.node for n in after.nodes}
-            take.relays_evicted = sum(1 for t in targets if t not in left)
+            await _report_dead(endpoint, tracker, stream, target, under[target][:2])
+        await _count_evicted(endpoint, tracker, stream, targets, take)
         take.note = f"two placed under {len(targets)} relays, {shared} with other children"
+
+
+async def _report_dead(
+    endpoint: QuicEndpoint,
+    tracker: tuple[str, int],
+    stream: bytes,
+    target: bytes,
+    keys: list[Ed25519PrivateKey],
+) -> None:
+    """Each identity of `keys` sends a REJOIN naming `target` as its dead parent."""
+    reports: list[Message] = [
+        sign_message(Rejoin(stream, key_id(k), target, None, 0, "", None, now_ms()), k)
+        for k in keys
+    ]
+    if reports:
+        await ask(endpoint, tracker, reports)
+
+
+async def _count_evicted(
+    endpoint: QuicEndpoint,
+    tracker: tuple[str, int],
+    stream: bytes,
+    targets: list[bytes],
+    take: Take,
+) -> None:
+    """The audience, and how many of `targets` the tracker's tree no longer has, once
+    its probes are done (they take up to 3 s)."""
+    await trio.sleep(4.0)
+    after = await tree(endpoint, tracker, stream)
+    if after is not None:
+        take.audience_after = after.audience
+        left = {n.node for n in after.nodes}
+        take.relays_evicted = sum(1 for t in targets if t not in left)
 
 
 # -- pulling the stream ----------------------------------------------------------------

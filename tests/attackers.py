@@ -500,11 +500,9 @@ async def false_reports(
     free slot), then have each planted one REJOIN naming it dead. Counts the relays the
     tracker no longer has in its tree 4 s later (after its probes)."""
     async with open_quic_endpoint(Ed25519PrivateKey.generate(), ATTACKER_HOST) as endpoint:
-        before = await tree(endpoint, tracker, stream)
+        before = await _audience_before(endpoint, tracker, stream, take)
         if before is None:
-            take.note = "no TREE answer"
             return
-        take.audience_before = before.audience
         targets = [n.node for n in before.nodes if n.parent is not None and n.capacity > 0]
         planted_under = 0
         for target in targets:
@@ -532,11 +530,9 @@ async def false_reports_by_join(
     made), then have both REJOIN naming it dead. Counts the relays the tracker no longer
     has in its tree 4 s later (after its probes)."""
     async with open_quic_endpoint(Ed25519PrivateKey.generate(), ATTACKER_HOST) as endpoint:
-        before = await tree(endpoint, tracker, stream)
+        before = await _audience_before(endpoint, tracker, stream, take)
         if before is None:
-            take.note = "no TREE answer"
             return
-        take.audience_before = before.audience
         origin = next(n.node for n in before.nodes if n.parent is None)
         under: dict[bytes, list[Ed25519PrivateKey]] = {}
         for _ in range(tries):
@@ -560,6 +556,18 @@ async def false_reports_by_join(
             await _report_dead(endpoint, tracker, stream, target, under[target][:2])
         await _count_evicted(endpoint, tracker, stream, targets, take)
         take.note = f"two placed under {len(targets)} relays, {shared} with other children"
+
+
+async def _audience_before(
+    endpoint: QuicEndpoint, tracker: tuple[str, int], stream: bytes, take: Take
+) -> TreeReport | None:
+    """The tracker's tree before the attack (None, noted in `take`, if it does not say)."""
+    before = await tree(endpoint, tracker, stream)
+    if before is None:
+        take.note = "no TREE answer"
+    else:
+        take.audience_before = before.audience
+    return before
 
 
 async def _report_dead(

@@ -304,7 +304,7 @@ class StreamTree:
         # (time, node) per join/refresh, in time order; an entry is stale if the node
         # refreshed since (its last_seen differs) or is gone. Popped lazily by expire().
         self._expiry: deque[tuple[float, _Node]] = deque()
-        # Suspects: reporter id -> time of its report, per reported node.
+        # Suspects: their reports (reporter id -> when, as which witness), per node.
         self._reports: dict[_Node, _Reports] = {}
         # Unproven: reported, yet alive by probe or by speaking for itself -> since when.
         self._unproven: dict[_Node, float] = {}
@@ -689,7 +689,7 @@ class StreamTree:
         parent = node.parent
         assert parent is not None, "only attached non-origin nodes have assignments"
         backups = self._backups(node)
-        # A node tries candidates of an answer while it asks again: the last two count.
+        # Where the tracker sends it now: a failover to one of these is no claim.
         node.offered = (parent, *backups)
         return Assignment(parent.ref, tuple(backup.ref for backup in backups), node.depth)
 

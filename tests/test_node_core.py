@@ -322,6 +322,44 @@ def test_a_failover_names_a_dead_tracker_choice_at_once_and_is_back_within_2_s()
     assert child.core.playout.worst < 2.0, f"stalled {child.core.playout.worst:.2f} s"
 
 
+def test_a_node_told_back_to_the_parent_it_reported_asks_again_only_after_a_backoff() -> None:
+    """A REJOIN's answer may name the very parent the REJOIN named as dead: the tracker
+    has no other place (its view of the node's subtree is stale, say). Asking again the
+    moment that parent refused made a storm: 27 REJOINs in 0.2 s from one relay
+    (bench_attacks.py --attack no-audio-relays-x5 --spread-networks --seed 2). Here the
+    tracker answers every REJOIN with a node of the relay's own subtree, which refuses
+    at once (a cycle), its backups dead."""
+    world = room(20, 3, relay_share=1.0, max_children=3)
+    by_id = {node.node_id: node for node in world.live()}
+    relay = next(
+        node
+        for node in world.live()
+        if world.parent_of(node) in by_id and world.children_of(node.node_id)
+    )
+    below = world.children_of(relay.node_id)[0]
+    parent = by_id[world.parent_of(relay) or b""]
+    tracker = world.tracker.tracker
+    answer = tracker.handle
+    rejoins: list[float] = []
+
+    def nowhere_else(
+        request: TrackerRequest, now: float, wall_ms: int, network: str = ""
+    ) -> TrackerResponse:
+        if isinstance(request, Rejoin) and request.node == relay.node_id and len(rejoins) < 50:
+            rejoins.append(now)
+            return Assigned(Peer(below.node_id, below.address), (), 2, 180)
+        return answer(request, now, wall_ms, network)
+
+    tracker.handle = nowhere_else  # type: ignore[method-assign]
+    spared = {relay.node_id, below.node_id}
+    backups = [by_id[p.node] for p in relay.core.backups if p.node in by_id.keys() - spared]
+    world.kill([parent, *backups])
+    world.run(3)
+    # One naming the old parent, one naming the refusing choice, then backing off (the
+    # old loop asked again each round trip: 9 in these 3 s, 0.27 s apart).
+    assert 2 <= len(rejoins) <= 4, f"{len(rejoins)} REJOINs in 3 s: {rejoins}"
+
+
 # -- one node and parents the test plays -------------------------------------------------
 
 

@@ -166,13 +166,20 @@ def eligible_parents(
     return {p for p in tree if has_room(tree, p) and p not in excluded}
 
 
-def check_assignment(tree: StreamTree, peer: bytes, got: Assignment, wanted: int = 2) -> None:
+def check_assignment(
+    tree: StreamTree,
+    peer: bytes,
+    got: Assignment,
+    wanted: int = 2,
+    shunned: Iterable[bytes] = (),
+) -> None:
+    """`shunned`: the peers `peer` named dead lately, never its backups."""
     parent = tree.parent_of(peer)
     assert parent is not None
     assert got.parent.peer_id == parent
     assert got.depth == tree.depth_of(peer)
     own = subtree(tree, peer)
-    excluded = own | suspected(tree) | {parent}
+    excluded = own | suspected(tree) | {parent} | set(shunned)
     eligible = {p for p in tree if has_room(tree, p) and p not in excluded}
     ids = [b.peer_id for b in got.backups]
     assert len(set(ids)) == len(ids)
@@ -659,6 +666,42 @@ def test_report_against_origin_moves_without_evicting() -> None:
     assert tree.suspects(0.0) == []
 
 
+def test_a_node_is_not_sent_back_to_a_parent_it_named_dead() -> None:
+    """Relays whose parent just failed are excused: a child's report against one only
+    gets it probed, and found alive it is offered again. Not to the child that left
+    it, while another has room: a relay that answers probes and feeds nobody would get
+    it back on every REJOIN (two silent relays under the origin kept an honest listener
+    bouncing between them for 6 s: bench_attacks.py --attack no-audio-relays-x5
+    --spread-networks)."""
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 4), 2: (1, 3), 3: (1, 3), 4: (1, 3), 5: (1, 3), 6: (2, 0)})
+    tree.report_failure(pid(2), pid(1), 1.0)
+    tree.report_failure(pid(3), pid(1), 1.0)
+    assert pid(1) not in tree  # 2, 3, 4 and 5 are excused: their parent failed
+    for relay in (4, 5):
+        tree.refresh(pid(relay), 1.5)  # alive: no longer doubted
+    left: list[bytes] = []
+    for t in (2.0, 3.0, 4.0):
+        parent = tree.parent_of(pid(6))
+        assert parent is not None
+        left.append(parent)
+        got = tree.report_failure(pid(6), parent, t)
+        assert tree.probe_result(parent, True, t + 0.5) == []
+        assert not tree.is_unproven(parent)  # alive, and offered to others again
+        assert got.parent.peer_id not in left
+        assert not {b.peer_id for b in got.backups} & set(left)
+    # Only those it named dead have room now: it goes back to one rather than nowhere.
+    last = got.parent.peer_id
+    got = tree.report_failure(pid(6), last, 5.0)
+    assert got.parent.peer_id in left and got.backups == ()
+    # 30 s later it may be offered any of them.
+    tree.probe_result(last, True, 5.5)
+    got = tree.join(pid(6), 0, addr(6), 36.0)
+    check_assignment(tree, pid(6), got)
+    assert len(got.backups) == 2
+    check_invariants(tree)
+
+
 def test_probe_results() -> None:
     tree = make_tree(origin_capacity=1)
     join_all(tree, range(1, 2), capacity=2)
@@ -1047,6 +1090,16 @@ class TreeMachine(RuleBasedStateMachine):
         # that spoke for itself since (being alive proves no delivery).
         self.reports: dict[bytes, dict[bytes, float]] = {}
         self.gone: list[bytes] = []
+        # Whom each peer named dead in its REJOINs, newest first, with when.
+        self.named_dead: dict[bytes, list[tuple[bytes, float]]] = {}
+
+    def rejoin_naming(self, peer: bytes, dead: bytes) -> None:
+        """Model of the shun: the last 4 peers it named dead, for 30 s."""
+        named = [(p, t) for p, t in self.named_dead.get(peer, []) if p != dead]
+        self.named_dead[peer] = [(dead, self.now), *named][:4]
+
+    def shunned(self, peer: bytes) -> set[bytes]:
+        return {p for p, t in self.named_dead.get(peer, []) if self.now - t < 30.0}
 
     def live(self) -> list[bytes]:
         """Peers in the tracker's view that are really alive (not the origin)."""
@@ -1096,7 +1149,7 @@ class TreeMachine(RuleBasedStateMachine):
         size = len(self.tree)
         got = self.tree.join(peer, self.tree.capacity_of(peer), addr(1), self.now)
         assert got.parent.peer_id == before and len(self.tree) == size
-        check_assignment(self.tree, peer, got)
+        check_assignment(self.tree, peer, got, shunned=self.shunned(peer))
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data(), wanted=st.integers(0, 4))
@@ -1119,7 +1172,7 @@ class TreeMachine(RuleBasedStateMachine):
         for child in children - set(moves):
             assert child not in self.tree, "a child that was not moved was dropped"
         for child, got in moves.items():
-            check_assignment(self.tree, child, got)
+            check_assignment(self.tree, child, got, shunned=self.shunned(child))
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -1151,6 +1204,7 @@ class TreeMachine(RuleBasedStateMachine):
         self.reports.pop(reporter, None)  # its own parent failed: it was starved too
         confirmed = self.witnesses(dead) >= 2
         expired = self.now - self.crashed[dead] > TTL
+        self.rejoin_naming(reporter, dead)
         try:
             got = self.tree.report_failure(reporter, dead, self.now, attached_to=backup)
         except NoCapacity:
@@ -1170,7 +1224,7 @@ class TreeMachine(RuleBasedStateMachine):
             assert got.parent.peer_id == backup
         # Where it streams from is a fact; anywhere else is where we just told it to go.
         assert self.tree.is_orphaned(reporter) == (got.parent.peer_id != backup)
-        check_assignment(self.tree, reporter, got)
+        check_assignment(self.tree, reporter, got, shunned=self.shunned(reporter))
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
@@ -1193,6 +1247,7 @@ class TreeMachine(RuleBasedStateMachine):
             self.reports.setdefault(victim, {})[liar] = self.now
         self.reports.pop(liar, None)
         unshielded = not claimed and self.one_witness_is_a_quorum(victim, liar)
+        self.rejoin_naming(liar, victim)
         try:
             self.tree.report_failure(liar, victim, self.now)
         except NoCapacity:  # (the parent that refused it is no place either)
@@ -1253,7 +1308,7 @@ class TreeMachine(RuleBasedStateMachine):
         if answer is None:  # the claim stands (or was already our view)
             assert after == claimed and not self.tree.is_orphaned(peer)
             return
-        check_assignment(self.tree, peer, answer)
+        check_assignment(self.tree, peer, answer, shunned=self.shunned(peer))
         if valid:  # taken, then moved on: rebalancing
             event("refresh: rebalanced")
             check_rebalanced(self.tree, peer, depth_there, answer)
@@ -1464,9 +1519,10 @@ class EarnedTreeMachine(TreeMachine):
         assert dead is not None
         refused = self.tree.is_orphaned(reporter)  # never streamed from it: no report
         claimed = self.claimed(reporter)
+        self.rejoin_naming(reporter, dead)
         with contextlib.suppress(NoCapacity):
             got = self.tree.report_failure(reporter, dead, self.now)
-            check_assignment(self.tree, reporter, got)
+            check_assignment(self.tree, reporter, got, shunned=self.shunned(reporter))
         if dead in self.tree and not refused and not claimed:
             assert self.tree.capacity_of(dead) == min(INITIAL, self.tree.declared_of(dead))
 

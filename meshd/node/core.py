@@ -760,7 +760,12 @@ class NodeCore:
         round_.trying.discard(up.id)
         assigned = self.assigned
         if round_.rejoin_at is not None and assigned is not None and assigned.node == up.peer.node:
-            self._rejoin_again(round_, now)  # the tracker's choice refused us: no need to wait
+            if self._place_dead is not None and self._place_dead.node == assigned.node:
+                # The tracker named the very parent we reported: it has no other place for
+                # us now, and asking at once would loop. The round's backoff asks again.
+                round_.rejoin_at = None
+            else:
+                self._rejoin_again(round_, now)  # the tracker's choice refused us: no need to wait
         if code == ErrorCode.NO_CAPACITY:
             self._ask_during_failover(round_, now)
         if round_.pending:

@@ -100,6 +100,12 @@ _Reports = dict[bytes, tuple[float, bytes]]
 # keeps up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
 _EXCUSED_FOR = 5.0
 _GUESS_FOR = 10.0
+# A node is not sent back, as parent or backup, to a node it named dead in a REJOIN
+# within this long (as a node passes over a backup it left for a stall, spec §6.3),
+# while any other node has a free slot: one answering probes may still feed nobody, and
+# one report alone is no quorum. At most `_SHUN_MAX` such nodes are kept per node.
+_SHUN_FOR = 30.0
+_SHUN_MAX = 4
 _NEVER = -math.inf  # one shared float for "not yet": each node would hold its own copy
 
 
@@ -196,6 +202,7 @@ class _Node:
         "pos",
         "ref",
         "rejoined",
+        "shunned",
         "slot_depth",
         "vouched",
     )
@@ -231,6 +238,8 @@ class _Node:
         # When it last sent a REJOIN: its subtree starves while it fails over. A node that
         # moves takes along the latest of its old ancestors' (`_detach`).
         self.rejoined = _NEVER
+        # The ids it named dead in its REJOINs lately, newest first, with when.
+        self.shunned: tuple[tuple[bytes, float], ...] = ()
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
         self.pos = 0  # index inside that bucket, for O(1) removal
 
@@ -480,6 +489,8 @@ class StreamTree:
         self._excuse(node, now)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
+        if banned is not None:
+            self._shun(node, dead, now)
         refused = node.parent is suspect and node.orphaned
         if banned is not None and refused:
             # We only told it to go there: it never streamed from that parent, which
@@ -843,13 +854,14 @@ class StreamTree:
 
         Skips the mover's own subtree (a cycle), `banned`'s subtree (cut off from the
         stream) and the single node `avoid`; suspects and unproven nodes too, unless
-        `doubtful`.
+        `doubtful`. A node the mover shuns comes only if nothing else does.
         """
         shallow_first = capacity > 0
         if doubtful:
             candidates = self._free_pass(shallow_first, None, doubtful=True)
         else:
             candidates = self._free_nodes(shallow_first)
+        shunned = None
         for candidate in candidates:
             if candidate is avoid:
                 continue
@@ -857,8 +869,11 @@ class StreamTree:
                 continue
             if banned is not None and _within(candidate, banned):
                 continue
+            if mover is not None and mover.shunned and self._shuns(mover, candidate):
+                shunned = shunned or candidate
+                continue
             return candidate
-        return None
+        return shunned
 
     def _claim(self, node: _Node, parent_id: bytes | None, banned: _Node | None) -> _Node | None:
         """The peer named as `node`'s actual parent, if our view can take that as true.
@@ -925,6 +940,21 @@ class StreamTree:
             return target
         return None
 
+    def _shun(self, node: _Node, dead: bytes, now: float) -> None:
+        """`node` named `dead` in a REJOIN: see `_SHUN_FOR`."""
+        kept = tuple(
+            (peer_id, when)
+            for peer_id, when in node.shunned
+            if peer_id != dead and now - when < _SHUN_FOR
+        )
+        node.shunned = ((dead, now), *kept)[:_SHUN_MAX]
+
+    def _shuns(self, node: _Node, candidate: _Node) -> bool:
+        peer_id = candidate.ref.peer_id
+        return any(
+            shunned == peer_id and self._now - when < _SHUN_FOR for shunned, when in node.shunned
+        )
+
     def _under_a_guess(self, node: _Node) -> _Node | None:
         """When the only free slots lie in `node`'s own subtree: one below a tentative
         link there is below `node` only by our guess. Move `node` to that slot and the
@@ -972,6 +1002,8 @@ class StreamTree:
             if len(preferred) == pool_size:
                 break
             if candidate is parent or _within(candidate, node):
+                continue
+            if node.shunned and self._shuns(node, candidate):
                 continue
             if shared is not None and _within(candidate, shared):
                 if len(fallback) < wanted:

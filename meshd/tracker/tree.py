@@ -100,10 +100,12 @@ _Reports = dict[bytes, tuple[float, bytes]]
 # keeps up; with 10 s, five silent identities first kept honest listeners 10-17 s (p99).
 _EXCUSED_FOR = 5.0
 _GUESS_FOR = 10.0
-# A node is not sent back, as parent or backup, to a node it named dead in a REJOIN
-# within this long (as a node passes over a backup it left for a stall, spec §6.3),
-# while any other node has a free slot: one answering probes may still feed nobody, and
-# one report alone is no quorum. At most `_SHUN_MAX` such nodes are kept per node.
+# A node is not sent back, as parent or backup, to a parent it left and named dead in a
+# REJOIN within this long (as a node passes over a backup it left for a stall, spec
+# §6.3), while any other node has a free slot: one answering probes may still feed
+# nobody, and one report alone is no quorum. A placement it never confirmed is not
+# shunned: a refusal may be for a moment (a dark parent after a mass failure is lit
+# again within seconds). At most `_SHUN_MAX` such nodes are kept per node.
 _SHUN_FOR = 30.0
 _SHUN_MAX = 4
 _NEVER = -math.inf  # one shared float for "not yet": each node would hold its own copy
@@ -489,9 +491,9 @@ class StreamTree:
         self._excuse(node, now)
         suspect = self._peers.get(dead)
         banned = None if suspect is None or suspect is self._origin else suspect
-        if banned is not None:
-            self._shun(node, dead, now)
         refused = node.parent is suspect and node.orphaned
+        if banned is not None and node.parent is banned and not refused:
+            self._shun(node, dead, now)  # it streamed from there, and left
         if banned is not None and refused:
             # We only told it to go there: it never streamed from that parent, which
             # refused it or never answered. That is no failure report: place the node

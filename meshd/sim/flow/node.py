@@ -565,7 +565,10 @@ class FlowNode:
         round_.trying.discard(attempt)
         assigned = self.assigned
         if round_.rejoin_at is not None and assigned is not None and assigned.node == peer.node:
-            self._rejoin_again(round_, now)
+            if self.place_dead is not None and self.place_dead.node == assigned.node:
+                round_.rejoin_at = None  # told back where it was: the round's backoff asks
+            else:
+                self._rejoin_again(round_, now)
         if code == ErrorCode.NO_CAPACITY:
             self._ask_during_failover(round_, now)
         if round_.pending:

@@ -1074,6 +1074,31 @@ def test_one_report_evicts_a_relay_whose_other_children_are_of_its_own_network(
     check_invariants(tree)
 
 
+def test_a_removed_relays_child_of_its_own_network_is_not_excused_by_the_removal() -> None:
+    """The children of a removed relay are excused (they starved with it), but one of
+    the relay's own network may be its sybil, as silent: it is excused only by its own
+    REJOIN, as an honest relay that lost its parent sends. Excused by the removal, two
+    sybils under the origin kept honest listeners bouncing between them for 5 s, then
+    5 s more once the other was removed (bench_attacks.py --attack no-audio-relays-x5
+    --spread-networks: first audio p50 6.6 s)."""
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(9), 2, addr(9), 0.0, net(9))
+    tree.join(pid(1), 8, addr(1), 0.0, EVIL)
+    tree.join(pid(2), 8, addr(2), 0.0, EVIL)  # its sybil, under it
+    offered = [tree.join(pid(i), 2, addr(i), 0.0, net(i)).backups for i in (5, 6, 7)]
+    assert pid(2) in [backup.peer_id for backup in offered[0]]  # 5's backup
+    for i in (6, 7):
+        tree.report_failure(pid(i), pid(1), 1.0, attached_to=pid(9))
+    assert pid(1) not in tree and tree.is_unproven(pid(2))
+    tree.report_failure(pid(5), pid(1), 1.5, attached_to=pid(2))  # failed over to it
+    tree.refresh(pid(2), 1.6, parent=ORIGIN)  # it confirms the origin's slot
+    assert tree.join(pid(8), 2, addr(8), 1.7, net(8)).parent.peer_id == pid(2)
+    tree.report_failure(pid(5), pid(2), 2.5)
+    tree.report_failure(pid(8), pid(2), 2.5)
+    assert pid(2) not in tree
+    check_invariants(tree)
+
+
 def test_a_report_from_the_relays_own_network_needs_the_quorum() -> None:
     """Honest listeners behind one /24 feed each other: one of them reporting its parent
     is no sybil-free witness, and one report from it alone evicts nobody. Each child of

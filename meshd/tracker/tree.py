@@ -28,11 +28,13 @@ answers handshakes), so it gets no new children for `report_window`, or until a 
 claims it as its actual parent. Its reports still count: a quorum reached
 after it was found alive evicts it at once under the origin (which never fails), and
 elsewhere *convicts* it: `expire` evicts it `_EXCUSED_FOR` later, unless it is *excused*
-meanwhile: by its own REJOIN or its parent's eviction (its parent failed), or by an
-ancestor's REJOIN (a failover above it): its children starved because it did, and their
-reports only doubt it for a while. An evicted node's remaining children keep their subtrees;
-the tracker re-homes each one at once so that every peer always reaches the origin in the
-tracker's view.
+meanwhile: by its own REJOIN or its parent's eviction (its parent failed; not for a
+child of the parent's own network, maybe its sybil), or by an ancestor's REJOIN (a
+failover above it): its children starved because it did, and their reports only doubt
+it for a while. A node is not sent back to a parent it left and reported, for
+`_SHUN_FOR`, while another has room. An evicted node's remaining children keep their
+subtrees; the tracker re-homes each one at once so that every peer always reaches the
+origin in the tracker's view.
 
 Capacity is earned, not declared (when `initial_capacity` is set): a declaration above
 `max_capacity` counts as `max_capacity`, and a node may hold at most
@@ -1181,7 +1183,10 @@ class StreamTree:
         placed, removed = self._remove(node, avoid=None)
         for child in placed:
             self._set_orphaned(child, True)
-            self._excuse(child, self._now)
+            if not _kin(node, child):
+                # Starved with its parent. One of the parent's own network may be its
+                # sybil, silent too: only its own REJOIN excuses it.
+                self._excuse(child, self._now)
             if child.last_seen < self._now:  # not the reporter that got its parent evicted
                 # Its parent died: it may have died with it (a mass failure), and nobody
                 # would report it then. A live one clears this by its REJOIN.

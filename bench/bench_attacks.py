@@ -373,7 +373,9 @@ def main() -> None:
     parser.add_argument("--listeners", type=int, default=10, help="honest listeners per room")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--keep", action="store_true", help="keep the rooms' logs")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rooms' logs (kept anyway for a room where an honest "
+                        "listener lost audio)")  # fmt: skip
     parser.add_argument(
         "--spread-networks", action="store_true",
         help="each honest listener from a loopback /24 of its own (127.1.k.1), as an audience"
@@ -402,8 +404,12 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps([r.__dict__ | {"honest": r.honest.__dict__}
                                              for r in results], indent=1, default=str))  # fmt: skip
-        if args.keep:
-            print(f"logs: {top}", file=sys.stderr)
+        # A room where an honest listener lost audio is rare and does not repeat (the
+        # processes race): its logs are kept whatever --keep says.
+        lossy = [r.attack for r in results if r.honest.intact < r.honest.started]
+        if args.keep or lossy:
+            why = f" (kept: honest listeners lost audio in {', '.join(lossy)})" if lossy else ""
+            print(f"logs: {top}{why}", file=sys.stderr)
         else:
             shutil.rmtree(top, ignore_errors=True)
 

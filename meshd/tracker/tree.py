@@ -242,7 +242,8 @@ class _Node:
         # When it last sent a REJOIN: its subtree starves while it fails over. A node that
         # moves takes along the latest of its old ancestors' (`_detach`).
         self.rejoined = _NEVER
-        # The ids it named dead in its REJOINs lately, newest first, with when.
+        # The parents it left and named dead in its REJOINs lately (`_SHUN_FOR`), as
+        # (id, when), newest first.
         self.shunned: tuple[tuple[bytes, float], ...] = ()
         self.slot_depth = -1  # which free-slot bucket holds this node (-1: none)
         self.pos = 0  # index inside that bucket, for O(1) removal
@@ -873,7 +874,7 @@ class StreamTree:
                 continue
             if banned is not None and _within(candidate, banned):
                 continue
-            if mover is not None and mover.shunned and self._shuns(mover, candidate):
+            if mover is not None and self._shuns(mover, candidate):
                 shunned = shunned or candidate
                 continue
             return candidate
@@ -945,7 +946,7 @@ class StreamTree:
         return None
 
     def _shun(self, node: _Node, dead: bytes, now: float) -> None:
-        """`node` named `dead` in a REJOIN: see `_SHUN_FOR`."""
+        """`node` left its confirmed parent `dead` and named it in a REJOIN."""
         kept = tuple(
             (peer_id, when)
             for peer_id, when in node.shunned
@@ -954,6 +955,9 @@ class StreamTree:
         node.shunned = ((dead, now), *kept)[:_SHUN_MAX]
 
     def _shuns(self, node: _Node, candidate: _Node) -> bool:
+        """Whether `node` is not to be sent to `candidate` now (see `_SHUN_FOR`)."""
+        if not node.shunned:
+            return False
         peer_id = candidate.ref.peer_id
         return any(
             shunned == peer_id and self._now - when < _SHUN_FOR for shunned, when in node.shunned
@@ -1007,7 +1011,7 @@ class StreamTree:
                 break
             if candidate is parent or _within(candidate, node):
                 continue
-            if node.shunned and self._shuns(node, candidate):
+            if self._shuns(node, candidate):
                 continue
             if shared is not None and _within(candidate, shared):
                 if len(fallback) < wanted:

@@ -868,6 +868,46 @@ def test_refresh_rebuilds_the_view_after_a_restart() -> None:
     check_invariants(tree)
 
 
+def test_after_a_restart_a_refresh_takes_back_the_slot_a_newcomer_was_guessed_into() -> None:
+    # A restarted tracker knows only the origin until its old children REFRESH: two
+    # newcomers JOIN into the origin's slots, which the origin (full) refuses. The old
+    # children's REFRESHes are facts and win; the newcomers move below them, as guesses.
+    tree = make_tree(origin_capacity=2)
+    tree.join(pid(5), 2, addr(5), 0.0)
+    tree.join(pid(6), 2, addr(6), 0.0)
+    assert tree.children_of(ORIGIN) == (pid(5), pid(6))
+    assert tree.is_guessed(pid(5)) and not tree.is_orphaned(pid(5))
+    tree.refresh(pid(1), 1.0, parent=ORIGIN, capacity=2, address=addr(1))
+    tree.refresh(pid(2), 1.0, parent=ORIGIN, capacity=2, address=addr(2))
+    assert set(tree.children_of(ORIGIN)) == {pid(1), pid(2)}
+    below_old = subtree(tree, pid(1)) | subtree(tree, pid(2))
+    assert {pid(5), pid(6)} <= below_old and tree.is_guessed(pid(5)) and tree.is_guessed(pid(6))
+    # Their own children come next: a full parent in our view gives way to them again.
+    for child, parent in ((3, 1), (4, 1), (7, 2), (8, 2)):
+        tree.refresh(pid(child), 2.0, parent=pid(parent), capacity=2, address=addr(child))
+        assert tree.parent_of(pid(child)) == pid(parent)
+    assert all(tree.depth_of(newcomer) >= 3 for newcomer in (pid(5), pid(6)))
+    check_invariants(tree)
+
+
+def test_a_confirmed_placement_does_not_give_way_to_a_refresh() -> None:
+    tree = make_tree(origin_capacity=1)
+    tree.join(pid(5), 1, addr(5), 0.0)
+    assert tree.is_guessed(pid(5))
+    tree.refresh(pid(5), 1.0, parent=ORIGIN)  # it streams from there: a fact now
+    assert not tree.is_guessed(pid(5))
+    with pytest.raises(UnknownPeer):
+        tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=2, address=addr(1))
+    assert tree.children_of(ORIGIN) == (pid(5),)
+    # A leaf's claim cannot take the slot when the guess would have nowhere to go.
+    tree = make_tree(origin_capacity=1)
+    tree.join(pid(5), 1, addr(5), 0.0)
+    with pytest.raises(UnknownPeer):
+        tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=0, address="")
+    assert tree.children_of(ORIGIN) == (pid(5),) and tree.is_guessed(pid(5))
+    check_invariants(tree)
+
+
 def test_refresh_follows_the_peer_only_to_valid_parents() -> None:
     tree = make_tree(origin_capacity=2)
     build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2)})
@@ -1349,7 +1389,7 @@ class TreeMachine(RuleBasedStateMachine):
         claimed = data.draw(st.sampled_from(sorted(self.tree)))
         before = self.tree.parent_of(peer)
         valid = claimed == before or claimed in eligible_parents(self.tree, peer)
-        guessed_in_the_way = any(self.tree.is_orphaned(p) for p in self.tree)
+        guessed_in_the_way = any(self.tree.is_guessed(p) for p in self.tree)
         if valid:
             depth_there = self.tree.depth_of(claimed) + 1
         answer = self.tree.refresh(peer, self.now, parent=claimed)

@@ -55,6 +55,8 @@ guesses: the links enforce loop freedom and capacity on their own, so a node's c
 its actual parent beats a guess. A tentative child that makes the claimed parent look
 full, or a tentative link that makes the claim look like a cycle, is re-homed (still
 tentative) to make room for the truth; only confirmed placements can refuse a claim.
+A JOIN's placement gives way too until the node confirms it (`joining`): after a
+tracker restart, newcomers are seated before the old nodes refresh, in their slots.
 
 Complexity: join is O(depth) (amortised O(1) bucket work); a move is O(depth + size of
 the moved subtree), because the depths of the subtree are kept exact; expiry is
@@ -197,6 +199,7 @@ class _Node:
         "earned",
         "excused",
         "joined",
+        "joining",
         "last_seen",
         "network",
         "offered",
@@ -233,6 +236,10 @@ class _Node:
         self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
+        # Where its JOIN put it, not yet confirmed by the node (its REFRESH or REJOIN): a
+        # guess too, as a newcomer's parent may refuse it, but not one its subtree is
+        # ordered behind (every newcomer is one). A claim of the slot beats it.
+        self.joining = False
         # Under a parent by its own claim (REFRESH, REJOIN `attached`) of a slot the
         # tracker never offered it: anyone can claim a free slot, so its failure reports
         # prove nothing. `offered`: the parent and backups of its last assignment.
@@ -371,8 +378,15 @@ class StreamTree:
         return self._get(peer_id).ref
 
     def is_orphaned(self, peer_id: bytes) -> bool:
-        """True if the tracker placed this peer and the peer has not confirmed it yet."""
+        """True if the tracker moved this peer (or answered its REJOIN with another
+        parent than its own) and the peer has not confirmed it yet (see `is_guessed`)."""
         return self._get(peer_id).orphaned
+
+    def is_guessed(self, peer_id: bytes) -> bool:
+        """Whether the peer's placement is only our guess (tentative, or its JOIN's and
+        not yet confirmed): a claim of its slot beats it."""
+        node = self._get(peer_id)
+        return node.orphaned or node.joining
 
     def assignment_of(self, peer_id: bytes) -> Assignment:
         """The peer's current placement, with fresh backups."""
@@ -453,7 +467,9 @@ class StreamTree:
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
+        node = self._insert(peer_id, capacity, address, parent, now, network)
+        node.joining = True
+        return self._assignment(node)
 
     def report_failure(
         self,
@@ -536,6 +552,7 @@ class StreamTree:
         elif claim is not None and claim is not node.parent:
             self._move_by_claim(node, claim)
         # Where it streams from now is a fact; anywhere else we just told it to go.
+        node.joining = False
         self._set_orphaned(node, node.parent is None or node.parent.ref.peer_id != attached_to)
         if claim is not None and claim is node.parent:
             self._vouch(node)
@@ -641,6 +658,7 @@ class StreamTree:
             return self._assignment(node)
         if claim is not node.parent:
             self._move_by_claim(node, claim)
+        node.joining = False
         self._set_orphaned(node, False)
         self._vouch(node)
         better = self._better_place(node, now)
@@ -912,14 +930,24 @@ class StreamTree:
             self._attach(guess, old)
             return parent
         if full:
-            guesses = [c for c in parent.children if c.orphaned and not _within(node, c)]
-            if not guesses or not swappable or old is None:
+            guess = self._guess_among(parent.children, node)
+            if guess is None or not swappable or old is None:
                 return None
-            guess = guesses[-1]
             self._detach(guess)
             self._move_by_claim(node, parent)
             self._attach(guess, old)
+            self._set_orphaned(guess, True)
         return parent
+
+    def _guess_among(self, children: list[_Node], claimer: _Node | None) -> _Node | None:
+        """The latest of `children` whose placement is only our guess (tentative, or its
+        JOIN's, unconfirmed) and that `claimer` is not below: it gives way to a claim."""
+        for child in reversed(children):
+            if (child.orphaned or child.joining) and (
+                claimer is None or not _within(claimer, child)
+            ):
+                return child
+        return None
 
     def _better_place(self, node: _Node, now: float) -> _Node | None:
         """Rebalancing, one refreshing peer at a time, so churn does not deepen the tree.
@@ -1084,6 +1112,7 @@ class StreamTree:
         node.placed = self._now
         node.vouched = False
         node.claimed = False
+        node.joining = False  # moved: the caller says whether the node knows
         self._free_slots -= 1
         self._index(parent)
         self._set_depth(node, parent.depth + 1)
@@ -1360,12 +1389,29 @@ class StreamTree:
         network: str,
     ) -> None:
         """Rebuild the view from a refresh: the peer has no children in our view yet,
-        so attaching it as a leaf under a known parent with room cannot form a cycle."""
+        so attaching it as a leaf under a known parent with room cannot form a cycle.
+
+        After a tracker restart, newcomers may have been placed in the slots of nodes
+        that had not refreshed yet (their parents refuse them): a guess in a full parent
+        moves elsewhere, tentatively, for the peer that says it streams from there."""
         if parent_id is None or capacity is None:
             raise UnknownPeer("unknown peer: join")
         parent = self._peers.get(parent_id)
         if parent is None:
             raise UnknownParent("unknown parent: retry later or join")
+        guess = target = None
         if len(parent.children) >= parent.capacity:
-            raise UnknownPeer("the claimed parent is full in our view: join")
-        self._insert(peer_id, capacity, address or "", parent, now, network).claimed = True
+            guess = self._guess_among(parent.children, None)
+            if guess is None:
+                raise UnknownPeer("the claimed parent is full in our view: join")
+            self._detach(guess)
+            target = self._pick_parent(guess, guess.capacity, avoid=parent)
+            if target is None and self._within_ceiling(None, capacity) == 0:  # nowhere for it
+                self._attach(guess, parent)
+                self._set_orphaned(guess, True)
+                raise UnknownPeer("the claimed parent is full in our view: join")
+        node = self._insert(peer_id, capacity, address or "", parent, now, network)
+        node.claimed = True
+        if guess is not None:
+            self._attach(guess, target or node)  # below the peer itself: a guess for a guess
+            self._set_orphaned(guess, True)

@@ -181,6 +181,16 @@ async def _initials(room: AttackRoom, take: hostile.Take, n: int, rng: random.Ra
     await room.add_listeners(n)
 
 
+async def _restart(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random) -> None:
+    early = n - 3
+    await room.add_listeners(early)
+    await room.wait_playing()
+    started = trio.current_time()
+    await room.restart_tracker()
+    take.note = f"down {trio.current_time() - started:.1f} s; then {n - early} newcomers"
+    await room.add_listeners(n - early)
+
+
 async def _baseline(room: AttackRoom, take: hostile.Take, n: int, rng: random.Random) -> None:
     await room.add_listeners(n)
 
@@ -258,6 +268,11 @@ ATTACKS: dict[str, Attack] = {
     ),
     "repair-leech-60/s": Attack("repair budget: live bytes + 64 KiB", _leech(False), _pulled),
     "repair-future-60/s": Attack("BAD_REPAIR", _leech(True), _pulled),
+    "tracker-restart": Attack(
+        "the origin sees the tracker lost its tree (TREE); ANNOUNCE: every node REFRESHes",
+        _restart,
+        lambda take: take.note,
+    ),
     "initial-flood-200/s": Attack(
         "Retry once 32 handshakes are pending; pending and rate per network",
         _initials,

@@ -46,8 +46,11 @@ class ChunkSigner:
     def stream_info(self, head: bytes, codec: str = "opus") -> StreamInfo:
         return sign_message(StreamInfo(codec, head), self._key, self.stream_id)
 
-    def sign(self, packets: Sequence[bytes], granule: int, *, end: bool = False) -> VerifiedChunk:
-        chunk = Chunk(self.next_seq, granule, Chunk.FLAG_END if end else 0, tuple(packets))
+    def sign(
+        self, packets: Sequence[bytes], granule: int, *, end: bool = False, announce: bool = False
+    ) -> VerifiedChunk:
+        flags = (Chunk.FLAG_END if end else 0) | (Chunk.FLAG_ANNOUNCE if announce else 0)
+        chunk = Chunk(self.next_seq, granule, flags, tuple(packets))
         chunk = sign_message(chunk, self._key, self.stream_id)
         self.next_seq += 1
         self.last_granule = granule

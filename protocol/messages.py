@@ -56,6 +56,8 @@ class Chunk:
 
     TYPE: ClassVar[int] = 0x03
     FLAG_END: ClassVar[int] = 0x01
+    FLAG_ANNOUNCE: ClassVar[int] = 0x02
+    """The origin asks every node to REFRESH soon: the tracker lost its view of the tree."""
     seq: int
     granule: int
     flags: int
@@ -65,6 +67,10 @@ class Chunk:
     @property
     def is_end(self) -> bool:
         return bool(self.flags & Chunk.FLAG_END)
+
+    @property
+    def announces(self) -> bool:
+        return bool(self.flags & Chunk.FLAG_ANNOUNCE)
 
 
 @dataclass(frozen=True, slots=True)

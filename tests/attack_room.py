@@ -9,6 +9,7 @@ caller's trio run (tests/attackers.py). Everything here is driven from trio: wai
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,17 @@ class AttackRoom:
         self.tracker = await wait_output(self.tracker_proc, r"listening on (\S+)")
         self.stream, self.origin = await self.start_origin("origin", origin_capacity)
         self.target = self.origin
+
+    async def restart_tracker(self) -> None:
+        """SIGKILL the tracker and start a new one on its address: it knows nothing."""
+        assert self.tracker_proc is not None
+        self.tracker_proc.signal(signal.SIGKILL)
+        await trio.to_thread.run_sync(self.tracker_proc.wait, 10)
+        self.tracker_proc = self.cluster.start(
+            "tracker-again", "tracker", "--listen", self.tracker, "--workers", "0",
+            *self._host_args(),
+        )  # fmt: skip
+        await wait_output(self.tracker_proc, r"listening on (\S+)")
 
     async def start_origin(self, name: str, capacity: int) -> tuple[str, Proc]:
         key = self.cluster.workdir / f"{name}.key"

@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshd.node.children import Children, CloseChild
 from meshd.node.config import NodeConfig
-from meshd.node.source import OriginCore
+from meshd.node.source import ANNOUNCE_FOR, OriginCore
 from meshd.node.stats import NodeStats
 from protocol import (
     ChildLink,
@@ -222,3 +222,17 @@ def test_the_origin_hands_its_driver_each_child_it_let_go_for_silence_once() -> 
     origin.children.receive_data(2, frame(Goodbye(ErrorCode.NO_ERROR, "bye")), 1.1)
     origin.handle_timer(2.5)
     assert origin.take_gone() == []  # it said goodbye: the tracker hears of that from it
+
+
+def test_the_origin_flags_its_chunks_announce_for_a_while_when_told_the_tracker_forgot() -> None:
+    origin = OriginCore(Ed25519PrivateKey.generate(), 2, NodeConfig())
+    origin.set_head(b"OpusHead-test", 0.0)
+    assert not origin.push([b"a"], 960, 0.2).chunk.announces
+    origin.announce(1.0)
+    flagged = [origin.push([b"a"], 960 * (i + 2), 1.0 + 0.2 * i).chunk for i in range(12)]
+    announcing = [chunk.announces for chunk in flagged]
+    assert announcing == [0.2 * i < ANNOUNCE_FOR for i in range(12)]
+    assert not any(chunk.is_end for chunk in flagged)
+    origin.announce(9.0)
+    end = origin.push([], 960 * 20, 9.1, end=True).chunk
+    assert end.is_end and end.announces

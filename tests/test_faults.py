@@ -99,3 +99,26 @@ def test_tracker_restart_keeps_audio_flowing_and_joins_work_again(tmp_path: Path
         assert origin.wait(30) == 0
         check_complete(room, list(range(6)))
         assert "register stream=" in again.log.read_text()
+
+
+def test_a_restarted_tracker_knows_the_tree_again_within_seconds_at_the_default_refresh(
+    tmp_path: Path,
+) -> None:
+    """Listeners REFRESH every few minutes by default. A restarted tracker used to know
+    only the origin until then: it seated newcomers under the origin (full) and under
+    each other, and none of them got a chunk for minutes. The origin notices (TREE) and
+    its chunks ask every node to REFRESH (ANNOUNCE), parents first."""
+    with cluster(tmp_path) as room:
+        origin, tracker, procs = start_room(room, 4)
+        first_tracker = room.procs[0]
+        first_tracker.signal(signal.SIGKILL)
+        first_tracker.wait(10)
+        again = room.start("tracker-again", "tracker", "--listen", tracker, "--workers", "0")
+        again.wait_for_output("listening on")
+        stream = room.stats("listener0")["stream"]
+        late = [room.listener(f"listener{i}", tracker, stream) for i in (4, 5)]
+        for proc in procs + late:
+            assert proc.wait(40) == 0, proc.tail()
+        assert origin.wait(30) == 0
+        check_complete(room, list(range(6)))
+        assert "lost the stream's tree" in origin.log.read_text()

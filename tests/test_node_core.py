@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from meshd.node.children import Children
 from meshd.node.config import NodeConfig
 from meshd.node.core import (
+    ANNOUNCE_QUIET,
+    ANNOUNCE_STEP,
     EXIT_MISSED_AUDIO,
     REJOIN_AGAIN_AFTER,
     AskTracker,
@@ -28,6 +30,7 @@ from meshd.node.stats import NodeStats
 from meshd.sim.hosts import NodeHost, wall_ms
 from meshd.sim.world import RoomSpec, World
 from protocol import (
+    Ack,
     Assigned,
     ChildGone,
     ChunkRing,
@@ -37,6 +40,7 @@ from protocol import (
     Join,
     Leave,
     Peer,
+    Refresh,
     Rejoin,
     VerifiedChunk,
     key_id,
@@ -494,6 +498,59 @@ def stream_live(solo: Solo, parent: FakeParent, until: float) -> None:
         solo.run_until(solo.now + 0.2)
         parent.has(next_chunk(solo.signer), solo.now)
         solo.pump()
+
+
+class Refreshing(Solo):
+    """A `Solo` whose tracker ACKs each REFRESH and notes when it came."""
+
+    def __init__(self, signer: ChunkSigner, parents: list[FakeParent]) -> None:
+        self.refreshes: list[float] = []
+        super().__init__(signer, parents)
+
+    def answer(self, request: TrackerRequest) -> TrackerResponse | None:
+        if isinstance(request, Refresh):
+            self.refreshes.append(self.now)
+            return Ack(180)
+        return super().answer(request)
+
+
+def announcing(signer: ChunkSigner) -> VerifiedChunk:
+    return signer.sign([b"\xfc" + bytes(40)], 960 * (signer.next_seq + 1), announce=True)
+
+
+def test_a_chunk_that_announces_makes_the_node_refresh_after_its_parents() -> None:
+    """After a tracker restart the origin's chunks carry ANNOUNCE: each node REFRESHes at
+    once rather than at its next refresh period (minutes), one step per level down, so
+    the tracker knows its parent by then. Only a chunk at the live edge counts (an old
+    one replayed is no news), and one announcement is enough for a while."""
+    signer, chunks = signer_with_chunks(5)
+    parent = FakeParent(signer, "parent")
+    for item in chunks:
+        parent.has(item, 0.0)
+    solo = Refreshing(signer, [parent])
+    stream_live(solo, parent, 2.0)
+    assert solo.core.stats.depth == 2 and solo.refreshes == []
+    late = announcing(signer)  # overtaken by the next chunk: it comes in as a repair would
+    parent.has(next_chunk(signer), solo.now)
+    solo.pump()
+    parent.has(late, solo.now)
+    solo.pump()
+    stream_live(solo, parent, 4.0)
+    assert solo.refreshes == [], "an announcement behind the live edge counted"
+    parent.has(announcing(signer), solo.now)
+    announced = solo.now
+    solo.pump()
+    stream_live(solo, parent, announced + ANNOUNCE_QUIET - 1)
+    assert len(solo.refreshes) == 1
+    assert ANNOUNCE_STEP <= solo.refreshes[0] - announced < 2 * ANNOUNCE_STEP  # level 2
+    parent.has(announcing(signer), solo.now)  # still quiet: the tracker has us
+    solo.pump()
+    stream_live(solo, parent, announced + ANNOUNCE_QUIET + 2)
+    assert len(solo.refreshes) == 1
+    parent.has(announcing(signer), solo.now)  # the quiet is over: a new announcement
+    solo.pump()
+    stream_live(solo, parent, solo.now + 2)
+    assert len(solo.refreshes) == 2
 
 
 def test_a_parent_that_accepts_and_sends_nothing_is_left_at_the_first_chunk_timeout() -> None:

@@ -207,7 +207,7 @@ async def _chunks_signed(target: ParentTarget) -> Outcome:
             verifier.verify_chunk(received.message, received.raw)
         except ProtocolError:
             bad.append(received.message.seq)
-        if received.message.flags & ~Chunk.FLAG_END:
+        if received.message.flags & ~(Chunk.FLAG_END | Chunk.FLAG_ANNOUNCE):
             bad.append(received.message.seq)
     got = f"{len(chunks)} chunks (seqs {_seq(chunks[0])}…{_top(chunks)})"
     if bad:
@@ -215,7 +215,7 @@ async def _chunks_signed(target: ParentTarget) -> Outcome:
     return Outcome(
         Verdict.FAIL if bad else Verdict.PASS,
         "SUBSCRIBE(from_seq=nil), then read 5 chunks",
-        "every chunk signed by the stream key (context: the stream id), flags ⊆ END",
+        "every chunk signed by the stream key (context: the stream id), flags ⊆ END, ANNOUNCE",
         got,
     )
 

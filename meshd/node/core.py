@@ -89,6 +89,10 @@ REJOIN_AGAIN_AFTER = 0.5
 """A parent the tracker chose after a failure that has not accepted us by then is named
 in another REJOIN: after a mass failure it may be dead too, unknown to the tracker, and
 the connect timeout would cost seconds of audio. The attempt goes on meanwhile."""
+ANNOUNCE_STEP = 0.5
+"""On a chunk with ANNOUNCE, a node at depth d REFRESHes within [d - 1, d) steps: parents
+before children, so the restarted tracker knows each REFRESH's parent (§7.2)."""
+ANNOUNCE_QUIET = 10.0  # seconds after one ANNOUNCE during which more are ignored
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -296,6 +300,7 @@ class NodeCore:
         """The tracker did not know the stream when we first asked: once it starts, it is
         played from its first chunk."""
         self._refresh_at: float | None = None
+        self._announced_at: float | None = None
         self._drain_until: float | None = None
         self._leave_deadline: float | None = None
         self._output_started = False
@@ -1062,10 +1067,13 @@ class NodeCore:
             up.too_old += 1
             self.stats.too_old += 1
             return
+        seen = self.reorder.highest_seen
         if not self.reorder.add(item, now):
             self.stats.duplicates += 1
             up.behind = True
             return
+        if item.chunk.announces and (seen is None or item.seq > seen):
+            self._announced(now)  # only at the live edge: an old chunk replayed is no news
         self.stats.chunks_in += 1
         self.stats.bytes_in += len(item.raw)
         if self.on_arrival is not None:
@@ -1073,6 +1081,19 @@ class NodeCore:
         self.ring.add(item)
         self.children.forward(item, now)
         self._play_ready(now)
+
+    def _announced(self, now: float) -> None:
+        """The origin asks every node to REFRESH: the tracker lost its view of the tree."""
+        if self.stats.joined_at is None or self.phase is not Phase.RUNNING:
+            return  # not in the tracker's tree (yet, or any more)
+        last = self._announced_at
+        if last is not None and now - last < ANNOUNCE_QUIET:
+            return
+        self._announced_at = now
+        level = max(self.stats.depth or 1, 1) - 1
+        at = now + ANNOUNCE_STEP * (level + self.rng.random())
+        if self._refresh_at is None or at < self._refresh_at:
+            self._refresh_at = at
 
     def _from_the_start(self) -> bool:
         """Whether we play the stream from its first chunk: the tracker did not know it

@@ -36,6 +36,8 @@ from protocol import (
     ErrorCode,
     Leave,
     Register,
+    TreeReport,
+    TreeRequest,
     key_to_text,
     short_id,
     sign_message,
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 CHUNK_SAMPLES = OPUS_RATE // 5  # 200 ms of audio per chunk
 CHUNK_PACKET_BYTES = 1000  # packet bytes (with their bin headers) so a chunk fits a datagram
 READ_SIZE = 16384
+ANNOUNCE_AGAIN_AFTER = 30.0
+"""At most one ANNOUNCE this often: each costs the tracker a REFRESH from every node."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class Origin:
         self._nursery: trio.Nursery | None = None
         self._tell_child_gone = True
         """False once the tracker answered CHILD_GONE with UNKNOWN_MESSAGE (it is older)."""
+        self._ask_tree = True
+        """False once the tracker answered TREE with UNKNOWN_MESSAGE (it is older)."""
+        self._kept: set[bytes] = set()
+        """Our children at the last look at the tracker's view (see `_check_tracker_view`)."""
+        self._announced_at: float | None = None
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -300,6 +309,47 @@ class Origin:
                 continue
             retry.reset()
             delay = ack.refresh_s * self.rng.uniform(0.8, 1.0)
+            await self._check_tracker_view()
+
+    async def _check_tracker_view(self) -> None:
+        """Ask the tracker (TREE) which children it has us feed. If it names none of those
+        we have fed since the last look, it lost the tree (it restarted): the next chunks
+        carry ANNOUNCE, so every node REFRESHes within seconds rather than at its next
+        refresh period, while newcomers could only be seated under us and each other."""
+        children = self.core.children.streaming_nodes()
+        kept = self._kept & children
+        self._kept = children
+        last = self._announced_at
+        recently = last is not None and trio.current_time() - last < ANNOUNCE_AGAIN_AFTER
+        if not self._ask_tree or not kept or recently:
+            return
+        assert self._endpoint is not None
+        try:
+            report = await ask_tracker(
+                self._endpoint,
+                self.settings.tracker,
+                TreeRequest(self.stream_id, 1 + self.settings.capacity),
+                rng=self.rng,
+                give_up_after=5.0,
+                tracker_key=self.settings.tracker_key,
+            )
+        except TrackerRefused as exc:
+            if exc.code == ErrorCode.UNKNOWN_MESSAGE:
+                logger.info("the tracker does not know TREE: a restart of it goes unnoticed")
+                self._ask_tree = False
+            return
+        except trio.TooSlowError:
+            return  # the next REGISTER looks again
+        if not isinstance(report, TreeReport):
+            return
+        if any(node.parent == self.stream_id and node.node in kept for node in report.nodes):
+            return
+        self._announced_at = now = trio.current_time()
+        logger.warning(
+            "the tracker had lost the stream's tree (it restarted?): asking every listener "
+            "to tell it where they are"
+        )
+        self.core.announce(now)
 
     async def _unregister(self) -> None:
         """Best effort: tell the tracker the stream is over."""

@@ -21,6 +21,9 @@ KEEPALIVE = 1.0
 """While live, the origin sends a chunk at least this often: an empty one when its input
 has nothing. Sequence numbers that keep advancing, signed by the origin, are how every
 node tells a live stream from a stalled parent; no unsigned HEARTBEAT can fake them."""
+ANNOUNCE_FOR = 2.0
+"""How long the chunks carry ANNOUNCE once the tracker lost its view (docs/spec.md §7.2):
+ten chunks, so that losses and late subscribers do not keep a node from seeing one."""
 
 
 class OriginCore:
@@ -37,6 +40,7 @@ class OriginCore:
         self.children.on_gone = self._gone.append
         self.ended = False
         self._last_push: float | None = None
+        self._announce_until: float | None = None
 
     def take_gone(self) -> list[bytes]:
         """Children let go for silence since the last call, for the driver to tell the
@@ -51,11 +55,18 @@ class OriginCore:
         self.children.set_info(self.signer.stream_info(head), now)
         self.children.set_path((self.stream_id,), now)
 
+    def announce(self, now: float) -> None:
+        """The tracker lost its view of the tree (it restarted): the chunks of the next
+        `ANNOUNCE_FOR` seconds ask every node to REFRESH, parents before children."""
+        self._announce_until = now + ANNOUNCE_FOR
+
     def push(
         self, packets: Sequence[bytes], granule: int, now: float, *, end: bool = False
     ) -> VerifiedChunk:
         """Sign the next chunk, keep it for repairs and resumption, send it to children."""
-        item = self.signer.sign(packets, granule, end=end)
+        until = self._announce_until
+        announce = until is not None and now < until
+        item = self.signer.sign(packets, granule, end=end, announce=announce)
         self.ring.add(item)
         self.children.forward(item, now)
         self.stats.chunks_in += 1

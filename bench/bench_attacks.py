@@ -185,6 +185,7 @@ async def _restart(room: AttackRoom, take: hostile.Take, n: int, rng: random.Ran
     early = n - 3
     await room.add_listeners(early)
     await room.wait_playing()
+    await trio.sleep(3.0)  # a restart mid-stream, not in the first seconds
     started = trio.current_time()
     await room.restart_tracker()
     take.note = f"down {trio.current_time() - started:.1f} s; then {n - early} newcomers"
@@ -272,6 +273,12 @@ ATTACKS: dict[str, Attack] = {
         "the origin sees the tracker lost its tree (TREE); ANNOUNCE: every node REFRESHes",
         _restart,
         lambda take: take.note,
+    ),
+    "tracker-restart-tokens": Attack(
+        "as tracker-restart; a REFRESH brings in nobody: old nodes JOIN again, with tokens",
+        _restart,
+        lambda take: take.note,
+        admission=True,
     ),
     "initial-flood-200/s": Attack(
         "Retry once 32 handshakes are pending; pending and rate per network",

@@ -20,6 +20,7 @@ from meshd.node.core import (
     ANNOUNCE_STEP,
     EXIT_MISSED_AUDIO,
     REJOIN_AGAIN_AFTER,
+    UNKNOWN_RETRIES,
     AskTracker,
     CloseLink,
     Connect,
@@ -551,6 +552,42 @@ def test_a_chunk_that_announces_makes_the_node_refresh_after_its_parents() -> No
     solo.pump()
     stream_live(solo, parent, solo.now + 2)
     assert len(solo.refreshes) == 2
+
+
+class Forgotten(Solo):
+    """A `Solo` whose tracker restarted: it answers REFRESH with UNKNOWN_PEER."""
+
+    def __init__(self, signer: ChunkSigner, parents: list[FakeParent]) -> None:
+        self.asked: list[str] = []
+        super().__init__(signer, parents)
+
+    def answer(self, request: TrackerRequest) -> TrackerResponse | None:
+        self.asked.append(type(request).__name__)
+        if isinstance(request, Refresh):
+            return Goodbye(ErrorCode.UNKNOWN_PEER, "unknown peer")
+        return super().answer(request)
+
+
+@pytest.mark.parametrize("token", [None, b"a host-signed token"], ids=["open", "token"])
+def test_a_node_the_tracker_forgot_joins_again_at_once_if_it_holds_a_token(
+    token: bytes | None,
+) -> None:
+    """A tracker that takes tokens never re-inserts a node from its REFRESH (which
+    carries none): retrying it only kept newcomers after a restart waiting 4 to 7 s
+    more, seated under nodes the tracker did not know yet."""
+    signer, chunks = signer_with_chunks(5)
+    parent = FakeParent(signer, "parent")
+    for item in chunks:
+        parent.has(item, 0.0)
+    solo = Forgotten(signer, [parent])
+    solo.core.token = token  # as if it had joined with it
+    stream_live(solo, parent, 1.0)
+    solo.asked.clear()
+    parent.has(announcing(signer), solo.now)
+    solo.pump()
+    stream_live(solo, parent, solo.now + 12)
+    refreshes = 1 if token else 1 + UNKNOWN_RETRIES
+    assert solo.asked == ["Refresh"] * refreshes + ["Join"]
 
 
 def test_a_parent_that_accepts_and_sends_nothing_is_left_at_the_first_chunk_timeout() -> None:

@@ -75,6 +75,9 @@ class Children:
         self.on_gone: Callable[[bytes], None] = lambda node: None
         """Called with the node id of each streaming child let go for silence
         (CHILD_TIMEOUT): the tracker counts its slot as taken until told otherwise."""
+        self.on_full: Callable[[], None] = lambda: None
+        """Called when a SUBSCRIBE is refused because every slot is taken: whoever sent
+        the child here thought we had room (the tracker's view may be stale)."""
         self._links: dict[int, ParentLink] = {}
         self._networks: dict[int, str] = {}  # child -> the source network it connected from
         self._keys: dict[int, bytes | None] = {}  # child -> the key its certificate proved
@@ -318,6 +321,7 @@ class Children:
             link.goodbye(ErrorCode.NO_CAPACITY, "this node is too deep to feed children")
         elif full:
             link.goodbye(ErrorCode.NO_CAPACITY, f"all {self.capacity} child slots are taken")
+            self.on_full()
         else:
             self._streaming.add(child)
             self.stats.children = len(self._streaming)

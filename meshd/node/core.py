@@ -601,14 +601,16 @@ class NodeCore:
 
     def _refreshed(self, answer: TrackerResponse | None, now: float) -> None:
         """Soft state: UNKNOWN_PEER means the tracker lost us (it restarted): a few quick
-        retries give our parent's own REFRESH time to arrive, then we JOIN again."""
+        retries give our parent's own REFRESH time to arrive, then we JOIN again. With a
+        token, at once: a tracker that requires them never takes us back from a REFRESH."""
         retry = self._refresh_retry
         if isinstance(answer, Assigned):  # it has us elsewhere: move there
             retry.reset()
             self._schedule_refresh(now)
             self._confirmed(answer, now)
         elif isinstance(answer, Goodbye):
-            if answer.code == ErrorCode.UNKNOWN_PEER and retry.attempt >= UNKNOWN_RETRIES:
+            retried = retry.attempt >= UNKNOWN_RETRIES or self.token is not None
+            if answer.code == ErrorCode.UNKNOWN_PEER and retried:
                 self._ask(self._join_request(), Purpose.JOIN_AGAIN)
                 retry.reset()
                 self._schedule_refresh(now)

@@ -52,6 +52,7 @@ CHUNK_PACKET_BYTES = 1000  # packet bytes (with their bin headers) so a chunk fi
 READ_SIZE = 16384
 ANNOUNCE_AGAIN_AFTER = 30.0
 """At most one ANNOUNCE this often: each costs the tracker a REFRESH from every node."""
+LOOK_AGAIN_AFTER = 2.0  # refused SUBSCRIBEs ask the tracker's view at most this often
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class Origin:
         self._kept: set[bytes] = set()
         """Our children at the last look at the tracker's view (see `_check_tracker_view`)."""
         self._announced_at: float | None = None
+        self._refused = trio.Event()
+        """Set when we refused a SUBSCRIBE for lack of slots (see `_look_when_full`)."""
+        self.core.children.on_full = self._full
 
     def stop(self) -> None:
         """End the stream now (SIGINT/SIGTERM): stop reading, send END, let children finish."""
@@ -145,6 +149,7 @@ class Origin:
                     with self._input_scope:
                         refresh_s = await self._register_first()
                         nursery.start_soon(self._keep_registered, refresh_s)
+                        nursery.start_soon(self._look_when_full)
                         self.core.set_head(head, trio.current_time())
                         logger.info(
                             "streaming %s from %s", key_to_text(self.stream_id), self.address
@@ -309,19 +314,35 @@ class Origin:
                 continue
             retry.reset()
             delay = ack.refresh_s * self.rng.uniform(0.8, 1.0)
-            await self._check_tracker_view()
+            children = self.core.children.streaming_nodes()
+            kept = self._kept & children
+            self._kept = children
+            await self._check_tracker_view(kept)
 
-    async def _check_tracker_view(self) -> None:
-        """Ask the tracker (TREE) which children it has us feed. If it names none of those
-        we have fed since the last look, it lost the tree (it restarted): the next chunks
-        carry ANNOUNCE, so every node REFRESHes within seconds rather than at its next
-        refresh period, while newcomers could only be seated under us and each other."""
-        children = self.core.children.streaming_nodes()
-        kept = self._kept & children
-        self._kept = children
+    def _full(self) -> None:
+        self._refused.set()
+
+    async def _look_when_full(self) -> None:
+        """A SUBSCRIBE refused for lack of slots: whoever sent that child thought we had
+        room. After a tracker restart the first newcomer says so at once, up to a
+        REGISTER period before our next look."""
+        while True:
+            await self._refused.wait()
+            await self._check_tracker_view(self._kept & self.core.children.streaming_nodes())
+            await trio.sleep(LOOK_AGAIN_AFTER)
+            self._refused = trio.Event()
+
+    def _announced_lately(self) -> bool:
         last = self._announced_at
-        recently = last is not None and trio.current_time() - last < ANNOUNCE_AGAIN_AFTER
-        if not self._ask_tree or not kept or recently:
+        return last is not None and trio.current_time() - last < ANNOUNCE_AGAIN_AFTER
+
+    async def _check_tracker_view(self, kept: set[bytes]) -> None:
+        """Ask the tracker (TREE) which children it has us feed. If it names none of
+        `kept` (ours since the last look, and still), it lost the tree (it restarted): the
+        next chunks carry ANNOUNCE, so every node REFRESHes within seconds rather than at
+        its next refresh period, while newcomers could only be seated under us and each
+        other."""
+        if not self._ask_tree or not kept or self._announced_lately():
             return
         assert self._endpoint is not None
         try:
@@ -344,6 +365,8 @@ class Origin:
             return
         if any(node.parent == self.stream_id and node.node in kept for node in report.nodes):
             return
+        if self._announced_lately():
+            return  # the other look got there first
         self._announced_at = now = trio.current_time()
         logger.warning(
             "the tracker had lost the stream's tree (it restarted?): asking every listener "

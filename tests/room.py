@@ -73,13 +73,15 @@ class Room:
 
 
 @asynccontextmanager
-async def open_room(tmp: Path, origin_capacity: int = 3) -> AsyncIterator[Room]:
-    tracker = Tracker(TrackerConfig(refresh_s=5))
+async def open_room(
+    tmp: Path, origin_capacity: int = 3, *, source: Path = TONE, refresh_s: int = 5
+) -> AsyncIterator[Room]:
+    tracker = Tracker(TrackerConfig(refresh_s=refresh_s))
     async with trio.open_nursery() as nursery:
         address = await nursery.start(serve_tracker, tracker, Ed25519PrivateKey.generate())
         origin = Origin(
             Ed25519PrivateKey.generate(),
-            OriginSettings(address, str(TONE), capacity=origin_capacity),
+            OriginSettings(address, str(source), capacity=origin_capacity),
             FAST,
         )
         await nursery.start(origin.run)

@@ -10,7 +10,7 @@ import trio
 
 from meshd.node.relay import Relay
 from protocol import VerifiedChunk, encode_message
-from tests.room import TONE, assert_gap_free_tail, open_room, packets_of
+from tests.room import SAMPLE, TONE, assert_gap_free_tail, open_room, packets_of
 
 
 async def test_thirty_listeners_get_every_packet_from_their_join_on(tmp_path: Path) -> None:
@@ -94,3 +94,30 @@ async def test_relays_sleep_between_chunks(tmp_path: Path) -> None:
     # Summed over every task of that kind (up to 6 links): chunks, timers and heartbeats
     # make ~150 steps in 2 s; a busy loop makes ~100,000.
     assert busiest[1] < 1000, busiest
+
+
+async def test_a_tracker_that_lost_the_tree_knows_it_again_within_seconds(tmp_path: Path) -> None:
+    """The tracker's state is lost, as by a restart, while the nodes REFRESH only every
+    3 minutes: the origin sees the tracker no longer lists its children (TREE), its
+    chunks carry ANNOUNCE, and every relay REFRESHes at once. The origin has more slots
+    than a TREE_REPORT holds: it asks for at most 256 nodes (more cannot be encoded)."""
+    with trio.fail_after(40):
+        async with open_room(tmp_path, 300, source=SAMPLE, refresh_s=180) as room:
+            for _ in range(4):
+                await room.add(capacity=2)
+            await room.wait_all_receiving()
+            await trio.sleep(5)  # the origin looked after a REGISTER: these are its children
+            room.tracker.streams.clear()
+            lost = trio.current_time()
+            while True:
+                state = room.tracker.streams.get(room.origin.stream_id)
+                if state is not None and len(state.tree) == 5:
+                    break
+                await trio.sleep(0.05)
+            assert trio.current_time() - lost < 5
+            assert all(relay.stats.lost == 0 for relay in room.relays)
+            assert set(state.tree.children_of(room.origin.stream_id)) == {
+                relay.node_id for relay in room.relays
+            }
+            room.origin.stop()
+            await room.wait_all_ended()

@@ -43,6 +43,7 @@ from protocol import (
     sign_message,
 )
 from protocol.backoff import Backoff
+from protocol.limits import MAX_TREE_NODES
 from protocol.media import OPUS_RATE
 
 logger = logging.getLogger(__name__)
@@ -349,7 +350,7 @@ class Origin:
             report = await ask_tracker(
                 self._endpoint,
                 self.settings.tracker,
-                TreeRequest(self.stream_id, 1 + self.settings.capacity),
+                TreeRequest(self.stream_id, min(1 + self.settings.capacity, MAX_TREE_NODES)),
                 rng=self.rng,
                 give_up_after=5.0,
                 tracker_key=self.settings.tracker_key,

@@ -84,20 +84,28 @@ def test_sigterm_moves_children_first_without_a_failover(tmp_path: Path) -> None
         assert stats["parent_switches"] >= 1 and stats["parent"] != leaver_id
 
 
+def restart_tracker_then_join_two(room: Cluster, *tracker_args: str) -> tuple[Proc, Proc]:
+    """Four listeners play; the tracker is SIGKILLed and started again on its address
+    (it knows nothing), two newcomers join; all six must play to the end, complete.
+    Returns the origin and the restarted tracker."""
+    origin, tracker, procs = start_room(room, 4, *tracker_args)
+    first_tracker = room.procs[0]
+    first_tracker.signal(signal.SIGKILL)
+    first_tracker.wait(10)
+    again = room.start("tracker-again", "tracker", "--listen", tracker, *tracker_args)
+    again.wait_for_output("listening on")
+    stream = room.stats("listener0")["stream"]
+    late = [room.listener(f"listener{i}", tracker, stream) for i in (4, 5)]
+    for proc in procs + late:
+        assert proc.wait(40) == 0, proc.tail()
+    assert origin.wait(30) == 0
+    check_complete(room, list(range(6)))
+    return origin, again
+
+
 def test_tracker_restart_keeps_audio_flowing_and_joins_work_again(tmp_path: Path) -> None:
     with cluster(tmp_path) as room:
-        origin, tracker, procs = start_room(room, 4, "--refresh", "1")
-        first_tracker = room.procs[0]
-        first_tracker.signal(signal.SIGKILL)
-        first_tracker.wait(10)
-        again = room.start("tracker-again", "tracker", "--listen", tracker, "--refresh", "1")
-        again.wait_for_output("listening on")
-        stream = room.stats("listener0")["stream"]
-        late = [room.listener(f"listener{i}", tracker, stream) for i in (4, 5)]
-        for proc in procs + late:
-            assert proc.wait(40) == 0, proc.tail()
-        assert origin.wait(30) == 0
-        check_complete(room, list(range(6)))
+        _, again = restart_tracker_then_join_two(room, "--refresh", "1")
         assert "register stream=" in again.log.read_text()
 
 
@@ -109,16 +117,5 @@ def test_a_restarted_tracker_knows_the_tree_again_within_seconds_at_the_default_
     each other, and none of them got a chunk for minutes. The origin notices (TREE) and
     its chunks ask every node to REFRESH (ANNOUNCE), parents first."""
     with cluster(tmp_path) as room:
-        origin, tracker, procs = start_room(room, 4)
-        first_tracker = room.procs[0]
-        first_tracker.signal(signal.SIGKILL)
-        first_tracker.wait(10)
-        again = room.start("tracker-again", "tracker", "--listen", tracker, "--workers", "0")
-        again.wait_for_output("listening on")
-        stream = room.stats("listener0")["stream"]
-        late = [room.listener(f"listener{i}", tracker, stream) for i in (4, 5)]
-        for proc in procs + late:
-            assert proc.wait(40) == 0, proc.tail()
-        assert origin.wait(30) == 0
-        check_complete(room, list(range(6)))
+        origin, _ = restart_tracker_then_join_two(room)
         assert "lost the stream's tree" in origin.log.read_text()

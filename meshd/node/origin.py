@@ -45,6 +45,7 @@ from protocol import (
 from protocol.backoff import Backoff
 from protocol.limits import MAX_TREE_NODES
 from protocol.media import OPUS_RATE
+from protocol.messages import TrackerResponse
 
 logger = logging.getLogger(__name__)
 
@@ -204,17 +205,9 @@ class Origin:
         """CHILD_GONE for a child let go for silence (docs/spec.md §5.2; children are
         accepted only once the stream is registered): advice, so a refusal or no answer
         is only logged, and a tracker too old to know the message is not told again."""
-        assert self._endpoint is not None
         gone = ChildGone(self.stream_id, self.stream_id, child, now_ms())
         try:
-            await ask_tracker(
-                self._endpoint,
-                self.settings.tracker,
-                sign_message(gone, self.key),
-                rng=self.rng,
-                give_up_after=10.0,
-                tracker_key=self.settings.tracker_key,
-            )
+            await self._ask(sign_message(gone, self.key), give_up_after=10.0)
         except TrackerRefused as exc:
             if exc.code == ErrorCode.UNKNOWN_MESSAGE:
                 logger.info("the tracker does not know CHILD_GONE; not sending it any more")
@@ -266,20 +259,28 @@ class Origin:
             if not data:
                 break
 
-    async def _register(self, give_up_after: float | None) -> Ack:
+    async def _ask(
+        self,
+        request: Register | ChildGone | TreeRequest,
+        give_up_after: float | None,
+        warn_after: float | None = None,
+    ) -> TrackerResponse:
         assert self._endpoint is not None
-        signer = self.core.signer
-        live = signer.last_granule if signer.next_seq else None  # newcomers' reference
-        request = Register(self.stream_id, self.address, self.settings.capacity, now_ms(), live)
-        answer = await ask_tracker(
+        return await ask_tracker(
             self._endpoint,
             self.settings.tracker,
-            sign_message(request, self.key),
+            request,
             rng=self.rng,
             give_up_after=give_up_after,
             tracker_key=self.settings.tracker_key,
-            warn_after=WARN_AFTER,
+            warn_after=warn_after,
         )
+
+    async def _register(self, give_up_after: float | None) -> Ack:
+        signer = self.core.signer
+        live = signer.last_granule if signer.next_seq else None  # newcomers' reference
+        request = Register(self.stream_id, self.address, self.settings.capacity, now_ms(), live)
+        answer = await self._ask(sign_message(request, self.key), give_up_after, WARN_AFTER)
         assert isinstance(answer, Ack)
         return answer
 
@@ -345,16 +346,9 @@ class Origin:
         other."""
         if not self._ask_tree or not kept or self._announced_lately():
             return
-        assert self._endpoint is not None
+        request = TreeRequest(self.stream_id, min(1 + self.settings.capacity, MAX_TREE_NODES))
         try:
-            report = await ask_tracker(
-                self._endpoint,
-                self.settings.tracker,
-                TreeRequest(self.stream_id, min(1 + self.settings.capacity, MAX_TREE_NODES)),
-                rng=self.rng,
-                give_up_after=5.0,
-                tracker_key=self.settings.tracker_key,
-            )
+            report = await self._ask(request, give_up_after=5.0)
         except TrackerRefused as exc:
             if exc.code == ErrorCode.UNKNOWN_MESSAGE:
                 logger.info("the tracker does not know TREE: a restart of it goes unnoticed")

@@ -40,6 +40,7 @@ def make_tree(
     peer_ttl: float = TTL,
     report_quorum: int = 2,
     report_window: float = 60.0,
+    rebuilding_until: float = 0.0,
 ) -> StreamTree:
     return StreamTree(
         ORIGIN,
@@ -48,6 +49,7 @@ def make_tree(
         peer_ttl=peer_ttl,
         report_quorum=report_quorum,
         report_window=report_window,
+        rebuilding_until=rebuilding_until,
     )
 
 
@@ -868,21 +870,28 @@ def test_refresh_rebuilds_the_view_after_a_restart() -> None:
     check_invariants(tree)
 
 
-def test_after_a_restart_a_refresh_takes_back_the_slot_a_newcomer_was_guessed_into() -> None:
+def test_after_a_restart_a_refresh_takes_back_the_slot_of_a_newcomer_it_refused() -> None:
     # A restarted tracker knows only the origin until its old children REFRESH: two
-    # newcomers JOIN into the origin's slots, which the origin (full) refuses. The old
-    # children's REFRESHes are facts and win; the newcomers move below them, as guesses.
-    tree = make_tree(origin_capacity=2)
+    # newcomers JOIN into the origin's slots, the origin (full) refuses them, and they
+    # REJOIN. The old children's REFRESHes are facts and win; the newcomers move below
+    # them, as guesses, and the same goes one level down.
+    tree = make_tree(origin_capacity=2, rebuilding_until=TTL)
     tree.join(pid(5), 2, addr(5), 0.0)
     tree.join(pid(6), 2, addr(6), 0.0)
     assert tree.children_of(ORIGIN) == (pid(5), pid(6))
-    assert tree.is_guessed(pid(5)) and not tree.is_orphaned(pid(5))
+    with pytest.raises(UnknownPeer):  # not refused yet: a newcomer streams from there
+        tree.refresh(pid(1), 0.1, parent=ORIGIN, capacity=2, address=addr(1))
+    for newcomer in (pid(5), pid(6)):  # refused: moved below each other, or left there
+        with contextlib.suppress(NoCapacity):
+            tree.report_failure(newcomer, ORIGIN, 0.2)
     tree.refresh(pid(1), 1.0, parent=ORIGIN, capacity=2, address=addr(1))
     tree.refresh(pid(2), 1.0, parent=ORIGIN, capacity=2, address=addr(2))
     assert set(tree.children_of(ORIGIN)) == {pid(1), pid(2)}
     below_old = subtree(tree, pid(1)) | subtree(tree, pid(2))
-    assert {pid(5), pid(6)} <= below_old and tree.is_guessed(pid(5)) and tree.is_guessed(pid(6))
-    # Their own children come next: a full parent in our view gives way to them again.
+    assert {pid(5), pid(6)} <= below_old
+    for newcomer in (pid(5), pid(6)):  # they are refused again there, and say so
+        with contextlib.suppress(NoCapacity):
+            tree.report_failure(newcomer, tree.parent_of(newcomer) or ORIGIN, 1.5)
     for child, parent in ((3, 1), (4, 1), (7, 2), (8, 2)):
         tree.refresh(pid(child), 2.0, parent=pid(parent), capacity=2, address=addr(child))
         assert tree.parent_of(pid(child)) == pid(parent)
@@ -890,22 +899,29 @@ def test_after_a_restart_a_refresh_takes_back_the_slot_a_newcomer_was_guessed_in
     check_invariants(tree)
 
 
-def test_a_confirmed_placement_does_not_give_way_to_a_refresh() -> None:
-    tree = make_tree(origin_capacity=1)
+def test_a_refresh_takes_a_slot_only_from_a_child_not_streaming_there_in_a_rebuild() -> None:
+    tree = make_tree(origin_capacity=1, rebuilding_until=TTL)
     tree.join(pid(5), 1, addr(5), 0.0)
-    assert tree.is_guessed(pid(5))
-    tree.refresh(pid(5), 1.0, parent=ORIGIN)  # it streams from there: a fact now
-    assert not tree.is_guessed(pid(5))
+    tree.refresh(pid(5), 1.0, parent=ORIGIN)  # it streams from there: a fact
     with pytest.raises(UnknownPeer):
         tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=2, address=addr(1))
     assert tree.children_of(ORIGIN) == (pid(5),)
-    # A leaf's claim cannot take the slot when the guess would have nowhere to go.
-    tree = make_tree(origin_capacity=1)
-    tree.join(pid(5), 1, addr(5), 0.0)
-    with pytest.raises(UnknownPeer):
-        tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=0, address="")
-    assert tree.children_of(ORIGIN) == (pid(5),) and tree.is_guessed(pid(5))
-    check_invariants(tree)
+    # A leaf's claim cannot take the slot when the child would have nowhere to go.
+    for rebuilding_until in (TTL, 0.0):
+        tree = make_tree(origin_capacity=1, rebuilding_until=rebuilding_until)
+        tree.join(pid(5), 1, addr(5), 0.0)
+        with pytest.raises(NoCapacity):
+            tree.report_failure(pid(5), ORIGIN, 0.5)
+        with pytest.raises(UnknownPeer):
+            tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=0, address="")
+        assert tree.children_of(ORIGIN) == (pid(5),)
+        if not rebuilding_until:  # a tree we built ourselves: our view stands
+            with pytest.raises(UnknownPeer):
+                tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=1, address=addr(1))
+            continue
+        tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=1, address=addr(1))
+        assert tree.children_of(ORIGIN) == (pid(1),) and tree.parent_of(pid(5)) == pid(1)
+        check_invariants(tree)
 
 
 def test_refresh_follows_the_peer_only_to_valid_parents() -> None:
@@ -1389,7 +1405,7 @@ class TreeMachine(RuleBasedStateMachine):
         claimed = data.draw(st.sampled_from(sorted(self.tree)))
         before = self.tree.parent_of(peer)
         valid = claimed == before or claimed in eligible_parents(self.tree, peer)
-        guessed_in_the_way = any(self.tree.is_guessed(p) for p in self.tree)
+        guessed_in_the_way = any(self.tree.is_orphaned(p) for p in self.tree)
         if valid:
             depth_there = self.tree.depth_of(claimed) + 1
         answer = self.tree.refresh(peer, self.now, parent=claimed)

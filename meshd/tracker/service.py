@@ -311,6 +311,10 @@ class Tracker:
         state = self.streams.get(request.stream)
         if state is None:
             self.ended.pop(request.stream, None)  # the origin restarted the stream
+            # A stream that ran before we knew it (we restarted): its nodes all refresh
+            # within a refresh period, rebuilding our view of its tree.
+            running = request.live_granule is not None
+            rebuilding_until = now + self.config.refresh_s if running else 0.0
             tree = StreamTree(
                 request.stream,
                 request.address,
@@ -319,6 +323,7 @@ class Tracker:
                 peer_ttl=self.config.peer_ttl,
                 max_capacity=self.config.max_capacity,
                 initial_capacity=self.config.initial_capacity or None,
+                rebuilding_until=rebuilding_until,
             )
             state = self.streams[request.stream] = StreamState(tree, now)
             state.seen(request.stream, now)

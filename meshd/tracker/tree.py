@@ -55,8 +55,10 @@ guesses: the links enforce loop freedom and capacity on their own, so a node's c
 its actual parent beats a guess. A tentative child that makes the claimed parent look
 full, or a tentative link that makes the claim look like a cycle, is re-homed (still
 tentative) to make room for the truth; only confirmed placements can refuse a claim.
-A JOIN's placement gives way too until the node confirms it (`joining`): after a
-tracker restart, newcomers are seated before the old nodes refresh, in their slots.
+While the view is rebuilt after a tracker restart, a REFRESH that re-inserts a node we
+do not know also takes the slot of a child that is tentative or reported its parent and
+stayed for want of another (`_not_there`): newcomers seated before the old nodes
+refresh would lock them out.
 
 Complexity: join is O(depth) (amortised O(1) bucket work); a move is O(depth + size of
 the moved subtree), because the depths of the subtree are kept exact; expiry is
@@ -199,7 +201,6 @@ class _Node:
         "earned",
         "excused",
         "joined",
-        "joining",
         "last_seen",
         "network",
         "offered",
@@ -236,10 +237,6 @@ class _Node:
         self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
-        # Where its JOIN put it, not yet confirmed by the node (its REFRESH or REJOIN): a
-        # guess too, as a newcomer's parent may refuse it, but not one its subtree is
-        # ordered behind (every newcomer is one). A claim of the slot beats it.
-        self.joining = False
         # Under a parent by its own claim (REFRESH, REJOIN `attached`) of a slot the
         # tracker never offered it: anyone can claim a free slot, so its failure reports
         # prove nothing. `offered`: the parent and backups of its last assignment.
@@ -259,6 +256,14 @@ class _Node:
 def _kin(relay: _Node, child: _Node) -> bool:
     """Whether the child is from the relay's own known source network."""
     return relay.network != "" and child.network == relay.network
+
+
+def _not_there(child: _Node) -> bool:
+    """By our own view, `child` does not stream from its parent: placed tentatively, or
+    it reported that parent (REJOIN) since it was placed under it, and stayed there for
+    want of another slot. A JOIN's placement is not such a guess: a newcomer normally
+    streams from there within milliseconds (moving those broke the 20,000-listener melt)."""
+    return child.orphaned or child.rejoined > child.placed
 
 
 def _within(node: _Node, ancestor: _Node) -> bool:
@@ -292,6 +297,7 @@ class StreamTree:
         max_capacity: int | None = None,
         initial_capacity: int | None = None,
         vouch_after: float = 5.0,
+        rebuilding_until: float = 0.0,
     ) -> None:
         if origin_capacity < 0 or backups < 0 or report_quorum < 1:
             raise InvalidRequest("capacity and backups must be >= 0, report_quorum >= 1")
@@ -304,6 +310,9 @@ class StreamTree:
         self._ceiling = max_capacity
         self._initial = initial_capacity  # None: capacity is taken as declared
         self._vouch_after = vouch_after
+        # Until then our view is being rebuilt: the stream ran before we knew it (we
+        # restarted), and the nodes in it have not all refreshed yet (see `_reinsert`).
+        self._rebuilding_until = rebuilding_until
         self._now = 0.0  # the time of the operation in progress
         self._backup_count = backups
         self._backup_turn = 0
@@ -378,15 +387,8 @@ class StreamTree:
         return self._get(peer_id).ref
 
     def is_orphaned(self, peer_id: bytes) -> bool:
-        """True if the tracker moved this peer (or answered its REJOIN with another
-        parent than its own) and the peer has not confirmed it yet (see `is_guessed`)."""
+        """True if the tracker placed this peer and the peer has not confirmed it yet."""
         return self._get(peer_id).orphaned
-
-    def is_guessed(self, peer_id: bytes) -> bool:
-        """Whether the peer's placement is only our guess (tentative, or its JOIN's and
-        not yet confirmed): a claim of its slot beats it."""
-        node = self._get(peer_id)
-        return node.orphaned or node.joining
 
     def assignment_of(self, peer_id: bytes) -> Assignment:
         """The peer's current placement, with fresh backups."""
@@ -467,9 +469,7 @@ class StreamTree:
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        node = self._insert(peer_id, capacity, address, parent, now, network)
-        node.joining = True
-        return self._assignment(node)
+        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
 
     def report_failure(
         self,
@@ -552,7 +552,6 @@ class StreamTree:
         elif claim is not None and claim is not node.parent:
             self._move_by_claim(node, claim)
         # Where it streams from now is a fact; anywhere else we just told it to go.
-        node.joining = False
         self._set_orphaned(node, node.parent is None or node.parent.ref.peer_id != attached_to)
         if claim is not None and claim is node.parent:
             self._vouch(node)
@@ -658,7 +657,6 @@ class StreamTree:
             return self._assignment(node)
         if claim is not node.parent:
             self._move_by_claim(node, claim)
-        node.joining = False
         self._set_orphaned(node, False)
         self._vouch(node)
         better = self._better_place(node, now)
@@ -930,24 +928,14 @@ class StreamTree:
             self._attach(guess, old)
             return parent
         if full:
-            guess = self._guess_among(parent.children, node)
-            if guess is None or not swappable or old is None:
+            guesses = [c for c in parent.children if c.orphaned and not _within(node, c)]
+            if not guesses or not swappable or old is None:
                 return None
+            guess = guesses[-1]
             self._detach(guess)
             self._move_by_claim(node, parent)
             self._attach(guess, old)
-            self._set_orphaned(guess, True)
         return parent
-
-    def _guess_among(self, children: list[_Node], claimer: _Node | None) -> _Node | None:
-        """The latest of `children` whose placement is only our guess (tentative, or its
-        JOIN's, unconfirmed) and that `claimer` is not below: it gives way to a claim."""
-        for child in reversed(children):
-            if (child.orphaned or child.joining) and (
-                claimer is None or not _within(claimer, child)
-            ):
-                return child
-        return None
 
     def _better_place(self, node: _Node, now: float) -> _Node | None:
         """Rebalancing, one refreshing peer at a time, so churn does not deepen the tree.
@@ -1112,7 +1100,6 @@ class StreamTree:
         node.placed = self._now
         node.vouched = False
         node.claimed = False
-        node.joining = False  # moved: the caller says whether the node knows
         self._free_slots -= 1
         self._index(parent)
         self._set_depth(node, parent.depth + 1)
@@ -1391,9 +1378,12 @@ class StreamTree:
         """Rebuild the view from a refresh: the peer has no children in our view yet,
         so attaching it as a leaf under a known parent with room cannot form a cycle.
 
-        After a tracker restart, newcomers may have been placed in the slots of nodes
-        that had not refreshed yet (their parents refuse them): a guess in a full parent
-        moves elsewhere, tentatively, for the peer that says it streams from there."""
+        While the view is rebuilt after a tracker restart, newcomers are seated before
+        the old nodes refresh, in slots those hold: the parent refuses them, and they
+        REJOIN. A child that is not streaming from the parent by our own view (tentative,
+        or it reported that parent since it was placed under it) then moves elsewhere,
+        tentatively, for the peer that says it streams from there. Only then: in a tree
+        we built ourselves, such moves cost the 1,000-listener melt chunks."""
         if parent_id is None or capacity is None:
             raise UnknownPeer("unknown peer: join")
         parent = self._peers.get(parent_id)
@@ -1401,7 +1391,9 @@ class StreamTree:
             raise UnknownParent("unknown parent: retry later or join")
         guess = target = None
         if len(parent.children) >= parent.capacity:
-            guess = self._guess_among(parent.children, None)
+            rebuilding = now < self._rebuilding_until
+            guess = next((c for c in reversed(parent.children) if _not_there(c)), None)
+            guess = guess if rebuilding else None
             if guess is None:
                 raise UnknownPeer("the claimed parent is full in our view: join")
             self._detach(guess)

@@ -1088,6 +1088,8 @@ class NodeCore:
         """The origin asks every node to REFRESH: the tracker lost its view of the tree."""
         if self.stats.joined_at is None or self.phase is not Phase.RUNNING:
             return  # not in the tracker's tree (yet, or any more)
+        if self._asking(Purpose.REFRESH):
+            return  # one is on its way (retried until the tracker answers)
         last = self._announced_at
         if last is not None and now - last < ANNOUNCE_QUIET:
             return

@@ -55,6 +55,9 @@ READ_SIZE = 16384
 ANNOUNCE_AGAIN_AFTER = 30.0
 """At most one ANNOUNCE this often: each costs the tracker a REFRESH from every node."""
 LOOK_AGAIN_AFTER = 2.0  # refused SUBSCRIBEs ask the tracker's view at most this often
+KNOWN_SLACK = 2.0
+"""A tracker whose TREE says it has known the stream for at least our time since our
+first REGISTER, less this (its count is in whole seconds), did not lose it."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Origin:
         self._kept: set[bytes] = set()
         """Our children at the last look at the tracker's view (see `_check_tracker_view`)."""
         self._announced_at: float | None = None
+        self._registered_at: float | None = None  # when our first REGISTER was accepted
         self._refused = trio.Event()
         """Set when we refused a SUBSCRIBE for lack of slots (see `_look_when_full`)."""
         self.core.children.on_full = self._full
@@ -299,6 +303,7 @@ class Origin:
             raise NodeError(f"the tracker at {tracker} refused the stream: {exc}") from None
         logger.info("stream %s registered at the tracker", key_to_text(self.stream_id))
         self.registered.set()
+        self._registered_at = trio.current_time()
         return ack.refresh_s
 
     async def _keep_registered(self, refresh_s: int) -> None:
@@ -340,10 +345,12 @@ class Origin:
 
     async def _check_tracker_view(self, kept: set[bytes]) -> None:
         """Ask the tracker (TREE) which children it has us feed. If it names none of
-        `kept` (ours since the last look, and still), it lost the tree (it restarted): the
-        next chunks carry ANNOUNCE, so every node REFRESHes within seconds rather than at
-        its next refresh period, while newcomers could only be seated under us and each
-        other."""
+        `kept` (ours since the last look, and still), and says it learnt the stream since
+        our first REGISTER, it lost the tree (it restarted): the next chunks carry
+        ANNOUNCE, so every node REFRESHes within seconds rather than at its next refresh
+        period, while newcomers could only be seated under us and each other. (Children
+        the tracker merely moved, to rebalance or by their own claims, are no alarm:
+        each costs a REFRESH from the whole audience.)"""
         if not self._ask_tree or not kept or self._announced_lately():
             return
         request = TreeRequest(self.stream_id, min(1 + self.settings.capacity, MAX_TREE_NODES))
@@ -360,6 +367,11 @@ class Origin:
             return
         if any(node.parent == self.stream_id and node.node in kept for node in report.nodes):
             return
+        assert self._registered_at is not None
+        ours = trio.current_time() - self._registered_at
+        top = report.nodes[0] if report.nodes else None
+        if top is not None and top.node == self.stream_id and top.uptime_s >= ours - KNOWN_SLACK:
+            return  # it has known the stream all along: it only moved our children
         if self._announced_lately():
             return  # the other look got there first
         self._announced_at = now = trio.current_time()

@@ -1394,14 +1394,13 @@ class StreamTree:
             rebuilding = now < self._rebuilding_until
             guess = next((c for c in reversed(parent.children) if _not_there(c)), None)
             guess = guess if rebuilding else None
+            if guess is not None:
+                target = self._pick_parent(guess, guess.capacity, avoid=parent)
+                if target is None and self._within_ceiling(None, capacity) == 0:
+                    guess = None  # nowhere for it: not even below a leaf
             if guess is None:
                 raise UnknownPeer("the claimed parent is full in our view: join")
             self._detach(guess)
-            target = self._pick_parent(guess, guess.capacity, avoid=parent)
-            if target is None and self._within_ceiling(None, capacity) == 0:  # nowhere for it
-                self._attach(guess, parent)
-                self._set_orphaned(guess, True)
-                raise UnknownPeer("the claimed parent is full in our view: join")
         node = self._insert(peer_id, capacity, address or "", parent, now, network)
         node.claimed = True
         if guess is not None:

@@ -55,6 +55,7 @@ logger = logging.getLogger("meshd.tracker")
 
 NO_SUCH_STREAM = "no such stream: its origin has not registered here (not started yet?)"
 REGISTER_REFRESH_S = 2  # how often the origin re-registers (a restarted tracker learns fast)
+REBUILD_AT_LEAST_S = 60  # how long at least a restarted tracker's view counts as rebuilt
 NETWORK_FULL_RETRY_MS = 10_000
 """RETRY_AFTER for a new identity from a network at its limit: it waits for one to go."""
 RATE_WINDOW = 10.0  # seconds over which joins/s and rejoins/s are measured
@@ -311,10 +312,12 @@ class Tracker:
         state = self.streams.get(request.stream)
         if state is None:
             self.ended.pop(request.stream, None)  # the origin restarted the stream
-            # A stream that ran before we knew it (we restarted): its nodes all refresh
-            # within a refresh period, rebuilding our view of its tree.
+            # A stream that ran before we knew it (we restarted): its nodes refresh
+            # within a refresh period (ours, or the last tracker's), and sooner when the
+            # origin's chunks ask them to; a slow request may take seconds more.
             running = request.live_granule is not None
-            rebuilding_until = now + self.config.refresh_s if running else 0.0
+            rebuild = max(2 * self.config.refresh_s, REBUILD_AT_LEAST_S)
+            rebuilding_until = now + rebuild if running else 0.0
             tree = StreamTree(
                 request.stream,
                 request.address,

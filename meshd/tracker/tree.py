@@ -1391,9 +1391,8 @@ class StreamTree:
             raise UnknownParent("unknown parent: retry later or join")
         guess = target = None
         if len(parent.children) >= parent.capacity:
-            rebuilding = now < self._rebuilding_until
-            guess = next((c for c in reversed(parent.children) if _not_there(c)), None)
-            guess = guess if rebuilding else None
+            if now < self._rebuilding_until:
+                guess = next((c for c in reversed(parent.children) if _not_there(c)), None)
             if guess is not None:
                 target = self._pick_parent(guess, guess.capacity, avoid=parent)
                 if target is None and self._within_ceiling(None, capacity) == 0:

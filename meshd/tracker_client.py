@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 ATTEMPT_TIMEOUT = 5.0
 REUSE_FOR = 3.0
 """Seconds a tracker connection is reused after it opened (the tracker closes it at 5)."""
+UNHEARD_AFTER = 1.0
+"""Seconds a request on a reused connection may go unacknowledged before it is asked
+again on a new one (a live tracker acknowledges within a round trip or two)."""
 REUSE_REQUESTS = 15  # the tracker answers 16 on one connection
 REPLAYABLE = (Refresh, StatusRequest)
 """Requests that may go in 0-RTT: a replay is harmless (docs/spec.md §2)."""
@@ -176,11 +179,13 @@ async def _attempt(
             if link is not None:
                 try:
                     await link.stream.send_all(payload)
-                    await _read_answer(link.stream, exchange)
+                    heard = await _read_answer_if_heard(link.stream, exchange)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     # The tracker closed it meanwhile, which says nothing about its
                     # health: ask at once on a new connection instead of backing off.
                     logger.debug("reused tracker connection failed: %s", exc)
+                    heard = False
+                if not heard:
                     await link.conn.aclose()
                     link = None
             if link is None:
@@ -219,6 +224,21 @@ async def _attempt(
     answered = exchange.state is ExchangeState.DONE
     if not (answered and connections is not None and connections.give_back(link)):
         await link.conn.aclose(close_code)
+
+
+async def _read_answer_if_heard(stream: QuicStream, exchange: TrackerExchange) -> bool:
+    """Read the answer on a reused connection; False if the tracker has not even
+    acknowledged the request after `UNHEARD_AFTER` seconds. A restarted tracker drops the
+    packets of connections it does not know, and waiting out the attempt would delay
+    the node's first request to it by `ATTEMPT_TIMEOUT`."""
+    with trio.move_on_after(UNHEARD_AFTER):
+        await _read_answer(stream, exchange)
+        return True
+    if stream.unacknowledged:
+        logger.debug("reused tracker connection unheard; asking on a new one")
+        return False
+    await _read_answer(stream, exchange)
+    return True
 
 
 async def _read_answer(stream: QuicStream, exchange: TrackerExchange) -> None:

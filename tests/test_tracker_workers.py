@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Generic, ParamSpec, TypeVar
 
 import trio
@@ -17,7 +18,12 @@ from meshd.tracker.server import serve_tracker
 from meshd.tracker.service import Tracker, TrackerConfig
 from meshd.tracker.tree import StreamTree
 from meshd.tracker.workers import worker_share
-from meshd.tracker_client import TrackerConnections, TrackerRefused, ask_tracker
+from meshd.tracker_client import (
+    ATTEMPT_TIMEOUT,
+    TrackerConnections,
+    TrackerRefused,
+    ask_tracker,
+)
 from protocol import (
     Ack,
     Assigned,
@@ -38,6 +44,7 @@ from protocol import (
 )
 from protocol.messages import TrackerResponse
 from tests.attackers import ask, join_request
+from tests.procs import cluster
 
 STREAM_KEY = Ed25519PrivateKey.generate()
 STREAM = key_id(STREAM_KEY)
@@ -218,6 +225,35 @@ async def test_a_node_reuses_its_tracker_connection() -> None:
                 signed = sign_message(request, key)
                 await ask_tracker(endpoint, address, signed, connections=connections)
             assert connect.calls == 1
+
+
+async def test_a_node_asks_a_restarted_tracker_on_a_new_connection_at_once(
+    tmp_path: Path,
+) -> None:
+    """A tracker killed and started again on its address drops the packets of the
+    connection a node kept for its next request: the node must ask again on a new
+    connection soon, not wait out a whole attempt (it did, and every node's first
+    request after a restart took 5 s)."""
+    connections = TrackerConnections()
+    with cluster(tmp_path) as room, trio.fail_after(60):
+        _, listen = room.tracker()
+        host, port = listen.rsplit(":", 1)
+        address = (host, int(port))
+        async with open_quic_endpoint(Ed25519PrivateKey.generate()) as endpoint:
+            register = sign_message(Register(STREAM, "127.0.0.1:9", 3, now_ms()), STREAM_KEY)
+            await ask_tracker(endpoint, address, register, connections=connections)
+            room.kill_all()
+            async with trio.open_nursery() as nursery:
+                tracker, key = Tracker(TrackerConfig()), Ed25519PrivateKey.generate()
+                await nursery.start(serve_tracker, tracker, key, host, int(port), 0)
+                connect = Counting(endpoint.connect)
+                endpoint.connect = connect  # type: ignore[method-assign]
+                register = sign_message(Register(STREAM, "127.0.0.1:9", 3, now_ms()), STREAM_KEY)
+                with trio.fail_after(ATTEMPT_TIMEOUT - 1):
+                    answer = await ask_tracker(endpoint, address, register, connections=connections)
+                assert isinstance(answer, Ack)
+                assert connect.calls == 1
+                nursery.cancel_scope.cancel()
 
 
 def test_a_workers_share_keeps_no_limit_and_rounds_bursts_up() -> None:

@@ -533,8 +533,11 @@ class QuicConn:
     def _early_data_end(self, stream_id: int) -> int:
         return self._quic.early_data_end.get(stream_id, 0)
 
+    def _unacknowledged(self, stream_id: int) -> int:
+        return _aioquic.unacked_send_bytes(self._quic, stream_id)
+
     def _send_room(self, stream_id: int) -> int:
-        return self._config.stream_send_buffer - _aioquic.unacked_send_bytes(self._quic, stream_id)
+        return self._config.stream_send_buffer - self._unacknowledged(stream_id)
 
     async def _wait_send_progress(self) -> None:
         await self._send_progress.park()

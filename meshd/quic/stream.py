@@ -51,6 +51,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
         which can be replayed (0: none did); what follows came once the handshake was done."""
         return self._conn._early_data_end(self.stream_id)
 
+    @property
+    def unacknowledged(self) -> int:
+        """Bytes written to this stream that the peer has not acknowledged yet."""
+        return self._conn._unacknowledged(self.stream_id)
+
     # Fed by the connection.
 
     def _on_data(self, data: bytes, end_stream: bool) -> None:

@@ -27,6 +27,7 @@ from meshd.node.report import StatsReporter
 from meshd.node.source import OriginCore
 from meshd.node.stats import ChunkTrace
 from meshd.node.timer import CoreTimer
+from meshd.node.treewatch import LOOK_AGAIN_AFTER, Look, TreeWatch
 from meshd.ogg import AudioError, OggOpusParser, OpusPacket
 from meshd.quic import QuicEndpoint, open_quic_endpoint
 from meshd.tracker_client import WARN_AFTER, TrackerRefused, ask_tracker, now_ms
@@ -34,16 +35,15 @@ from protocol import (
     Ack,
     ChildGone,
     ErrorCode,
+    Goodbye,
     Leave,
     Register,
-    TreeReport,
     TreeRequest,
     key_to_text,
     short_id,
     sign_message,
 )
 from protocol.backoff import Backoff
-from protocol.limits import MAX_TREE_NODES
 from protocol.media import OPUS_RATE
 from protocol.messages import TrackerResponse
 
@@ -52,12 +52,6 @@ logger = logging.getLogger(__name__)
 CHUNK_SAMPLES = OPUS_RATE // 5  # 200 ms of audio per chunk
 CHUNK_PACKET_BYTES = 1000  # packet bytes (with their bin headers) so a chunk fits a datagram
 READ_SIZE = 16384
-ANNOUNCE_AGAIN_AFTER = 30.0
-"""At most one ANNOUNCE this often: each costs the tracker a REFRESH from every node."""
-LOOK_AGAIN_AFTER = 2.0  # refused SUBSCRIBEs ask the tracker's view at most this often
-KNOWN_SLACK = 2.0
-"""A tracker whose TREE says it has known the stream for at least our time since our
-first REGISTER, less this (its count is in whole seconds), did not lose it."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +96,7 @@ class Origin:
         self._nursery: trio.Nursery | None = None
         self._tell_child_gone = True
         """False once the tracker answered CHILD_GONE with UNKNOWN_MESSAGE (it is older)."""
-        self._ask_tree = True
-        """False once the tracker answered TREE with UNKNOWN_MESSAGE (it is older)."""
-        self._kept: set[bytes] = set()
-        """Our children at the last look at the tracker's view (see `_check_tracker_view`)."""
-        self._announced_at: float | None = None
-        self._registered_at: float | None = None  # when our first REGISTER was accepted
+        self._watch = TreeWatch(self.stream_id, settings.capacity)
         self._refused = trio.Event()
         """Set when we refused a SUBSCRIBE for lack of slots (see `_look_when_full`)."""
         self.core.children.on_full = self._full
@@ -303,7 +292,7 @@ class Origin:
             raise NodeError(f"the tracker at {tracker} refused the stream: {exc}") from None
         logger.info("stream %s registered at the tracker", key_to_text(self.stream_id))
         self.registered.set()
-        self._registered_at = trio.current_time()
+        self._watch.registered(trio.current_time(), self.core.children.streaming_nodes())
         return ack.refresh_s
 
     async def _keep_registered(self, refresh_s: int) -> None:
@@ -322,9 +311,7 @@ class Origin:
             retry.reset()
             delay = ack.refresh_s * self.rng.uniform(0.8, 1.0)
             children = self.core.children.streaming_nodes()
-            kept = self._kept & children
-            self._kept = children
-            await self._check_tracker_view(kept)
+            await self._take_look(self._watch.registered(trio.current_time(), children))
 
     def _full(self) -> None:
         self._refused.set()
@@ -335,51 +322,32 @@ class Origin:
         REGISTER period before our next look."""
         while True:
             await self._refused.wait()
-            await self._check_tracker_view(self._kept & self.core.children.streaming_nodes())
+            children = self.core.children.streaming_nodes()
+            await self._take_look(self._watch.refused(trio.current_time(), children))
             await trio.sleep(LOOK_AGAIN_AFTER)
             self._refused = trio.Event()
 
-    def _announced_lately(self) -> bool:
-        last = self._announced_at
-        return last is not None and trio.current_time() - last < ANNOUNCE_AGAIN_AFTER
-
-    async def _check_tracker_view(self, kept: set[bytes]) -> None:
-        """Ask the tracker (TREE) which children it has us feed. If it names none of
-        `kept` (ours since the last look, and still), and says it learnt the stream since
-        our first REGISTER, it lost the tree (it restarted): the next chunks carry
-        ANNOUNCE, so every node REFRESHes within seconds rather than at its next refresh
-        period, while newcomers could only be seated under us and each other. (Children
-        the tracker merely moved, to rebalance or by their own claims, are no alarm:
-        each costs a REFRESH from the whole audience.)"""
-        if not self._ask_tree or not kept or self._announced_lately():
+    async def _take_look(self, look: Look | None) -> None:
+        """Ask the tracker (TREE) which children it has us feed; if it lost the tree (it
+        restarted), the next chunks carry ANNOUNCE (meshd/node/treewatch.py)."""
+        if look is None:
             return
-        request = TreeRequest(self.stream_id, min(1 + self.settings.capacity, MAX_TREE_NODES))
+        answer: TrackerResponse | None
         try:
-            report = await self._ask(request, give_up_after=5.0)
+            answer = await self._ask(look.request, give_up_after=5.0)
         except TrackerRefused as exc:
-            if exc.code == ErrorCode.UNKNOWN_MESSAGE:
-                logger.info("the tracker does not know TREE: a restart of it goes unnoticed")
-                self._ask_tree = False
-            return
+            answer = Goodbye(exc.code, exc.reason)
         except trio.TooSlowError:
-            return  # the next REGISTER looks again
-        if not isinstance(report, TreeReport):
+            answer = None
+        if not self._watch.answered(look, answer, trio.current_time()):
+            if not self._watch.asks_tree:
+                logger.info("the tracker does not know TREE: a restart of it goes unnoticed")
             return
-        if any(node.parent == self.stream_id and node.node in kept for node in report.nodes):
-            return
-        assert self._registered_at is not None
-        ours = trio.current_time() - self._registered_at
-        top = report.nodes[0] if report.nodes else None
-        if top is not None and top.node == self.stream_id and top.uptime_s >= ours - KNOWN_SLACK:
-            return  # it has known the stream all along: it only moved our children
-        if self._announced_lately():
-            return  # the other look got there first
-        self._announced_at = now = trio.current_time()
         logger.warning(
             "the tracker had lost the stream's tree (it restarted?): asking every listener "
             "to tell it where they are"
         )
-        self.core.announce(now)
+        self.core.announce(trio.current_time())
 
     async def _unregister(self) -> None:
         """Best effort: tell the tracker the stream is over."""

@@ -45,6 +45,18 @@ EXPECTED_RESPONSE: dict[type[TrackerRequest], tuple[type[TrackerResponse], ...]]
     ChildGone: (Ack,),
 }
 RETRYABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.INTERNAL_ERROR})
+BACKOFF_BASE = 0.1
+REFRESH_BACKOFF_BASE = 1.0
+"""REFRESH is soft state: its retries wait longer, so that an ANNOUNCE's REFRESH from
+every node (docs/spec.md §7.2) does not return as a storm of retries to a tracker that
+refused most of it (a 20,000-listener restart in `meshd sim`: 22,000 requests in its
+busiest second, 10,000 with this)."""
+BACKOFF_CAP = 30.0
+
+
+def backoff_base(request: TrackerRequest) -> float:
+    """The first retry delay of `request` (docs/spec.md §7.4)."""
+    return REFRESH_BACKOFF_BASE if isinstance(request, Refresh) else BACKOFF_BASE
 
 
 class ExchangeState(Enum):
@@ -64,8 +76,6 @@ class TrackerExchange:
         rng: random.Random,
         now: float,
         deadline: float | None = None,
-        backoff_base: float = 0.1,
-        backoff_cap: float = 30.0,
     ) -> None:
         self.request = request
         self.state = ExchangeState.WAITING
@@ -74,7 +84,7 @@ class TrackerExchange:
         self.refusal: Goodbye | None = None
         self.attempts = 0
         self._deadline = deadline
-        self._backoff = Backoff(rng, base=backoff_base, cap=backoff_cap)
+        self._backoff = Backoff(rng, base=backoff_base(request), cap=BACKOFF_CAP)
         self._reader = MessageReader()
 
     def start_attempt(self, now: float) -> bytes:

@@ -81,6 +81,10 @@ def test_the_scenarios_plans() -> None:
     assert 300 < arrivals < 700  # 1000 listeners staying 10 min on average: ~475 in 285 s
     top_kill = SCENARIOS["top-kill"].plan(1000, 1)
     assert [shock.kind for shock in top_kill.shocks] == [ShockKind.TOP_KILL]
+    restart = SCENARIOS["restart"].plan(1000, 1)
+    assert restart.initial == 1000 and len(restart.listeners) == 1100
+    assert [shock.kind for shock in restart.shocks] == [ShockKind.TRACKER_RESTART]
+    assert all(listener.arrive_at >= 30 for listener in restart.listeners[1000:])
     with pytest.raises(ValueError, match="at least"):
         SCENARIOS["melt"].plan(1000, 1, 20)
 
@@ -120,6 +124,16 @@ def test_melt_chunk_level_ends_without_a_cycle_and_with_the_origin_in_budget() -
     assert f["origin_egress_peak"] <= f["origin_egress_budget"]
 
 
+def test_restart_chunk_level_loses_nothing_and_the_tracker_knows_the_tree_again() -> None:
+    """The real origin core's ANNOUNCE and the real node cores' REFRESHes: within
+    seconds the restarted tracker knows where everyone is, and newcomers play."""
+    f = sim("restart", "chunk", 60, 60)
+    assert_sound(f)
+    assert f["survivors"] == 60 and f["survivors_losing"] == 0
+    assert f["joins"] == 6
+    assert f["rebuilt_after"] is not None and f["rebuilt_after"] <= 10  # virtual seconds
+
+
 # -- the flow level: the real tracker, modelled nodes --------------------------------------
 
 
@@ -143,6 +157,13 @@ def test_top_kill_flow_level_every_survivor_is_back_and_lost_nothing(seed: int) 
     assert f["survivors_losing"] == 0 and f["unrecovered"] == 0
     assert f["recovery_p99"] <= 2.0  # issue 9's target, in virtual time
     assert f["problems"] == {}
+
+
+def test_restart_flow_level_loses_nothing_and_the_tracker_knows_the_tree_again() -> None:
+    f = sim("restart", "flow", 2000, 60)
+    assert_sound(f)
+    assert f["survivors"] == 2000 and f["survivors_losing"] == 0
+    assert f["rebuilt_after"] is not None and f["rebuilt_after"] <= 15  # virtual seconds
 
 
 def test_the_levels_agree_on_a_small_launch() -> None:

@@ -924,6 +924,56 @@ def test_a_refresh_takes_a_slot_only_from_a_child_not_streaming_there_in_a_rebui
         check_invariants(tree)
 
 
+def test_in_a_rebuild_a_refresh_waits_for_its_parent_and_comes_in_with_it() -> None:
+    # The ANNOUNCE sends parents first, but a busy tracker answers out of order: the
+    # grandchild and the child come before the parent, and are taken when it comes.
+    tree = make_tree(origin_capacity=2, rebuilding_until=TTL)
+    tree.refresh(pid(3), 1.0, parent=pid(2), capacity=0, address="", network="n3")
+    tree.refresh(pid(2), 1.1, parent=pid(1), capacity=2, address=addr(2), network="n2")
+    assert pid(2) not in tree and pid(3) not in tree
+    assert tree.waiting_from("n3") == 1, "a waiting node counts against its network"
+    assert tree.refresh(pid(1), 1.2, parent=ORIGIN, capacity=2, address=addr(1)) is None
+    assert tree.parent_of(pid(3)) == pid(2) and tree.parent_of(pid(2)) == pid(1)
+    assert tree.depth_of(pid(3)) == 3
+    assert sorted(tree.take_adopted()) == [(pid(2), "n2"), (pid(3), "n3")]
+    assert tree.take_adopted() == [] and tree.waiting_from("n3") == 0
+    check_invariants(tree)
+
+
+def test_a_waiting_refresh_is_dropped_when_its_node_came_in_or_the_rebuild_ended() -> None:
+    tree = make_tree(origin_capacity=2, rebuilding_until=100.0)
+    tree.refresh(pid(2), 1.0, parent=pid(1), capacity=2, address=addr(2))
+    tree.join(pid(2), 2, addr(2), 2.0)  # it came in by itself meanwhile
+    tree.refresh(pid(3), 3.0, parent=pid(1), capacity=2, address=addr(3))
+    tree.expire(100.0)  # the rebuild is over: parents that never came are not waited for
+    tree.refresh(pid(1), 101.0, parent=ORIGIN, capacity=2, address=addr(1))
+    assert tree.parent_of(pid(2)) == ORIGIN, "placed by its JOIN, not moved"
+    assert pid(3) not in tree and tree.take_adopted() == []
+    with pytest.raises(UnknownParent):  # outside a rebuild: refused, as always
+        tree.refresh(pid(4), 102.0, parent=pid(9), capacity=2, address=addr(4))
+    check_invariants(tree)
+
+
+def test_in_a_rebuild_refused_newcomers_do_not_evict_a_relay_whose_children_are_late() -> None:
+    # The restarted tracker knows the relay (its REFRESH) but not yet its children: it
+    # seats two newcomers there, the relay (full) refuses them, and they say so.
+    for rebuilding_until in (TTL, 0.0):
+        tree = make_tree(origin_capacity=1, rebuilding_until=rebuilding_until)
+        tree.join(pid(1), 2, addr(1), 0.0)
+        for newcomer in (5, 6):
+            tree.join(pid(newcomer), 2, addr(newcomer), 1.0, network=f"n{newcomer}")
+            assert tree.parent_of(pid(newcomer)) == pid(1)
+        for newcomer in (5, 6):
+            with contextlib.suppress(NoCapacity):
+                tree.report_failure(pid(newcomer), pid(1), 2.0)
+        if rebuilding_until:
+            assert pid(1) in tree, "only probed: its children are on their way"
+            assert pid(1) in tree.suspects(2.0)
+        else:
+            assert pid(1) not in tree, "a tree we built ourselves: two witnesses evict"
+        check_invariants(tree)
+
+
 def test_refresh_follows_the_peer_only_to_valid_parents() -> None:
     tree = make_tree(origin_capacity=2)
     build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2)})

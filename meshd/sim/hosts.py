@@ -25,11 +25,13 @@ from meshd.node.core import (
     Play,
 )
 from meshd.node.source import OriginCore
+from meshd.node.treewatch import LOOK_AGAIN_AFTER, Look, TreeWatch
 from meshd.sim.clock import Scheduler
 from meshd.sim.metrics import TrackerLoad
 from meshd.sim.network import MAX_DATAGRAM, ConnEnd, Host, Network
 from meshd.tracker.service import Tracker
 from protocol import (
+    Ack,
     ChildGone,
     Chunk,
     Register,
@@ -41,6 +43,7 @@ from protocol import (
 )
 from protocol.backoff import Backoff
 from protocol.messages import TrackerRequest, TrackerResponse
+from protocol.tracker import BACKOFF_CAP, backoff_base
 
 TRACKER_GIVE_UP = 60.0  # as meshd.tracker_client: a request unanswered this long fails
 ATTEMPT_TIMEOUT = 5.0
@@ -161,6 +164,7 @@ class TrackerHost(Host):
         self.tracker = tracker
         self.requests = 0
         self.load = TrackerLoad()
+        self._up_at = 0.0
         scheduler = network.scheduler
         scheduler.after(PROBE_INTERVAL, self._probe_round)
         scheduler.after(EXPIRY_INTERVAL, self._expire)
@@ -177,13 +181,15 @@ class TrackerHost(Host):
         network = self.network
         scheduler = network.scheduler
         give_up_at = scheduler.now + TRACKER_GIVE_UP
-        backoff = Backoff(network.rng, base=0.1, cap=30.0)
+        backoff = Backoff(network.rng, base=backoff_base(request), cap=BACKOFF_CAP)
 
         def attempt() -> None:
             arrival = self._request_arrival(client)
             if arrival is None or arrival - scheduler.now > ATTEMPT_TIMEOUT or not self.alive:
                 retry()
                 return
+            if arrival < self._up_at:  # restarting: the retransmitted Initial gets there
+                arrival = self._up_at + network.rng.uniform(0.0, 1.0)
             scheduler.at(arrival, lambda: self.run(serve))
 
         def serve() -> None:
@@ -205,6 +211,12 @@ class TrackerHost(Host):
                 scheduler.at(at, lambda: client.run(attempt))
 
         attempt()
+
+    def restart(self, down: float) -> None:
+        """The tracker process dies now and runs again, knowing nothing, `down` seconds
+        later; a connection made meanwhile gets there once it is up."""
+        self.tracker = Tracker(self.tracker.config)
+        self._up_at = self.network.scheduler.now + down
 
     def _request_arrival(self, client: Host) -> float | None:
         """When a request sent now on a new connection reaches us (None: it does not)."""
@@ -419,6 +431,10 @@ class OriginHost(Host):
         self._children = ChildrenDriver(self, self.core.children, self.scheduler)
         self._timer = Timer(self, self.scheduler, self._on_timer)
         self._granule = 0
+        self.watch = TreeWatch(self.stream_id, capacity)
+        self._register_retry = Backoff(network.rng, base=0.5, cap=30.0)
+        self._look_at = 0.0
+        self.core.children.on_full = self._full
         self.end_at: float | None = None
         self.sent_at: list[float] = []
         """When each chunk (by sequence number) left the origin."""
@@ -427,11 +443,48 @@ class OriginHost(Host):
     def start(self, *, end_at: float | None = None) -> None:
         """Register, then send a chunk every 200 ms (and the END chunk at `end_at`)."""
         self.end_at = end_at
-        request = Register(
-            self.stream_id, self.address, self.core.children.capacity, wall_ms(self.scheduler.now)
-        )
-        self.tracker.ask(self, sign_message(request, self.key), lambda answer: None)
+        self._register()
         self.scheduler.after(self.CHUNK_SECONDS, lambda: self.run(self._tick))
+
+    def _register(self) -> None:
+        """REGISTER, again every `refresh_s` of the ACK (2 s), then look at the tracker's
+        view (`TreeWatch`), as meshd/node/origin.py does, until the stream ends."""
+        if self.core.ended:
+            return
+        live = self._granule or None
+        capacity = self.core.children.capacity
+        request = Register(
+            self.stream_id, self.address, capacity, wall_ms(self.scheduler.now), live
+        )
+        self.tracker.ask(self, sign_message(request, self.key), self._registered)
+
+    def _registered(self, answer: TrackerResponse | None) -> None:
+        if not isinstance(answer, Ack):
+            self.scheduler.after(
+                self._register_retry.next_delay(), lambda: self.run(self._register)
+            )
+            return
+        self._register_retry.reset()
+        delay = answer.refresh_s * self.network.rng.uniform(0.8, 1.0)
+        self.scheduler.after(delay, lambda: self.run(self._register))
+        now = self.scheduler.now
+        self._look(self.watch.registered(now, self.core.children.streaming_nodes()))
+
+    def _full(self) -> None:
+        """We refused a SUBSCRIBE for lack of slots: look at the tracker's view."""
+        now = self.scheduler.now
+        if now >= self._look_at:
+            self._look_at = now + LOOK_AGAIN_AFTER
+            self._look(self.watch.refused(now, self.core.children.streaming_nodes()))
+
+    def _look(self, look: Look | None) -> None:
+        if look is not None:
+            self.tracker.ask(self, look.request, lambda answer: self._looked(look, answer))
+
+    def _looked(self, look: Look, answer: TrackerResponse | None) -> None:
+        now = self.scheduler.now
+        if self.watch.answered(look, answer, now):
+            self.core.announce(now)
 
     def accept(self, end: ConnEnd) -> bool:
         self._children.accept(end, self._pump)

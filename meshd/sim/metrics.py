@@ -6,6 +6,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+REBUILT_SHARE = 0.99
+"""A restarted tracker knows the tree again once its view holds this share of the
+listeners playing."""
+
 
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (0 for no values)."""
@@ -116,6 +120,11 @@ class Results:
     unrecovered: int = 0
     shock_lost: list[int] = field(default_factory=list)
     """Per survivor of the shock: chunks it skipped after the shock."""
+    restarted: bool = False
+    """The tracker restarted during the run (the `restart` scenario)."""
+    rebuilt_after: float | None = None
+    """Seconds from the restart until the tracker's view held `REBUILT_SHARE` of the
+    listeners then playing (None: not within the run)."""
     tracker: TrackerPeak = field(default_factory=lambda: TrackerPeak(0, 0, 0, {}))
     tracker_totals: dict[str, int] = field(default_factory=dict)
     problems: dict[str, int] = field(default_factory=dict)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshd.sim.metrics import Results, percentile
+from meshd.sim.metrics import REBUILT_SHARE, Results, percentile
 from meshd.sim.population import WIRE_BYTES_PER_S
 
 STREAM_KBPS = WIRE_BYTES_PER_S * 8 / 1000
@@ -59,6 +59,8 @@ def figures(results: Results) -> dict[str, Any]:
         "recovery_p50": round(percentile(r.recovery, 50), 3),
         "recovery_p99": round(percentile(r.recovery, 99), 3),
         "unrecovered": r.unrecovered,
+        "restarted": r.restarted,
+        "rebuilt_after": None if r.rebuilt_after is None else round(r.rebuilt_after, 2),
         "tracker_rate": r.tracker_rate,
         "tracker_messages_peak": r.tracker.messages_per_s,
         "tracker_decisions_peak": r.tracker.decisions_per_s,
@@ -135,18 +137,31 @@ def table(results: Results) -> str:
         ),
     ]
     if f["survivors"]:
-        rows += [
+        rows.append(
             (
                 "survivors of the shock losing nothing",
                 f"{f['survivors'] - f['survivors_losing']:,} of {f['survivors']:,} "
                 f"({100 * f['survivors_intact']:.2f} %)",
-            ),
+            )
+        )
+    if f["survivors"] and not f["restarted"]:  # a restart takes no parent from anyone
+        rows.append(
             (
                 "recovery after the shock p50 / p99",
                 f"{f['recovery_p50']:.2f} s / {f['recovery_p99']:.2f} s ({f['recovered']:,} "
                 f"lost the stream, {f['unrecovered']} never got it back)",
-            ),
-        ]
+            )
+        )
+    if f["restarted"]:
+        rebuilt = f["rebuilt_after"]
+        rows.append(
+            (
+                "tracker's view rebuilt",
+                f"{REBUILT_SHARE:.0%} of those playing known {rebuilt:.2f} s after the restart"
+                if rebuilt is not None
+                else f"never held {REBUILT_SHARE:.0%} of those playing",
+            )
+        )
     rows += [
         (
             "tracker at peak: messages/s, decisions/s",

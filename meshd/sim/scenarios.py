@@ -19,6 +19,9 @@ from meshd.sim.population import Audience, Listener, draw
 FOREVER = math.inf
 SHOCK_AT = 30.0  # seconds into a steady scenario when its shock hits
 RETURN_WITHIN = 60.0  # seconds after the melt within which half the leavers come back
+RESTART_DOWN = 1.0  # seconds the tracker is away when it restarts
+NEWCOMERS = 0.1
+"""Newcomers of `restart`, as a share of the room, over the minute after the restart."""
 CHURN_MEAN_STAY = 600.0
 QUIET = 15.0
 """Nobody comes or goes in a run's last seconds, so that its end state is a settled one
@@ -30,6 +33,8 @@ class ShockKind(Enum):
     """`fraction` of the audience vanishes at once (no LEAVE): the worst way to go."""
     TOP_KILL = "top-kill"
     """The origin's children and the backups they were given die together."""
+    TRACKER_RESTART = "restart"
+    """The tracker is killed and started again on its address, knowing nothing."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,17 @@ def _churn(
     return listeners, size, []
 
 
+def _restart(
+    size: int, duration: float, rng: random.Random, audience: Audience
+) -> tuple[list[Listener], int, list[Shock]]:
+    listeners = _steady(size, rng, audience)
+    within = min(RETURN_WITHIN, duration - QUIET - SHOCK_AT)
+    for i in range(max(1, round(size * NEWCOMERS))):
+        at = SHOCK_AT + rng.uniform(0, within)
+        listeners.append(draw(rng, size + i, at, audience, session=FOREVER))
+    return listeners, size, [Shock(SHOCK_AT, ShockKind.TRACKER_RESTART)]
+
+
 def _top_kill(
     size: int, duration: float, rng: random.Random, audience: Audience
 ) -> tuple[list[Listener], int, list[Shock]]:
@@ -175,6 +191,20 @@ SCENARIOS: dict[str, Scenario] = {
             min_duration=SHOCK_AT + QUIET + 5,
             sizes={"chunk": 200, "flow": 100_000},
             make=_top_kill,
+        ),
+        Scenario(
+            "restart",
+            "the tracker restarts and knows nothing; newcomers keep coming",
+            f"A built room; at {SHOCK_AT:.0f} s the tracker is killed and started again on "
+            f"its address {RESTART_DOWN:.0f} s later, knowing nothing. The origin notices "
+            "(REGISTER every 2 s, then TREE) and its chunks ask every node to REFRESH "
+            f"(ANNOUNCE). Newcomers, {NEWCOMERS:.0%} of the room, join over the next "
+            f"{RETURN_WITHIN:.0f} s. Nobody should lose a chunk, and newcomers should play "
+            "within seconds.",
+            duration=120.0,
+            min_duration=SHOCK_AT + QUIET + 15,
+            sizes={"chunk": 200, "flow": 100_000},
+            make=_restart,
         ),
     )
 }

@@ -358,18 +358,24 @@ class Tracker:
             if not self._room_for(state, network):
                 return RetryAfter(NETWORK_FULL_RETRY_MS, "too many identities from your network")
         capacity = self._granted(state, request.node, request.capacity, network)
+        response: TrackerResponse
         if isinstance(request, Join):
-            return self._join(state, request, capacity, network, now)
-        if isinstance(request, Rejoin):
-            return self._rejoin(state, request, capacity, network, now)
-        return self._refresh(state, request, capacity, network, now)
+            response = self._join(state, request, capacity, network, now)
+        elif isinstance(request, Rejoin):
+            response = self._rejoin(state, request, capacity, network, now)
+        else:
+            response = self._refresh(state, request, capacity, network, now)
+        for node, node_network in state.tree.take_adopted():
+            self._admitted(state, node, node_network, now)  # they waited for this one
+        return response
 
     def _room_for(self, state: StreamState, network: str) -> bool:
         """Whether `network` may bring one more identity into the stream."""
         limit = self.config.identities_per_network
         if not network or limit <= 0:
             return True
-        return len(state.census.members(network, state.tree)) < limit
+        members = len(state.census.members(network, state.tree))
+        return members + state.tree.waiting_from(network) < limit
 
     def _granted(self, state: StreamState, node: bytes, capacity: int, network: str) -> int:
         """The capacity the tree counts for `node`: within what its source network (the

@@ -58,7 +58,9 @@ tentative) to make room for the truth; only confirmed placements can refuse a cl
 While the view is rebuilt after a tracker restart, a REFRESH that re-inserts a node we
 do not know also takes the slot of a child that is tentative or reported its parent and
 stayed for want of another (`_not_there`): newcomers seated before the old nodes
-refresh would lock them out.
+refresh would lock them out. A REFRESH naming a parent we do not know yet then waits for
+it (`_wait`, `_adopt`), and failure reports only get the parent probed: we seated
+newcomers in slots held by children that had not refreshed yet.
 
 Complexity: join is O(depth) (amortised O(1) bucket work); a move is O(depth + size of
 the moved subtree), because the depths of the subtree are kept exact; expiry is
@@ -68,7 +70,7 @@ amortised O(1) per refresh.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -115,6 +117,9 @@ _GUESS_FOR = 10.0
 _SHUN_FOR = 30.0
 _SHUN_MAX = 4
 _NEVER = -math.inf  # one shared float for "not yet": each node would hold its own copy
+# While the view is rebuilt, a REFRESH that names a parent we do not know yet waits for
+# it (see `_reinsert`): at most this many at once (about 200 bytes each).
+_WAITING_MAX = 500_000
 
 
 class TreeErrorCode(StrEnum):
@@ -313,6 +318,13 @@ class StreamTree:
         # Until then our view is being rebuilt: the stream ran before we knew it (we
         # restarted), and the nodes in it have not all refreshed yet (see `_reinsert`).
         self._rebuilding_until = rebuilding_until
+        # Meanwhile, REFRESHes naming a parent we do not know yet: parent id -> waiting
+        # node id -> (capacity, address, network); `_waits_on`: waiting node -> parent.
+        self._waiting: dict[bytes, dict[bytes, tuple[int, str, str]]] = {}
+        self._waits_on: dict[bytes, bytes] = {}
+        self._waiting_networks: Counter[str] = Counter()
+        self._arrived: list[_Node] = []  # nodes just inserted that others wait for
+        self._adopted: list[tuple[bytes, str]] = []  # (node, network) placed by `_adopt`
         self._now = 0.0  # the time of the operation in progress
         self._backup_count = backups
         self._backup_turn = 0
@@ -426,6 +438,15 @@ class StreamTree:
         """True if a child reported this live peer and it gets no new children for now."""
         return self._get(peer_id) in self._unproven
 
+    def waiting_from(self, network: str) -> int:
+        """REFRESHes from `network` waiting for their parent to come in (`_reinsert`)."""
+        return self._waiting_networks[network]
+
+    def take_adopted(self) -> list[tuple[bytes, str]]:
+        """(node, network) of each waiting node placed since the last call."""
+        adopted, self._adopted = self._adopted, []
+        return adopted
+
     def snapshot(self) -> TreeSnapshot:
         counts = self._depth_count
         max_depth = len(counts) - 1
@@ -469,7 +490,9 @@ class StreamTree:
         parent = self._pick_parent(None, capacity)
         if parent is None:
             raise NoCapacity("no free slot in the tree")
-        return self._assignment(self._insert(peer_id, capacity, address, parent, now, network))
+        node = self._insert(peer_id, capacity, address, parent, now, network)
+        self._adopt(now)
+        return self._assignment(node)
 
     def report_failure(
         self,
@@ -500,9 +523,11 @@ class StreamTree:
         if node is None:
             if capacity is None:
                 raise UnknownPeer("unknown reporter")
-            return self._place_unknown(
+            placed = self._place_unknown(
                 reporter, capacity, address or "", dead, attached_to, now, network
             )
+            self._adopt(now)
+            return placed
         if node is self._origin:
             raise InvalidRequest("the origin has no parent")
         self._update(node, now, capacity, address)
@@ -520,9 +545,11 @@ class StreamTree:
             self._doubt(banned, now)
             banned = None
         counted = banned is not None and node.parent is banned
-        if banned is not None and counted and node.claimed:
-            # It put itself there by a claim, as anyone can into a free slot: its report
-            # only gets that parent probed (and costs it no vouch).
+        if banned is not None and counted and (node.claimed or now < self._rebuilding_until):
+            # It put itself there by a claim, as anyone can into a free slot; or we put it
+            # there while our view is rebuilt, in a slot maybe held by a child that has
+            # not refreshed yet, so a refusal is likely: its report only gets that parent
+            # probed (and costs it no vouch).
             self._doubt(banned, now)
             counted = False
         if banned is not None and counted:
@@ -645,6 +672,7 @@ class StreamTree:
         node = self._peers.get(peer_id)
         if node is None:
             self._reinsert(peer_id, now, parent, capacity, address, network)
+            self._adopt(now)
             return None
         if node is self._origin and parent is not None:
             raise InvalidRequest("the origin has no parent")
@@ -683,6 +711,10 @@ class StreamTree:
             elif now - since >= _EXCUSED_FOR:
                 removed += self._evict(node)
         self._unguess_origin_slots(now)
+        if self._waits_on and now >= self._rebuilding_until:
+            self._waiting.clear()  # their parents never came: they REFRESH again in time
+            self._waits_on.clear()
+            self._waiting_networks.clear()
         horizon = now - self._ttl
         queue = self._expiry
         while queue and queue[0][0] < horizon:
@@ -1070,6 +1102,10 @@ class StreamTree:
         self._count_depth(node.depth, 1)
         self._index(node)
         self._expiry.append((now, node))
+        if peer_id in self._waits_on:
+            self._unwait(peer_id)  # it came in by itself
+        if peer_id in self._waiting:
+            self._arrived.append(node)
         return node
 
     def _detach(self, node: _Node) -> None:
@@ -1388,6 +1424,9 @@ class StreamTree:
             raise UnknownPeer("unknown peer: join")
         parent = self._peers.get(parent_id)
         if parent is None:
+            if now < self._rebuilding_until and self._wait(peer_id, parent_id, capacity,
+                                                           address or "", network):  # fmt: skip
+                return
             raise UnknownParent("unknown parent: retry later or join")
         guess = target = None
         if len(parent.children) >= parent.capacity:
@@ -1405,3 +1444,45 @@ class StreamTree:
         if guess is not None:
             self._attach(guess, target or node)  # below the peer itself: a guess for a guess
             self._set_orphaned(guess, True)
+
+    def _wait(
+        self, peer_id: bytes, parent_id: bytes, capacity: int, address: str, network: str
+    ) -> bool:
+        """Keep the REFRESH of `peer_id` until `parent_id` comes in (False: too many wait).
+
+        The nodes REFRESH after a restart parents first, but a busy tracker answers them
+        late and out of order: refused, a child would ask again and again (at 5,000
+        listeners the rebuild cost three times the requests it needs)."""
+        self._unwait(peer_id)
+        if len(self._waits_on) >= _WAITING_MAX:
+            return False
+        self._waiting.setdefault(parent_id, {})[peer_id] = (capacity, address, network)
+        self._waits_on[peer_id] = parent_id
+        self._waiting_networks[network] += 1
+        return True
+
+    def _unwait(self, peer_id: bytes) -> None:
+        parent_id = self._waits_on.pop(peer_id, None)
+        if parent_id is None:
+            return
+        waiting = self._waiting[parent_id]
+        _, _, network = waiting.pop(peer_id)
+        if not waiting:
+            del self._waiting[parent_id]
+        self._waiting_networks[network] -= 1
+
+    def _adopt(self, now: float) -> None:
+        """Re-insert the nodes whose REFRESH waited for a parent that just came in, then
+        those that waited for them, as if each REFRESH came now."""
+        while self._arrived:
+            parent = self._arrived.pop()
+            waiting = self._waiting.get(parent.ref.peer_id, {})
+            for peer_id, (capacity, address, network) in list(waiting.items()):
+                self._unwait(peer_id)
+                if peer_id in self._peers or not self._live(parent):
+                    continue  # it joined meanwhile, or the parent went again
+                try:
+                    self._reinsert(peer_id, now, parent.ref.peer_id, capacity, address, network)
+                except TreeError:
+                    continue  # no room there: it is known again at its next REFRESH
+                self._adopted.append((peer_id, network))

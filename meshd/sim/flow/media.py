@@ -46,6 +46,8 @@ class Media:
             node.lit = True
             node.delivered = True
             self.listening += 1
+            if now < self.room.announce_until:
+                node.announced()
             if node.first_audio_at is None:
                 node.first_audio_at = now
             elif node.dark_since is not None:

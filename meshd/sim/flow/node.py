@@ -17,11 +17,12 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
   and leaves it after stall timeout + stall grace (2 + 4 s) whatever it says; a parent
   that never delivered is left after the first-chunk timeout (1 s) unless it is dark
   too, and after the stall timeout whatever.
-- REFRESH every refresh_s (0.8..1 x); an ASSIGNED answer is followed.
+- REFRESH every refresh_s (0.8..1 x); an ASSIGNED answer is followed. A chunk with
+  ANNOUNCE (the tracker lost the tree) brings it forward to (depth - 1 + U[0, 1)) x 0.5 s.
 - A graceful leave sends LEAVE, REDIRECTs its children where MOVED says (or to its own
   parent), keeps feeding them until they moved (at most 5 s), then goes.
 - A parent lets a dead child go after the child timeout and tells the tracker
-  (CHILD_GONE), the origin too.
+  (CHILD_GONE) within the next 10 s (the origin at once).
 - A parent admits at most `capacity` children, refuses its own ancestors and, while it
   has no path yet, or while a dead child still holds a slot, holds a SUBSCRIBE as
   `Children` does. Leaves (capacity 0) never get children.
@@ -40,7 +41,10 @@ from typing import TYPE_CHECKING
 
 from meshd.node.children import INFO_WAIT
 from meshd.node.core import (
+    ANNOUNCE_QUIET,
+    ANNOUNCE_STEP,
     ATTACH_STAGGER,
+    CHILD_GONE_SPREAD,
     FAILOVER_ASK_AFTER,
     LEAVE_TIMEOUT,
     REJOIN_AGAIN_AFTER,
@@ -102,6 +106,7 @@ class FlowNode:
         "_next_id",
         "_retries",
         "alive",
+        "announced_at",
         "assigned",
         "attempts",
         "backups",
@@ -129,6 +134,7 @@ class FlowNode:
         "place_dead",
         "progress_at",
         "recovered_at",
+        "refresh_at",
         "refresh_s",
         "report_dead",
         "requests",
@@ -198,6 +204,8 @@ class FlowNode:
         self.assigned: Peer | None = None
         self.backups: tuple[Peer, ...] = ()
         self.refresh_s = 180
+        self.refresh_at = math.inf
+        self.announced_at = -math.inf
         self.joined = False
         self.round: Round | None = None
         self.attempts: dict[int, Peer] = {}
@@ -285,6 +293,8 @@ class FlowNode:
                 code = ErrorCode.BAD_PATH
             elif depth >= MAX_PATH - 1 or full:
                 code = ErrorCode.NO_CAPACITY
+                if self.is_origin and full:
+                    room.origin_full()
         delay = self.delay + child.delay
         back = now + delay + retransmissions(room.rng, self.loss + child.loss, 2 * delay)
         if code is None:
@@ -324,10 +334,17 @@ class FlowNode:
 
     def child_silent(self, child: FlowNode) -> None:
         """A dead child is let go after the child timeout, and the tracker is told
-        (CHILD_GONE), as `NodeCore` and the origin do."""
+        (CHILD_GONE): by the origin at once, by a relay within `CHILD_GONE_SPREAD`, as
+        `NodeCore` does."""
         ours = child in self.children
         self.drop_child(child)
         if ours and self.alive and self.phase is Phase.RUNNING:
+            room = self.room
+            at = room.now if self.is_origin else room.now + CHILD_GONE_SPREAD * room.rng.random()
+            room.at(at, functools.partial(self._tell_child_gone, child))
+
+    def _tell_child_gone(self, child: FlowNode) -> None:
+        if self.alive and self.phase is Phase.RUNNING and child not in self.children:
             gone = ChildGone(self.room.stream_id, self.id, child.id, wall_ms(self.room.now))
             self._ask(gone, Purpose.CHILD_GONE)
 
@@ -731,10 +748,34 @@ class FlowNode:
 
     def _schedule_refresh(self, now: float, *, first: bool = False) -> None:
         spread = (0.0, 1.0) if first and self.initial else (0.8, 1.0)
-        at = now + self.refresh_s * self.room.rng.uniform(*spread)
+        self._arm_refresh(now + self.refresh_s * self.room.rng.uniform(*spread))
+
+    def _arm_refresh(self, at: float) -> None:
+        self.refresh_at = at
         self._arm(2, at, self._refresh_due)
 
+    def announced(self) -> None:
+        """A chunk at the live edge carries ANNOUNCE (as `NodeCore._announced`)."""
+        now = self.room.now
+        if not (self.alive and self.lit and self.joined and self.phase is Phase.RUNNING):
+            return
+        if self._asking(Purpose.REFRESH) or now - self.announced_at < ANNOUNCE_QUIET:
+            return
+        self.announced_at = now
+        level = self.depth() - 1
+        at = now + ANNOUNCE_STEP * (level + self.room.rng.random())
+        if at < self.refresh_at:
+            self._arm_refresh(at)
+
+    def depth(self) -> int:
+        """Hops up to the origin along the links."""
+        depth, node = 0, self
+        while node.up is not None:
+            depth, node = depth + 1, node.up
+        return depth
+
     def _refresh_due(self) -> None:
+        self.refresh_at = math.inf
         if self.phase is Phase.RUNNING:
             self._ask(self._refresh_request(self.room.now), Purpose.REFRESH)
 
@@ -756,7 +797,7 @@ class FlowNode:
                 self._reset("refresh")
                 self._schedule_refresh(now)
                 return
-            self._arm(2, now + min(retry.next_delay(), self.refresh_s), self._refresh_due)
+            self._arm_refresh(now + min(retry.next_delay(), self.refresh_s))
         else:
             self._reset("refresh")
             self._schedule_refresh(now)

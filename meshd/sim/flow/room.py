@@ -12,17 +12,22 @@ from dataclasses import dataclass, field
 
 from meshd.node.config import NodeConfig
 from meshd.node.core import Phase
+from meshd.node.source import ANNOUNCE_FOR
+from meshd.node.treewatch import LOOK_AGAIN_AFTER, Look, TreeWatch
 from meshd.sim.clock import Scheduler
 from meshd.sim.flow.media import Media
 from meshd.sim.flow.node import FlowNode
 from meshd.sim.flow.tracker import QueuedTracker
 from meshd.sim.hosts import wall_ms
-from meshd.sim.metrics import EgressSample, Results, TrackerLoad
+from meshd.sim.metrics import REBUILT_SHARE, EgressSample, Results, TrackerLoad
 from meshd.sim.population import WIRE_BYTES_PER_S, Listener
-from meshd.sim.scenarios import Plan, Shock, ShockKind
+from meshd.sim.scenarios import RESTART_DOWN, Plan, Shock, ShockKind
 from meshd.tracker.service import Tracker, TrackerConfig
-from protocol import Register
+from protocol import Ack, Register
+from protocol.backoff import Backoff
 from protocol.limits import MAX_PATH
+from protocol.media import OPUS_RATE
+from protocol.messages import TrackerResponse
 
 SERVER_DELAY = 0.005  # one-way delay of the origin and the tracker (hosted) to the core
 SETTLE = 10.0  # seconds between the initial room's last join and the scenario's start
@@ -77,6 +82,14 @@ class FlowRoom:
         self._depth_max = 0
         self._tracker_depth_max = 0
         self._peak_audience = 0
+        # The origin's side of a tracker restart (docs/spec.md §7.2), as `meshd.node.origin`.
+        self.watch = TreeWatch(self.stream_id, options.origin_capacity)
+        self._register_retry = Backoff(self.rng, base=0.5, cap=30.0)
+        self._look_at = 0.0  # refused SUBSCRIBEs look at the tracker's view from then on
+        self.announce_until = -1.0
+        """The origin's chunks carry ANNOUNCE until then."""
+        self._restarted_at: float | None = None
+        self._rebuilt_at: float | None = None
 
     @property
     def now(self) -> float:
@@ -121,10 +134,56 @@ class FlowRoom:
         return spread
 
     def _register(self) -> None:
+        """REGISTER, again every `refresh_s` of the ACK (2 s), then look at the tracker's
+        view (`TreeWatch`), as the origin does."""
         origin = self.origin
-        request = Register(self.stream_id, "origin", origin.capacity, wall_ms(self.now))
-        self.tracker.ask(origin, request, lambda answer: None)
-        self.at(self.now + self.options.refresh_s, self._register)
+        now = self.now
+        live = round(now * OPUS_RATE) if now > 0 else None  # the stream runs from 0 s
+        request = Register(self.stream_id, "origin", origin.capacity, wall_ms(now), live)
+        self.tracker.ask(origin, request, self._registered)
+
+    def _registered(self, answer: TrackerResponse | None) -> None:
+        now = self.now
+        if not isinstance(answer, Ack):
+            self.at(now + self._register_retry.next_delay(), self._register)
+            return
+        self._register_retry.reset()
+        self.at(now + answer.refresh_s * self.rng.uniform(0.8, 1.0), self._register)
+        self._look(self.watch.registered(now, self._origin_children()))
+
+    def origin_full(self) -> None:
+        """The origin refused a SUBSCRIBE for lack of slots: whoever sent that child
+        thought it had room."""
+        now = self.now
+        if now >= self._look_at:
+            self._look_at = now + LOOK_AGAIN_AFTER
+            self._look(self.watch.refused(now, self._origin_children()))
+
+    def _origin_children(self) -> set[bytes]:
+        return {child.id for child in self.origin.children}
+
+    def _look(self, look: Look | None) -> None:
+        if look is not None:
+            answer = functools.partial(self._looked, look)
+            self.tracker.ask(self.origin, look.request, answer)
+
+    def _looked(self, look: Look, answer: TrackerResponse | None) -> None:
+        if self.watch.answered(look, answer, self.now):
+            self._announce()
+
+    def _announce(self) -> None:
+        """The origin's chunks carry ANNOUNCE for `ANNOUNCE_FOR`: every lit node gets the
+        next one a path's delay later; a node lit meanwhile gets one as it lights up."""
+        now = self.now
+        self.announce_until = now + ANNOUNCE_FOR
+        stack = [(self.origin, 0.0)]
+        while stack:
+            node, at = stack.pop()
+            for child in node.children:
+                if child.lit:
+                    arrival = at + node.delay + child.delay
+                    self.at(now + arrival, child.announced)
+                    stack.append((child, arrival))
 
     def _schedule_initial(self) -> None:
         spread = self._warmup()
@@ -169,6 +228,10 @@ class FlowRoom:
         present = [n for n in self.listeners if n.alive and n.phase is Phase.RUNNING]
         if shock.kind is ShockKind.MELT:
             victims = self.rng.sample(present, round(len(present) * shock.fraction))
+        elif shock.kind is ShockKind.TRACKER_RESTART:
+            victims = []
+            self.tracker.restart(RESTART_DOWN)
+            self._restarted_at = now
         else:
             tops = [n for n in self.origin.children if n.alive]
             victims = tops + [
@@ -196,6 +259,11 @@ class FlowRoom:
         if now > self.start:
             self._samples.append(EgressSample(now - self.start, media.listening, streams))
         self._peak_audience = max(self._peak_audience, media.listening)
+        if self._restarted_at is not None and self._rebuilt_at is None:
+            state = self.tracker.tracker.streams.get(self.stream_id)
+            known = len(state.tree) - 1 if state is not None else 0
+            if known >= REBUILT_SHARE * media.listening:
+                self._rebuilt_at = now
 
     def _sample_depth(self) -> None:
         self.at(self.now + DEPTH_EVERY, self._sample_depth)
@@ -234,6 +302,10 @@ class FlowRoom:
         relays = [n.capacity for n in self.listeners if n.capacity]
         results.relay_capacity = sum(relays) / len(relays) if relays else 0.0
         results.outages = self.media.outages
+        if self._restarted_at is not None:
+            results.restarted = True
+            if self._rebuilt_at is not None:
+                results.rebuilt_after = self._rebuilt_at - self._restarted_at
         shock_at = self.media.shock_at
         for node in self.listeners:
             live = node.alive and node.phase is Phase.RUNNING

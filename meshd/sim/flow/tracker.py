@@ -9,6 +9,11 @@ real `Tracker.shed`), for `SHED_COST` of a request. Clients retry as
 RETRY_AFTER), each attempt given up after 5 s, the request after 60 s. The host probes
 suspects and expires soft state, as meshd/tracker/server.py does.
 
+`restart` kills the tracker process and starts a new one on its address, which knows
+nothing: the requests it had not answered are lost (their attempts time out), and a
+connection made while it is down reaches it once it is up, when the client's
+retransmitted Initial does (within a second).
+
 Requests go straight to `Tracker.decide`: the checks a worker process runs first (clock
 skew, signature, token: `check_request`) are skipped, since Ed25519 costs ~100 µs a
 request and would dominate the run; the server's cost is the stated rate instead.
@@ -29,7 +34,7 @@ from meshd.tracker_client import ATTEMPT_TIMEOUT
 from protocol import ErrorCode, Goodbye, RetryAfter
 from protocol.backoff import Backoff
 from protocol.messages import TrackerRequest, TrackerResponse
-from protocol.tracker import RETRYABLE_CODES
+from protocol.tracker import BACKOFF_CAP, RETRYABLE_CODES, backoff_base
 
 GIVE_UP = 60.0  # as `ask_tracker`: a request not answered in this long fails
 SHED_COST = 0.06
@@ -89,6 +94,9 @@ class QueuedTracker:
         self.load = load
         self._resolve = resolve
         self._free_at = 0.0
+        self._up_at = 0.0
+        self._epoch = 0
+        """Bumped by each restart: the dead process answers nothing it had queued."""
         scheduler.after(PROBE_INTERVAL, self._probe_round)
         scheduler.after(EXPIRY_INTERVAL, self._expire)
 
@@ -102,27 +110,42 @@ class QueuedTracker:
         or None when the client gave up."""
         Exchange(self, client, request, answer).attempt()
 
+    def restart(self, down: float) -> None:
+        """The tracker dies now and runs again, knowing nothing, `down` seconds later."""
+        self.tracker = Tracker(self.tracker.config)
+        self._epoch += 1
+        self._up_at = self._free_at = self.scheduler.now + down
+
     def _receive(self, exchange: Exchange, number: int) -> None:
         scheduler = self.scheduler
         now = scheduler.now
+        if now < self._up_at:
+            retransmitted = self._up_at + self.rng.uniform(0.0, 1.0)
+            scheduler.at(retransmitted, functools.partial(self._receive, exchange, number))
+            return
         self.load.request(now, exchange.kind)
         rate = self.rate
         if rate is None:
-            self._decide(exchange, number)
+            self._decide(exchange, number, self._epoch)
             return
         start = max(now, self._free_at)
         if (start - now) * rate >= self.tracker.config.max_pending:
             self._free_at = start + SHED_COST / rate
-            scheduler.at(self._free_at, functools.partial(self._shed, exchange, number))
+            shed = functools.partial(self._shed, exchange, number, self._epoch)
+            scheduler.at(self._free_at, shed)
             return
         self._free_at = start + 1 / rate
-        scheduler.at(self._free_at, functools.partial(self._decide, exchange, number))
+        decide = functools.partial(self._decide, exchange, number, self._epoch)
+        scheduler.at(self._free_at, decide)
 
-    def _shed(self, exchange: Exchange, number: int) -> None:
-        self.tracker.shed(self.scheduler.now)
-        exchange.reply(number, _REFUSED)
+    def _shed(self, exchange: Exchange, number: int, epoch: int) -> None:
+        if epoch == self._epoch:
+            self.tracker.shed(self.scheduler.now)
+            exchange.reply(number, _REFUSED)
 
-    def _decide(self, exchange: Exchange, number: int) -> None:
+    def _decide(self, exchange: Exchange, number: int, epoch: int) -> None:
+        if epoch != self._epoch:
+            return
         now = self.scheduler.now
         self.load.decision(now)
         exchange.reply(number, self.tracker.decide(exchange.request, now))
@@ -219,7 +242,7 @@ class Exchange:
     def _wait(self, floor: float) -> None:
         server = self.server
         if self.backoff is None:
-            self.backoff = Backoff(server.rng, base=0.1, cap=30.0)
+            self.backoff = Backoff(server.rng, base=backoff_base(self.request), cap=BACKOFF_CAP)
         at = server.scheduler.now + self.backoff.next_delay(floor)
         if at > self.give_up_at:
             self.answer(None)

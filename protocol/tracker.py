@@ -46,17 +46,19 @@ EXPECTED_RESPONSE: dict[type[TrackerRequest], tuple[type[TrackerResponse], ...]]
 }
 RETRYABLE_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.INTERNAL_ERROR})
 BACKOFF_BASE = 0.1
-REFRESH_BACKOFF_BASE = 1.0
-"""REFRESH is soft state: its retries wait longer, so that an ANNOUNCE's REFRESH from
-every node (docs/spec.md §7.2) does not return as a storm of retries to a tracker that
-refused most of it (a 20,000-listener restart in `meshd sim`: 22,000 requests in its
-busiest second, 10,000 with this)."""
+SLOW_BACKOFF_BASE = 1.0
+"""REFRESH (soft state) and CHILD_GONE (advice) retry later: an ANNOUNCE makes every node
+REFRESH at once (docs/spec.md §7.2), and a mass failure every surviving parent send
+CHILD_GONE in the same second as the REJOINs that matter more; retried from 100 ms, what
+a busy tracker refused came back as a storm (`meshd sim`: a 20,000-listener restart, 22,000
+requests in its busiest second, 10,000 with this; a 20,000-listener melt, 5,000 CHILD_GONE
+as 27,000 attempts in its first seconds)."""
 BACKOFF_CAP = 30.0
 
 
 def backoff_base(request: TrackerRequest) -> float:
     """The first retry delay of `request` (docs/spec.md §7.4)."""
-    return REFRESH_BACKOFF_BASE if isinstance(request, Refresh) else BACKOFF_BASE
+    return SLOW_BACKOFF_BASE if isinstance(request, Refresh | ChildGone) else BACKOFF_BASE
 
 
 class ExchangeState(Enum):

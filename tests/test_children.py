@@ -41,7 +41,7 @@ class Parent:
         )
         self.children.last_heard = self.heard.get
         self.gone: list[bytes] = []
-        self.children.on_gone = lambda node, now: self.gone.append(node)
+        self.children.on_gone = self.gone.append
         self.children.set_info(signer.stream_info(b"OpusHead-test"), 0.0)
         self.children.set_path((self.stream, PARENT), 0.0)
 

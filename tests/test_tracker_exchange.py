@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import (
     Assigned,
+    ChildGone,
     ErrorCode,
     ExchangeState,
     Goodbye,
@@ -17,6 +18,7 @@ from protocol import (
     Join,
     Peer,
     ProtocolError,
+    Refresh,
     RetryAfter,
     TrackerChannel,
     TrackerExchange,
@@ -81,6 +83,26 @@ def test_connection_failures_back_off_exponentially_with_jitter() -> None:
         now = client.next_attempt_at
     assert delays[0] < 0.11 and delays[-1] > 5.0
     assert all(later > earlier * 1.0 for earlier, later in itertools.pairwise(delays))
+
+
+def test_refresh_and_child_gone_retry_from_a_second_and_placements_at_once() -> None:
+    """Soft state and advice wait: after an ANNOUNCE or a mass failure every node sends
+    them at once, and a busy tracker would get back what it refused as a storm."""
+    node = key_id(NODE_KEY)
+    requests: dict[str, Join | Refresh | ChildGone] = {
+        "join": JOIN,
+        "refresh": sign_message(Refresh(STREAM, node, None, 4, "127.0.0.1:7000", 1_000), NODE_KEY),
+        "child_gone": sign_message(ChildGone(STREAM, node, b"\x06" * 32, 1_000), NODE_KEY),
+    }
+    first_delay = {}
+    for name, request in requests.items():
+        client = TrackerExchange(request, rng=random.Random(7), now=0.0)
+        client.start_attempt(0.0)
+        client.receive_data(frame(Goodbye(ErrorCode.OVERLOADED, "shed")), now=0.0)
+        assert client.next_attempt_at is not None
+        first_delay[name] = client.next_attempt_at
+    assert first_delay["join"] <= 0.1
+    assert 0.5 <= first_delay["refresh"] <= 1.0 and 0.5 <= first_delay["child_gone"] <= 1.0
 
 
 def test_jitter_spreads_clients_that_failed_together() -> None:

@@ -974,6 +974,25 @@ def test_in_a_rebuild_refused_newcomers_do_not_evict_a_relay_whose_children_are_
         check_invariants(tree)
 
 
+def test_a_relay_with_room_only_in_its_own_subtree_trades_slots_with_a_leaf() -> None:
+    # A growing tree's free slots are all at its frontier, here below 6. When 3 is
+    # removed, 4 takes its slot, and 5 has nowhere to go but its own subtree: dropping
+    # it lost those slots too, and nobody could be placed any more (a launch locked
+    # out). A leaf elsewhere takes a slot below 6 instead, and 5 takes the leaf's.
+    tree = make_tree(origin_capacity=2)
+    edges = {1: (0, 1), 2: (0, 1), 10: (1, 0), 3: (2, 2), 4: (3, 2), 5: (3, 1), 6: (5, 2)}
+    build(tree, edges | {11: (4, 0), 12: (4, 0)})
+    for i in (1, 2, 4, 5, 6, 10, 11, 12):  # all but 3 keep refreshing
+        tree.refresh(pid(i), TTL - 1, capacity=tree.capacity_of(pid(i)))
+    assert tree.expire(TTL + 1) == [pid(3)]
+    assert tree.parent_of(pid(4)) == pid(2)
+    assert tree.parent_of(pid(5)) in (pid(1), pid(4)), "in a slot a leaf had"
+    moved = [pid(i) for i in (10, 11, 12) if tree.parent_of(pid(i)) == pid(6)]
+    assert len(moved) == 1 and tree.is_orphaned(moved[0]), "a guess until it says so"
+    assert len(tree) == 1 + 8, "only 3 is gone"
+    check_invariants(tree)
+
+
 def test_refresh_follows_the_peer_only_to_valid_parents() -> None:
     tree = make_tree(origin_capacity=2)
     build(tree, {1: (0, 2), 2: (0, 2), 3: (1, 2)})

@@ -72,10 +72,9 @@ class Children:
         """The driver's Unix time in ms, for admission tokens' expiry; needed only with
         host keys (`NodeConfig.host_keys`)."""
         self._host_keys = [Ed25519PublicKey.from_public_bytes(k) for k in config.host_keys]
-        self.on_gone: Callable[[bytes, float], None] = lambda node, now: None
+        self.on_gone: Callable[[bytes], None] = lambda node: None
         """Called with the node id of each streaming child let go for silence
-        (CHILD_TIMEOUT), and the time: the tracker counts its slot as taken until told
-        otherwise."""
+        (CHILD_TIMEOUT): the tracker counts its slot as taken until told otherwise."""
         self.on_full: Callable[[], None] = lambda: None
         """Called when a SUBSCRIBE is refused because every slot is taken: whoever sent
         the child here thought we had room (the tracker's view may be stale)."""
@@ -409,7 +408,7 @@ class Children:
             if freed and link.goodbye_code == ErrorCode.CHILD_TIMEOUT and link.child:
                 # Only a child we fed: one whose SUBSCRIBE we held got nothing from us to
                 # acknowledge, so its silence says nothing about it.
-                self.on_gone(link.child, now)
+                self.on_gone(link.child)
             if freed:
                 self._admit_waiting(now)
 

@@ -93,10 +93,6 @@ ANNOUNCE_STEP = 0.5
 """On a chunk with ANNOUNCE, a node at depth d REFRESHes within [d - 1, d) steps: parents
 before children, so the restarted tracker knows each REFRESH's parent (§7.2)."""
 ANNOUNCE_QUIET = 10.0  # seconds after one ANNOUNCE during which more are ignored
-CHILD_GONE_SPREAD = 10.0
-"""A relay tells the tracker of a child it let go for silence (CHILD_GONE) after a random
-delay of up to this long: it is advice, and after a mass failure every surviving parent
-would send it in the same second as the REJOINs that matter more (§5.2)."""
 FATAL_REFUSALS = frozenset(
     {ErrorCode.TOKEN_REQUIRED, ErrorCode.TOKEN_INVALID, ErrorCode.TOKEN_EXPIRED}
 )
@@ -310,8 +306,6 @@ class NodeCore:
         self._output_started = False
         self._tell_child_gone = True
         """False once the tracker answered CHILD_GONE with UNKNOWN_MESSAGE (it is older)."""
-        self._gone_children: dict[bytes, float] = {}
-        """Children let go for silence -> when to tell the tracker (CHILD_GONE)."""
 
     # -- inputs ------------------------------------------------------------------------
 
@@ -424,7 +418,6 @@ class NodeCore:
             self._leave_deadline,
             self._reconcile_at,
             self.children.get_timer(),
-            min(self._gone_children.values(), default=None),
         ]
         round_ = self._round
         if round_ is not None:
@@ -474,7 +467,6 @@ class NodeCore:
         if self._refresh_at is not None and now >= self._refresh_at:
             self._refresh_at = None
             self._ask(self._refresh_request(), Purpose.REFRESH)
-        self._tell_children_gone(now)
         if self._leave_deadline is not None and now >= self._leave_deadline:
             self._leave_deadline = None
             logger.warning("the tracker did not answer LEAVE; sending children upstream")
@@ -648,25 +640,13 @@ class NodeCore:
         self.children.redirect_all(moves)
         self._drain(now, self.config.leave_grace)
 
-    def _child_gone(self, child: bytes, now: float) -> None:
-        """Tell the tracker, within `CHILD_GONE_SPREAD`, that we let `child` go for
-        silence: a dead leaf has no child of its own to report it, so its slot would look
-        taken for the tracker's peer_ttl."""
+    def _child_gone(self, child: bytes) -> None:
+        """Tell the tracker we let `child` go for silence: a dead leaf has no child of its
+        own to report it, so its slot would look taken for the tracker's peer_ttl. Not
+        while leaving or draining: the tracker hears of our children from LEAVE, or lets
+        them expire after the stream's end."""
         if self._tell_child_gone and self.phase is Phase.RUNNING:
-            self._gone_children[child] = now + CHILD_GONE_SPREAD * self.rng.random()
-
-    def _tell_children_gone(self, now: float) -> None:
-        """CHILD_GONE for each child let go whose time came. Not for one that came back
-        to us meanwhile, nor while leaving or draining: the tracker hears of our children
-        from LEAVE, or lets them expire after the stream's end."""
-        due = [child for child, at in self._gone_children.items() if now >= at]
-        if not due:
-            return
-        back = self.children.streaming_nodes()
-        for child in due:
-            del self._gone_children[child]
-            if self._tell_child_gone and self.phase is Phase.RUNNING and child not in back:
-                self._ask(ChildGone(self.stream_id, self.node_id, child, 0), Purpose.CHILD_GONE)
+            self._ask(ChildGone(self.stream_id, self.node_id, child, 0), Purpose.CHILD_GONE)
 
     def _child_gone_answered(self, answer: TrackerResponse | None) -> None:
         """Advice only: a refusal or no answer changes nothing here (the slot is free
@@ -1180,7 +1160,6 @@ class NodeCore:
         self.phase = Phase.DRAINING
         self._cancel_round()
         self._refresh_at = self._place_at = self._reconcile_at = None
-        self._gone_children.clear()
         self.refresh_stats(now)
         if self.children.connections == 0:
             self._done(now)

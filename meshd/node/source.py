@@ -37,7 +37,7 @@ class OriginCore:
         self.ring = ChunkRing(int(config.buffer_seconds * OPUS_RATE))
         self.children = Children(self.stream_id, self.ring, capacity, config, self.stats)
         self._gone: list[bytes] = []
-        self.children.on_gone = lambda node, now: self._gone.append(node)
+        self.children.on_gone = self._gone.append
         self.ended = False
         self._last_push: float | None = None
         self._announce_until: float | None = None

@@ -120,6 +120,7 @@ _NEVER = -math.inf  # one shared float for "not yet": each node would hold its o
 # While the view is rebuilt, a REFRESH that names a parent we do not know yet waits for
 # it (see `_reinsert`): at most this many at once (about 200 bytes each).
 _WAITING_MAX = 500_000
+_LEAF_SEARCH = 4096  # nodes visited at most for a leaf to trade slots with (`_remove`)
 
 
 class TreeErrorCode(StrEnum):
@@ -1227,12 +1228,46 @@ class StreamTree:
                 # Only doubtful nodes have room (as after a mass failure): a guess there
                 # beats dropping the subtree, whose slots we could then offer nobody.
                 target = self._pick_parent(child, child.capacity, banned=gone, doubtful=True)
-            if target is None:
-                removed += self._drop_subtree(child)
-            else:
+            if target is not None:
                 self._move(child, target)
                 placed.append(child)
+            elif self._trade_with_a_leaf(child):
+                placed.append(child)
+            else:
+                removed += self._drop_subtree(child)
         return placed, removed
+
+    def _trade_with_a_leaf(self, relay: _Node) -> bool:
+        """No free slot outside `relay`'s subtree (a growing tree's frontier may all be
+        in it): a leaf elsewhere gives `relay` its slot and takes a free one inside, both
+        tentatively. Dropping the subtree instead lost its free slots with it: nobody
+        could be placed any more, and a 1,000-listener room was locked out at launch."""
+        if relay.capacity == 0:
+            return False
+        inside = next((n for n in self._free_nodes(False) if _within(n, relay)), None)
+        leaf = None if inside is None else self._leaf_outside(relay)
+        if inside is None or leaf is None or leaf.parent is None:
+            return False
+        parent = leaf.parent
+        self._detach(leaf)
+        self._move(relay, parent)
+        self._attach(leaf, inside)
+        self._set_orphaned(leaf, True)
+        return True
+
+    def _leaf_outside(self, relay: _Node) -> _Node | None:
+        """A leaf in the tree, not in `relay`'s subtree: depth first from the origin (one
+        is soon found, at the frontier), within `_LEAF_SEARCH` nodes."""
+        stack = [self._origin]
+        for _ in range(_LEAF_SEARCH):
+            if not stack:
+                break
+            node = stack.pop()
+            for child in node.children:
+                if child.capacity == 0 and not _within(child, relay):
+                    return child
+            stack.extend(child for child in node.children if not _within(child, relay))
+        return None
 
     def _evict(self, node: _Node) -> list[bytes]:
         """Remove a node confirmed dead; its children become orphans (they do not know)."""

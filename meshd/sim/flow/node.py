@@ -22,7 +22,7 @@ over modelled links instead of bytes (docs/spec.md §6.3, §6.7, §7):
 - A graceful leave sends LEAVE, REDIRECTs its children where MOVED says (or to its own
   parent), keeps feeding them until they moved (at most 5 s), then goes.
 - A parent lets a dead child go after the child timeout and tells the tracker
-  (CHILD_GONE) within the next 10 s (the origin at once).
+  (CHILD_GONE), the origin too.
 - A parent admits at most `capacity` children, refuses its own ancestors and, while it
   has no path yet, or while a dead child still holds a slot, holds a SUBSCRIBE as
   `Children` does. Leaves (capacity 0) never get children.
@@ -44,7 +44,6 @@ from meshd.node.core import (
     ANNOUNCE_QUIET,
     ANNOUNCE_STEP,
     ATTACH_STAGGER,
-    CHILD_GONE_SPREAD,
     FAILOVER_ASK_AFTER,
     LEAVE_TIMEOUT,
     REJOIN_AGAIN_AFTER,
@@ -334,17 +333,10 @@ class FlowNode:
 
     def child_silent(self, child: FlowNode) -> None:
         """A dead child is let go after the child timeout, and the tracker is told
-        (CHILD_GONE): by the origin at once, by a relay within `CHILD_GONE_SPREAD`, as
-        `NodeCore` does."""
+        (CHILD_GONE), as `NodeCore` and the origin do."""
         ours = child in self.children
         self.drop_child(child)
         if ours and self.alive and self.phase is Phase.RUNNING:
-            room = self.room
-            at = room.now if self.is_origin else room.now + CHILD_GONE_SPREAD * room.rng.random()
-            room.at(at, functools.partial(self._tell_child_gone, child))
-
-    def _tell_child_gone(self, child: FlowNode) -> None:
-        if self.alive and self.phase is Phase.RUNNING and child not in self.children:
             gone = ChildGone(self.room.stream_id, self.id, child.id, wall_ms(self.room.now))
             self._ask(gone, Purpose.CHILD_GONE)
 

@@ -1245,7 +1245,7 @@ class StreamTree:
         if relay.capacity == 0:
             return False
         inside = next((n for n in self._free_nodes(False) if _within(n, relay)), None)
-        leaf = None if inside is None else self._leaf_outside(relay)
+        leaf = None if inside is None else self._a_leaf()
         if inside is None or leaf is None or leaf.parent is None:
             return False
         parent = leaf.parent
@@ -1255,18 +1255,18 @@ class StreamTree:
         self._set_orphaned(leaf, True)
         return True
 
-    def _leaf_outside(self, relay: _Node) -> _Node | None:
-        """A leaf in the tree, not in `relay`'s subtree: depth first from the origin (one
-        is soon found, at the frontier), within `_LEAF_SEARCH` nodes."""
+    def _a_leaf(self) -> _Node | None:
+        """A leaf reachable from the origin (so outside the piece `_remove` cut off):
+        depth first (one is soon found, at the frontier), within `_LEAF_SEARCH` nodes."""
         stack = [self._origin]
         for _ in range(_LEAF_SEARCH):
             if not stack:
                 break
             node = stack.pop()
-            for child in node.children:
-                if child.capacity == 0 and not _within(child, relay):
-                    return child
-            stack.extend(child for child in node.children if not _within(child, relay))
+            leaf = next((child for child in node.children if child.capacity == 0), None)
+            if leaf is not None:
+                return leaf
+            stack.extend(node.children)
         return None
 
     def _evict(self, node: _Node) -> list[bytes]:

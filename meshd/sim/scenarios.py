@@ -99,16 +99,23 @@ def _steady(size: int, rng: random.Random, audience: Audience) -> list[Listener]
     return [draw(rng, i, 0.0, audience, session=FOREVER) for i in range(size)]
 
 
+def _after_the_shock(
+    size: int, count: int, duration: float, rng: random.Random, audience: Audience
+) -> list[Listener]:
+    """A built room of `size`, then `count` newcomers within `RETURN_WITHIN` of the shock."""
+    listeners = _steady(size, rng, audience)
+    within = min(RETURN_WITHIN, duration - QUIET - SHOCK_AT)
+    for i in range(count):
+        at = SHOCK_AT + rng.uniform(0, within)
+        listeners.append(draw(rng, size + i, at, audience, session=FOREVER))
+    return listeners
+
+
 def _melt(
     size: int, duration: float, rng: random.Random, audience: Audience
 ) -> tuple[list[Listener], int, list[Shock]]:
-    listeners = _steady(size, rng, audience)
     fraction = 0.5
-    back = round(size * fraction / 2)
-    within = min(RETURN_WITHIN, duration - QUIET - SHOCK_AT)
-    for i in range(back):
-        at = SHOCK_AT + rng.uniform(0, within)
-        listeners.append(draw(rng, size + i, at, audience, session=FOREVER))
+    listeners = _after_the_shock(size, round(size * fraction / 2), duration, rng, audience)
     return listeners, size, [Shock(SHOCK_AT, ShockKind.MELT, fraction)]
 
 
@@ -131,11 +138,7 @@ def _churn(
 def _restart(
     size: int, duration: float, rng: random.Random, audience: Audience
 ) -> tuple[list[Listener], int, list[Shock]]:
-    listeners = _steady(size, rng, audience)
-    within = min(RETURN_WITHIN, duration - QUIET - SHOCK_AT)
-    for i in range(max(1, round(size * NEWCOMERS))):
-        at = SHOCK_AT + rng.uniform(0, within)
-        listeners.append(draw(rng, size + i, at, audience, session=FOREVER))
+    listeners = _after_the_shock(size, max(1, round(size * NEWCOMERS)), duration, rng, audience)
     return listeners, size, [Shock(SHOCK_AT, ShockKind.TRACKER_RESTART)]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from meshd.node.config import NodeConfig
 from meshd.sim.hosts import NodeHost
-from meshd.sim.metrics import REBUILT_SHARE, EgressSample, Results
+from meshd.sim.metrics import EgressSample, Rebuild, Results
 from meshd.sim.population import CHUNK_SECONDS, CHUNKS_PER_S, Listener
 from meshd.sim.scenarios import RESTART_DOWN, Plan, Shock, ShockKind
 from meshd.sim.world import PathBroken, RoomSpec, World
@@ -57,8 +57,7 @@ class ChunkRun:
         self._chunks_out = 0
         self._depth_max = 0
         self._peak_audience = 0
-        self._restarted_at: float | None = None
-        self._rebuilt_at: float | None = None
+        self._rebuild = Rebuild()
 
     def run(self) -> Results:
         wall = time.perf_counter()
@@ -109,7 +108,7 @@ class ChunkRun:
         elif shock.kind is ShockKind.TRACKER_RESTART:
             victims = []
             world.tracker.restart(RESTART_DOWN)
-            self._restarted_at = world.now
+            self._rebuild.restarted_at = world.now
         else:
             tops = world.origin_children()
             backups = {peer.node for top in tops for peer in top.core.backups}
@@ -133,10 +132,8 @@ class ChunkRun:
             1 for node in world.live() if node.played_at and now - node.played_at[-1] <= 1.0
         )
         self._peak_audience = max(self._peak_audience, listening)
-        if self._restarted_at is not None and self._rebuilt_at is None:
-            state = world.tracker.tracker.streams.get(world.stream_id)
-            if state is not None and len(state.tree) - 1 >= REBUILT_SHARE * listening:
-                self._rebuilt_at = now
+        state = world.tracker.tracker.streams.get(world.stream_id)
+        self._rebuild.sample(now, len(state.tree) - 1 if state else 0, listening)
         if now > self.start:
             self._samples.append(EgressSample(now - self.start, listening, streams))
         if int(now) % 10 == 0:
@@ -164,10 +161,7 @@ class ChunkRun:
         state = world.tracker.tracker.streams.get(world.stream_id)
         results.tracker_depth_max = state.tree.snapshot().max_depth if state else 0
         results.peak_audience = self._peak_audience
-        if self._restarted_at is not None:
-            results.restarted = True
-            if self._rebuilt_at is not None:
-                results.rebuilt_after = self._rebuilt_at - self._restarted_at
+        self._rebuild.record(results)
         relays = [node.core.capacity for node, _, _ in self.hosts if node.core.capacity]
         results.relay_capacity = sum(relays) / len(relays) if relays else 0.0
         shock = self.shock_at

@@ -11,6 +11,27 @@ REBUILT_SHARE = 0.99
 listeners playing."""
 
 
+class Rebuild:
+    """When a restarted tracker's view held `REBUILT_SHARE` of the listeners playing."""
+
+    def __init__(self) -> None:
+        self.restarted_at: float | None = None
+        self._rebuilt_at: float | None = None
+
+    def sample(self, now: float, known: int, playing: int) -> None:
+        """Once a second: `known` listeners in the tracker's view, `playing` playing."""
+        waiting = self.restarted_at is not None and self._rebuilt_at is None
+        if waiting and known >= REBUILT_SHARE * playing:
+            self._rebuilt_at = now
+
+    def record(self, results: Results) -> None:
+        if self.restarted_at is None:
+            return
+        results.restarted = True
+        if self._rebuilt_at is not None:
+            results.rebuilt_after = self._rebuilt_at - self.restarted_at
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (0 for no values)."""
     if not values:

@@ -19,7 +19,7 @@ from meshd.sim.flow.media import Media
 from meshd.sim.flow.node import FlowNode
 from meshd.sim.flow.tracker import QueuedTracker
 from meshd.sim.hosts import wall_ms
-from meshd.sim.metrics import REBUILT_SHARE, EgressSample, Results, TrackerLoad
+from meshd.sim.metrics import EgressSample, Rebuild, Results, TrackerLoad
 from meshd.sim.population import WIRE_BYTES_PER_S, Listener
 from meshd.sim.scenarios import RESTART_DOWN, Plan, Shock, ShockKind
 from meshd.tracker.service import Tracker, TrackerConfig
@@ -88,8 +88,7 @@ class FlowRoom:
         self._look_at = 0.0  # refused SUBSCRIBEs look at the tracker's view from then on
         self.announce_until = -1.0
         """The origin's chunks carry ANNOUNCE until then."""
-        self._restarted_at: float | None = None
-        self._rebuilt_at: float | None = None
+        self._rebuild = Rebuild()
 
     @property
     def now(self) -> float:
@@ -231,7 +230,7 @@ class FlowRoom:
         elif shock.kind is ShockKind.TRACKER_RESTART:
             victims = []
             self.tracker.restart(RESTART_DOWN)
-            self._restarted_at = now
+            self._rebuild.restarted_at = now
         else:
             tops = [n for n in self.origin.children if n.alive]
             victims = tops + [
@@ -259,11 +258,8 @@ class FlowRoom:
         if now > self.start:
             self._samples.append(EgressSample(now - self.start, media.listening, streams))
         self._peak_audience = max(self._peak_audience, media.listening)
-        if self._restarted_at is not None and self._rebuilt_at is None:
-            state = self.tracker.tracker.streams.get(self.stream_id)
-            known = len(state.tree) - 1 if state is not None else 0
-            if known >= REBUILT_SHARE * media.listening:
-                self._rebuilt_at = now
+        state = self.tracker.tracker.streams.get(self.stream_id)
+        self._rebuild.sample(now, len(state.tree) - 1 if state else 0, media.listening)
 
     def _sample_depth(self) -> None:
         self.at(self.now + DEPTH_EVERY, self._sample_depth)
@@ -302,10 +298,7 @@ class FlowRoom:
         relays = [n.capacity for n in self.listeners if n.capacity]
         results.relay_capacity = sum(relays) / len(relays) if relays else 0.0
         results.outages = self.media.outages
-        if self._restarted_at is not None:
-            results.restarted = True
-            if self._rebuilt_at is not None:
-                results.rebuilt_after = self._rebuilt_at - self._restarted_at
+        self._rebuild.record(results)
         shock_at = self.media.shock_at
         for node in self.listeners:
             live = node.alive and node.phase is Phase.RUNNING

@@ -546,7 +546,7 @@ class StreamTree:
             self._doubt(banned, now)
             banned = None
         counted = banned is not None and node.parent is banned
-        if banned is not None and counted and (node.claimed or now < self._rebuilding_until):
+        if banned is not None and counted and (node.claimed or self._rebuilding(now)):
             # It put itself there by a claim, as anyone can into a free slot; or we put it
             # there while our view is rebuilt, in a slot maybe held by a child that has
             # not refreshed yet, so a refusal is likely: its report only gets that parent
@@ -712,7 +712,7 @@ class StreamTree:
             elif now - since >= _EXCUSED_FOR:
                 removed += self._evict(node)
         self._unguess_origin_slots(now)
-        if self._waits_on and now >= self._rebuilding_until:
+        if self._waits_on and not self._rebuilding(now):
             self._waiting.clear()  # their parents never came: they REFRESH again in time
             self._waits_on.clear()
             self._waiting_networks.clear()
@@ -1246,9 +1246,10 @@ class StreamTree:
             return False
         inside = next((n for n in self._free_nodes(False) if _within(n, relay)), None)
         leaf = None if inside is None else self._a_leaf()
-        if inside is None or leaf is None or leaf.parent is None:
+        if inside is None or leaf is None:
             return False
         parent = leaf.parent
+        assert parent is not None, "found below the origin"
         self._detach(leaf)
         self._move(relay, parent)
         self._attach(leaf, inside)
@@ -1459,13 +1460,12 @@ class StreamTree:
             raise UnknownPeer("unknown peer: join")
         parent = self._peers.get(parent_id)
         if parent is None:
-            if now < self._rebuilding_until and self._wait(peer_id, parent_id, capacity,
-                                                           address or "", network):  # fmt: skip
+            if self._rebuilding(now) and self._wait(peer_id, parent_id, capacity, address, network):
                 return
             raise UnknownParent("unknown parent: retry later or join")
         guess = target = None
         if len(parent.children) >= parent.capacity:
-            if now < self._rebuilding_until:
+            if self._rebuilding(now):
                 guess = next((c for c in reversed(parent.children) if _not_there(c)), None)
             if guess is not None:
                 target = self._pick_parent(guess, guess.capacity, avoid=parent)
@@ -1480,8 +1480,12 @@ class StreamTree:
             self._attach(guess, target or node)  # below the peer itself: a guess for a guess
             self._set_orphaned(guess, True)
 
+    def _rebuilding(self, now: float) -> bool:
+        """Whether our view is still being rebuilt after a restart (see `_reinsert`)."""
+        return now < self._rebuilding_until
+
     def _wait(
-        self, peer_id: bytes, parent_id: bytes, capacity: int, address: str, network: str
+        self, peer_id: bytes, parent_id: bytes, capacity: int, address: str | None, network: str
     ) -> bool:
         """Keep the REFRESH of `peer_id` until `parent_id` comes in (False: too many wait).
 
@@ -1491,7 +1495,7 @@ class StreamTree:
         self._unwait(peer_id)
         if len(self._waits_on) >= _WAITING_MAX:
             return False
-        self._waiting.setdefault(parent_id, {})[peer_id] = (capacity, address, network)
+        self._waiting.setdefault(parent_id, {})[peer_id] = (capacity, address or "", network)
         self._waits_on[peer_id] = parent_id
         self._waiting_networks[network] += 1
         return True
@@ -1514,8 +1518,8 @@ class StreamTree:
             waiting = self._waiting.get(parent.ref.peer_id, {})
             for peer_id, (capacity, address, network) in list(waiting.items()):
                 self._unwait(peer_id)
-                if peer_id in self._peers or not self._live(parent):
-                    continue  # it joined meanwhile, or the parent went again
+                if not self._live(parent):
+                    continue  # the parent went again
                 try:
                     self._reinsert(peer_id, now, parent.ref.peer_id, capacity, address, network)
                 except TreeError:

@@ -100,7 +100,9 @@ def subtree(tree: StreamTree, root: bytes) -> set[bytes]:
 
 
 def has_room(tree: StreamTree, peer: bytes) -> bool:
-    return len(tree.children_of(peer)) < tree.capacity_of(peer)
+    """A slot the tracker may offer: children moved away hold theirs until they confirm."""
+    held = sum(tree.moving_from(other) == peer for other in tree)
+    return len(tree.children_of(peer)) + held < tree.capacity_of(peer)
 
 
 def depth_bound(audience: int, k: int) -> int:
@@ -118,6 +120,10 @@ def check_invariants(tree: StreamTree, uniform_k: int | None = None) -> None:
         assert tree.depth_of(peer) == depth
         children = tree.children_of(peer)
         assert len(children) <= tree.capacity_of(peer), "capacity exceeded"
+        moving_from = tree.moving_from(peer)
+        if moving_from is not None:
+            assert tree.is_orphaned(peer), "a slot is held only for a move not yet confirmed"
+            assert moving_from != tree.parent_of(peer)
         free += tree.capacity_of(peer) - len(children)
         histogram[depth] = histogram.get(depth, 0) + 1
     snap = tree.snapshot()
@@ -990,6 +996,28 @@ def test_a_relay_with_room_only_in_its_own_subtree_trades_slots_with_a_leaf() ->
     moved = [pid(i) for i in (10, 11, 12) if tree.parent_of(pid(i)) == pid(6)]
     assert len(moved) == 1 and tree.is_orphaned(moved[0]), "a guess until it says so"
     assert len(tree) == 1 + 8, "only 3 is gone"
+    check_invariants(tree)
+
+
+@pytest.mark.parametrize("released_by", ["its REFRESH there", "its old parent's CHILD_GONE"])
+def test_a_slot_stays_taken_until_the_child_moved_away_confirms(released_by: str) -> None:
+    # Leaf 1 is moved down (make before break) and streams from the origin until it has
+    # moved. Offering its slot meanwhile sent newcomers to a full parent, which refused
+    # them: at 20,000 listeners the playing tree filled while the view showed room, and
+    # every later newcomer went below relays that never got the stream (a launch lockout).
+    tree = make_tree(origin_capacity=2)
+    build(tree, {1: (0, 0), 2: (0, 1), 3: (2, 1), 4: (3, 2)})
+    moved = tree.refresh(pid(1), 1.0, parent=ORIGIN)
+    assert moved is not None and moved.parent.peer_id == pid(4)
+    assert tree.moving_from(pid(1)) == ORIGIN
+    assert tree.join(pid(5), 2, addr(5), 2.0).parent.peer_id == pid(4), "not the held slot"
+    check_invariants(tree)
+    if released_by == "its REFRESH there":
+        assert tree.refresh(pid(1), 3.0, parent=pid(4)) is None
+    else:
+        assert tree.child_gone(ORIGIN, pid(1), 3.0) == []
+    assert tree.moving_from(pid(1)) is None
+    assert tree.join(pid(6), 2, addr(6), 4.0).parent.peer_id == ORIGIN
     check_invariants(tree)
 
 

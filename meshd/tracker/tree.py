@@ -206,8 +206,10 @@ class _Node:
         "depth",
         "earned",
         "excused",
+        "held",
         "joined",
         "last_seen",
+        "leaving",
         "network",
         "offered",
         "orphaned",
@@ -243,6 +245,12 @@ class _Node:
         self.joined = now
         self.last_seen = now
         self.orphaned = False  # placed by the tracker; the node has not confirmed it yet
+        # Make before break, in the view too: a confirmed child we moved streams from its
+        # old parent until it has moved, so that parent's slot stays taken for placements
+        # (`leaving`: that parent; `held`: such slots of ours) until the child confirms a
+        # placement, or the parent lets it go. Else a newcomer sent there is refused.
+        self.leaving: _Node | None = None
+        self.held = 0
         # Under a parent by its own claim (REFRESH, REJOIN `attached`) of a slot the
         # tracker never offered it: anyone can claim a free slot, so its failure reports
         # prove nothing. `offered`: the parent and backups of its last assignment.
@@ -386,6 +394,11 @@ class StreamTree:
 
     def depth_of(self, peer_id: bytes) -> int:
         return self._get(peer_id).depth
+
+    def moving_from(self, peer_id: bytes) -> bytes | None:
+        """The parent a peer we moved still streams from (its slot there is held)."""
+        old = self._get(peer_id).leaving
+        return None if old is None or not self._live(old) else old.ref.peer_id
 
     def capacity_of(self, peer_id: bytes) -> int:
         """The children the peer may hold now: its declaration, as far as earned."""
@@ -639,6 +652,8 @@ class StreamTree:
             return []
         self._update(parent, now, None, None)  # a request of its own: it is alive
         child = self._peers.get(child_id)
+        if child is not None and child.leaving is parent:
+            self._release(child)  # we moved it away; it had not confirmed elsewhere yet
         if child is None or child.parent is not parent:
             return []
         if child.children:
@@ -691,8 +706,7 @@ class StreamTree:
         better = self._better_place(node, now)
         if better is None:
             return None
-        self._move(node, better)  # make before break: the node moves when told, then confirms
-        self._set_orphaned(node, True)
+        self._move_tentatively(node, better)  # the node moves when told, then confirms
         return self._assignment(node)
 
     def expire(self, now: float) -> list[bytes]:
@@ -780,6 +794,26 @@ class StreamTree:
             if not orphaned:  # its placement became a fact now
                 node.placed = self._now
                 node.vouched = False
+                self._release(node)
+
+    def _move_tentatively(self, node: _Node, parent: _Node) -> None:
+        """Move the node (until it moved there and says so), its old slot held if it was
+        confirmed there (see `_Node.leaving`)."""
+        old = node.parent
+        if not node.orphaned and node.leaving is None and old is not None and self._live(old):
+            node.leaving = old
+            old.held += 1
+        self._move(node, parent)
+        self._set_orphaned(node, True)
+
+    def _release(self, node: _Node) -> None:
+        """The node no longer streams from the parent it was moved away from."""
+        old = node.leaving
+        if old is not None:
+            node.leaving = None
+            old.held -= 1
+            if self._live(old):
+                self._index(old)
 
     # --- earned capacity
 
@@ -829,7 +863,7 @@ class StreamTree:
 
     def _index(self, node: _Node) -> None:
         """Put the node in the bucket of its depth if it has a free slot, else in none."""
-        want = node.depth if len(node.children) < node.capacity else -1
+        want = node.depth if len(node.children) + node.held < node.capacity else -1
         if node.slot_depth == want:
             return
         if node.slot_depth >= 0:
@@ -1132,6 +1166,8 @@ class StreamTree:
 
     def _attach(self, node: _Node, parent: _Node) -> None:
         """Hang a detached node with its whole subtree under `parent` (a free slot)."""
+        if node.leaving is parent:
+            self._release(node)  # back where it streams from
         node.parent = parent
         parent.children.append(node)
         node.placed = self._now
@@ -1172,8 +1208,7 @@ class StreamTree:
             if target is None:
                 self._drop_subtree(child)
             else:
-                self._move(child, target)
-                self._set_orphaned(child, True)
+                self._move_tentatively(child, target)
         self._free_slots += capacity - node.capacity
         node.capacity = capacity
         self._index(node)
@@ -1250,10 +1285,8 @@ class StreamTree:
             return False
         parent = leaf.parent
         assert parent is not None, "found below the origin"
-        self._detach(leaf)
+        self._move_tentatively(leaf, inside)
         self._move(relay, parent)
-        self._attach(leaf, inside)
-        self._set_orphaned(leaf, True)
         return True
 
     def _a_leaf(self) -> _Node | None:

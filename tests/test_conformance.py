@@ -278,6 +278,26 @@ async def test_a_tracker_that_trusts_a_probe_over_reports_fails(
     assert _failed(report) == {"7.3-unproven-second-reporter-removes"}
 
 
+async def test_a_tracker_that_only_probes_the_origins_relay_child_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every parent's word only gets a relay probed: after a mass failure the origin's
+    slots stay held by dead relays for seconds."""
+    original = StreamTree.child_gone
+
+    def doubting(tree: StreamTree, parent_id: bytes, child_id: bytes, now: float) -> list[bytes]:
+        child = tree._peers.get(child_id)
+        if child is not None and child.children:
+            tree._doubt(child, now)
+            return []
+        return original(tree, parent_id, child_id, now)
+
+    monkeypatch.setattr(StreamTree, "child_gone", doubting)
+    async with tracker_in_process() as address:
+        report = await check_tracker(address, only=["7.3-origin-child-gone", "7.3-child-gone"])
+    assert _failed(report) == {"7.3-origin-child-gone-removes-relay"}
+
+
 async def test_a_tracker_that_excuses_only_a_parents_failure_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

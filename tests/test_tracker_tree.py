@@ -456,8 +456,7 @@ def test_an_evicted_relays_child_goes_under_a_suspect_rather_than_out_of_the_vie
     build(tree, {1: (0, 2), 2: (1, 1), 3: (1, 1), 4: (2, 2), 5: (4, 0)})
     tree.report_failure(pid(5), pid(4), 1.0)  # 4 is a suspect now; 5 moves under 3
     assert tree.parent_of(pid(5)) == pid(3) and pid(4) in tree.suspects(1.0)
-    tree.child_gone(ORIGIN, pid(1), 2.0)
-    assert tree.probe_result(pid(1), False, 3.0) == [pid(1)]
+    assert tree.child_gone(ORIGIN, pid(1), 2.0) == [pid(1)]  # the origin's word suffices
     # 2 took the origin's slot; 3 fits only below the suspect, and its subtree with it.
     assert tree.parent_of(pid(2)) == ORIGIN
     assert tree.parent_of(pid(3)) == pid(4) and tree.is_orphaned(pid(3))
@@ -806,6 +805,18 @@ def test_a_parent_only_gets_a_child_with_children_probed() -> None:
     assert pid(3) in tree and tree.parent_of(pid(4)) != pid(3)
     assert tree.probe_result(pid(3), False, 11.0) == [pid(3)]
     assert pid(3) not in tree
+    check_invariants(tree)
+
+
+def test_the_origins_word_evicts_a_relay_at_once() -> None:
+    """The origin is trusted (docs/security.md): a child it let go is cut off from the
+    stream, so the tracker re-homes its subtree at once instead of probing it for
+    seconds while the origin's slot stays taken (in a melt where every child of the
+    origin died, the whole audience waited for those probes)."""
+    tree = make_tree(origin_capacity=1)
+    build(tree, {1: (0, 2), 2: (1, 1), 3: (1, 0)})
+    assert tree.child_gone(ORIGIN, pid(1), 1.0) == [pid(1)]
+    assert tree.parent_of(pid(2)) == ORIGIN and tree.is_orphaned(pid(2))
     check_invariants(tree)
 
 
@@ -1547,7 +1558,8 @@ class TreeMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def child_gone(self, data: st.DataObject) -> None:
         """A live parent lets a crashed child go (CHILD_GONE): a childless one is gone at
-        once; one with children is only a suspect (its children or a probe confirm it)."""
+        once, as is any the origin names (it is trusted); one with children is only a
+        suspect (its children or a probe confirm it)."""
         pairs = [
             (parent, child)
             for child in sorted(self.crashed)
@@ -1558,21 +1570,22 @@ class TreeMachine(RuleBasedStateMachine):
         if not pairs:
             return
         parent, child = data.draw(st.sampled_from(pairs))
-        had_children = bool(self.tree.children_of(child))
+        had_children = bool(self.tree.children_of(child)) and parent != ORIGIN
         removed = self.tree.child_gone(parent, child, self.now)
         event("child gone: suspected" if had_children else "child gone: removed")
         if had_children:
             assert removed == [] and child in self.tree.suspects(self.now)
         else:
-            assert removed == [child] and child not in self.tree
+            assert removed[0] == child and child not in self.tree
 
     @precondition(lambda self: self.uniform_k is None)
     @rule(data=st.data())
     def lying_child_gone(self, data: st.DataObject) -> None:
-        """A live node says a live peer it feeds, or does not feed, is gone."""
-        reporter = data.draw(st.sampled_from([ORIGIN, *self.live()]))
+        """A live node (not the origin: it is trusted) says a live peer it feeds, or
+        does not feed, is gone."""
+        reporter = self.draw_live(data)
         child = self.draw_live(data)
-        if child is None:
+        if reporter is None or child is None:
             return
         ours = self.tree.parent_of(child) == reporter
         had_children = bool(self.tree.children_of(child))

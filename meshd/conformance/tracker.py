@@ -1631,6 +1631,23 @@ async def _child_gone_frees_slot(target: TrackerTarget) -> Outcome:
     )
 
 
+@case("7.3-origin-child-gone-removes-relay", "7.3", Level.MUST,
+      "the origin's CHILD_GONE about a relay: ACK, and TREE lists its child, not it")  # fmt: skip
+async def _origin_child_gone_removes_relay(target: TrackerTarget) -> Outcome:
+    stream, relay, leaf, names = await _relay_with_leaf(target)
+    sent = "origin(1) ← N(2) ← L(0); the origin's CHILD_GONE(child = N); TREE"
+    answer = await target.ask_for(child_gone(stream.id, stream.id, relay.id, stream.key), Ack, sent)
+    listed = _parents(await _tree(target, stream))
+    ok = relay.id not in listed and listed.get(leaf.id) == stream.id
+    return Outcome(
+        Verdict.PASS if ok else Verdict.FAIL,
+        sent,
+        "ACK; TREE lists L under the origin and no N (the origin is taken at its word)",
+        f"{describe(answer)}; TREE {'lists' if relay.id in listed else 'does not list'} N, "
+        + (f"L under {names(listed[leaf.id])}" if leaf.id in listed else "no L"),
+    )
+
+
 @case("7.3-child-gone-not-the-parent", "7.3", Level.MUST,
       "CHILD_GONE from a node not the child's parent: ACK, and the child stays")  # fmt: skip
 async def _child_gone_not_the_parent(target: TrackerTarget) -> Outcome:

@@ -656,10 +656,10 @@ class StreamTree:
             self._release(child)  # we moved it away; it had not confirmed elsewhere yet
         if child is None or child.parent is not parent:
             return []
-        if child.children:
+        if child.children and parent is not self._origin:
             self._doubt(child, now)
             return []
-        return self._evict(child)
+        return self._evict(child)  # the origin is trusted: its children are re-homed at once
 
     def refresh(
         self,

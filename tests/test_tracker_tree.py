@@ -927,8 +927,8 @@ def test_a_refresh_takes_a_slot_only_from_a_child_not_streaming_there_in_a_rebui
     for rebuilding_until in (TTL, 0.0):
         tree = make_tree(origin_capacity=1, rebuilding_until=rebuilding_until)
         tree.join(pid(5), 1, addr(5), 0.0)
-        with pytest.raises(NoCapacity):
-            tree.report_failure(pid(5), ORIGIN, 0.5)
+        again = tree.report_failure(pid(5), ORIGIN, 0.5)
+        assert again.parent.peer_id == ORIGIN, "nowhere else: it may try there again"
         with pytest.raises(UnknownPeer):
             tree.refresh(pid(1), 2.0, parent=ORIGIN, capacity=0, address="")
         assert tree.children_of(ORIGIN) == (pid(5),)
@@ -1007,6 +1007,22 @@ def test_a_relay_with_room_only_in_its_own_subtree_trades_slots_with_a_leaf() ->
     moved = [pid(i) for i in (10, 11, 12) if tree.parent_of(pid(i)) == pid(6)]
     assert len(moved) == 1 and tree.is_orphaned(moved[0]), "a guess until it says so"
     assert len(tree) == 1 + 8, "only 3 is gone"
+    check_invariants(tree)
+
+
+def test_a_reporter_with_nowhere_else_to_go_is_told_back_not_refused() -> None:
+    # A launch's first seconds: the tree is small and full, and the one slot the view
+    # counted as taken at the origin was the relay's own (its parent could not take it
+    # yet). Answered "no slot" at each REJOIN, it kept that slot in the view, dark, and
+    # every newcomer was seated below it: 911 of 1,000 listeners never played.
+    tree = make_tree(origin_capacity=1)
+    tree.join(pid(1), 2, addr(1), 0.0)
+    got = tree.report_failure(pid(1), ORIGIN, 1.0)
+    assert got.parent.peer_id == ORIGIN and tree.is_orphaned(pid(1)), "a guess: it may try"
+    tree.join(pid(2), 2, addr(2), 1.5)
+    assert tree.parent_of(pid(2)) == pid(1)
+    assert tree.refresh(pid(1), 2.0, parent=ORIGIN) is None
+    assert not tree.is_orphaned(pid(1)), "taken this time: a fact again"
     check_invariants(tree)
 
 

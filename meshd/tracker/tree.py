@@ -580,12 +580,15 @@ class StreamTree:
             if target is None and self._under_a_guess(node) is not None:
                 self._set_orphaned(node, True)
                 return self._assignment(node)  # moved below its own guessed subtree
-            if target is None and refused:
-                # Nowhere else: the refusal may have been for a moment (a child of that
-                # parent was leaving, say). It may try there again.
-                return self._assignment(node)
             if target is None:
-                raise NoCapacity("no free slot outside the reporter's subtree")
+                # Nowhere else: it may try there again. A refusal may have been for a
+                # moment (a child of that parent was leaving, say), or the one slot we
+                # counted as taken there was the reporter's own (a JOIN placement that
+                # parent could not take yet): answered "no slot", it held that slot, dark,
+                # and we seated newcomers below it (a 1,000-listener launch locked out).
+                # A dead parent is removed once the report is confirmed.
+                self._set_orphaned(node, attached_to != dead)  # a guess, unless it says so
+                return self._assignment(node)
             if target is claim:
                 self._move_by_claim(node, target)
             else:

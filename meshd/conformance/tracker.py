@@ -1615,13 +1615,21 @@ async def _relay_with_leaf(target: TrackerTarget) -> tuple[Stream, Node, Node, _
     return stream, relay, leaf, names
 
 
+async def _child_gone_then_tree(
+    target: TrackerTarget, stream: Stream, sender: Node | Stream, child: bytes, sent: str
+) -> tuple[Ack, dict[bytes, bytes | None]]:
+    """`sender`'s CHILD_GONE about `child`, then TREE: the answer and who is under whom."""
+    request = child_gone(stream.id, sender.id, child, sender.key)
+    answer = await target.ask_for(request, Ack, sent)
+    return answer, _parents(await _tree(target, stream))
+
+
 @case("7.3-child-gone-frees-slot", "7.3", Level.MUST,
       "CHILD_GONE from a leaf's parent: ACK, and TREE no longer lists the leaf")  # fmt: skip
 async def _child_gone_frees_slot(target: TrackerTarget) -> Outcome:
     stream, relay, leaf, _ = await _relay_with_leaf(target)
     sent = "origin(1) ← N(2) ← L(0); N's CHILD_GONE(child = L); TREE"
-    answer = await target.ask_for(child_gone(stream.id, relay.id, leaf.id, relay.key), Ack, sent)
-    listed = _parents(await _tree(target, stream))
+    answer, listed = await _child_gone_then_tree(target, stream, relay, leaf.id, sent)
     ok = leaf.id not in listed and listed.get(relay.id) == stream.id
     return Outcome(
         Verdict.PASS if ok else Verdict.FAIL,
@@ -1636,8 +1644,7 @@ async def _child_gone_frees_slot(target: TrackerTarget) -> Outcome:
 async def _origin_child_gone_removes_relay(target: TrackerTarget) -> Outcome:
     stream, relay, leaf, names = await _relay_with_leaf(target)
     sent = "origin(1) ← N(2) ← L(0); the origin's CHILD_GONE(child = N); TREE"
-    answer = await target.ask_for(child_gone(stream.id, stream.id, relay.id, stream.key), Ack, sent)
-    listed = _parents(await _tree(target, stream))
+    answer, listed = await _child_gone_then_tree(target, stream, stream, relay.id, sent)
     ok = relay.id not in listed and listed.get(leaf.id) == stream.id
     return Outcome(
         Verdict.PASS if ok else Verdict.FAIL,
@@ -1654,8 +1661,7 @@ async def _child_gone_not_the_parent(target: TrackerTarget) -> Outcome:
     stream, relay, leaf, names = await _relay_with_leaf(target)
     other = await target.join(stream, capacity=2)
     sent = "origin(1) ← N(2) ← L(0), M(2) joins; M's CHILD_GONE(child = L); TREE"
-    answer = await target.ask_for(child_gone(stream.id, other.id, leaf.id, other.key), Ack, sent)
-    listed = _parents(await _tree(target, stream))
+    answer, listed = await _child_gone_then_tree(target, stream, other, leaf.id, sent)
     ok = listed.get(leaf.id) == relay.id
     return Outcome(
         Verdict.PASS if ok else Verdict.FAIL,

@@ -124,7 +124,8 @@ def check_invariants(tree: StreamTree, uniform_k: int | None = None) -> None:
         if moving_from is not None:
             assert tree.is_orphaned(peer), "a slot is held only for a move not yet confirmed"
             assert moving_from != tree.parent_of(peer)
-        free += tree.capacity_of(peer) - len(children)
+        held = sum(tree.moving_from(other) == peer for other in tree)
+        free += tree.capacity_of(peer) - len(children) - held
         histogram[depth] = histogram.get(depth, 0) + 1
     snap = tree.snapshot()
     assert snap.audience == len(depths) - 1

@@ -806,6 +806,7 @@ class StreamTree:
         if not node.orphaned and node.leaving is None and old is not None and self._live(old):
             node.leaving = old
             old.held += 1
+            self._free_slots -= 1
         self._move(node, parent)
         self._set_orphaned(node, True)
 
@@ -816,6 +817,7 @@ class StreamTree:
             node.leaving = None
             old.held -= 1
             if self._live(old):
+                self._free_slots += 1
                 self._index(old)
 
     # --- earned capacity
@@ -1222,7 +1224,7 @@ class StreamTree:
         if node.slot_depth >= 0:
             self._unindex(node)
         self._count_depth(node.depth, -1)
-        self._free_slots -= node.capacity - len(node.children)
+        self._free_slots -= node.capacity - len(node.children) - node.held
         self._reports.pop(node, None)
         self._unproven.pop(node, None)
         self._witnesses.pop(node, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from collections.abc import Iterable
 
 import pytest
@@ -100,9 +101,14 @@ def subtree(tree: StreamTree, root: bytes) -> set[bytes]:
 
 
 def has_room(tree: StreamTree, peer: bytes) -> bool:
-    """A slot the tracker may offer: children moved away hold theirs until they confirm."""
-    held = sum(tree.moving_from(other) == peer for other in tree)
-    return len(tree.children_of(peer)) + held < tree.capacity_of(peer)
+    """A slot the tracker may offer: children moved away hold theirs until they confirm
+    (white box: the count `check_invariants` checks against the children's side)."""
+    return len(tree.children_of(peer)) + tree._peers[peer].held < tree.capacity_of(peer)
+
+
+def held_slots(tree: StreamTree) -> Counter[bytes]:
+    """Per peer, the slots held for children moved away, counted from the children."""
+    return Counter(old for peer in tree if (old := tree.moving_from(peer)) is not None)
 
 
 def depth_bound(audience: int, k: int) -> int:
@@ -116,6 +122,7 @@ def check_invariants(tree: StreamTree, uniform_k: int | None = None) -> None:
     assert tree.parent_of(ORIGIN) is None
     histogram: dict[int, int] = {}
     free = 0
+    held = held_slots(tree)
     for peer, depth in depths.items():
         assert tree.depth_of(peer) == depth
         children = tree.children_of(peer)
@@ -124,8 +131,8 @@ def check_invariants(tree: StreamTree, uniform_k: int | None = None) -> None:
         if moving_from is not None:
             assert tree.is_orphaned(peer), "a slot is held only for a move not yet confirmed"
             assert moving_from != tree.parent_of(peer)
-        held = sum(tree.moving_from(other) == peer for other in tree)
-        free += tree.capacity_of(peer) - len(children) - held
+        assert tree._peers[peer].held == held[peer]
+        free += tree.capacity_of(peer) - len(children) - held[peer]
         histogram[depth] = histogram.get(depth, 0) + 1
     snap = tree.snapshot()
     assert snap.audience == len(depths) - 1
